@@ -1,0 +1,77 @@
+//! Chunks: a piece of a file's bytes, named by the sha256 of its uncompressed bytes and stored as
+//! one zstd frame. A chunk is verified against its id on every read.
+
+use crate::error::FormatError;
+use crate::ids::ChunkId;
+
+/// Largest uncompressed chunk any reader accepts (the config's chunk size is at most this).
+pub const MAX_CHUNK_SIZE: u32 = 1 << 20;
+
+/// Compresses `data` as one zstd frame at `level`, with the content size recorded in the frame.
+pub fn compress(data: &[u8], level: i32) -> Vec<u8> {
+    zstd::bulk::compress(data, level).expect("zstd compression into a growable buffer cannot fail")
+}
+
+/// Decompresses one frame to exactly `ulen` bytes (capped before allocating) and checks that the
+/// sha256 of the result equals `id`.
+pub fn decode(id: &ChunkId, frame: &[u8], ulen: u32) -> Result<Vec<u8>, FormatError> {
+    if ulen > MAX_CHUNK_SIZE {
+        return Err(FormatError::TooLarge {
+            what: "chunk",
+            size: ulen as u64,
+            max: MAX_CHUNK_SIZE as u64,
+        });
+    }
+    let data = decompress_exact("chunk", frame, ulen as u64)?;
+    let actual = ChunkId::of(&data);
+    if actual != *id {
+        return Err(FormatError::ChecksumMismatch {
+            what: "chunk",
+            expected: id.to_string(),
+            actual: actual.to_string(),
+        });
+    }
+    Ok(data)
+}
+
+/// Decompresses a zstd frame that must expand to exactly `len` bytes; never allocates more.
+pub fn decompress_exact(
+    what: &'static str,
+    frame: &[u8],
+    len: u64,
+) -> Result<Vec<u8>, FormatError> {
+    let cap = usize::try_from(len).map_err(|_| FormatError::TooLarge {
+        what,
+        size: len,
+        max: usize::MAX as u64,
+    })?;
+    // One extra byte of capacity detects a frame that expands to more than declared.
+    let out = zstd::bulk::decompress(frame, cap.saturating_add(1))
+        .map_err(|e| FormatError::invalid(what, format!("zstd frame does not decode: {e}")))?;
+    if out.len() as u64 != len {
+        return Err(FormatError::invalid(
+            what,
+            format!("decompressed to {} bytes, declared {len}", out.len()),
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_mismatch() {
+        let data = vec![7u8; 8192];
+        let frame = compress(&data, 1);
+        let id = ChunkId::of(&data);
+        assert_eq!(decode(&id, &frame, 8192).unwrap(), data);
+        assert!(matches!(
+            decode(&ChunkId::of(b"x"), &frame, 8192),
+            Err(FormatError::ChecksumMismatch { .. })
+        ));
+        assert!(decode(&id, &frame, 100).is_err());
+        assert!(decode(&id, &frame[..frame.len() - 1], 8192).is_err());
+    }
+}

@@ -1,0 +1,23 @@
+//! tidemark repository format v1: pure encoders and decoders for every repository object.
+//!
+//! Invariants: nothing here touches a file, a socket or a clock; every decoder returns a typed
+//! [`FormatError`] on garbage or truncated input and never allocates more than its input or an
+//! explicit cap allows. `format-spec/FORMAT.md` is the normative description of these bytes.
+
+pub mod chunk;
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod ids;
+pub mod keys;
+pub mod manifest;
+pub mod pack;
+pub mod wal;
+
+pub use error::FormatError;
+pub use ids::{ChunkId, Lsn, PackId, SystemId, TimelineId};
+
+/// Major format version written by this crate; readers refuse any other major version.
+pub const FORMAT_MAJOR: u16 = 1;
+/// Minor format version written by this crate; readers accept any minor of their major.
+pub const FORMAT_MINOR: u16 = 0;

@@ -1,0 +1,466 @@
+//! Backup manifests (key `backups/<backup id>.manifest`): everything needed to rebuild a data
+//! directory. A backup exists only once its manifest does; the manifest is written last.
+//!
+//! Layout: header (8) | backup header fields | pack table | entries | sha256 trailer (32).
+//! The backup header fields come first so that [`ManifestHeader::decode_prefix`] can read them from
+//! a prefix of the object without fetching the file list.
+
+use crate::chunk::MAX_CHUNK_SIZE;
+use crate::codec::{split_sha256_trailer, Reader, Writer};
+use crate::error::FormatError;
+use crate::ids::{ChunkId, ContentHash, Lsn, PackId, SystemId, TimelineId};
+
+pub const MAGIC: [u8; 4] = *b"TMMF";
+const WHAT: &str = "backup manifest";
+/// Longest relative path a manifest may hold.
+pub const MAX_PATH: usize = 4096;
+/// Largest backup_label / tablespace_map / symlink target a manifest may hold.
+pub const MAX_LABEL: usize = 1 << 20;
+/// Largest backup id.
+pub const MAX_ID: usize = 64;
+
+pub const SOURCE_PGDATA: u8 = 1;
+pub const SOURCE_REPLICATION: u8 = 2;
+/// Flag bit: the backup was taken from a standby.
+pub const FLAG_FROM_STANDBY: u32 = 1;
+
+/// Counters recorded when the backup was written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackupStats {
+    /// Sum of the sizes of all files in the backup.
+    pub logical_bytes: u64,
+    /// Chunks this backup stored anew.
+    pub new_chunks: u64,
+    /// Chunk references that reused a chunk already stored.
+    pub reused_chunks: u64,
+    /// Uncompressed bytes of the chunks stored anew.
+    pub new_chunk_bytes: u64,
+    /// Bytes of the pack objects this backup wrote.
+    pub new_stored_bytes: u64,
+    /// Objects this backup wrote (packs plus the manifest).
+    pub new_objects: u64,
+}
+
+/// The fixed part of a manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestHeader {
+    pub backup_id: String,
+    pub system_id: SystemId,
+    /// PostgreSQL's server_version_num, e.g. 150018.
+    pub pg_version: u32,
+    pub timeline: TimelineId,
+    pub start_lsn: Lsn,
+    pub stop_lsn: Lsn,
+    /// Database clock at backup start, microseconds since the Unix epoch (UTC).
+    pub start_time_us: i64,
+    /// Database clock once pg_backup_stop returned, microseconds since the Unix epoch (UTC).
+    pub stop_time_us: i64,
+    /// [`SOURCE_PGDATA`] or [`SOURCE_REPLICATION`].
+    pub source: u8,
+    /// Bit set of `FLAG_*`.
+    pub flags: u32,
+    pub chunk_size: u32,
+    pub parent: Option<String>,
+    /// backup_label exactly as PostgreSQL returned it.
+    pub backup_label: Vec<u8>,
+    /// tablespace_map exactly as PostgreSQL returned it, when it returned one.
+    pub tablespace_map: Option<Vec<u8>>,
+    pub stats: BackupStats,
+}
+
+/// One chunk of a file: the chunk id and where it is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkRef {
+    pub id: ChunkId,
+    /// Index into [`Manifest::packs`].
+    pub pack: u32,
+    pub offset: u64,
+    pub clen: u32,
+    pub ulen: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileEntry {
+    pub size: u64,
+    /// sha256 of the whole file as backed up.
+    pub sha256: ContentHash,
+    pub chunks: Vec<ChunkRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    Dir,
+    File(FileEntry),
+    Symlink(Vec<u8>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Relative path below the data directory, `/`-separated.
+    pub path: String,
+    /// Permission bits (st_mode & 0o7777).
+    pub mode: u32,
+    pub kind: EntryKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    pub header: ManifestHeader,
+    pub packs: Vec<PackId>,
+    /// Sorted by path, byte-wise, unique.
+    pub entries: Vec<Entry>,
+}
+
+const KIND_DIR: u8 = 1;
+const KIND_FILE: u8 = 2;
+const KIND_SYMLINK: u8 = 3;
+
+impl ManifestHeader {
+    fn encode_into(&self, w: &mut Writer) {
+        w.bytes(self.backup_id.as_bytes());
+        w.u64(self.system_id.0);
+        w.u32(self.pg_version);
+        w.u32(self.timeline.0);
+        w.u64(self.start_lsn.0);
+        w.u64(self.stop_lsn.0);
+        w.i64(self.start_time_us);
+        w.i64(self.stop_time_us);
+        w.u8(self.source);
+        w.u32(self.flags);
+        w.u32(self.chunk_size);
+        w.opt_bytes(self.parent.as_deref().map(str::as_bytes));
+        w.bytes(&self.backup_label);
+        w.opt_bytes(self.tablespace_map.as_deref());
+        let s = &self.stats;
+        for v in [
+            s.logical_bytes,
+            s.new_chunks,
+            s.reused_chunks,
+            s.new_chunk_bytes,
+            s.new_stored_bytes,
+            s.new_objects,
+        ] {
+            w.u64(v);
+        }
+    }
+
+    fn decode_from(r: &mut Reader<'_>) -> Result<Self, FormatError> {
+        let backup_id = utf8("backup id", r.bytes("backup id", MAX_ID)?)?;
+        validate_backup_id(&backup_id)?;
+        let h = ManifestHeader {
+            backup_id,
+            system_id: SystemId(r.u64()?),
+            pg_version: r.u32()?,
+            timeline: TimelineId(r.u32()?),
+            start_lsn: Lsn(r.u64()?),
+            stop_lsn: Lsn(r.u64()?),
+            start_time_us: r.i64()?,
+            stop_time_us: r.i64()?,
+            source: r.u8()?,
+            flags: r.u32()?,
+            chunk_size: r.u32()?,
+            parent: r
+                .opt_bytes("parent backup id", MAX_ID)?
+                .map(|b| utf8("parent backup id", b))
+                .transpose()?,
+            backup_label: r.bytes("backup_label", MAX_LABEL)?.to_vec(),
+            tablespace_map: r
+                .opt_bytes("tablespace_map", MAX_LABEL)?
+                .map(<[u8]>::to_vec),
+            stats: BackupStats {
+                logical_bytes: r.u64()?,
+                new_chunks: r.u64()?,
+                reused_chunks: r.u64()?,
+                new_chunk_bytes: r.u64()?,
+                new_stored_bytes: r.u64()?,
+                new_objects: r.u64()?,
+            },
+        };
+        if h.source != SOURCE_PGDATA && h.source != SOURCE_REPLICATION {
+            return Err(FormatError::invalid(
+                WHAT,
+                format!("source code {} is unknown", h.source),
+            ));
+        }
+        if h.stop_lsn < h.start_lsn {
+            return Err(FormatError::invalid(
+                WHAT,
+                format!("stop lsn {} precedes start lsn {}", h.stop_lsn, h.start_lsn),
+            ));
+        }
+        if h.timeline.0 == 0 {
+            return Err(FormatError::invalid(WHAT, "timeline 0 does not exist"));
+        }
+        if h.chunk_size == 0 || h.chunk_size > MAX_CHUNK_SIZE {
+            return Err(FormatError::invalid(
+                WHAT,
+                format!("chunk size {} is out of range", h.chunk_size),
+            ));
+        }
+        Ok(h)
+    }
+
+    /// Decodes only the header from a prefix of a manifest object (no checksum check: the
+    /// trailer is not in the prefix). `Truncated` means a longer prefix is needed.
+    pub fn decode_prefix(buf: &[u8]) -> Result<Self, FormatError> {
+        let mut r = Reader::new(WHAT, buf);
+        r.header(MAGIC)?;
+        Self::decode_from(&mut r)
+    }
+}
+
+impl Manifest {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.header(MAGIC);
+        self.header.encode_into(&mut w);
+        w.u32(u32::try_from(self.packs.len()).expect("fewer than 4G packs per backup"));
+        for p in &self.packs {
+            w.raw(p.as_bytes());
+        }
+        w.u64(self.entries.len() as u64);
+        for e in &self.entries {
+            w.bytes(e.path.as_bytes());
+            w.u32(e.mode);
+            match &e.kind {
+                EntryKind::Dir => w.u8(KIND_DIR),
+                EntryKind::File(f) => {
+                    w.u8(KIND_FILE);
+                    w.u64(f.size);
+                    w.raw(f.sha256.as_bytes());
+                    w.u64(f.chunks.len() as u64);
+                    for c in &f.chunks {
+                        w.raw(c.id.as_bytes());
+                        w.u32(c.pack);
+                        w.u64(c.offset);
+                        w.u32(c.clen);
+                        w.u32(c.ulen);
+                    }
+                }
+                EntryKind::Symlink(t) => {
+                    w.u8(KIND_SYMLINK);
+                    w.bytes(t);
+                }
+            }
+        }
+        w.finish_with_sha256()
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
+        Reader::new(WHAT, buf).header(MAGIC)?;
+        let body = split_sha256_trailer(WHAT, buf)?;
+        let mut r = Reader::new(WHAT, body);
+        r.header(MAGIC)?;
+        let header = ManifestHeader::decode_from(&mut r)?;
+        let npacks = r.u32()? as u64;
+        let mut packs = Vec::with_capacity(r.capacity_for(npacks, 32));
+        for _ in 0..npacks {
+            packs.push(PackId(r.array()?));
+        }
+        let nentries = r.u64()?;
+        let mut entries: Vec<Entry> = Vec::with_capacity(r.capacity_for(nentries, 9));
+        for _ in 0..nentries {
+            let path = utf8("entry path", r.bytes("entry path", MAX_PATH)?)?;
+            validate_path(&path)?;
+            if let Some(prev) = entries.last() {
+                if prev.path.as_bytes() >= path.as_bytes() {
+                    return Err(FormatError::invalid(
+                        WHAT,
+                        format!(
+                            "entry {path:?} is out of order or repeated after {:?}",
+                            prev.path
+                        ),
+                    ));
+                }
+            }
+            let mode = r.u32()?;
+            if mode & !0o7777 != 0 {
+                return Err(FormatError::invalid(
+                    WHAT,
+                    format!("entry {path:?} has mode {mode:o} beyond permission bits"),
+                ));
+            }
+            let kind = match r.u8()? {
+                KIND_DIR => EntryKind::Dir,
+                KIND_FILE => EntryKind::File(decode_file(&mut r, &path, packs.len())?),
+                KIND_SYMLINK => EntryKind::Symlink(r.bytes("symlink target", MAX_LABEL)?.to_vec()),
+                other => {
+                    return Err(FormatError::invalid(
+                        WHAT,
+                        format!("entry {path:?} has unknown kind {other}"),
+                    ))
+                }
+            };
+            entries.push(Entry { path, mode, kind });
+        }
+        r.expect_end()?;
+        Ok(Manifest {
+            header,
+            packs,
+            entries,
+        })
+    }
+}
+
+fn decode_file(r: &mut Reader<'_>, path: &str, npacks: usize) -> Result<FileEntry, FormatError> {
+    let size = r.u64()?;
+    let sha256 = ChunkId(r.array()?);
+    let nchunks = r.u64()?;
+    let mut chunks = Vec::with_capacity(r.capacity_for(nchunks, 52));
+    let mut total = 0u64;
+    for _ in 0..nchunks {
+        let c = ChunkRef {
+            id: ChunkId(r.array()?),
+            pack: r.u32()?,
+            offset: r.u64()?,
+            clen: r.u32()?,
+            ulen: r.u32()?,
+        };
+        if c.pack as usize >= npacks {
+            return Err(FormatError::invalid(
+                WHAT,
+                format!("file {path:?} names pack {} of {npacks}", c.pack),
+            ));
+        }
+        if c.ulen == 0 || c.ulen > MAX_CHUNK_SIZE || c.clen == 0 {
+            return Err(FormatError::invalid(
+                WHAT,
+                format!(
+                    "file {path:?} has a chunk with clen {} ulen {}",
+                    c.clen, c.ulen
+                ),
+            ));
+        }
+        total += c.ulen as u64;
+        chunks.push(c);
+    }
+    if total != size {
+        return Err(FormatError::invalid(
+            WHAT,
+            format!("file {path:?} is {size} bytes but its chunks hold {total}"),
+        ));
+    }
+    Ok(FileEntry {
+        size,
+        sha256,
+        chunks,
+    })
+}
+
+fn utf8(what: &'static str, b: &[u8]) -> Result<String, FormatError> {
+    String::from_utf8(b.to_vec()).map_err(|_| FormatError::invalid(what, "is not UTF-8"))
+}
+
+/// A backup id is 1..=64 characters of `[0-9A-Za-z._-]`, not starting with `.`.
+pub fn validate_backup_id(id: &str) -> Result<(), FormatError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(FormatError::invalid(
+            "backup id",
+            format!("{id:?} must be 1-64 characters of [0-9A-Za-z._-] not starting with '.'"),
+        ))
+    }
+}
+
+/// A manifest path is relative, `/`-separated, with no empty, `.` or `..` component and no NUL:
+/// joined to a target directory it can never point outside it.
+pub fn validate_path(path: &str) -> Result<(), FormatError> {
+    let bad = path.is_empty()
+        || path.contains('\0')
+        || path
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..");
+    if bad {
+        return Err(FormatError::invalid("entry path", format!("{path:?} is not a plain relative path (no leading '/', no '.', '..' or empty components)")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Manifest {
+        let data = b"hello".to_vec();
+        let id = ChunkId::of(&data);
+        Manifest {
+            header: ManifestHeader {
+                backup_id: "20261121T204012Z".into(),
+                system_id: SystemId(7),
+                pg_version: 150018,
+                timeline: TimelineId(1),
+                start_lsn: Lsn(0x0200_0028),
+                stop_lsn: Lsn(0x0200_0100),
+                start_time_us: 1,
+                stop_time_us: 2,
+                source: SOURCE_PGDATA,
+                flags: 0,
+                chunk_size: 8192,
+                parent: None,
+                backup_label: b"START WAL LOCATION: 0/2000028\n".to_vec(),
+                tablespace_map: None,
+                stats: BackupStats::default(),
+            },
+            packs: vec![PackId::of(b"p")],
+            entries: vec![
+                Entry {
+                    path: "base".into(),
+                    mode: 0o700,
+                    kind: EntryKind::Dir,
+                },
+                Entry {
+                    path: "base/1".into(),
+                    mode: 0o600,
+                    kind: EntryKind::File(FileEntry {
+                        size: 5,
+                        sha256: id,
+                        chunks: vec![ChunkRef {
+                            id,
+                            pack: 0,
+                            offset: 8,
+                            clen: 14,
+                            ulen: 5,
+                        }],
+                    }),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_prefix() {
+        let m = sample();
+        let b = m.encode();
+        assert_eq!(Manifest::decode(&b).unwrap(), m);
+        assert_eq!(ManifestHeader::decode_prefix(&b[..200]).unwrap(), m.header);
+        assert!(matches!(
+            ManifestHeader::decode_prefix(&b[..20]),
+            Err(FormatError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_escaping_paths() {
+        for p in ["../etc/passwd", "/etc/passwd", "a//b", "a/./b", "a/..", ""] {
+            assert!(validate_path(p).is_err(), "{p}");
+        }
+        assert!(validate_path("base/1/2_fsm").is_ok());
+        let mut m = sample();
+        m.entries[1].path = "base/../../x".into();
+        assert!(Manifest::decode(&m.encode()).is_err());
+    }
+
+    #[test]
+    fn rejects_unsorted_entries() {
+        let mut m = sample();
+        m.entries.swap(0, 1);
+        assert!(Manifest::decode(&m.encode()).is_err());
+    }
+}

@@ -1,0 +1,328 @@
+//! WAL objects: one per archived file (segment, `.partial` segment, `.history` file or backup
+//! history file), holding its name, size and sha256 in a header followed by one zstd frame.
+//! Also WAL file names and the WAL page header fields tidemark checks before archiving.
+//!
+//! Object layout: "TMWL" | major u16 | minor u16 | kind u8 | name (u32 len + ASCII) | size u64 |
+//! sha256 of the uncompressed file (32) | one zstd frame to the end of the object.
+
+use crate::chunk::decompress_exact;
+use crate::codec::{Reader, Writer};
+use crate::error::FormatError;
+use crate::ids::{ContentHash, SystemId, TimelineId};
+use std::fmt;
+
+pub const MAGIC: [u8; 4] = *b"TMWL";
+const WHAT: &str = "wal object";
+/// Largest WAL file any reader accepts: PostgreSQL's maximum wal_segment_size, 1 GiB.
+pub const MAX_WAL_FILE: u64 = 1 << 30;
+/// Largest `.history` or backup history file any reader accepts.
+pub const MAX_SMALL_FILE: u64 = 16 << 20;
+
+/// The kinds of file PostgreSQL hands to archive_command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WalFileName {
+    /// `TTTTTTTTXXXXXXXXYYYYYYYY`: timeline, log, segment-in-log.
+    Segment { tli: u32, log: u32, seg: u32 },
+    /// A segment name followed by `.partial` (written at promotion).
+    Partial { tli: u32, log: u32, seg: u32 },
+    /// `TTTTTTTT.history`.
+    History { tli: u32 },
+    /// A segment name, `.`, 8 hex digits of offset, `.backup`.
+    BackupHistory {
+        tli: u32,
+        log: u32,
+        seg: u32,
+        offset: u32,
+    },
+}
+
+fn hex8(s: &str) -> Option<u32> {
+    if s.len() == 8
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+    {
+        u32::from_str_radix(s, 16).ok()
+    } else {
+        None
+    }
+}
+
+fn seg24(s: &str) -> Option<(u32, u32, u32)> {
+    if s.len() != 24 || !s.is_ascii() {
+        return None;
+    }
+    Some((hex8(&s[..8])?, hex8(&s[8..16])?, hex8(&s[16..])?))
+}
+
+impl WalFileName {
+    /// Parses a file name as PostgreSQL writes it (uppercase hex).
+    pub fn parse(name: &str) -> Result<Self, FormatError> {
+        let parsed = if let Some(base) = name.strip_suffix(".partial") {
+            seg24(base).map(|(tli, log, seg)| WalFileName::Partial { tli, log, seg })
+        } else if let Some(base) = name.strip_suffix(".history") {
+            hex8(base).map(|tli| WalFileName::History { tli })
+        } else if let Some(base) = name.strip_suffix(".backup") {
+            base.split_once('.').and_then(|(s, off)| {
+                let (tli, log, seg) = seg24(s)?;
+                Some(WalFileName::BackupHistory {
+                    tli,
+                    log,
+                    seg,
+                    offset: hex8(off)?,
+                })
+            })
+        } else {
+            seg24(name).map(|(tli, log, seg)| WalFileName::Segment { tli, log, seg })
+        };
+        match parsed {
+            Some(n) if n.timeline().0 != 0 => Ok(n),
+            _ => Err(FormatError::invalid(
+                "wal file name",
+                format!("{name:?} is not a WAL segment, .partial, .history or .backup file name"),
+            )),
+        }
+    }
+
+    pub fn timeline(&self) -> TimelineId {
+        match *self {
+            WalFileName::Segment { tli, .. }
+            | WalFileName::Partial { tli, .. }
+            | WalFileName::History { tli }
+            | WalFileName::BackupHistory { tli, .. } => TimelineId(tli),
+        }
+    }
+
+    /// The object kind code stored in a WAL object header.
+    pub fn kind_code(&self) -> u8 {
+        match self {
+            WalFileName::Segment { .. } => 1,
+            WalFileName::Partial { .. } => 2,
+            WalFileName::History { .. } => 3,
+            WalFileName::BackupHistory { .. } => 4,
+        }
+    }
+
+    /// Largest size this kind of file may have.
+    pub fn max_size(&self) -> u64 {
+        match self {
+            WalFileName::Segment { .. } | WalFileName::Partial { .. } => MAX_WAL_FILE,
+            _ => MAX_SMALL_FILE,
+        }
+    }
+
+    /// The segment number counted from the start of the timeline, for a given segment size.
+    pub fn segment_number(&self, seg_size: u64) -> Option<u64> {
+        match *self {
+            WalFileName::Segment { log, seg, .. } | WalFileName::Partial { log, seg, .. } => {
+                Some(log as u64 * (0x1_0000_0000 / seg_size) + seg as u64)
+            }
+            _ => None,
+        }
+    }
+
+    /// The segment file name holding `lsn` on timeline `tli`.
+    pub fn segment_of(tli: TimelineId, lsn: crate::Lsn, seg_size: u64) -> Self {
+        let segno = lsn.0 / seg_size;
+        let per_log = 0x1_0000_0000 / seg_size;
+        WalFileName::Segment {
+            tli: tli.0,
+            log: (segno / per_log) as u32,
+            seg: (segno % per_log) as u32,
+        }
+    }
+}
+
+impl fmt::Display for WalFileName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            WalFileName::Segment { tli, log, seg } => write!(f, "{tli:08X}{log:08X}{seg:08X}"),
+            WalFileName::Partial { tli, log, seg } => {
+                write!(f, "{tli:08X}{log:08X}{seg:08X}.partial")
+            }
+            WalFileName::History { tli } => write!(f, "{tli:08X}.history"),
+            WalFileName::BackupHistory {
+                tli,
+                log,
+                seg,
+                offset,
+            } => {
+                write!(f, "{tli:08X}{log:08X}{seg:08X}.{offset:08X}.backup")
+            }
+        }
+    }
+}
+
+/// The decoded header of a WAL object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalObjectHeader {
+    pub name: WalFileName,
+    pub size: u64,
+    pub sha256: ContentHash,
+}
+
+/// Encodes a WAL object from the file's name and uncompressed bytes.
+pub fn encode(name: WalFileName, data: &[u8], level: i32) -> Vec<u8> {
+    let mut w = Writer::new();
+    encode_header_into(
+        &mut w,
+        &WalObjectHeader {
+            name,
+            size: data.len() as u64,
+            sha256: ContentHash::of(data),
+        },
+    );
+    w.raw(&crate::chunk::compress(data, level));
+    w.finish()
+}
+
+fn encode_header_into(w: &mut Writer, h: &WalObjectHeader) {
+    w.header(MAGIC);
+    w.u8(h.name.kind_code());
+    w.bytes(h.name.to_string().as_bytes());
+    w.u64(h.size);
+    w.raw(h.sha256.as_bytes());
+}
+
+/// Decodes the header; returns it and the offset where the zstd frame starts.
+pub fn decode_header(buf: &[u8]) -> Result<(WalObjectHeader, usize), FormatError> {
+    let mut r = Reader::new(WHAT, buf);
+    r.header(MAGIC)?;
+    let kind = r.u8()?;
+    let raw = r.bytes("wal file name", 64)?;
+    let name = WalFileName::parse(
+        std::str::from_utf8(raw).map_err(|_| FormatError::invalid(WHAT, "name is not ASCII"))?,
+    )?;
+    if name.kind_code() != kind {
+        return Err(FormatError::invalid(
+            WHAT,
+            format!("kind {kind} does not match name {name}"),
+        ));
+    }
+    let size = r.u64()?;
+    if size > name.max_size() {
+        return Err(FormatError::TooLarge {
+            what: WHAT,
+            size,
+            max: name.max_size(),
+        });
+    }
+    let sha256 = crate::ChunkId(r.array()?);
+    Ok((WalObjectHeader { name, size, sha256 }, r.position()))
+}
+
+/// Decodes a whole WAL object and verifies the content against the header's size and sha256.
+pub fn decode(buf: &[u8]) -> Result<(WalObjectHeader, Vec<u8>), FormatError> {
+    let (h, at) = decode_header(buf)?;
+    let data = decompress_exact(WHAT, &buf[at..], h.size)?;
+    let actual = ContentHash::of(&data);
+    if actual != h.sha256 {
+        return Err(FormatError::ChecksumMismatch {
+            what: WHAT,
+            expected: h.sha256.to_string(),
+            actual: actual.to_string(),
+        });
+    }
+    Ok((h, data))
+}
+
+/// Fields of the long page header at the start of every WAL segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LongPageHeader {
+    pub timeline: TimelineId,
+    pub page_addr: u64,
+    pub system_id: SystemId,
+    pub seg_size: u32,
+    pub block_size: u32,
+}
+
+/// XLOG_PAGE_MAGIC of PostgreSQL 15.
+pub const PG15_PAGE_MAGIC: u16 = 0xD110;
+const XLP_LONG_HEADER: u16 = 0x0002;
+
+/// Parses the long page header at the start of a WAL segment (little-endian platforms).
+pub fn parse_long_page_header(seg: &[u8]) -> Result<LongPageHeader, FormatError> {
+    const WHAT: &str = "wal page header";
+    let mut r = Reader::new(WHAT, seg);
+    let magic = r.u16()?;
+    let info = r.u16()?;
+    let tli = r.u32()?;
+    let page_addr = r.u64()?;
+    let _rem_len = r.u32()?;
+    let _pad = r.u32()?;
+    let system_id = r.u64()?;
+    let seg_size = r.u32()?;
+    let block_size = r.u32()?;
+    if magic != PG15_PAGE_MAGIC {
+        return Err(FormatError::invalid(
+            WHAT,
+            format!("page magic {magic:#06x} is not PostgreSQL 15's {PG15_PAGE_MAGIC:#06x}"),
+        ));
+    }
+    if info & XLP_LONG_HEADER == 0 {
+        return Err(FormatError::invalid(
+            WHAT,
+            "first page lacks the long header flag",
+        ));
+    }
+    if !seg_size.is_power_of_two() || !(1 << 20..=1 << 30).contains(&seg_size) {
+        return Err(FormatError::invalid(
+            WHAT,
+            format!("segment size {seg_size} is not a power of two between 1 MiB and 1 GiB"),
+        ));
+    }
+    Ok(LongPageHeader {
+        timeline: TimelineId(tli),
+        page_addr,
+        system_id: SystemId(system_id),
+        seg_size,
+        block_size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for n in [
+            "000000010000000A00000065",
+            "00000002.history",
+            "000000010000000000000003.partial",
+            "000000010000000000000002.00000028.backup",
+        ] {
+            assert_eq!(WalFileName::parse(n).unwrap().to_string(), n);
+        }
+        for n in [
+            "000000010000000a00000065",
+            "0000000100000000000000",
+            "00000000.history",
+            "x.history",
+            "000000010000000000000003.part",
+            "RECOVERYXLOG",
+        ] {
+            assert!(WalFileName::parse(n).is_err(), "{n}");
+        }
+    }
+
+    #[test]
+    fn segment_of_lsn() {
+        let n = WalFileName::segment_of(TimelineId(1), crate::Lsn(0x1_0300_0028), 16 << 20);
+        assert_eq!(n.to_string(), "000000010000000100000003");
+        assert_eq!(n.segment_number(16 << 20), Some(256 + 3));
+    }
+
+    #[test]
+    fn object_round_trip_and_corruption() {
+        let name = WalFileName::parse("000000010000000000000001").unwrap();
+        let data = vec![3u8; 1 << 16];
+        let obj = encode(name, &data, 1);
+        let (h, back) = decode(&obj).unwrap();
+        assert_eq!((h.name, h.size, back), (name, data.len() as u64, data));
+        let mut bad = obj.clone();
+        let n = bad.len();
+        bad[n - 3] ^= 0x55;
+        assert!(decode(&bad).is_err());
+        assert!(decode(&obj[..obj.len() - 1]).is_err());
+    }
+}
