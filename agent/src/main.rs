@@ -1,1 +1,60 @@
-fn main() {}
+//! tidemark-agent: archives WAL (archive_command), takes base backups and reports on the
+//! repository. Exit codes: 0 success, 1 failure, 2 usage error.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use tidemark_core::cli::{self, LogArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "tidemark-agent",
+    version,
+    about = "PostgreSQL WAL archiving and base backups into a tidemark repository"
+)]
+struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Archive one WAL file (use as archive_command = 'tidemark-agent wal-push %p')
+    WalPush(cmd::wal_push::Args),
+    /// Take a base backup of a running PostgreSQL server
+    Backup(cmd::backup::Args),
+    /// Show backups and archived WAL
+    Info(cmd::info::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cli::init_tracing(&cli.log);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tidemark-agent: error: cannot start the async runtime: {e}");
+            return ExitCode::from(cli::EXIT_FAILURE);
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.cmd {
+            Command::WalPush(a) => cmd::wal_push::run(a).await,
+            Command::Backup(a) => cmd::backup::run(a).await,
+            Command::Info(a) => cmd::info::run(a).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            cli::report("tidemark-agent", &e);
+            ExitCode::from(cli::EXIT_FAILURE)
+        }
+    }
+}

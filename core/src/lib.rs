@@ -1,1 +1,13 @@
+//! tidemark's library: storage, the backup chunk pipeline, restore, WAL archiving and the
+//! PostgreSQL connection helpers. Both binaries are thin command layers over this crate.
 
+pub mod backup;
+pub mod cli;
+pub mod info;
+pub mod pg;
+pub mod pgdata;
+pub mod repo;
+pub mod restore;
+pub mod store;
+pub mod target;
+pub mod wal;

@@ -1,1 +1,58 @@
-fn main() {}
+//! tidemark-restore: rebuilds a data directory from a tidemark repository and serves WAL to
+//! recovery (restore_command). Exit codes: 0 success, 1 failure (wal-fetch: file not in the
+//! archive), 2 usage error, 128 wal-fetch could not read the archive (aborts recovery).
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use tidemark_core::cli::{self, LogArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "tidemark-restore",
+    version,
+    about = "Restore PostgreSQL from a tidemark repository"
+)]
+struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Restore a base backup into an empty directory and configure recovery to a target
+    Restore(cmd::restore::Args),
+    /// Fetch one archived WAL file (use as restore_command)
+    WalFetch(cmd::wal_fetch::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cli::init_tracing(&cli.log);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tidemark-restore: error: cannot start the async runtime: {e}");
+            return ExitCode::from(cli::EXIT_ABORT_RECOVERY);
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.cmd {
+            Command::Restore(a) => cmd::restore::run(a).await.map(|()| ExitCode::SUCCESS),
+            Command::WalFetch(a) => Ok(cmd::wal_fetch::run(a).await),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            cli::report("tidemark-restore", &e);
+            ExitCode::from(cli::EXIT_FAILURE)
+        }
+    }
+}

@@ -1,0 +1,3 @@
+pub mod backup;
+pub mod info;
+pub mod wal_push;

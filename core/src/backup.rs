@@ -1,0 +1,586 @@
+//! Base backup from a data directory (`backup --pgdata`): pg_backup_start, a bounded parallel
+//! read → hash → dedup → compress → pack → upload pipeline, pg_backup_stop, wait until the WAL from
+//! the start to the stop segment is in the repository, then the manifest, written last.
+//!
+//! Invariants:
+//! - The manifest is written only after every pack it references is durably stored and every WAL
+//!   segment from start to stop LSN is archived: a listed backup is always restorable.
+//! - Memory is bounded by (workers + 3) packs of `pack_target` bytes, the parent manifest, and the
+//!   recent-chunk map of at most [`RECENT_CAP`] entries, whatever the size of the database.
+//! - Every chunk is read, hashed and compared: nothing is trusted from file sizes or times.
+
+use crate::pgdata::{self, Kind};
+use crate::repo;
+use crate::store::{Store, StoreError};
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tidemark_format::config::RepoConfig;
+use tidemark_format::manifest::{
+    self, BackupStats, ChunkRef, Entry, EntryKind, FileEntry, Manifest, ManifestHeader,
+};
+use tidemark_format::pack::PackBuilder;
+use tidemark_format::wal::WalFileName;
+use tidemark_format::{keys, ChunkId, Lsn, PackId, SystemId, TimelineId};
+use tokio::sync::mpsc;
+
+/// Most entries the in-backup map of recently stored chunks holds (≈ 24 MiB).
+pub const RECENT_CAP: usize = 262_144;
+/// Packs uploaded concurrently.
+const UPLOADS: usize = 2;
+
+#[derive(Clone, Debug)]
+pub struct BackupOptions {
+    pub pgdata: PathBuf,
+    pub pg_url: Option<String>,
+    pub compress_level: i32,
+    pub workers: usize,
+    pub archive_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    Stored(PackId),
+    New(u32),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    slot: Slot,
+    offset: u64,
+    clen: u32,
+    ulen: u32,
+}
+
+struct SealedPack {
+    seq: u32,
+    id: PackId,
+    bytes: Vec<u8>,
+}
+
+struct FileDone {
+    size: u64,
+    sha256: ChunkId,
+    chunks: Vec<(ChunkId, Loc)>,
+}
+
+#[derive(Default)]
+struct Counters {
+    read_bytes: AtomicU64,
+    new_chunks: AtomicU64,
+    reused_chunks: AtomicU64,
+    new_chunk_bytes: AtomicU64,
+}
+
+struct Shared {
+    files: Vec<(usize, PathBuf, String)>,
+    next: AtomicUsize,
+    parent: Option<(Arc<Manifest>, HashMap<String, usize>)>,
+    recent: Mutex<HashMap<ChunkId, Loc>>,
+    level: i32,
+    chunk_size: usize,
+    pack_target: usize,
+    pack_seq: AtomicU32,
+    counters: Counters,
+    failed: AtomicBool,
+}
+
+/// Takes a base backup; returns the header of the manifest written.
+pub async fn run(store: &Store, opts: &BackupOptions) -> Result<ManifestHeader> {
+    let client = crate::pg::connect(opts.pg_url.as_deref()).await?;
+    let row = client
+        .query_one(
+            "SELECT system_identifier::text, current_setting('server_version_num')::int4, pg_is_in_recovery(), \
+             current_setting('archive_mode'), (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size')
+             FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .context("cannot read the server's identity")?;
+    let sysid: String = row.get(0);
+    let system_id = SystemId(sysid.parse().context("system identifier is not a number")?);
+    let pg_version: i32 = row.get(1);
+    let in_recovery: bool = row.get(2);
+    let archive_mode: String = row.get(3);
+    let seg_size = u64::try_from(row.get::<_, i64>(4)).context("negative wal_segment_size")?;
+    if !(150000..160000).contains(&pg_version) {
+        bail!("PostgreSQL server version {pg_version} is not supported\nhint: tidemark supports PostgreSQL 15");
+    }
+    if in_recovery {
+        bail!("the server is a standby; backup --pgdata copies a primary\nhint: run the backup against the primary");
+    }
+    if archive_mode == "off" {
+        bail!("archive_mode is off, so the WAL this backup needs would never be archived\nhint: set archive_mode = on and archive_command = 'tidemark-agent wal-push %p'");
+    }
+    let pgdata_meta = std::fs::metadata(opts.pgdata.join("PG_VERSION"));
+    if pgdata_meta.is_err() {
+        bail!("{} is not a PostgreSQL data directory\nhint: pass the server's data directory as --pgdata", opts.pgdata.display());
+    }
+    let cfg = repo::ensure_config(store, system_id).await?;
+    let backups = repo::list_backups(store).await?;
+    let parent = match backups.last() {
+        Some(h) => Some(Arc::new(repo::load_manifest(store, &h.backup_id).await?)),
+        None => None,
+    };
+
+    let row = client
+        .query_one("SELECT pg_backup_start('tidemark', true)::text, (extract(epoch from clock_timestamp()) * 1000000)::int8", &[])
+        .await
+        .context("pg_backup_start failed")?;
+    let start_lsn: Lsn = row.get::<_, String>(0).parse()?;
+    let start_time_us: i64 = row.get(1);
+    let mut backup_id = chrono::DateTime::from_timestamp_micros(start_time_us)
+        .ok_or_else(|| anyhow!("server clock {start_time_us} is out of range"))?
+        .format("%Y%m%dT%H%M%SZ")
+        .to_string();
+    if backups.iter().any(|b| b.backup_id == backup_id) {
+        backup_id = format!("{backup_id}-{}", std::process::id());
+    }
+    let span = tracing::info_span!("backup", id = %backup_id);
+    let _g = span.enter();
+    tracing::info!(start_lsn = %start_lsn, "backup started");
+
+    let pgdata = opts.pgdata.clone();
+    let walked = tokio::task::spawn_blocking(move || pgdata::walk(&pgdata)).await??;
+    let (files, packs, counters) = copy_files(store, &cfg, &walked, parent.clone(), opts).await?;
+
+    let row = client
+        .query_one(
+            "SELECT lsn::text, labelfile, spcmapfile, (extract(epoch from clock_timestamp()) * 1000000)::int8 FROM pg_backup_stop(false)",
+            &[],
+        )
+        .await
+        .context("pg_backup_stop failed")?;
+    let stop_lsn: Lsn = row.get::<_, String>(0).parse()?;
+    let backup_label: String = row.get(1);
+    let spcmap: Option<String> = row.get(2);
+    let stop_time_us: i64 = row.get(3);
+    let timeline = label_timeline(&backup_label)?;
+    tracing::info!(stop_lsn = %stop_lsn, "backup stopped; waiting for WAL");
+    wait_for_wal(
+        store,
+        timeline,
+        start_lsn,
+        stop_lsn,
+        seg_size,
+        opts.archive_timeout,
+    )
+    .await?;
+
+    let mut pack_table: Vec<PackId> = Vec::new();
+    let mut pack_index: HashMap<PackId, u32> = HashMap::new();
+    let mut entries = Vec::with_capacity(walked.len());
+    let mut logical = 0u64;
+    for (i, w) in walked.iter().enumerate() {
+        let kind = match &w.kind {
+            Kind::Dir => EntryKind::Dir,
+            Kind::Symlink(t) => EntryKind::Symlink(t.clone()),
+            Kind::File => {
+                let Some(done) = files.get(&i) else { continue };
+                logical += done.size;
+                let mut chunks = Vec::with_capacity(done.chunks.len());
+                for (id, loc) in &done.chunks {
+                    let pid = match loc.slot {
+                        Slot::Stored(p) => p,
+                        Slot::New(seq) => {
+                            packs
+                                .get(&seq)
+                                .ok_or_else(|| {
+                                    anyhow!("pack {seq} of this backup was never sealed")
+                                })?
+                                .0
+                        }
+                    };
+                    let idx = *pack_index.entry(pid).or_insert_with(|| {
+                        pack_table.push(pid);
+                        (pack_table.len() - 1) as u32
+                    });
+                    chunks.push(ChunkRef {
+                        id: *id,
+                        pack: idx,
+                        offset: loc.offset,
+                        clen: loc.clen,
+                        ulen: loc.ulen,
+                    });
+                }
+                EntryKind::File(FileEntry {
+                    size: done.size,
+                    sha256: done.sha256,
+                    chunks,
+                })
+            }
+        };
+        entries.push(Entry {
+            path: w.rel.clone(),
+            mode: w.mode,
+            kind,
+        });
+    }
+    let stats = BackupStats {
+        logical_bytes: logical,
+        new_chunks: counters.new_chunks.load(Ordering::Relaxed),
+        reused_chunks: counters.reused_chunks.load(Ordering::Relaxed),
+        new_chunk_bytes: counters.new_chunk_bytes.load(Ordering::Relaxed),
+        new_stored_bytes: packs.values().map(|(_, size)| size).sum(),
+        new_objects: packs.len() as u64 + 1,
+    };
+    let header = ManifestHeader {
+        backup_id: backup_id.clone(),
+        system_id,
+        pg_version: pg_version as u32,
+        timeline,
+        start_lsn,
+        stop_lsn,
+        start_time_us,
+        stop_time_us,
+        source: manifest::SOURCE_PGDATA,
+        flags: 0,
+        chunk_size: cfg.chunk_size,
+        parent: parent.as_ref().map(|p| p.header.backup_id.clone()),
+        backup_label: backup_label.into_bytes(),
+        tablespace_map: spcmap.filter(|s| !s.is_empty()).map(String::into_bytes),
+        stats,
+    };
+    let m = Manifest {
+        header: header.clone(),
+        packs: pack_table,
+        entries,
+    };
+    store
+        .put_create(&keys::manifest(&backup_id), Bytes::from(m.encode()))
+        .await
+        .with_context(|| format!("cannot write the manifest of backup {backup_id}"))?;
+    tracing::info!(
+        logical_bytes = stats.logical_bytes,
+        stored_bytes = stats.new_stored_bytes,
+        objects = stats.new_objects,
+        "backup complete"
+    );
+    Ok(header)
+}
+
+/// The `START TIMELINE:` of a backup_label.
+fn label_timeline(label: &str) -> Result<TimelineId> {
+    label
+        .lines()
+        .find_map(|l| l.strip_prefix("START TIMELINE: "))
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|t| *t > 0)
+        .map(TimelineId)
+        .ok_or_else(|| {
+            anyhow!("backup_label returned by pg_backup_stop has no START TIMELINE line")
+        })
+}
+
+/// Waits until every WAL segment from `start` to `stop` on `tli` is in the repository.
+async fn wait_for_wal(
+    store: &Store,
+    tli: TimelineId,
+    start: Lsn,
+    stop: Lsn,
+    seg_size: u64,
+    timeout: Duration,
+) -> Result<()> {
+    let first = start.0 / seg_size;
+    let last = stop.0.saturating_sub(1).max(start.0) / seg_size;
+    let deadline = Instant::now() + timeout;
+    for segno in first..=last {
+        let name = WalFileName::segment_of(tli, Lsn(segno * seg_size), seg_size);
+        let key = keys::wal(&name);
+        loop {
+            if store.head(&key).await?.is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("wal segment {name} needed by this backup was not archived within {}s\nhint: check that archive_command is 'tidemark-agent wal-push %p' with the same --repo, and the server log for archiver errors", timeout.as_secs());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+async fn copy_files(
+    store: &Store,
+    cfg: &RepoConfig,
+    walked: &[pgdata::WalkEntry],
+    parent: Option<Arc<Manifest>>,
+    opts: &BackupOptions,
+) -> Result<(
+    HashMap<usize, FileDone>,
+    HashMap<u32, (PackId, u64)>,
+    Counters,
+)> {
+    let files = walked
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.kind == Kind::File)
+        .map(|(i, w)| (i, w.abs.clone(), w.rel.clone()))
+        .collect();
+    let parent = parent.map(|m| {
+        let idx = m
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.path.clone(), i))
+            .collect();
+        (m, idx)
+    });
+    let shared = Arc::new(Shared {
+        files,
+        next: AtomicUsize::new(0),
+        parent,
+        recent: Mutex::new(HashMap::new()),
+        level: opts.compress_level,
+        chunk_size: cfg.chunk_size as usize,
+        pack_target: cfg.pack_target as usize,
+        pack_seq: AtomicU32::new(0),
+        counters: Counters::default(),
+        failed: AtomicBool::new(false),
+    });
+    let (tx, rx) = mpsc::channel::<SealedPack>(1);
+    let uploader = tokio::spawn(upload_packs(store.clone(), rx));
+    let mut workers = Vec::new();
+    for _ in 0..opts.workers.max(1) {
+        let s = shared.clone();
+        let tx = tx.clone();
+        workers.push(tokio::task::spawn_blocking(move || {
+            let r = worker(&s, &tx);
+            if r.is_err() {
+                s.failed.store(true, Ordering::Relaxed);
+            }
+            r
+        }));
+    }
+    drop(tx);
+    let progress = tokio::spawn(log_progress(shared.clone()));
+    let mut done = HashMap::new();
+    let mut first_err = None;
+    for w in workers {
+        match w.await.context("backup worker panicked")? {
+            Ok(part) => done.extend(part),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    progress.abort();
+    let uploaded = uploader.await.context("pack uploader panicked")?;
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    let packs = uploaded?;
+    let shared = Arc::try_unwrap(shared)
+        .map_err(|_| anyhow!("backup workers still hold the shared state"))?;
+    Ok((done, packs, shared.counters))
+}
+
+async fn log_progress(s: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        tracing::info!(
+            files_done = s.next.load(Ordering::Relaxed).min(s.files.len()),
+            files_total = s.files.len(),
+            bytes_read = s.counters.read_bytes.load(Ordering::Relaxed),
+            "backup progress"
+        );
+    }
+}
+
+async fn upload_packs(
+    store: Store,
+    mut rx: mpsc::Receiver<SealedPack>,
+) -> Result<HashMap<u32, (PackId, u64)>> {
+    let mut ids = HashMap::new();
+    let mut inflight = tokio::task::JoinSet::new();
+    let mut first_err: Option<anyhow::Error> = None;
+    while let Some(p) = rx.recv().await {
+        while inflight.len() >= UPLOADS {
+            if let Some(r) = inflight.join_next().await {
+                if let Err(e) = r.context("upload task panicked").and_then(|r| r) {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if first_err.is_some() {
+            // Keep draining so workers blocked on send observe a closed pipeline quickly.
+            rx.close();
+            continue;
+        }
+        ids.insert(p.seq, (p.id, p.bytes.len() as u64));
+        let store = store.clone();
+        inflight.spawn(async move {
+            match store
+                .put_create(&keys::pack(&p.id), Bytes::from(p.bytes))
+                .await
+            {
+                // Same key means same content: pack ids are the sha256 of the pack bytes.
+                Ok(()) | Err(StoreError::AlreadyExists { .. }) => Ok(()),
+                Err(e) => Err(anyhow::Error::new(e).context(format!("cannot store pack {}", p.id))),
+            }
+        });
+    }
+    while let Some(r) = inflight.join_next().await {
+        if let Err(e) = r.context("upload task panicked").and_then(|r| r) {
+            first_err.get_or_insert(e);
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(ids),
+    }
+}
+
+/// One CPU worker: takes files in order, chunks, hashes, dedups, compresses and packs them.
+fn worker(s: &Shared, tx: &mpsc::Sender<SealedPack>) -> Result<Vec<(usize, FileDone)>> {
+    let mut out = Vec::new();
+    let mut compressor =
+        zstd::bulk::Compressor::new(s.level).context("cannot create a zstd compressor")?;
+    let mut pack: Option<(u32, PackBuilder)> = None;
+    let mut buf = vec![0u8; s.chunk_size * 128];
+    loop {
+        if s.failed.load(Ordering::Relaxed) {
+            bail!("backup aborted: another worker failed");
+        }
+        let i = s.next.fetch_add(1, Ordering::Relaxed);
+        let Some((idx, abs, rel)) = s.files.get(i) else {
+            break;
+        };
+        let mut f = match std::fs::File::open(abs) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // vanished: WAL replay recreates it
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", abs.display())),
+        };
+        let parent_chunks = s.parent.as_ref().and_then(|(m, idx)| {
+            match idx.get(rel).map(|&i| &m.entries[i].kind) {
+                Some(EntryKind::File(fe)) => Some((m, fe)),
+                _ => None,
+            }
+        });
+        let mut whole = Sha256::new();
+        let mut chunks = Vec::new();
+        let mut size = 0u64;
+        loop {
+            let n = read_full(&mut f, &mut buf)
+                .with_context(|| format!("cannot read {}", abs.display()))?;
+            if n == 0 {
+                break;
+            }
+            s.counters.read_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            whole.update(&buf[..n]);
+            for data in buf[..n].chunks(s.chunk_size) {
+                let id = ChunkId::of(data);
+                let ulen = data.len() as u32;
+                let from_parent = parent_chunks.and_then(|(m, fe)| {
+                    let c = fe.chunks.get(chunks.len())?;
+                    (c.id == id).then(|| Loc {
+                        slot: Slot::Stored(m.packs[c.pack as usize]),
+                        offset: c.offset,
+                        clen: c.clen,
+                        ulen: c.ulen,
+                    })
+                });
+                let known =
+                    from_parent.or_else(|| s.recent.lock().ok().and_then(|r| r.get(&id).copied()));
+                let loc = match known {
+                    Some(loc) => {
+                        s.counters.reused_chunks.fetch_add(1, Ordering::Relaxed);
+                        loc
+                    }
+                    None => {
+                        let frame = compressor
+                            .compress(data)
+                            .context("zstd compression failed")?;
+                        let (seq, builder) = pack.get_or_insert_with(|| {
+                            (
+                                s.pack_seq.fetch_add(1, Ordering::Relaxed),
+                                PackBuilder::new(),
+                            )
+                        });
+                        let e = builder.push(id, &frame, ulen);
+                        let loc = Loc {
+                            slot: Slot::New(*seq),
+                            offset: e.offset,
+                            clen: e.clen,
+                            ulen,
+                        };
+                        s.counters.new_chunks.fetch_add(1, Ordering::Relaxed);
+                        s.counters
+                            .new_chunk_bytes
+                            .fetch_add(ulen as u64, Ordering::Relaxed);
+                        if let Ok(mut r) = s.recent.lock() {
+                            if r.len() >= RECENT_CAP {
+                                r.clear();
+                            }
+                            r.insert(id, loc);
+                        }
+                        if builder.len() >= s.pack_target {
+                            seal(pack.take(), tx)?;
+                        }
+                        loc
+                    }
+                };
+                chunks.push((id, loc));
+            }
+            size += n as u64;
+        }
+        let sha256 = ChunkId(whole.finalize().into());
+        tracing::debug!(file = %rel, size, "file copied");
+        out.push((
+            *idx,
+            FileDone {
+                size,
+                sha256,
+                chunks,
+            },
+        ));
+    }
+    seal(pack.take(), tx)?;
+    Ok(out)
+}
+
+fn seal(pack: Option<(u32, PackBuilder)>, tx: &mpsc::Sender<SealedPack>) -> Result<()> {
+    if let Some((seq, b)) = pack {
+        if b.is_empty() {
+            return Ok(());
+        }
+        let (id, bytes) = b.finish();
+        tx.blocking_send(SealedPack { seq, id, bytes })
+            .map_err(|_| anyhow!("pack upload failed; see the error above"))?;
+    }
+    Ok(())
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeline_from_label() {
+        let l = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nCHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\nBACKUP FROM: primary\nSTART TIME: 2026-11-21 20:40:12 UTC\nLABEL: tidemark\nSTART TIMELINE: 3\n";
+        assert_eq!(label_timeline(l).unwrap(), TimelineId(3));
+        assert!(label_timeline("nothing").is_err());
+    }
+}

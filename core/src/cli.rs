@@ -1,0 +1,74 @@
+//! Command-line pieces both binaries share: the repository option, logging set-up and exit codes.
+//!
+//! Exit codes (documented in README.md):
+//! - 0: success
+//! - 1: failure; for `wal-fetch`, also "the archive does not have this file"
+//! - 2: usage error (bad flags or arguments)
+//! - 128: `wal-fetch` could not read the archive (persistent storage error or damaged object);
+//!   PostgreSQL aborts recovery instead of treating the file as missing.
+
+use crate::store::Store;
+use anyhow::Result;
+
+pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_ABORT_RECOVERY: u8 = 128;
+
+/// `--repo URL`, also read from `TIDEMARK_REPO`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RepoArgs {
+    /// Repository URL: file:///path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix
+    #[arg(long = "repo", env = "TIDEMARK_REPO", value_name = "URL")]
+    pub repo: String,
+}
+
+impl RepoArgs {
+    pub fn open(&self) -> Result<Store> {
+        Ok(Store::open(&self.repo)?)
+    }
+}
+
+/// Logging options.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LogArgs {
+    /// Log format on stderr
+    #[arg(
+        long,
+        env = "TIDEMARK_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. info, debug, tidemark_core=debug
+    #[arg(long, env = "TIDEMARK_LOG", default_value = "info", global = true)]
+    pub log: String,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Sends logs to stderr (stdout is for data).
+pub fn init_tracing(args: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match args.log_format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+/// Prints an error chain the way every tidemark command reports failure.
+pub fn report(prog: &str, e: &anyhow::Error) {
+    let mut msg = format!("{prog}: error: {e}");
+    for cause in e.chain().skip(1) {
+        msg.push_str(&format!("\n  caused by: {cause}"));
+    }
+    eprintln!("{msg}");
+}

@@ -1,0 +1,563 @@
+//! The storage abstraction: one small API with documented semantics over every backend.
+//!
+//! Invariants:
+//! - `put_create` returns `Ok` only once the object is durably stored, and fails with
+//!   [`StoreError::AlreadyExists`] (leaving the stored object untouched) when the key exists.
+//! - Keys come from `tidemark_format::keys` only.
+//! - `file://` is served by [`LocalDir`], which writes temp → fsync → link (fails if the name
+//!   exists) → fsync directory, because object_store's LocalFileSystem does not fsync.
+//! - `s3://`, `gs://` and `az://` are served by object_store with its own retrying HTTP client.
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::{
+    path::Path as ObjPath, GetOptions, GetRange, ObjectStore, PutMode, PutOptions, PutPayload,
+};
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Errors callers can match on. [`StoreError::is_retryable`] tells whether a retry may help.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object {key} not found")]
+    NotFound { key: String },
+    #[error("object {key} already exists")]
+    AlreadyExists { key: String },
+    #[error("object {key} is {size} bytes, more than the {max} allowed")]
+    TooLarge { key: String, size: u64, max: u64 },
+    #[error("storage error on {key}: {message}")]
+    Io {
+        key: String,
+        message: String,
+        retryable: bool,
+    },
+    #[error("repository url {url:?} is not usable: {reason}\nhint: use file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix")]
+    BadUrl { url: String, reason: String },
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Io {
+                retryable: true,
+                ..
+            }
+        )
+    }
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A listed object.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Local(Arc<LocalDir>),
+    Object {
+        store: Arc<dyn ObjectStore>,
+        prefix: String,
+    },
+}
+
+/// A repository's storage, opened from a URL.
+#[derive(Clone)]
+pub struct Store {
+    url: String,
+    backend: Backend,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.url)
+    }
+}
+
+impl Store {
+    /// Opens `file:///path`, `s3://bucket/prefix`, `gs://bucket/prefix` or `az://container/prefix`.
+    /// Cloud credentials and endpoints come from the providers' standard environment variables
+    /// (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL,
+    /// AWS_ALLOW_HTTP=true for plain-http S3-compatible servers).
+    pub fn open(url: &str) -> Result<Store> {
+        let bad = |reason: &str| StoreError::BadUrl {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+        let backend = match parsed.scheme() {
+            "file" => {
+                if parsed
+                    .host_str()
+                    .is_some_and(|h| !h.is_empty() && h != "localhost")
+                {
+                    return Err(bad(
+                        "file:// urls take no host; write file:///absolute/path",
+                    ));
+                }
+                let path = parsed
+                    .to_file_path()
+                    .map_err(|_| bad("not an absolute local path"))?;
+                Backend::Local(Arc::new(LocalDir { root: path }))
+            }
+            scheme @ ("s3" | "gs" | "az") => {
+                let bucket = parsed
+                    .host_str()
+                    .filter(|h| !h.is_empty())
+                    .ok_or_else(|| bad("the url names no bucket"))?;
+                let prefix = parsed.path().trim_matches('/').to_string();
+                let store: Arc<dyn ObjectStore> = match scheme {
+                    "s3" => {
+                        let mut b =
+                            object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                        if let Ok(ep) = std::env::var("AWS_ENDPOINT_URL") {
+                            b = b.with_endpoint(ep);
+                        }
+                        Arc::new(b.build().map_err(|e| bad(&e.to_string()))?)
+                    }
+                    "gs" => Arc::new(
+                        object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                            .with_bucket_name(bucket)
+                            .build()
+                            .map_err(|e| bad(&e.to_string()))?,
+                    ),
+                    _ => Arc::new(
+                        object_store::azure::MicrosoftAzureBuilder::from_env()
+                            .with_container_name(bucket)
+                            .build()
+                            .map_err(|e| bad(&e.to_string()))?,
+                    ),
+                };
+                Backend::Object { store, prefix }
+            }
+            other => return Err(bad(&format!("scheme {other:?} is not supported"))),
+        };
+        Ok(Store {
+            url: url.to_string(),
+            backend,
+        })
+    }
+
+    /// The URL this store was opened from.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Stores `data` under `key` unless the key exists. `Ok` means durable.
+    pub async fn put_create(&self, key: &str, data: Bytes) -> Result<()> {
+        match &self.backend {
+            Backend::Local(l) => {
+                let l = l.clone();
+                let key = key.to_string();
+                blocking(move || l.put_create(&key, &data)).await
+            }
+            Backend::Object { store, prefix } => {
+                let opts = PutOptions {
+                    mode: PutMode::Create,
+                    ..Default::default()
+                };
+                store
+                    .put_opts(&obj_path(prefix, key), PutPayload::from_bytes(data), opts)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| map_os_err(key, e))
+            }
+        }
+    }
+
+    /// Reads a whole object, refusing objects larger than `max` bytes before reading them.
+    pub async fn get(&self, key: &str, max: u64) -> Result<Bytes> {
+        match &self.backend {
+            Backend::Local(l) => {
+                let l = l.clone();
+                let key = key.to_string();
+                blocking(move || l.get(&key, max)).await
+            }
+            Backend::Object { store, prefix } => {
+                let res = store
+                    .get_opts(&obj_path(prefix, key), GetOptions::default())
+                    .await
+                    .map_err(|e| map_os_err(key, e))?;
+                if res.meta.size > max {
+                    return Err(StoreError::TooLarge {
+                        key: key.to_string(),
+                        size: res.meta.size,
+                        max,
+                    });
+                }
+                let size = res.meta.size;
+                let bytes = res.bytes().await.map_err(|e| map_os_err(key, e))?;
+                if bytes.len() as u64 != size {
+                    return Err(StoreError::Io {
+                        key: key.into(),
+                        message: format!("read {} of {size} bytes", bytes.len()),
+                        retryable: true,
+                    });
+                }
+                Ok(bytes)
+            }
+        }
+    }
+
+    /// Reads `range` of an object; fails unless the whole range was returned.
+    pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        let want = range.end.saturating_sub(range.start);
+        let bytes = match &self.backend {
+            Backend::Local(l) => {
+                let l = l.clone();
+                let key = key.to_string();
+                let r = range.clone();
+                blocking(move || l.get_range(&key, r)).await?
+            }
+            Backend::Object { store, prefix } => {
+                let opts = GetOptions {
+                    range: Some(GetRange::Bounded(range.clone())),
+                    ..Default::default()
+                };
+                let res = store
+                    .get_opts(&obj_path(prefix, key), opts)
+                    .await
+                    .map_err(|e| map_os_err(key, e))?;
+                res.bytes().await.map_err(|e| map_os_err(key, e))?
+            }
+        };
+        if bytes.len() as u64 != want {
+            return Err(StoreError::Io {
+                key: key.to_string(),
+                message: format!("range {range:?} returned {} bytes", bytes.len()),
+                retryable: true,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Size of an object, or `None` when it does not exist.
+    pub async fn head(&self, key: &str) -> Result<Option<u64>> {
+        let r = match &self.backend {
+            Backend::Local(l) => {
+                let l = l.clone();
+                let key = key.to_string();
+                blocking(move || l.head(&key)).await
+            }
+            Backend::Object { store, prefix } => store
+                .head(&obj_path(prefix, key))
+                .await
+                .map(|m| m.size)
+                .map_err(|e| map_os_err(key, e)),
+        };
+        match r {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every object whose key starts with `prefix` (a directory-like prefix ending in `/`),
+    /// sorted by key.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
+        let mut out = match &self.backend {
+            Backend::Local(l) => {
+                let l = l.clone();
+                let p = prefix.to_string();
+                blocking(move || l.list(&p)).await?
+            }
+            Backend::Object {
+                store,
+                prefix: root,
+            } => {
+                let full = obj_path(root, prefix.trim_end_matches('/'));
+                let strip = if root.is_empty() {
+                    String::new()
+                } else {
+                    format!("{root}/")
+                };
+                let metas: Vec<_> = store
+                    .list(Some(&full))
+                    .try_collect()
+                    .await
+                    .map_err(|e| map_os_err(prefix, e))?;
+                metas
+                    .into_iter()
+                    .filter_map(|m| {
+                        let k = m
+                            .location
+                            .as_ref()
+                            .strip_prefix(strip.as_str())?
+                            .to_string();
+                        Some(Listed {
+                            key: k,
+                            size: m.size,
+                        })
+                    })
+                    .collect()
+            }
+        };
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+}
+
+fn obj_path(prefix: &str, key: &str) -> ObjPath {
+    if prefix.is_empty() {
+        ObjPath::from(key)
+    } else {
+        ObjPath::from(format!("{prefix}/{key}"))
+    }
+}
+
+fn map_os_err(key: &str, e: object_store::Error) -> StoreError {
+    match e {
+        object_store::Error::NotFound { .. } => StoreError::NotFound {
+            key: key.to_string(),
+        },
+        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
+            StoreError::AlreadyExists {
+                key: key.to_string(),
+            }
+        }
+        other => {
+            let retryable = !matches!(
+                other,
+                object_store::Error::NotSupported { .. }
+                    | object_store::Error::NotImplemented
+                    | object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+            );
+            StoreError::Io {
+                key: key.to_string(),
+                message: other.to_string(),
+                retryable,
+            }
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(StoreError::Io {
+            key: String::new(),
+            message: format!("storage task failed: {e}"),
+            retryable: false,
+        })
+    })
+}
+
+/// A repository in a local directory (`file://`), written durably.
+struct LocalDir {
+    root: PathBuf,
+}
+
+fn io_err(key: &str, e: std::io::Error) -> StoreError {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => StoreError::NotFound {
+            key: key.to_string(),
+        },
+        std::io::ErrorKind::AlreadyExists => StoreError::AlreadyExists {
+            key: key.to_string(),
+        },
+        _ => StoreError::Io {
+            key: key.to_string(),
+            message: e.to_string(),
+            retryable: matches!(
+                e.kind(),
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::WouldBlock
+            ),
+        },
+    }
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl LocalDir {
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    fn put_create(&self, key: &str, data: &[u8]) -> Result<()> {
+        let dest = self.path(key);
+        let dir = dest
+            .parent()
+            .expect("a key below the root has a parent directory")
+            .to_path_buf();
+        if dest.exists() {
+            return Err(StoreError::AlreadyExists {
+                key: key.to_string(),
+            });
+        }
+        self.create_dirs(&dir).map_err(|e| io_err(key, e))?;
+        let tmp = dir.join(format!(".tmp.{}.{}", std::process::id(), unique()));
+        let result = (|| -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            drop(f);
+            // link() fails with EEXIST if the name exists: create-only, atomically.
+            std::fs::hard_link(&tmp, &dest)?;
+            fsync_dir(&dir)
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        result.map_err(|e| io_err(key, e))
+    }
+
+    /// Creates missing directories (the root included) and fsyncs each new entry's parent, so a
+    /// stored object's path survives a crash.
+    fn create_dirs(&self, dir: &Path) -> std::io::Result<()> {
+        let mut missing = Vec::new();
+        let mut cur = dir;
+        while !cur.is_dir() {
+            missing.push(cur.to_path_buf());
+            match cur.parent() {
+                Some(p) => cur = p,
+                None => break,
+            }
+        }
+        for d in missing.iter().rev() {
+            match std::fs::create_dir(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+            if let Some(parent) = d.parent() {
+                fsync_dir(parent)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &str, max: u64) -> Result<Bytes> {
+        let mut f = std::fs::File::open(self.path(key)).map_err(|e| io_err(key, e))?;
+        let size = f.metadata().map_err(|e| io_err(key, e))?.len();
+        if size > max {
+            return Err(StoreError::TooLarge {
+                key: key.to_string(),
+                size,
+                max,
+            });
+        }
+        let mut buf = Vec::with_capacity(size as usize);
+        std::io::Read::read_to_end(&mut f, &mut buf).map_err(|e| io_err(key, e))?;
+        Ok(Bytes::from(buf))
+    }
+
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(self.path(key)).map_err(|e| io_err(key, e))?;
+        let len = range.end.saturating_sub(range.start) as usize;
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, range.start)
+            .map_err(|e| io_err(key, e))?;
+        Ok(Bytes::from(buf))
+    }
+
+    fn head(&self, key: &str) -> Result<u64> {
+        std::fs::metadata(self.path(key))
+            .map(|m| m.len())
+            .map_err(|e| io_err(key, e))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
+        let mut out = Vec::new();
+        let start = self.path(prefix.trim_end_matches('/'));
+        let mut stack = vec![start];
+        while let Some(dir) = stack.pop() {
+            let rd = match std::fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(prefix, e)),
+            };
+            for ent in rd {
+                let ent = ent.map_err(|e| io_err(prefix, e))?;
+                let name = ent.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if name.starts_with(".tmp.") {
+                    continue;
+                }
+                let ft = ent.file_type().map_err(|e| io_err(prefix, e))?;
+                if ft.is_dir() {
+                    stack.push(ent.path());
+                } else if ft.is_file() {
+                    let p = ent.path();
+                    let Ok(rel) = p.strip_prefix(&self.root) else {
+                        continue;
+                    };
+                    let Some(key) = rel.to_str() else { continue };
+                    let size = ent.metadata().map_err(|e| io_err(prefix, e))?.len();
+                    out.push(Listed {
+                        key: key.to_string(),
+                        size,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ N.fetch_add(1, Ordering::Relaxed).rotate_left(48)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_create_only_and_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("file://{}", dir.path().display())).unwrap();
+        store
+            .put_create("a/b/c", Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
+        let err = store
+            .put_create("a/b/c", Bytes::from_static(b"other"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::AlreadyExists { .. }));
+        assert_eq!(&store.get("a/b/c", 100).await.unwrap()[..], b"hello");
+        assert!(matches!(
+            store.get("a/b/c", 2).await,
+            Err(StoreError::TooLarge { .. })
+        ));
+        assert_eq!(&store.get_range("a/b/c", 1..3).await.unwrap()[..], b"el");
+        assert!(store.get_range("a/b/c", 1..30).await.is_err());
+        assert!(store.get("nope", 100).await.unwrap_err().is_not_found());
+        assert_eq!(store.head("a/b/c").await.unwrap(), Some(5));
+        assert_eq!(store.head("zz").await.unwrap(), None);
+        let l = store.list("a/").await.unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].key, "a/b/c");
+    }
+
+    #[test]
+    fn rejects_bad_urls() {
+        for u in ["/tmp/x", "ftp://x/y", "file://host/x", "s3:///prefix"] {
+            assert!(
+                matches!(Store::open(u), Err(StoreError::BadUrl { .. })),
+                "{u}"
+            );
+        }
+    }
+}

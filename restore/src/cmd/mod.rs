@@ -1,0 +1,2 @@
+pub mod restore;
+pub mod wal_fetch;

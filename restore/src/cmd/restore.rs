@@ -1,0 +1,69 @@
+//! `restore --pgdata DIR --target-time TIME | --target latest`.
+
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use tidemark_core::cli::RepoArgs;
+use tidemark_core::restore::{self, shell_quote, RestoreOptions};
+use tidemark_core::target::{self, Target};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Directory to restore into: must be absent or empty
+    #[arg(long)]
+    pgdata: PathBuf,
+    /// Recover up to this time (RFC 3339, or PostgreSQL's timestamptz text such as '2026-11-21 20:40:12.5+00')
+    #[arg(long, conflicts_with = "target")]
+    target_time: Option<String>,
+    /// 'latest': replay all archived WAL
+    #[arg(long, value_parser = ["latest"])]
+    target: Option<String>,
+    /// Print the result as JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(a: Args) -> Result<()> {
+    let target = match (&a.target_time, &a.target) {
+        (Some(t), None) => Target::Time(target::parse_time(t)?),
+        (None, Some(_)) => Target::Latest,
+        _ => bail!("give a recovery target\nhint: --target-time '2026-11-21 20:40:12+00' or --target latest"),
+    };
+    let store = a.repo.open()?;
+    let exe = std::env::current_exe()
+        .context("cannot find the path of tidemark-restore for restore_command")?;
+    let restore_command = format!(
+        "{} wal-fetch --repo {} %f %p",
+        shell_quote(&exe.to_string_lossy()),
+        shell_quote(store.url())
+    );
+    let opts = RestoreOptions {
+        pgdata: a.pgdata.clone(),
+        target: target.clone(),
+        restore_command,
+    };
+    let r = restore::run(&store, &opts).await?;
+    if a.json {
+        let v = serde_json::json!({
+            "schema_version": 1,
+            "backup_id": r.backup.backup_id,
+            "backup_stop_time": tidemark_core::repo::fmt_time(r.backup.stop_time_us),
+            "target": match &target { Target::Latest => "latest".to_string(), Target::Time(t) => target::postgres_text(t) },
+            "files": r.files,
+            "bytes": r.bytes,
+            "pgdata": a.pgdata,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "restored backup {} ({} files, {} bytes) into {}; start PostgreSQL on it to recover to {}",
+            r.backup.backup_id,
+            r.files,
+            r.bytes,
+            a.pgdata.display(),
+            match &target { Target::Latest => "the end of the archive".to_string(), Target::Time(t) => target::postgres_text(t) }
+        );
+    }
+    Ok(())
+}
