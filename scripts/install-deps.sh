@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian 12 machine lacks to build and test tidemark: PostgreSQL 15 (server,
+# client, contrib for pg_amcheck) and the tools the tests use. Idempotent; needs root.
+set -euo pipefail
+need=()
+[ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15 postgresql-client-15)
+command -v runuser >/dev/null || need+=(util-linux)
+command -v cc >/dev/null || need+=(gcc)
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}"
+  # Debian's package creates and starts a default cluster; tidemark's tests run their own.
+  if command -v pg_lsclusters >/dev/null; then
+    pg_lsclusters -h 2>/dev/null | while read -r ver name _; do pg_ctlcluster "$ver" "$name" stop 2>/dev/null || true; done
+  fi
+fi
+id postgres >/dev/null 2>&1 || { echo "install-deps: the postgres user is missing after installing PostgreSQL" >&2; exit 1; }
