@@ -29,11 +29,11 @@ pub fn config(url: Option<&str>) -> Result<Config> {
         .or_else(|| env("USER"))
         .unwrap_or_else(|| "postgres".into());
     c.user(&user);
-    c.dbname(&env("PGDATABASE").unwrap_or_else(|| user.clone()));
+    c.dbname(env("PGDATABASE").unwrap_or_else(|| user.clone()));
     if let Some(pw) = env("PGPASSWORD") {
         c.password(pw);
     }
-    c.application_name(&env("PGAPPNAME").unwrap_or_else(|| "tidemark".into()));
+    c.application_name(env("PGAPPNAME").unwrap_or_else(|| "tidemark".into()));
     Ok(c)
 }
 
