@@ -1,1 +1,208 @@
+//! Point-in-time recovery end to end: archive → base backup → writes with recorded commit times
+//! → restore to a time → the restored server holds exactly the rows committed up to that time.
 
+use anyhow::{ensure, Context, Result};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tidemark_e2e::data::{self, BATCH_ROWS};
+use tidemark_e2e::{start_restored, PgCluster, Repo, TestDir};
+
+/// Batches written; the base backup is taken after [`BACKUP_AFTER`], the target lies between
+/// [`TARGET_AFTER`] and the batch after it.
+const BATCHES: i32 = 8;
+const BACKUP_AFTER: i32 = 3;
+const TARGET_AFTER: i32 = 6;
+/// Pause around each clock reading so commit times and readings never share a microsecond.
+const GAP: Duration = Duration::from_millis(150);
+
+fn expected(batches: std::ops::RangeInclusive<i32>) -> BTreeMap<i32, i64> {
+    batches.map(|b| (b, BATCH_ROWS)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pitr_restores_exactly_the_rows_committed_before_target() -> Result<()> {
+    let dir = TestDir::new("pitr")?;
+    let repo = Repo::create(&dir, "repo")?;
+    let src = PgCluster::start_archiving(&dir, "src", &repo).await?;
+    let db = src.client().await?;
+    data::create_table(&db).await?;
+
+    // after[b]: a server clock reading taken after batch b committed and before batch b+1 began.
+    let mut after = BTreeMap::new();
+    let mut backup = None;
+    for b in 1..=BATCHES {
+        data::write_batch(&db, b).await?;
+        tokio::time::sleep(GAP).await;
+        after.insert(b, data::server_time_text(&db).await?);
+        tokio::time::sleep(GAP).await;
+        if b == BACKUP_AFTER {
+            backup = Some(src.backup(&repo).await?);
+        }
+    }
+    let backup = backup.context("the backup was taken")?;
+    let backup_id = backup["backup_id"]
+        .as_str()
+        .context("backup_id")?
+        .to_string();
+    eprintln!(
+        "pitr: backup {backup_id} after batch {BACKUP_AFTER}: {} logical bytes, {} stored",
+        backup["logical_bytes"], backup["new_stored_bytes"]
+    );
+    let last_seg = src.switch_wal_and_wait(&repo).await?;
+    let info = repo.info().await?;
+    let ids: Vec<&str> = info["backups"]
+        .as_array()
+        .context("info backups")?
+        .iter()
+        .filter_map(|b| b["id"].as_str())
+        .collect();
+    ensure!(
+        ids == [backup_id.as_str()],
+        "info lists backups {ids:?}, want [{backup_id}]: {info}"
+    );
+    let tl1 = info["wal"]
+        .as_array()
+        .and_then(|w| w.iter().find(|t| t["timeline"] == 1))
+        .with_context(|| format!("info shows no WAL on timeline 1: {info}"))?;
+    ensure!(
+        tl1["last_segment"].as_str() >= Some(last_seg.as_str())
+            && tl1["gaps"].as_array().is_some_and(|g| g.is_empty()),
+        "info does not show timeline 1 archived through {last_seg} without gaps: {tl1}"
+    );
+    eprintln!(
+        "pitr: archive holds timeline 1 {} .. {}",
+        tl1["first_segment"], tl1["last_segment"]
+    );
+
+    // Restore to a time between batch TARGET_AFTER and the next one.
+    let target = after[&TARGET_AFTER].clone();
+    let pgdata = dir.join("restored-time");
+    let r = repo
+        .restore(&pgdata, &["--target-time", &target])
+        .await?
+        .ok()?;
+    let report = r.json()?;
+    ensure!(
+        report["backup_id"] == backup_id.as_str(),
+        "restore chose {} instead of backup {backup_id}",
+        report["backup_id"]
+    );
+    let restored = start_restored(&dir, "restored-time-server", &pgdata).await?;
+    let rdb = restored.client().await?;
+    let counts = data::batch_counts(&rdb).await?;
+    ensure!(
+        counts == expected(1..=TARGET_AFTER),
+        "restored to {target}: rows per batch {counts:?}, want batches 1..={TARGET_AFTER} with {BATCH_ROWS} rows each\n{}",
+        restored.log_tail()
+    );
+    let in_recovery: bool = rdb
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await?
+        .get(0);
+    ensure!(!in_recovery, "the restored server is still in recovery");
+    let tli = data::checkpoint_timeline(&rdb).await?;
+    ensure!(
+        tli > 1,
+        "the restored server stayed on timeline {tli}; promotion must start a new one"
+    );
+    let stopped = restored.log_lines("recovery stopping before commit");
+    ensure!(
+        !stopped.is_empty(),
+        "the server log does not say recovery stopped at the target\n{}",
+        restored.log_tail()
+    );
+    eprintln!(
+        "pitr: restored to {target}, found batches {:?} ({} rows total), timeline {tli}; log: {}",
+        counts.keys().collect::<Vec<_>>(),
+        counts.values().sum::<i64>(),
+        stopped[0]
+    );
+    drop(rdb);
+    drop(restored);
+
+    // Restore to the end of the archive.
+    let pgdata = dir.join("restored-latest");
+    repo.restore(&pgdata, &["--target", "latest"]).await?.ok()?;
+    let latest = start_restored(&dir, "restored-latest-server", &pgdata).await?;
+    let ldb = latest.client().await?;
+    let counts = data::batch_counts(&ldb).await?;
+    ensure!(
+        counts == expected(1..=BATCHES),
+        "restored to the end of the archive: rows per batch {counts:?}, want all {BATCHES} batches\n{}",
+        latest.log_tail()
+    );
+    let tli = data::checkpoint_timeline(&ldb).await?;
+    ensure!(
+        tli > 1,
+        "the server restored to latest stayed on timeline {tli}"
+    );
+    eprintln!(
+        "pitr: restored to latest, found batches {:?} ({} rows total), timeline {tli}",
+        counts.keys().collect::<Vec<_>>(),
+        counts.values().sum::<i64>()
+    );
+    Ok(())
+}
+
+/// Targets before the oldest backup and inside it are refused (never "restore something else");
+/// a target exactly at the backup's stop time uses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_before_the_first_backup_finished_are_refused() -> Result<()> {
+    let dir = TestDir::new("target-early")?;
+    let repo = Repo::create(&dir, "repo")?;
+    let src = PgCluster::start_archiving(&dir, "src", &repo).await?;
+    let db = src.client().await?;
+    data::create_table(&db).await?;
+    data::write_batch(&db, 1).await?;
+    let before = data::server_time_rfc3339(&db).await?;
+    tokio::time::sleep(GAP).await;
+    let backup = src.backup(&repo).await?;
+    let info = repo.info().await?;
+    let b = &info["backups"][0];
+    ensure!(
+        b["id"] == backup["backup_id"],
+        "info does not list the backup: {info}"
+    );
+    let start = b["start_time"].as_str().context("start_time")?.to_string();
+    let stop = b["stop_time"].as_str().context("stop_time")?.to_string();
+
+    for (what, t) in [
+        ("before the backup", &before),
+        ("at the backup's start", &start),
+    ] {
+        let pgdata = dir.join(&format!("restore-{}", what.replace([' ', '\''], "-")));
+        let r = repo.restore(&pgdata, &["--target-time", t]).await?;
+        ensure!(!r.success(), "a target {what} ({t}) must fail:\n{r}");
+        ensure!(
+            r.stderr.contains("no backup finished at or before"),
+            "a target {what} ({t}) failed without saying why:\n{r}"
+        );
+        let leftovers = std::fs::read_dir(&pgdata).map(|d| d.count()).unwrap_or(0);
+        ensure!(
+            leftovers == 0,
+            "the refused restore wrote {leftovers} entries into {}",
+            pgdata.display()
+        );
+        eprintln!(
+            "target-early: target {what} ({t}) refused with exit {:?}: {}",
+            r.code(),
+            r.stderr.lines().next().unwrap_or("")
+        );
+    }
+
+    let pgdata = dir.join("restore-at-stop");
+    let r = repo.restore(&pgdata, &["--target-time", &stop]).await?;
+    ensure!(
+        r.success(),
+        "a target at the backup's stop time ({stop}) must use that backup:\n{r}"
+    );
+    ensure!(
+        r.json()?["backup_id"] == backup["backup_id"],
+        "restore chose another backup:\n{r}"
+    );
+    eprintln!(
+        "target-early: target at the stop time {stop} restored backup {}",
+        backup["backup_id"]
+    );
+    Ok(())
+}

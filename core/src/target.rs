@@ -19,7 +19,10 @@ pub fn parse_time(s: &str) -> Result<DateTime<FixedOffset>> {
     if let Ok(d) = DateTime::parse_from_rfc3339(t) {
         return Ok(d);
     }
-    let norm = t.replacen('T', " ", 1);
+    let norm = match t.as_bytes().get(10) {
+        Some(b'T') | Some(b't') => format!("{} {}", &t[..10], &t[11..]),
+        _ => t.to_string(),
+    };
     for fmt in [
         "%Y-%m-%d %H:%M:%S%.f%#z",
         "%Y-%m-%d %H:%M:%S%.f %#z",

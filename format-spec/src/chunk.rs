@@ -12,6 +12,9 @@ pub fn compress(data: &[u8], level: i32) -> Vec<u8> {
     zstd::bulk::compress(data, level).expect("zstd compression into a growable buffer cannot fail")
 }
 
+/// The first four bytes of every zstd frame (0xFD2FB528, little-endian).
+pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
 /// Decompresses one frame to exactly `ulen` bytes (capped before allocating) and checks that the
 /// sha256 of the result equals `id`.
 pub fn decode(id: &ChunkId, frame: &[u8], ulen: u32) -> Result<Vec<u8>, FormatError> {
@@ -45,6 +48,37 @@ pub fn decompress_exact(
         size: len,
         max: usize::MAX as u64,
     })?;
+    // Exactly one zstd frame that records its content size, equal to `len`, and nothing after
+    // it: checked on the frame header before any output is allocated. Without this an empty
+    // frame (a truncated object) would decode to zero bytes, and skippable or extra frames
+    // would be accepted.
+    if frame.get(..4) != Some(&ZSTD_MAGIC[..]) {
+        return Err(FormatError::invalid(
+            what,
+            "does not start with a zstd frame",
+        ));
+    }
+    match zstd::zstd_safe::get_frame_content_size(frame) {
+        Ok(Some(n)) if n == len => {}
+        Ok(Some(n)) => {
+            return Err(FormatError::invalid(
+                what,
+                format!("zstd frame declares {n} bytes, expected {len}"),
+            ))
+        }
+        _ => {
+            return Err(FormatError::invalid(
+                what,
+                "zstd frame header does not record its content size",
+            ))
+        }
+    }
+    if zstd::zstd_safe::find_frame_compressed_size(frame) != Ok(frame.len()) {
+        return Err(FormatError::invalid(
+            what,
+            "is not exactly one whole zstd frame",
+        ));
+    }
     // One extra byte of capacity detects a frame that expands to more than declared.
     let out = zstd::bulk::decompress(frame, cap.saturating_add(1))
         .map_err(|e| FormatError::invalid(what, format!("zstd frame does not decode: {e}")))?;

@@ -42,10 +42,12 @@ impl RepoConfig {
 
     pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
         const WHAT: &str = "repository config";
-        let mut r = Reader::new(WHAT, buf);
-        r.header(MAGIC)?;
+        Reader::new(WHAT, buf).header(MAGIC)?;
         let body = split_sha256_trailer(WHAT, buf)?;
-        let mut r = Reader::new(WHAT, &body[r.position()..]);
+        // The header is read again from the body: an object shorter than header + trailer
+        // overlaps them and must fail as truncated, not index past the body.
+        let mut r = Reader::new(WHAT, body);
+        r.header(MAGIC)?;
         let cfg = RepoConfig {
             system_id: SystemId(r.u64()?),
             chunk_size: r.u32()?,

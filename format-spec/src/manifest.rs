@@ -176,6 +176,9 @@ impl ManifestHeader {
                 new_objects: r.u64()?,
             },
         };
+        if let Some(parent) = &h.parent {
+            validate_backup_id(parent)?;
+        }
         if h.source != SOURCE_PGDATA && h.source != SOURCE_REPLICATION {
             return Err(FormatError::invalid(
                 WHAT,

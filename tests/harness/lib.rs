@@ -1,1 +1,16 @@
-pub fn placeholder() {}
+//! The tidemark end-to-end harness: real PostgreSQL 15 servers, the real tidemark binaries, and
+//! `file://` repositories in per-test scratch directories.
+//!
+//! Invariants:
+//! - Tests are parallel-safe: each owns its scratch directory, repository, ports and sockets.
+//! - PostgreSQL and tidemark run as the `postgres` OS user when the tests run as root.
+//! - Missing PostgreSQL or tidemark binaries fail the test with an install hint; nothing skips.
+
+pub mod cluster;
+pub mod data;
+pub mod env;
+pub mod repo;
+
+pub use cluster::{start_restored, PgCluster};
+pub use env::{agent, restore, tidemark, Run, TestDir, Tool};
+pub use repo::Repo;
