@@ -16,3 +16,8 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 id postgres >/dev/null 2>&1 || { echo "install-deps: the postgres user is missing after installing PostgreSQL" >&2; exit 1; }
+# A real S3-compatible server for the storage conformance tests (moto has atomic create-only PUTs).
+if ! command -v moto_server >/dev/null; then
+  python3 -m pip install -q --disable-pip-version-check 'moto[server]'
+fi
+command -v moto_server >/dev/null || { echo "install-deps: moto_server is not on PATH after pip install" >&2; exit 1; }
