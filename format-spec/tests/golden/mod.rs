@@ -1,0 +1,242 @@
+//! The golden objects of `format-spec/vectors/`, built from fixed inputs.
+//!
+//! Shared by the generator (`examples/gen_vectors.rs`) and the vector test (`tests/vectors.rs`):
+//! the generator writes these bytes, the test checks that the files still decode to the documented
+//! values and that building them again gives the same bytes. Everything here is deterministic; the
+//! only outside influence is the zstd library version (frames are level 3, zstd 1.5.x).
+
+#![allow(dead_code)]
+
+use tidemark_format::chunk;
+use tidemark_format::config::{RepoConfig, COMPRESSION_ZSTD};
+use tidemark_format::manifest::{
+    BackupStats, ChunkRef, Entry, EntryKind, FileEntry, Manifest, ManifestHeader, SOURCE_PGDATA,
+};
+use tidemark_format::pack::{self, PackBuilder, PackEntry};
+use tidemark_format::wal::{self, WalFileName, PG15_PAGE_MAGIC};
+use tidemark_format::{ChunkId, Lsn, PackId, SystemId, TimelineId};
+
+/// zstd level of every frame in the vectors.
+pub const LEVEL: i32 = 3;
+pub const SYSTEM_ID: u64 = 7_300_000_000_000_000_001;
+/// 2026-11-01T09:00:00Z.
+pub const CREATED_US: i64 = 1_793_523_600_000_000;
+/// 2026-11-21T20:40:12.123456Z.
+pub const START_TIME_US: i64 = 1_795_293_612_123_456;
+/// 2026-11-21T20:41:57.654321Z.
+pub const STOP_TIME_US: i64 = 1_795_293_717_654_321;
+pub const BACKUP_ID: &str = "20261121T204012Z";
+pub const PARENT_ID: &str = "20261120T204012Z";
+pub const START_LSN: u64 = 0x0200_0028;
+pub const STOP_LSN: u64 = 0x0200_0138;
+/// The WAL segment size of the golden cluster (initdb --wal-segsize=1).
+pub const WAL_SEG_SIZE: u32 = 1 << 20;
+pub const WAL_SEGMENT_NAME: &str = "000000010000000000000020";
+pub const WAL_HISTORY_NAME: &str = "00000002.history";
+pub const HISTORY_TEXT: &[u8] = b"1\t0/2000138\tno recovery target specified\n";
+pub const BACKUP_LABEL: &[u8] = b"START WAL LOCATION: 0/2000028 (file 000000010000000000000020)\n\
+CHECKPOINT LOCATION: 0/2000060\n\
+BACKUP METHOD: streamed\n\
+BACKUP FROM: primary\n\
+START TIME: 2026-11-21 20:40:12 UTC\n\
+LABEL: tidemark 20261121T204012Z\n\
+START TIMELINE: 1\n";
+pub const TABLESPACE_MAP: &[u8] = b"16385 /mnt/ts1\n";
+
+pub fn config() -> RepoConfig {
+    RepoConfig {
+        system_id: SystemId(SYSTEM_ID),
+        chunk_size: 8192,
+        pack_target: 32 << 20,
+        compression: COMPRESSION_ZSTD,
+        created_us: CREATED_US,
+    }
+}
+
+/// Chunk A: an 8 KiB heap page (24-byte page header, free space, tuples at the end of the page).
+pub fn chunk_a() -> Vec<u8> {
+    let mut p = vec![0u8; 8192];
+    // pd_lsn, pd_checksum, pd_flags, pd_lower, pd_upper, pd_special, pd_pagesize_version.
+    p[..8].copy_from_slice(&0x0200_0060u64.rotate_left(32).to_le_bytes());
+    p[12..14].copy_from_slice(&40u16.to_le_bytes());
+    p[14..16].copy_from_slice(&4096u16.to_le_bytes());
+    p[16..18].copy_from_slice(&8192u16.to_le_bytes());
+    p[18..20].copy_from_slice(&(8192u16 | 4).to_le_bytes());
+    for (i, b) in p[4096..].iter_mut().enumerate() {
+        *b = ((i * 31 + 7) % 251) as u8;
+    }
+    p
+}
+
+/// Chunk B: an all-zero 8 KiB page.
+pub fn chunk_b() -> Vec<u8> {
+    vec![0u8; 8192]
+}
+
+/// Chunk C: the 100-byte tail of a relation file (a file's last chunk may be shorter).
+pub fn chunk_c() -> Vec<u8> {
+    (0..100u8).map(|i| i.wrapping_mul(7) ^ 0x5a).collect()
+}
+
+/// Chunk D: the whole of `PG_VERSION`.
+pub fn chunk_d() -> Vec<u8> {
+    b"15\n".to_vec()
+}
+
+/// The single chunk vector (`chunk.bin`): chunk A as one zstd frame.
+pub fn chunk_frame() -> Vec<u8> {
+    chunk::compress(&chunk_a(), LEVEL)
+}
+
+/// The pack (`pack.bin`) holding chunks A, B, C, D in that order, and its entries.
+pub fn pack() -> (PackId, Vec<u8>, Vec<PackEntry>) {
+    let mut b = PackBuilder::new();
+    let entries = [chunk_a(), chunk_b(), chunk_c(), chunk_d()]
+        .iter()
+        .map(|c| b.push(ChunkId::of(c), &chunk::compress(c, LEVEL), c.len() as u32))
+        .collect();
+    let (id, bytes) = b.finish();
+    (id, bytes, entries)
+}
+
+/// The pack index section of `pack.bin` (`pack-index.bin`) and the offset where it starts, which
+/// is the end of the pack's blobs.
+pub fn pack_index() -> (Vec<u8>, u64) {
+    let (_, bytes, entries) = pack();
+    let index = pack::encode_index(&entries);
+    let start = bytes.len() - pack::FOOTER_LEN - index.len();
+    (index, start as u64)
+}
+
+fn cref(e: &PackEntry) -> ChunkRef {
+    ChunkRef {
+        id: e.id,
+        pack: 0,
+        offset: e.offset,
+        clen: e.clen,
+        ulen: e.ulen,
+    }
+}
+
+fn file(mode: u32, path: &str, parts: &[&PackEntry], data: &[u8]) -> Entry {
+    Entry {
+        path: path.into(),
+        mode,
+        kind: EntryKind::File(FileEntry {
+            size: data.len() as u64,
+            sha256: ChunkId::of(data),
+            chunks: parts.iter().map(|e| cref(e)).collect(),
+        }),
+    }
+}
+
+fn dir(path: &str) -> Entry {
+    Entry {
+        path: path.into(),
+        mode: 0o700,
+        kind: EntryKind::Dir,
+    }
+}
+
+/// The contents of `base/1/16384`: chunks A, B, A, C.
+pub fn relation_16384() -> Vec<u8> {
+    [chunk_a(), chunk_b(), chunk_a(), chunk_c()].concat()
+}
+
+/// The manifest (`manifest.bin`) of backup 20261121T204012Z, whose one pack is `pack.bin`.
+pub fn manifest() -> Manifest {
+    let (pack_id, pack_bytes, e) = pack();
+    let (a, b, c, d) = (&e[0], &e[1], &e[2], &e[3]);
+    Manifest {
+        header: ManifestHeader {
+            backup_id: BACKUP_ID.into(),
+            system_id: SystemId(SYSTEM_ID),
+            pg_version: 150010,
+            timeline: TimelineId(1),
+            start_lsn: Lsn(START_LSN),
+            stop_lsn: Lsn(STOP_LSN),
+            start_time_us: START_TIME_US,
+            stop_time_us: STOP_TIME_US,
+            source: SOURCE_PGDATA,
+            flags: 0,
+            chunk_size: 8192,
+            parent: Some(PARENT_ID.into()),
+            backup_label: BACKUP_LABEL.to_vec(),
+            tablespace_map: Some(TABLESPACE_MAP.to_vec()),
+            stats: BackupStats {
+                logical_bytes: (3 + relation_16384().len()) as u64,
+                new_chunks: 4,
+                reused_chunks: 1,
+                new_chunk_bytes: 8192 + 8192 + 100 + 3,
+                new_stored_bytes: pack_bytes.len() as u64,
+                new_objects: 2,
+            },
+        },
+        packs: vec![pack_id],
+        entries: vec![
+            file(0o600, "PG_VERSION", &[d], &chunk_d()),
+            dir("base"),
+            dir("base/1"),
+            file(0o600, "base/1/16384", &[a, b, a, c], &relation_16384()),
+            file(0o600, "base/1/16390", &[], b""),
+            dir("pg_tblspc"),
+            Entry {
+                path: "pg_tblspc/16385".into(),
+                mode: 0o777,
+                kind: EntryKind::Symlink(b"/mnt/ts1".to_vec()),
+            },
+            dir("pg_wal"),
+        ],
+    }
+}
+
+/// A 1 MiB WAL segment starting at 0/2000000 on timeline 1: every 8 KiB page carries a page
+/// header, the first page the long header; a few record bytes follow the first header.
+pub fn wal_segment_data() -> Vec<u8> {
+    let mut seg = vec![0u8; WAL_SEG_SIZE as usize];
+    for (i, page) in seg.chunks_mut(8192).enumerate() {
+        let long = i == 0;
+        page[0..2].copy_from_slice(&PG15_PAGE_MAGIC.to_le_bytes());
+        page[2..4].copy_from_slice(&(if long { 0x0006u16 } else { 0x0004 }).to_le_bytes());
+        page[4..8].copy_from_slice(&1u32.to_le_bytes());
+        page[8..16].copy_from_slice(&(0x0200_0000u64 + i as u64 * 8192).to_le_bytes());
+        if long {
+            page[24..32].copy_from_slice(&SYSTEM_ID.to_le_bytes());
+            page[32..36].copy_from_slice(&WAL_SEG_SIZE.to_le_bytes());
+            page[36..40].copy_from_slice(&8192u32.to_le_bytes());
+            for (j, b) in page[40..0x138].iter_mut().enumerate() {
+                *b = (j * 13 % 256) as u8;
+            }
+        }
+    }
+    seg
+}
+
+pub fn wal_segment_name() -> WalFileName {
+    WalFileName::parse(WAL_SEGMENT_NAME).expect("the golden segment name is valid")
+}
+
+pub fn wal_history_name() -> WalFileName {
+    WalFileName::parse(WAL_HISTORY_NAME).expect("the golden history name is valid")
+}
+
+/// Every vector file name and its bytes, in the order the README lists them.
+pub fn all() -> Vec<(&'static str, Vec<u8>)> {
+    let seg = wal_segment_data();
+    vec![
+        ("config.bin", config().encode()),
+        ("chunk.bin", chunk_frame()),
+        ("pack.bin", pack().1),
+        ("pack-index.bin", pack_index().0),
+        ("manifest.bin", manifest().encode()),
+        (
+            "wal-segment.bin",
+            wal::encode(wal_segment_name(), &seg, LEVEL),
+        ),
+        (
+            "wal-history.bin",
+            wal::encode(wal_history_name(), HISTORY_TEXT, LEVEL),
+        ),
+        ("wal-long-page-header.bin", seg[..40].to_vec()),
+    ]
+}

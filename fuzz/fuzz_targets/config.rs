@@ -1,0 +1,32 @@
+//! `RepoConfig::decode` on arbitrary bytes, and on the same bytes with a valid sha256 trailer
+//! (appended, or replacing the last 32 bytes) so that mutations reach the field checks.
+//! Invariant: whatever decodes re-encodes to the same bytes, up to the minor version.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tidemark_format::config::RepoConfig;
+use tidemark_format::ChunkId;
+
+fn check(buf: &[u8]) {
+    if let Ok(c) = RepoConfig::decode(buf) {
+        let again = c.encode();
+        assert_eq!(again.len(), buf.len());
+        assert_eq!(again[..6], buf[..6], "magic and major");
+        assert_eq!(again[8..again.len() - 32], buf[8..buf.len() - 32], "fields");
+        assert_eq!(RepoConfig::decode(&again), Ok(c));
+    }
+}
+
+fn with_trailer(body: &[u8]) -> Vec<u8> {
+    let mut v = body.to_vec();
+    v.extend_from_slice(ChunkId::of(body).as_bytes());
+    v
+}
+
+fuzz_target!(|data: &[u8]| {
+    check(data);
+    check(&with_trailer(data));
+    if data.len() >= 32 {
+        check(&with_trailer(&data[..data.len() - 32]));
+    }
+});

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Builds every fuzz target and runs each for FUZZ_SECONDS (default 15) seconds, seeding the
+# corpora from format-spec/vectors. Exits non-zero if any target crashes, fails an assertion,
+# times out or runs out of memory; the reproducer is left in fuzz/artifacts/<target>/.
+#
+# Usage: fuzz/run.sh [target...]        (default: all targets)
+# Needs cargo-fuzz (`cargo install cargo-fuzz --locked`). Runs on stable Rust without a
+# sanitizer (`--sanitizer none`); the decoders forbid unsafe code, so coverage-guided
+# fuzzing with assertions is what finds their bugs.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+vectors="$here/../format-spec/vectors"
+seconds="${FUZZ_SECONDS:-15}"
+all_targets=(config pack pack_index chunk manifest wal_object wal_name wal_page_header keys)
+if [ "$#" -gt 0 ]; then targets=("$@"); else targets=("${all_targets[@]}"); fi
+
+cd "$here"
+command -v cargo-fuzz >/dev/null || {
+    echo "error: cargo-fuzz is not installed" >&2
+    echo "hint: cargo install cargo-fuzz --locked" >&2
+    exit 2
+}
+
+# Writes $1 as an unsigned little-endian integer of $2 bytes.
+le() {
+    local n=$1 width=$2 i
+    for ((i = 0; i < width; i++)); do
+        # shellcheck disable=SC2059
+        printf "\\x$(printf %02x $(((n >> (8 * i)) & 255)))"
+    done
+}
+
+# Copies the golden vectors (in the input layout each target expects) into corpus/<target>/.
+seed() {
+    local t=$1 dir="$here/corpus/$1"
+    mkdir -p "$dir"
+    case "$t" in
+    config) cp "$vectors/config.bin" "$dir/seed-config" ;;
+    pack) cp "$vectors/pack.bin" "$dir/seed-pack" ;;
+    pack_index)
+        # Input: blobs_end (u64 LE), then the index. In pack.bin the index ends 8 bytes before
+        # the end of the pack, so the blobs end at len(pack) - 8 - len(index).
+        local pack_len index_len
+        pack_len=$(wc -c <"$vectors/pack.bin")
+        index_len=$(wc -c <"$vectors/pack-index.bin")
+        { le $((pack_len - 8 - index_len)) 8; cat "$vectors/pack-index.bin"; } >"$dir/seed-pack-index"
+        ;;
+    chunk)
+        # Input: ulen (u32 LE), then the frame. chunk.bin holds an 8192-byte chunk.
+        { le 8192 4; cat "$vectors/chunk.bin"; } >"$dir/seed-chunk"
+        ;;
+    manifest) cp "$vectors/manifest.bin" "$dir/seed-manifest" ;;
+    wal_object)
+        cp "$vectors/wal-segment.bin" "$dir/seed-wal-segment"
+        cp "$vectors/wal-history.bin" "$dir/seed-wal-history"
+        ;;
+    wal_name)
+        local n i=0
+        for n in 000000010000000000000020 00000002.history 000000010000000A00000065.partial \
+            000000010000000000000002.00000028.backup; do
+            printf %s "$n" >"$dir/seed-name-$i"
+            i=$((i + 1))
+        done
+        ;;
+    wal_page_header) cp "$vectors/wal-long-page-header.bin" "$dir/seed-long-page-header" ;;
+    keys)
+        printf %s "packs/ec/ece3d5ee5a527be2eb9dc19ec95f2179541181985d8aeee98f53b5d700c62e3f" >"$dir/seed-pack"
+        printf %s "backups/20261121T204012Z.manifest" >"$dir/seed-manifest"
+        printf %s "wal/00000001/000000010000000000000020" >"$dir/seed-wal"
+        printf %s "config" >"$dir/seed-config"
+        ;;
+    *)
+        echo "error: unknown fuzz target $t" >&2
+        exit 2
+        ;;
+    esac
+}
+
+cargo fuzz build --sanitizer none
+
+failed=()
+for t in "${targets[@]}"; do
+    seed "$t"
+    echo "=== fuzzing $t for ${seconds}s"
+    if ! cargo fuzz run --sanitizer none "$t" "corpus/$t" -- \
+        -max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1; then
+        failed+=("$t")
+    fi
+done
+
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "error: fuzz targets failed: ${failed[*]}" >&2
+    echo "hint: reproduce with: cd fuzz && cargo fuzz run --sanitizer none <target> artifacts/<target>/<file>" >&2
+    exit 1
+fi
+echo "all ${#targets[@]} fuzz targets ran ${seconds}s each without a failure"
