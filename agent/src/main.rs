@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Archive one WAL file (use as archive_command = 'tidemark-agent wal-push %p')
     WalPush(cmd::wal_push::Args),
+    /// Archive WAL continuously next to PostgreSQL (the sidecar daemon)
+    Sidecar(cmd::sidecar::Args),
     /// Take a base backup of a running PostgreSQL server
     Backup(cmd::backup::Args),
     /// Show backups and archived WAL
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.cmd {
             Command::WalPush(a) => cmd::wal_push::run(a).await,
+            Command::Sidecar(a) => cmd::sidecar::run(a).await,
             Command::Backup(a) => cmd::backup::run(a).await,
             Command::Info(a) => cmd::info::run(a).await,
         }

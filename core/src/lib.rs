@@ -4,10 +4,12 @@
 pub mod backup;
 pub mod cli;
 pub mod info;
+pub mod metrics;
 pub mod pg;
 pub mod pgdata;
 pub mod repo;
 pub mod restore;
+pub mod sidecar;
 pub mod store;
 pub mod target;
 pub mod wal;

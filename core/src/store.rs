@@ -261,6 +261,42 @@ impl Store {
         }
     }
 
+    /// Deletes an object; deleting a missing object succeeds.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        let r = match &self.backend {
+            Backend::Local(l) => {
+                let path = l.path(key);
+                let k = key.to_string();
+                blocking(move || std::fs::remove_file(&path).map_err(|e| io_err(&k, e))).await
+            }
+            Backend::Object { store, prefix } => store
+                .delete(&obj_path(prefix, key))
+                .await
+                .map_err(|e| map_os_err(key, e)),
+        };
+        match r {
+            Err(e) if e.is_not_found() => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Checks that the store honours create-only writes: some S3-compatible servers silently
+    /// overwrite instead, which would let a conflicting WAL segment replace an archived one.
+    pub async fn probe_create_only(&self) -> Result<bool> {
+        let key = format!("probe/create-only-{}-{}", std::process::id(), unique());
+        self.put_create(&key, Bytes::from_static(b"first")).await?;
+        let second = self.put_create(&key, Bytes::from_static(b"second")).await;
+        let kept = self.get(&key, 16).await;
+        let _ = self.delete(&key).await;
+        match second {
+            Err(StoreError::AlreadyExists { .. }) => {
+                Ok(kept.map(|b| &b[..] == b"first").unwrap_or(false))
+            }
+            Ok(()) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Every object whose key starts with `prefix` (a directory-like prefix ending in `/`),
     /// sorted by key.
     pub async fn list(&self, prefix: &str) -> Result<Vec<Listed>> {

@@ -30,7 +30,8 @@ pub enum WalError {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum PushOutcome {
-    Stored,
+    /// Newly stored; the object's size in bytes.
+    Stored(u64),
     AlreadyArchived,
 }
 
@@ -72,8 +73,9 @@ pub async fn push(store: &Store, path: &Path, level: i32) -> Result<PushOutcome>
         (obj, sha)
     })
     .await?;
+    let size = obj.len() as u64;
     match store.put_create(&key, Bytes::from(obj)).await {
-        Ok(()) => Ok(PushOutcome::Stored),
+        Ok(()) => Ok(PushOutcome::Stored(size)),
         Err(StoreError::AlreadyExists { .. }) => {
             let existing = store
                 .get(&key, MAX_OBJECT)
