@@ -36,6 +36,8 @@ pub enum PushOutcome {
 }
 
 /// Largest WAL object read back (a 1 GiB segment that did not compress, plus its header).
+/// Bytes read to get a stored WAL object's header (it is at most 8 + 1 + 4 + 64 + 8 + 32).
+const HEADER_READ: u64 = 128;
 const MAX_OBJECT: u64 = walfmt::MAX_WAL_FILE + (1 << 20);
 
 /// Archives one file handed to archive_command.
