@@ -79,8 +79,10 @@ pub async fn push(store: &Store, path: &Path, level: i32) -> Result<PushOutcome>
     match store.put_create(&key, Bytes::from(obj)).await {
         Ok(()) => Ok(PushOutcome::Stored(size)),
         Err(StoreError::AlreadyExists { .. }) => {
+            // The header (with the sha256) sits in the first bytes of the object.
+            let stored_size = store.head(&key).await?.unwrap_or(0);
             let existing = store
-                .get(&key, MAX_OBJECT)
+                .get_range(&key, 0..stored_size.min(HEADER_READ))
                 .await
                 .with_context(|| format!("cannot read the stored copy of {name}"))?;
             let (h, _) = walfmt::decode_header(&existing)
