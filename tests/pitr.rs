@@ -100,6 +100,11 @@ async fn pitr_restores_exactly_the_rows_committed_before_target() -> Result<()> 
         .await?
         .get(0);
     ensure!(!in_recovery, "the restored server is still in recovery");
+    let checksums: String = rdb.query_one("SHOW data_checksums", &[]).await?.get(0);
+    ensure!(
+        checksums == "on",
+        "the restored server has data_checksums = {checksums}"
+    );
     let tli = data::checkpoint_timeline(&rdb).await?;
     ensure!(
         tli > 1,
