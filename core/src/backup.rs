@@ -371,6 +371,8 @@ async fn copy_files(
         }
     }
     progress.abort();
+    // Wait until the progress task is gone: it holds a clone of the shared state.
+    let _ = progress.await;
     let uploaded = uploader.await.context("pack uploader panicked")?;
     if let Some(e) = first_err {
         return Err(e);

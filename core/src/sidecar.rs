@@ -81,6 +81,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs the sidecar until SIGTERM or SIGINT.
 pub async fn run(store: Store, opts: SidecarOptions) -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot handle SIGTERM")?;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    run_until(store, opts, stop).await
+}
+
+/// Runs the sidecar until `stop` completes, then shuts down gracefully.
+pub async fn run_until(
+    store: Store,
+    opts: SidecarOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     let status_dir = opts.pgdata.join("pg_wal/archive_status");
     if !status_dir.is_dir() {
         bail!("{} does not exist\nhint: --pgdata must be the data directory PostgreSQL uses (shared with this container)", status_dir.display());
@@ -116,8 +133,17 @@ pub async fn run(store: Store, opts: SidecarOptions) -> Result<()> {
 
     // inotify is a wake-up signal only; the listing below is the truth.
     let waker = inner.clone();
-    let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-        waker.wake.notify_one()
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        // Listing the directory raises access events of its own: waking on them would spin.
+        if !matches!(
+            res,
+            Ok(notify::Event {
+                kind: notify::EventKind::Access(_),
+                ..
+            })
+        ) {
+            waker.wake.notify_one();
+        }
     })
     .context("cannot create a file watcher")?;
     if let Err(e) = notify::Watcher::watch(
@@ -138,14 +164,12 @@ pub async fn run(store: Store, opts: SidecarOptions) -> Result<()> {
     tracing::info!(pgdata = %opts.pgdata.display(), repo = inner.store.url(), "sidecar started");
 
     let mut uploads = tokio::task::JoinSet::new();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot handle SIGTERM")?;
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             _ = inner.wake.notified() => {}
             _ = tokio::time::sleep(opts.rescan) => {}
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = &mut stop => break,
         }
         while uploads.try_join_next().is_some() {}
         inner.last_loop.store(now_secs(), Ordering::Relaxed);
@@ -528,4 +552,118 @@ async fn start_http(inner: Arc<Inner>, addr: SocketAddr) -> Result<()> {
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A WAL segment of `size` bytes whose first page carries a PostgreSQL 15 long header.
+    fn segment(sysid: u64, size: u32, fill: u8) -> Vec<u8> {
+        let mut d = vec![fill; size as usize];
+        d[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+        d[2..4].copy_from_slice(&2u16.to_le_bytes());
+        d[4..8].copy_from_slice(&1u32.to_le_bytes());
+        d[8..16].copy_from_slice(&0u64.to_le_bytes());
+        d[16..24].fill(0);
+        d[24..32].copy_from_slice(&sysid.to_le_bytes());
+        d[32..36].copy_from_slice(&size.to_le_bytes());
+        d[36..40].copy_from_slice(&8192u32.to_le_bytes());
+        d
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn archives_ready_files_and_answers_handoffs() {
+        let dir = tempfile::tempdir().unwrap();
+        let pgdata = dir.path().join("pgdata");
+        let status = pgdata.join("pg_wal/archive_status");
+        std::fs::create_dir_all(&status).unwrap();
+        let seg = 1u32 << 20;
+        for (i, fill) in [(1, 1u8), (2, 2u8)] {
+            let name = format!("0000000100000000000000{i:02X}");
+            std::fs::write(pgdata.join("pg_wal").join(&name), segment(42, seg, fill)).unwrap();
+            std::fs::write(status.join(format!("{name}.ready")), b"").unwrap();
+        }
+        // Not yet .ready: only a handoff request makes the sidecar archive it.
+        std::fs::write(
+            pgdata.join("pg_wal/000000010000000000000003"),
+            segment(42, seg, 3),
+        )
+        .unwrap();
+        let store = Store::open(&format!("file://{}/repo", dir.path().display())).unwrap();
+        let sock = dir.path().join("sock");
+        let opts = SidecarOptions {
+            pgdata: pgdata.clone(),
+            socket_dir: Some(sock.clone()),
+            state_dir: dir.path().join("state"),
+            listen: None,
+            concurrency: 2,
+            grace: Duration::from_secs(5),
+            rescan: Duration::from_secs(1),
+            compress_level: 1,
+            allow_overwriting_store: false,
+        };
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(run_until(store.clone(), opts, async move {
+            let _ = stop_rx.await;
+        }));
+        let mut ok = false;
+        for _ in 0..100 {
+            if sock.join(SOCKET_NAME).exists() {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ok, "sidecar socket never appeared");
+        // A handoff for a .ready file answers once it is stored.
+        assert!(matches!(
+            handoff(&sock, "000000010000000000000001").await,
+            Some(Ok(()))
+        ));
+        assert!(matches!(
+            handoff(&sock, "000000010000000000000003").await,
+            Some(Ok(()))
+        ));
+        for n in [
+            "000000010000000000000001",
+            "000000010000000000000002",
+            "000000010000000000000003",
+        ] {
+            let key = format!("wal/00000001/{n}");
+            let mut found = false;
+            for _ in 0..100 {
+                if store.head(&key).await.unwrap().is_some() {
+                    found = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(found, "{n} was not archived");
+        }
+        // A file whose name is archived with other content is refused, never acknowledged.
+        std::fs::write(
+            pgdata.join("pg_wal/000000010000000000000002"),
+            segment(42, seg, 9),
+        )
+        .unwrap();
+        std::fs::remove_file(dir.path().join("state/archived")).ok();
+        let r = handoff(&sock, "000000010000000000000004").await;
+        assert!(
+            matches!(r, Some(Err(_))),
+            "a missing file must not be acknowledged"
+        );
+        let state = std::fs::read_to_string(dir.path().join("state/archived")).unwrap_or_default();
+        assert!(!state.contains("000000010000000000000004"));
+        stop_tx.send(()).unwrap();
+        task.await.unwrap().unwrap();
+        assert!(
+            !sock.join(SOCKET_NAME).exists(),
+            "socket must be removed at shutdown"
+        );
+        assert!(
+            handoff(&sock, "000000010000000000000001").await.is_none(),
+            "no sidecar: the caller uploads itself"
+        );
+    }
 }
