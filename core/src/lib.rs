@@ -2,6 +2,7 @@
 //! PostgreSQL connection helpers. Both binaries are thin command layers over this crate.
 
 pub mod backup;
+pub mod check;
 pub mod cli;
 pub mod info;
 pub mod metrics;

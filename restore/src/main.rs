@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Restore a base backup into an empty directory and configure recovery to a target
     Restore(cmd::restore::Args),
+    /// Check that every backup's chunks and WAL are present (and, with --read-data, sound)
+    Check(cmd::check::Args),
     /// Fetch one archived WAL file (use as restore_command)
     WalFetch(cmd::wal_fetch::Args),
 }
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.cmd {
             Command::Restore(a) => cmd::restore::run(a).await.map(|()| ExitCode::SUCCESS),
+            Command::Check(a) => cmd::check::run(a).await.map(|()| ExitCode::SUCCESS),
             Command::WalFetch(a) => Ok(cmd::wal_fetch::run(a).await),
         }
     });

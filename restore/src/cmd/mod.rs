@@ -1,2 +1,3 @@
+pub mod check;
 pub mod restore;
 pub mod wal_fetch;

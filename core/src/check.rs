@@ -1,0 +1,240 @@
+//! Repository consistency check (`tidemark-restore check`): every chunk a manifest references is
+//! in its pack's index at the recorded place (with `read_data`, also decompresses to its id), every
+//! backup has its WAL from start to stop, and the archive has no gap from each backup's start to the
+//! end of its timeline. Problems name the backups and the points in time they affect.
+
+use crate::repo;
+use crate::store::Store;
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use tidemark_format::manifest::EntryKind;
+use tidemark_format::pack::{self, PackEntry};
+use tidemark_format::wal::{self as walfmt, WalFileName};
+use tidemark_format::{chunk, keys, ChunkId, Lsn, PackId};
+
+#[derive(Serialize, Default)]
+pub struct CheckReport {
+    pub schema_version: u32,
+    pub backups_checked: u64,
+    pub packs_checked: u64,
+    pub chunks_checked: u64,
+    pub chunks_read: u64,
+    pub wal_segments: u64,
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Serialize, Clone)]
+pub struct Problem {
+    /// Backups that cannot be restored (or not to every point) because of this problem.
+    pub backups: Vec<String>,
+    pub what: String,
+}
+
+/// `sample` is the fraction of referenced chunks read and verified when `read_data` is set.
+pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckReport> {
+    repo::require_config(store).await?;
+    let mut report = CheckReport {
+        schema_version: 1,
+        ..Default::default()
+    };
+    let headers = repo::list_backups(store).await?;
+    // pack id -> (chunk id, offset, clen, ulen) -> backups referencing it
+    let mut refs: HashMap<PackId, HashMap<(ChunkId, u64, u32, u32), HashSet<String>>> =
+        HashMap::new();
+    for h in &headers {
+        let m = repo::load_manifest(store, &h.backup_id).await?;
+        report.backups_checked += 1;
+        for e in &m.entries {
+            if let EntryKind::File(f) = &e.kind {
+                for c in &f.chunks {
+                    refs.entry(m.packs[c.pack as usize])
+                        .or_default()
+                        .entry((c.id, c.offset, c.clen, c.ulen))
+                        .or_default()
+                        .insert(h.backup_id.clone());
+                }
+            }
+        }
+    }
+    let mut n = 0u64;
+    for (pid, chunks) in &refs {
+        report.packs_checked += 1;
+        let key = keys::pack(pid);
+        let all_backups = || -> Vec<String> {
+            let mut b: Vec<String> = chunks
+                .values()
+                .flatten()
+                .cloned()
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            b.sort();
+            b
+        };
+        let index = match read_index(store, &key).await {
+            Ok(ix) => ix,
+            Err(e) => {
+                report.problems.push(Problem {
+                    backups: all_backups(),
+                    what: format!("pack {pid}: {e:#}"),
+                });
+                continue;
+            }
+        };
+        let by_offset: HashMap<u64, &PackEntry> = index.iter().map(|e| (e.offset, e)).collect();
+        for ((id, offset, clen, ulen), backups) in chunks {
+            report.chunks_checked += 1;
+            let ok = by_offset
+                .get(offset)
+                .is_some_and(|e| e.id == *id && e.clen == *clen && e.ulen == *ulen);
+            if !ok {
+                report.problems.push(Problem {
+                    backups: sorted(backups),
+                    what: format!("chunk {id} is not in pack {pid} at offset {offset}"),
+                });
+                continue;
+            }
+            n += 1;
+            // Deterministic sampling: every k-th chunk, so reruns read the same ones.
+            let every = if sample >= 1.0 {
+                1
+            } else {
+                (1.0 / sample.max(1e-9)).round() as u64
+            };
+            if read_data && n % every.max(1) == 0 {
+                report.chunks_read += 1;
+                let bytes = store.get_range(&key, *offset..offset + *clen as u64).await;
+                let verdict = bytes.map_err(anyhow::Error::from).and_then(|b| {
+                    chunk::decode(id, &b, *ulen)
+                        .map(|_| ())
+                        .map_err(anyhow::Error::from)
+                });
+                if let Err(e) = verdict {
+                    report.problems.push(Problem {
+                        backups: sorted(backups),
+                        what: format!("chunk {id} in pack {pid} is damaged: {e:#}"),
+                    });
+                }
+            }
+        }
+    }
+    check_wal(store, &headers, &mut report).await?;
+    Ok(report)
+}
+
+fn sorted(s: &HashSet<String>) -> Vec<String> {
+    let mut v: Vec<String> = s.iter().cloned().collect();
+    v.sort();
+    v
+}
+
+async fn read_index(store: &Store, key: &str) -> Result<Vec<PackEntry>> {
+    let size = store
+        .head(key)
+        .await?
+        .context("the pack object is missing")?;
+    let min = pack::HEADER_LEN + pack::FOOTER_LEN as u64;
+    anyhow::ensure!(size >= min, "the pack object is {size} bytes, too short");
+    let footer = store
+        .get_range(key, size - pack::FOOTER_LEN as u64..size)
+        .await?;
+    anyhow::ensure!(footer[4..] == pack::END_MAGIC, "the pack has no end marker");
+    let index_len = u32::from_le_bytes([footer[0], footer[1], footer[2], footer[3]]) as u64;
+    anyhow::ensure!(
+        index_len <= size - min,
+        "the pack index length {index_len} exceeds the pack"
+    );
+    let start = size - pack::FOOTER_LEN as u64 - index_len;
+    let index = store.get_range(key, start..start + index_len).await?;
+    Ok(pack::decode_index(&index, start)?)
+}
+
+async fn check_wal(
+    store: &Store,
+    headers: &[tidemark_format::manifest::ManifestHeader],
+    report: &mut CheckReport,
+) -> Result<()> {
+    let listed = store.list(keys::WAL).await?;
+    let mut segs: BTreeMap<u32, Vec<WalFileName>> = BTreeMap::new();
+    let mut first_key = None;
+    for l in &listed {
+        if let Some(n @ WalFileName::Segment { .. }) = keys::parse_wal(&l.key) {
+            first_key.get_or_insert_with(|| (l.key.clone(), l.size));
+            segs.entry(n.timeline().0).or_default().push(n);
+            report.wal_segments += 1;
+        }
+    }
+    let seg_size = match first_key {
+        Some((k, size)) => {
+            let head = store.get_range(&k, 0..size.min(256)).await?;
+            walfmt::decode_header(&head)
+                .map(|(h, _)| h.size)
+                .unwrap_or(16 << 20)
+        }
+        None => 16 << 20,
+    };
+    let seg_size = if seg_size.is_power_of_two() && seg_size >= 1 << 20 {
+        seg_size
+    } else {
+        16 << 20
+    };
+    for h in headers {
+        let tl = h.timeline.0;
+        let present: HashSet<u64> = segs
+            .get(&tl)
+            .map(|v| {
+                v.iter()
+                    .filter_map(|n| n.segment_number(seg_size))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let first = h.start_lsn.0 / seg_size;
+        let stop = h.stop_lsn.0.saturating_sub(1).max(h.start_lsn.0) / seg_size;
+        let last_present = present.iter().copied().max().unwrap_or(0);
+        let mut missing_in_backup = Vec::new();
+        let mut first_gap_after = None;
+        for s in first..=last_present.max(stop) {
+            if !present.contains(&s) {
+                let name =
+                    WalFileName::segment_of(h.timeline, Lsn(s * seg_size), seg_size).to_string();
+                if s <= stop {
+                    missing_in_backup.push(name);
+                } else if first_gap_after.is_none() {
+                    first_gap_after = Some(name);
+                }
+            }
+        }
+        if !missing_in_backup.is_empty() {
+            report.problems.push(Problem {
+                backups: vec![h.backup_id.clone()],
+                what: format!(
+                    "backup {} lacks wal needed for consistency: {}; it cannot be restored",
+                    h.backup_id,
+                    missing_in_backup.join(" ")
+                ),
+            });
+        }
+        if let Some(g) = first_gap_after {
+            report.problems.push(Problem {
+                backups: vec![h.backup_id.clone()],
+                what: format!("timeline {tl} has a gap at wal segment {g}: backup {} recovers only to points before that segment", h.backup_id),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub fn render(r: &CheckReport) -> String {
+    let mut s = format!(
+        "checked {} backups, {} packs, {} chunk references ({} read), {} wal segments\n",
+        r.backups_checked, r.packs_checked, r.chunks_checked, r.chunks_read, r.wal_segments
+    );
+    if r.problems.is_empty() {
+        s += "no problems found\n";
+    }
+    for p in &r.problems {
+        s += &format!("PROBLEM: {} (affects: {})\n", p.what, p.backups.join(", "));
+    }
+    s
+}
