@@ -13,6 +13,9 @@ use tidemark_format::pack::{self, PackEntry};
 use tidemark_format::wal::{self as walfmt, WalFileName};
 use tidemark_format::{chunk, keys, ChunkId, Lsn, PackId};
 
+/// Where a chunk sits and which backups reference it, per pack.
+type PackRefs = HashMap<PackId, HashMap<(ChunkId, u64, u32, u32), HashSet<String>>>;
+
 #[derive(Serialize, Default)]
 pub struct CheckReport {
     pub schema_version: u32,
@@ -40,8 +43,7 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
     };
     let headers = repo::list_backups(store).await?;
     // pack id -> (chunk id, offset, clen, ulen) -> backups referencing it
-    let mut refs: HashMap<PackId, HashMap<(ChunkId, u64, u32, u32), HashSet<String>>> =
-        HashMap::new();
+    let mut refs: PackRefs = HashMap::new();
     for h in &headers {
         let m = repo::load_manifest(store, &h.backup_id).await?;
         report.backups_checked += 1;
@@ -102,7 +104,7 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
             } else {
                 (1.0 / sample.max(1e-9)).round() as u64
             };
-            if read_data && n % every.max(1) == 0 {
+            if read_data && n.is_multiple_of(every.max(1)) {
                 report.chunks_read += 1;
                 let bytes = store.get_range(&key, *offset..offset + *clen as u64).await;
                 let verdict = bytes.map_err(anyhow::Error::from).and_then(|b| {
