@@ -1,6 +1,8 @@
 //! `check` against a small repository built object by object: a sound repository passes; a
 //! damaged chunk, a missing pack and missing WAL are each reported with the affected backup.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed set-up step should panic
+
 use bytes::Bytes;
 use tidemark_core::check;
 use tidemark_core::store::Store;
