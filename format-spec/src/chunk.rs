@@ -13,6 +13,12 @@ pub fn compress(data: &[u8], level: i32) -> Vec<u8> {
 }
 
 /// The first four bytes of every zstd frame (0xFD2FB528, little-endian).
+thread_local! {
+    /// One decompression context per thread: creating one per chunk costs more than decoding
+    /// an 8 KiB chunk.
+    static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+}
+
 pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 /// Decompresses one frame to exactly `ulen` bytes (capped before allocating) and checks that the
@@ -80,7 +86,15 @@ pub fn decompress_exact(
         ));
     }
     // One extra byte of capacity detects a frame that expands to more than declared.
-    let out = zstd::bulk::decompress(frame, cap.saturating_add(1))
+    let out = DCTX
+        .with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let dctx = match slot.as_mut() {
+                Some(d) => d,
+                None => slot.insert(zstd::bulk::Decompressor::new()?),
+            };
+            dctx.decompress(frame, cap.saturating_add(1))
+        })
         .map_err(|e| FormatError::invalid(what, format!("zstd frame does not decode: {e}")))?;
     if out.len() as u64 != len {
         return Err(FormatError::invalid(
