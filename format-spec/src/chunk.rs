@@ -12,13 +12,13 @@ pub fn compress(data: &[u8], level: i32) -> Vec<u8> {
     zstd::bulk::compress(data, level).expect("zstd compression into a growable buffer cannot fail")
 }
 
-/// The first four bytes of every zstd frame (0xFD2FB528, little-endian).
 thread_local! {
     /// One decompression context per thread: creating one per chunk costs more than decoding
     /// an 8 KiB chunk.
     static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
 }
 
+/// The first four bytes of every zstd frame (0xFD2FB528, little-endian).
 pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 /// Decompresses one frame to exactly `ulen` bytes (capped before allocating) and checks that the
