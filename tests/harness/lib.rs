@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod data;
 pub mod env;
 pub mod repo;
+pub mod sidecar;
 
 pub use cluster::{start_restored, PgCluster};
 pub use env::{agent, restore, tidemark, Run, TestDir, Tool};
