@@ -115,7 +115,12 @@ pub async fn run_until(
     }
     std::fs::create_dir_all(&opts.state_dir)
         .with_context(|| format!("cannot create state directory {}", opts.state_dir.display()))?;
-    let (stored, state_file) = open_state(&opts.state_dir, &status_dir)?;
+    let (stored, state_file) = open_state(
+        &opts.state_dir,
+        &status_dir,
+        &opts.pgdata.join("pg_wal"),
+        store.url(),
+    )?;
     let inner = Arc::new(Inner {
         store,
         opts: opts.clone(),
@@ -165,6 +170,8 @@ pub async fn run_until(
 
     let mut uploads = tokio::task::JoinSet::new();
     tokio::pin!(stop);
+    // Scan at once: files may already be .ready.
+    inner.wake.notify_one();
     loop {
         tokio::select! {
             _ = inner.wake.notified() => {}
@@ -207,8 +214,25 @@ pub async fn run_until(
     Ok(())
 }
 
-/// Reads the state file, keeps only names still `.ready`, and rewrites it compactly.
-fn open_state(state_dir: &Path, status_dir: &Path) -> Result<(HashSet<String>, std::fs::File)> {
+/// The state file's first line: binds the recorded names to one repository.
+fn state_header(repo: &str) -> String {
+    format!("tidemark-sidecar-state 1 {repo}")
+}
+
+/// sha256 of a WAL file in pg_wal, as recorded in the state.
+fn file_sha(pg_wal: &Path, name: &str) -> Result<tidemark_format::ChunkId> {
+    let data = std::fs::read(pg_wal.join(name)).with_context(|| format!("cannot read {name}"))?;
+    Ok(tidemark_format::ChunkId::of(&data))
+}
+
+/// Reads the state file and keeps only entries that are for this repository, still `.ready`, and
+/// whose file still has the recorded sha256 (a re-initialised cluster reuses names); rewrites it.
+fn open_state(
+    state_dir: &Path,
+    status_dir: &Path,
+    pg_wal: &Path,
+    repo: &str,
+) -> Result<(HashSet<String>, std::fs::File)> {
     let path = state_dir.join(STATE_FILE);
     let ready: HashSet<String> = list_ready(status_dir)?.0.into_iter().collect();
     let old = match std::fs::read_to_string(&path) {
@@ -216,22 +240,35 @@ fn open_state(state_dir: &Path, status_dir: &Path) -> Result<(HashSet<String>, s
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    let kept: HashSet<String> = old
-        .lines()
-        .filter(|l| ready.contains(*l))
-        .map(str::to_string)
-        .collect();
+    let header = state_header(repo);
+    let mut lines = old.lines();
+    let mut kept: Vec<(String, String)> = Vec::new();
+    if lines.next() == Some(header.as_str()) {
+        for l in lines {
+            let Some((name, sha)) = l.split_once(' ') else {
+                continue;
+            };
+            if ready.contains(name)
+                && file_sha(pg_wal, name)
+                    .map(|s| s.to_string() == sha)
+                    .unwrap_or(false)
+            {
+                kept.push((name.to_string(), sha.to_string()));
+            }
+        }
+    }
     let tmp = state_dir.join(format!("{STATE_FILE}.tmp"));
     let mut f =
         std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    for n in &kept {
-        writeln!(f, "{n}")?;
+    writeln!(f, "{header}")?;
+    for (n, sha) in &kept {
+        writeln!(f, "{n} {sha}")?;
     }
     f.sync_all()?;
     std::fs::rename(&tmp, &path)?;
     std::fs::File::open(state_dir)?.sync_all()?;
     let f = std::fs::OpenOptions::new().append(true).open(&path)?;
-    Ok((kept, f))
+    Ok((kept.into_iter().map(|(n, _)| n).collect(), f))
 }
 
 /// `.ready` names sorted with `.history` files first, and the age of the oldest.
@@ -353,6 +390,10 @@ async fn upload(inner: Arc<Inner>, name: String) {
                             "cannot record {name} in the state directory: {e:#}"
                         )),
                     );
+                    // Do not spin on a full state directory: the next round retries later.
+                    if !inner.stopping.load(Ordering::Relaxed) {
+                        tokio::time::sleep(delay.max(Duration::from_secs(2))).await;
+                    }
                     break;
                 }
                 if let PushOutcome::Stored(bytes) = outcome {
@@ -399,9 +440,10 @@ async fn upload(inner: Arc<Inner>, name: String) {
 }
 
 fn record(inner: &Inner, name: &str) -> Result<()> {
+    let sha = file_sha(&inner.opts.pgdata.join("pg_wal"), name)?;
     {
         let mut f = lock(&inner.state_file);
-        writeln!(f, "{name}")?;
+        writeln!(f, "{name} {sha}")?;
         f.sync_data()?;
     }
     lock(&inner.stored).insert(name.to_string());
@@ -664,6 +706,54 @@ mod tests {
         assert!(
             handoff(&sock, "000000010000000000000001").await.is_none(),
             "no sidecar: the caller uploads itself"
+        );
+    }
+
+    #[test]
+    fn state_is_bound_to_the_repository_and_the_file_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let pg_wal = dir.path().join("pg_wal");
+        let status = pg_wal.join("archive_status");
+        std::fs::create_dir_all(&status).unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let n = "000000010000000000000001";
+        std::fs::write(pg_wal.join(n), b"segment bytes").unwrap();
+        std::fs::write(status.join(format!("{n}.ready")), b"").unwrap();
+        let sha = file_sha(&pg_wal, n).unwrap();
+        std::fs::write(
+            state.join(STATE_FILE),
+            format!("{}\n{n} {sha}\n", state_header("file:///repo1")),
+        )
+        .unwrap();
+        assert!(open_state(&state, &status, &pg_wal, "file:///repo1")
+            .unwrap()
+            .0
+            .contains(n));
+        std::fs::write(
+            state.join(STATE_FILE),
+            format!("{}\n{n} {sha}\n", state_header("file:///repo1")),
+        )
+        .unwrap();
+        assert!(
+            open_state(&state, &status, &pg_wal, "file:///repo2")
+                .unwrap()
+                .0
+                .is_empty(),
+            "another repository's state must not be trusted"
+        );
+        std::fs::write(
+            state.join(STATE_FILE),
+            format!("{}\n{n} {sha}\n", state_header("file:///repo1")),
+        )
+        .unwrap();
+        std::fs::write(pg_wal.join(n), b"other bytes, same name").unwrap();
+        assert!(
+            open_state(&state, &status, &pg_wal, "file:///repo1")
+                .unwrap()
+                .0
+                .is_empty(),
+            "a file with other content must not be trusted"
         );
     }
 }
