@@ -26,6 +26,9 @@
 #   TIDEMARK_BIN=DIR     use prebuilt tidemark-agent / tidemark-restore from DIR (implies BUILD=0)
 #   RESULTS=bench/results.md   where the Markdown results are appended ("" = don't append)
 #   KEEP=0               1: keep clusters and repositories of the last dataset under $WORK
+#   NICE=-10             PostgreSQL and each timed command run in a scheduler autogroup with
+#                        this nice (and ionice best-effort 0), so that other users' work on a
+#                        shared machine disturbs both tools less; both get the same ("" = don't)
 #   PORT=55432           port of the benchmark cluster (unix socket only); restores use PORT+1
 set -euo pipefail
 
@@ -50,6 +53,7 @@ TIDEMARK_BIN=${TIDEMARK_BIN:-}
 RESULTS=${RESULTS-$BENCH/results.md}
 KEEP=${KEEP:-0}
 PORT=${PORT:-55432}
+NICE=${NICE--10}
 RPORT=$((PORT + 1))
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 RECOVERY_TIMEOUT=${RECOVERY_TIMEOUT:-3600}
@@ -122,6 +126,12 @@ build() {
 # Helpers
 # ---------------------------------------------------------------------------------------------
 
+PRIO=()
+MEASURE_NICE=()
+if [[ -n $NICE ]]; then
+  PRIO=(ionice -c 2 -n 0)
+  MEASURE_NICE=(--nice "$NICE")
+fi
 as_pg() { runuser -u postgres -- "$@"; }
 sql() { as_pg "$PGBIN/psql" -h "$D/sock" -p "$PORT" -U postgres -d postgres -X -q -At -v ON_ERROR_STOP=1 -c "$1"; }
 rsql() { as_pg "$PGBIN/psql" -h "$D/sock-r" -p "$RPORT" -U postgres -d postgres -X -q -At -v ON_ERROR_STOP=1 -c "$1"; }
@@ -261,7 +271,7 @@ measure() {
   local name=$1
   shift
   python3 "$BENCH/measure.py" --out "$D/m/$name.json" --stdout "$D/m/$name.out" \
-    --stderr "$D/logs/$name.log" -- "$@"
+    --stderr "$D/logs/$name.log" "${MEASURE_NICE[@]}" -- "${PRIO[@]}" "$@"
   local rc
   rc=$(jget "$D/m/$name.json" rc)
   if [[ $rc != 0 ]]; then
@@ -282,7 +292,20 @@ new_files() { comm -13 "$1" "$2" | awk '{n++; s += $2} END {print n + 0, s + 0}'
 # ---------------------------------------------------------------------------------------------
 
 start_source() {
-  as_pg "$PGBIN/pg_ctl" -D "$D/pgdata" -l "$D/logs/postgresql.log" -w -t 600 "$@" start >/dev/null
+  "${PRIO[@]}" runuser -u postgres -- "$PGBIN/pg_ctl" -D "$D/pgdata" -l "$D/logs/postgresql.log" -w -t 600 "$@" start >/dev/null
+  boost_pg "$D/pgdata"
+}
+
+# pg_ctl starts the postmaster in a session (so an autogroup) of its own: give it NICE too.
+boost_pg() {
+  [[ -n $NICE && -e /proc/self/autogroup ]] || return 0
+  local i pid
+  for i in $(seq 100); do
+    [[ -s $1/postmaster.pid ]] && break
+    sleep 0.05
+  done
+  pid=$(head -n 1 "$1/postmaster.pid")
+  echo "$NICE" >"/proc/$pid/autogroup" || log "warning: cannot set the autogroup nice of postmaster $pid"
 }
 stop_pg() {
   [[ -f $1/postmaster.pid ]] && as_pg "$PGBIN/pg_ctl" -D "$1" -m "${2:-fast}" -w -t 600 stop >/dev/null || true
@@ -299,6 +322,7 @@ cleanup() {
   exit $rc
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 prepare() {
   log "[$DS] preparing cluster (pgbench scale $SCALE)"
@@ -427,8 +451,9 @@ pitr() {
   esac
   t1=$(now)
   # archive_mode=off: the promoted copy must not archive into the repositories under test.
-  as_pg "$PGBIN/pg_ctl" -D "$target" -l "$D/logs/postgresql-restore-$v.log" -W \
+  "${PRIO[@]}" runuser -u postgres -- "$PGBIN/pg_ctl" -D "$target" -l "$D/logs/postgresql-restore-$v.log" -W \
     -o "-c port=$RPORT -c unix_socket_directories='$D/sock-r' -c listen_addresses='' -c archive_mode=off" start >/dev/null
+  boost_pg "$target"
   local n=0
   until [[ $(rsql "SELECT pg_is_in_recovery()" 2>/dev/null || true) == f ]]; do
     sleep 0.1
@@ -572,7 +597,7 @@ run_dataset() {
     "pgBackRest=$PGBR_VERSION, process-max=$PGBR_PROCESS_MAX" \
     "machine=$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM" \
     "load average at start / end=$load0 / $load1" \
-    "parameters=SCALE=$SCALE, UPDATE_PATTERN=$UPDATE_PATTERN, DROP_CACHES=$DROP_CACHES, QUIET_BUSY=$QUIET_BUSY%")
+    "parameters=SCALE=$SCALE, UPDATE_PATTERN=$UPDATE_PATTERN, DROP_CACHES=$DROP_CACHES, QUIET_BUSY=$QUIET_BUSY%, QUIET_MAX_WAIT=${QUIET_MAX_WAIT}s, NICE=${NICE:-none}")
   echo "$table"
   if [[ -n $RESULTS ]]; then
     printf '\n%s\n' "$table" >>"$RESULTS"
