@@ -35,29 +35,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cli::init_tracing(&cli.log);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tidemark-agent: error: cannot start the async runtime: {e}");
-            return ExitCode::from(cli::EXIT_FAILURE);
-        }
-    };
-    let result = rt.block_on(async {
-        match cli.cmd {
+    cli::run_command("tidemark-agent", cli::EXIT_FAILURE, async {
+        let r = match cli.cmd {
             Command::WalPush(a) => cmd::wal_push::run(a).await,
             Command::Sidecar(a) => cmd::sidecar::run(a).await,
             Command::Backup(a) => cmd::backup::run(a).await,
             Command::Info(a) => cmd::info::run(a).await,
-        }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            cli::report("tidemark-agent", &e);
-            ExitCode::from(cli::EXIT_FAILURE)
-        }
-    }
+        };
+        r.map(|()| ExitCode::SUCCESS)
+    })
 }

@@ -72,3 +72,29 @@ pub fn report(prog: &str, e: &anyhow::Error) {
     }
     eprintln!("{msg}");
 }
+
+/// Runs a command on a multi-threaded runtime and maps the outcome to an exit code: the
+/// command's own code on success, [`EXIT_FAILURE`] after reporting an error, and
+/// `runtime_failure` when no runtime can be started.
+pub fn run_command<F>(prog: &str, runtime_failure: u8, command: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = Result<std::process::ExitCode>>,
+{
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{prog}: error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(runtime_failure);
+        }
+    };
+    match rt.block_on(command) {
+        Ok(code) => code,
+        Err(e) => {
+            report(prog, &e);
+            std::process::ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}

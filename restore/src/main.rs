@@ -34,28 +34,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cli::init_tracing(&cli.log);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tidemark-restore: error: cannot start the async runtime: {e}");
-            return ExitCode::from(cli::EXIT_ABORT_RECOVERY);
-        }
-    };
-    let result = rt.block_on(async {
+    cli::run_command("tidemark-restore", cli::EXIT_ABORT_RECOVERY, async {
         match cli.cmd {
             Command::Restore(a) => cmd::restore::run(a).await.map(|()| ExitCode::SUCCESS),
             Command::Check(a) => cmd::check::run(a).await.map(|()| ExitCode::SUCCESS),
             Command::WalFetch(a) => Ok(cmd::wal_fetch::run(a).await),
         }
-    });
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            cli::report("tidemark-restore", &e);
-            ExitCode::from(cli::EXIT_FAILURE)
-        }
-    }
+    })
 }
