@@ -73,7 +73,13 @@ impl PgCluster {
             shell_word(&agent.to_string_lossy()),
             shell_word(&repo.url)
         );
-        c.append_conf(
+        c.start_with_archive_command(&archive_command).await?;
+        Ok(c)
+    }
+
+    /// Appends the harness's server settings with `archive_command` and starts the server.
+    pub async fn start_with_archive_command(&mut self, archive_command: &str) -> Result<()> {
+        self.append_conf(
             "postgresql.conf",
             &format!(
                 "\n# written by the tidemark e2e harness\n\
@@ -90,12 +96,11 @@ impl PgCluster {
                  checkpoint_timeout = 5min\n\
                  log_min_messages = info\n\
                  log_line_prefix = '%m [%p] '\n",
-                conf_quote(&c.sock.to_string_lossy()),
-                conf_quote(&archive_command)
+                conf_quote(&self.sock.to_string_lossy()),
+                conf_quote(archive_command)
             ),
         )?;
-        c.start().await?;
-        Ok(c)
+        self.start().await
     }
 
     pub fn port(&self) -> u16 {

@@ -322,28 +322,7 @@ pub async fn start_handoff_archiving(
         shell_word(repo_url),
         shell_word(&socket_dir.to_string_lossy())
     );
-    c.append_conf(
-        "postgresql.conf",
-        &format!(
-            "\n# written by the tidemark e2e harness (sidecar handoff)\n\
-             listen_addresses = '127.0.0.1'\n\
-             unix_socket_directories = {}\n\
-             wal_level = replica\n\
-             archive_mode = on\n\
-             archive_command = {}\n\
-             fsync = off\n\
-             shared_buffers = 32MB\n\
-             max_connections = 20\n\
-             max_wal_size = 64MB\n\
-             min_wal_size = 32MB\n\
-             checkpoint_timeout = 5min\n\
-             log_min_messages = info\n\
-             log_line_prefix = '%m [%p] '\n",
-            conf_quote(&c.sock.to_string_lossy()),
-            conf_quote(&archive_command)
-        ),
-    )?;
-    c.start().await?;
+    c.start_with_archive_command(&archive_command).await?;
     Ok(c)
 }
 
