@@ -22,6 +22,7 @@ pub struct Metrics {
     pub stored_bytes: Counter,
     pub stored_objects: Counter,
     pub handoffs: Counter,
+    highest_segment: std::sync::Mutex<String>,
 }
 
 impl Default for Metrics {
@@ -39,6 +40,7 @@ impl Default for Metrics {
             stored_bytes: Counter::default(),
             stored_objects: Counter::default(),
             handoffs: Counter::default(),
+            highest_segment: std::sync::Mutex::new(String::new()),
         };
         let r = &mut m.registry;
         r.register(
@@ -48,7 +50,7 @@ impl Default for Metrics {
         );
         r.register(
             "tidemark_wal_last_archived_segment",
-            "The last WAL file durably archived (value 1, name in the label)",
+            "The highest WAL segment durably archived (value 1, name in the label)",
             m.last_archived_segment.clone(),
         );
         r.register(
@@ -101,11 +103,24 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Records a durably archived WAL file. The segment label only moves forward: uploads run in
+    /// parallel and finish out of order, and a `.history`/`.partial`/`.backup` file is not a
+    /// segment (24 hex digits sort by timeline, then position).
     pub fn set_last_archived(&self, name: &str) {
-        self.last_archived_segment.clear();
-        self.last_archived_segment
-            .get_or_create(&vec![("segment".to_string(), name.to_string())])
-            .set(1);
+        let is_segment = name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit());
+        if is_segment {
+            let mut highest = self
+                .highest_segment
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if name > highest.as_str() {
+                *highest = name.to_string();
+                self.last_archived_segment.clear();
+                self.last_archived_segment
+                    .get_or_create(&vec![("segment".to_string(), name.to_string())])
+                    .set(1);
+            }
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
@@ -119,5 +134,32 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_archived_segment_only_moves_forward() {
+        let m = Metrics::default();
+        m.set_last_archived("000000010000000000000005");
+        m.set_last_archived("000000010000000000000003");
+        m.set_last_archived("00000002.history");
+        let text = m.render();
+        assert!(
+            text.contains(
+                r#"tidemark_wal_last_archived_segment{segment="000000010000000000000005"} 1"#
+            ),
+            "{text}"
+        );
+        m.set_last_archived("000000020000000000000006");
+        let text = m.render();
+        assert!(
+            text.contains(r#"segment="000000020000000000000006""#)
+                && !text.contains(r#"segment="000000010000000000000005""#),
+            "{text}"
+        );
     }
 }
