@@ -706,3 +706,109 @@ async fn sidecar_serves_healthz_and_metrics() -> Result<()> {
     );
     Ok(())
 }
+
+/// The object store fails in every way for a while (503 SlowDown, stalled requests that time out,
+/// responses cut short after the write took effect, connections dropped mid-transfer: every
+/// connection fails) while PostgreSQL writes. PostgreSQL is never told a segment is archived that is not durably stored
+/// (checked against the server directly, behind the proxy's back, while the faults go on), and
+/// once the faults stop everything catches up and restores, itself through the faulty proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_rides_out_a_faulty_object_store() -> Result<()> {
+    use tidemark_e2e::faults::{FaultProxy, FAULTS};
+    let dir = TestDir::new("sc-faults")?;
+    let moto = Moto::start("tidemark-faults").await?;
+    let proxy = FaultProxy::start(moto.endpoint.trim_start_matches("http://")).await?;
+    let direct = moto.aws_env();
+    let mut faulty: Vec<(String, String)> = direct
+        .iter()
+        .filter(|(k, _)| k != "AWS_ENDPOINT_URL")
+        .cloned()
+        .collect();
+    faulty.push(("AWS_ENDPOINT_URL".into(), proxy.endpoint.clone()));
+    faulty.push(("AWS_TIMEOUT".into(), "2s".into()));
+    faulty.push(("AWS_CONNECT_TIMEOUT".into(), "2s".into()));
+    let url = "s3://tidemark-faults/repo";
+    let mut cfg = SidecarConfig::new(&dir, "sidecar", url, &dir.join("src/data"))?;
+    cfg.env = faulty.clone();
+    let src = start_handoff_archiving(&dir, "src", url, &cfg.socket_dir, &faulty).await?;
+    let sc = Sidecar::start(cfg).await?;
+    let db = src.client().await?;
+    data::create_table(&db).await?;
+    data::write_batch(&db, 1).await?;
+    let data_dir = src.data.to_string_lossy().into_owned();
+    let conninfo = src.conninfo();
+    tidemark_with_env(
+        Tool::Agent,
+        &[
+            "backup", "--pgdata", &data_dir, "--repo", url, "--pg-url", &conninfo, "--json",
+        ],
+        &faulty,
+    )
+    .await?
+    .ok()?;
+
+    proxy.set_faults(1);
+    let fault_start = Instant::now();
+    let mut last_seg = String::new();
+    for b in 2..=6 {
+        data::write_batch(&db, b).await?;
+        last_seg = switch_wal(&db).await?;
+        // Whatever PostgreSQL believes archived must be in the store right now.
+        if let (_, Some(acked), _, _) = archiver_stats(&db).await? {
+            if acked.len() == 24 {
+                let info =
+                    tidemark_with_env(Tool::Agent, &["info", "--repo", url, "--json"], &direct)
+                        .await?
+                        .ok()?
+                        .json_document()?;
+                assert_no_gaps(&info, &acked)?;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    insert_marker(&db, "after-the-storm").await?;
+    let marker_seg = switch_wal(&db).await?;
+    while fault_start.elapsed() < Duration::from_secs(12) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let counts = proxy.counts();
+    let failures = sc.metric("tidemark_wal_upload_failures_total").await?;
+    eprintln!("sc-faults: faults injected {:?} = {counts:?}; sidecar upload failures {failures}; last segment {last_seg}", FAULTS);
+    ensure!(
+        counts.iter().all(|&c| c >= 1),
+        "every kind of fault should have been injected at least once: {FAULTS:?} = {counts:?}"
+    );
+
+    proxy.set_faults(0);
+    wait_archived(&db, &marker_seg, Duration::from_secs(120))
+        .await
+        .with_context(|| sc.log_tail(40))?;
+    let info = tidemark_with_env(Tool::Agent, &["info", "--repo", url, "--json"], &direct)
+        .await?
+        .ok()?
+        .json_document()?;
+    assert_no_gaps(&info, &marker_seg)?;
+    let (_, _, failed_count, _) = archiver_stats(&db).await?;
+    eprintln!("sc-faults: PostgreSQL saw {failed_count} failed archive_command runs");
+    drop(db);
+
+    // Restore and replay through the proxy with one connection in four failing: reads retry too.
+    proxy.set_faults(4);
+    let pgdata = dir.join("restored");
+    let pgdata_s = pgdata.to_string_lossy().into_owned();
+    let r = tidemark_with_env(
+        Tool::Restore,
+        &[
+            "restore", "--pgdata", &pgdata_s, "--repo", url, "--target", "latest",
+        ],
+        &faulty,
+    )
+    .await?;
+    ensure!(r.success(), "restore through the faulty proxy failed:\n{r}");
+    prefix_restore_command(&pgdata, &faulty)?;
+    let server = start_restored(&dir, "restored-server", &pgdata).await?;
+    proxy.set_faults(0);
+    check_restored(&server, 1..=6, &["after-the-storm"]).await?;
+    eprintln!("sc-faults: faults during restore {:?}", proxy.counts());
+    Ok(())
+}

@@ -103,6 +103,25 @@ impl PgCluster {
         self.start().await
     }
 
+    /// A cluster on a data directory made elsewhere (e.g. by `tidemark-restore restore`), with a
+    /// socket directory and log under `<scratch>/<name>`; not started, nothing configured.
+    pub fn adopt(dir: &TestDir, name: &str, data: &Path) -> Result<PgCluster> {
+        let base = dir.mkdir(name)?;
+        let sock = dir.mkdir(&format!("{name}/sock"))?;
+        let log = base.join("server.log");
+        std::fs::write(&log, b"")?;
+        give_to_db_user(&log)?;
+        Ok(PgCluster {
+            _dir: dir.clone(),
+            name: name.to_string(),
+            data: data.to_path_buf(),
+            sock,
+            log,
+            port: 0,
+            running: false,
+        })
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -304,20 +323,7 @@ impl Drop for PgCluster {
 /// The harness's settings are appended to postgresql.auto.conf after the recovery settings the
 /// restore appended: a fresh port and socket directory, fsync back on, and archiving off.
 pub async fn start_restored(dir: &TestDir, name: &str, data: &Path) -> Result<PgCluster> {
-    let base = dir.mkdir(name)?;
-    let sock = dir.mkdir(&format!("{name}/sock"))?;
-    let log = base.join("server.log");
-    std::fs::write(&log, b"")?;
-    give_to_db_user(&log)?;
-    let mut c = PgCluster {
-        _dir: dir.clone(),
-        name: name.to_string(),
-        data: data.to_path_buf(),
-        sock,
-        log,
-        port: 0,
-        running: false,
-    };
+    let mut c = PgCluster::adopt(dir, name, data)?;
     c.append_conf(
         "postgresql.auto.conf",
         &format!(

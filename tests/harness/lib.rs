@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod data;
 pub mod env;
+pub mod faults;
 pub mod repo;
 pub mod sidecar;
 
