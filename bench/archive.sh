@@ -7,7 +7,8 @@
 # Two measurements per variant:
 #   drain  N segments of pgbench WAL left .ready (a backlog, e.g. after an object-store outage)
 #          are archived from a restart of PostgreSQL: segments per second until the last is done.
-#   load   pgbench writes for LOAD_SECONDS while archiving runs; sampled every 0.5 s: how many
+#   load   pgbench (2 clients, each transaction updating a range of 2,000 accounts: a heavy WAL
+#          writer) runs for LOAD_SECONDS while archiving runs; sampled every 0.5 s: how many
 #          finished segments wait for the archiver (lag), and at the end how long until caught up.
 # Also the sidecar's peak RSS during the drain (memory bound under a backlog).
 #
@@ -102,10 +103,13 @@ EOF
 as_pg "$PGBIN/pg_ctl" -D "$D/pgdata" -l "$D/logs/postgresql.log" -w start >/dev/null
 as_pg "$PGBIN/pgbench" -h "$D/sock" -p "$PORT" -i -q -s "$SCALE" postgres >"$D/logs/pgbench-init.log" 2>&1
 
-# The backlog: pgbench WAL until N segments wait .ready (archive_command fails meanwhile).
+printf '%s\n' '\set a random(1, 100000 * :scale - 2000)' \
+  'UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid BETWEEN :a AND :a + 2000;' >"$D/load.sql"
+chown postgres: "$D/load.sql"
+# The backlog: WAL of the same workload until N segments wait .ready (archive_command fails).
 log "writing a backlog of $N segments"
 while (($(ls "$D/pgdata/pg_wal/archive_status" | grep -c '\.ready$' || true) < N)); do
-  as_pg "$PGBIN/pgbench" -h "$D/sock" -p "$PORT" -n -c 2 -T 5 postgres >>"$D/logs/pgbench.log" 2>&1
+  as_pg "$PGBIN/pgbench" -h "$D/sock" -p "$PORT" -n -c 2 -T 5 -f "$D/load.sql" postgres >>"$D/logs/pgbench.log" 2>&1
 done
 stop_pg
 mapfile -t BACKLOG < <(ls "$D/pgdata/pg_wal/archive_status" | grep '\.ready$' | sed 's/\.ready$//' | sort | head -n "$N")
@@ -116,11 +120,21 @@ set_archive() {
   sed -i '/^archive_command = /d' "$D/pgdata/postgresql.conf"
   echo "archive_command = '$(archive_cmd "$1")'" >>"$D/pgdata/postgresql.conf"
 }
-# Puts every backlog segment back to .ready (PostgreSQL keeps them: wal_keep_size).
+# Puts the backlog segments back to .ready (PostgreSQL keeps them: wal_keep_size); WAL written
+# by an earlier variant's load phase stays .done.
 reset_status() {
-  local s
-  for s in "$D"/pgdata/pg_wal/archive_status/*.done; do
-    [[ -e $s ]] && mv "$s" "${s%.done}.ready"
+  local s st=$D/pgdata/pg_wal/archive_status
+  for s in "${BACKLOG[@]}"; do
+    if [[ -e $st/$s.done ]]; then mv "$st/$s.done" "$st/$s.ready"; fi
+  done
+}
+# Waits until PostgreSQL has marked every finished segment archived (.done, no .ready left).
+wait_no_ready() {
+  local t=0
+  while compgen -G "$D/pgdata/pg_wal/archive_status/*.ready" >/dev/null; do
+    sleep 0.05
+    t=$((t + 1))
+    ((t < 36000)) || die "archiving stalled; see $D/logs/postgresql.log"
   done
 }
 start_sidecar() {
@@ -136,17 +150,9 @@ start_sidecar() {
 }
 stop_sidecar() {
   [[ -n $SIDECAR_PID ]] || return 0
-  pkill -TERM -f "tidemark-agent sidecar --pgdata $D/pgdata" 2>/dev/null || true
+  pkill -TERM -f "^$BIN/tidemark-agent sidecar" 2>/dev/null || true
   wait "$SIDECAR_PID" 2>/dev/null || true
   SIDECAR_PID=
-}
-wait_archived_through() {
-  local t=0
-  until [[ $(sql "SELECT coalesce(last_archived_wal >= '$1', false) FROM pg_stat_archiver") == t ]]; do
-    sleep 0.05
-    t=$((t + 1))
-    ((t < 36000)) || die "$1 was not archived; see $D/logs/postgresql.log"
-  done
 }
 
 as_pg "$PGBIN/pg_ctl" -D "$D/pgdata" -l "$D/logs/postgresql.log" -w start >/dev/null
@@ -164,13 +170,13 @@ for v in "${VARIANTS[@]}"; do
   t0=$(now)
   if [[ $v == tidemark-sidecar ]]; then start_sidecar drain; fi
   as_pg "$PGBIN/pg_ctl" -D "$D/pgdata" -l "$D/logs/postgresql.log" -w start >/dev/null
-  wait_archived_through "$LAST"
+  wait_no_ready
   t1=$(now)
   drain=$(calc "round($N / ($t1 - $t0), 2)")
   rss=-
   # Live load: pgbench writes while archiving goes on; lag sampled every 0.5 s.
   log "$v: $LOAD_SECONDS s of pgbench with archiving"
-  as_pg "$PGBIN/pgbench" -h "$D/sock" -p "$PORT" -n -c 2 -T "$LOAD_SECONDS" postgres >>"$D/logs/pgbench.log" 2>&1 &
+  as_pg "$PGBIN/pgbench" -h "$D/sock" -p "$PORT" -n -c 2 -T "$LOAD_SECONDS" -f "$D/load.sql" postgres >>"$D/logs/pgbench.log" 2>&1 &
   bpid=$!
   : >"$D/m/lag-$v.txt"
   while kill -0 "$bpid" 2>/dev/null; do
@@ -178,9 +184,9 @@ for v in "${VARIANTS[@]}"; do
     sleep 0.5
   done
   wait "$bpid" || true
-  seg=$(sql "SELECT pg_walfile_name(pg_switch_wal())")
+  sql "SELECT pg_switch_wal()" >/dev/null
   t2=$(now)
-  wait_archived_through "$seg"
+  wait_no_ready
   catchup=$(calc "round($(now) - $t2, 2)")
   lagmax=$(sort -n "$D/m/lag-$v.txt" | tail -1)
   lagmean=$(python3 -c "import sys; v=[int(x) for x in open(sys.argv[1]) if x.strip()]; print(round(sum(v)/max(len(v),1),1))" "$D/m/lag-$v.txt")
@@ -197,7 +203,7 @@ pgbr_async=$(printf '%s\n' "${RES[@]}" | awk '$1 == "pgbackrest-async" {print $2
 pgbr_sync=$(printf '%s\n' "${RES[@]}" | awk '$1 == "pgbackrest-sync" {print $2}')
 {
   echo
-  echo "## WAL archiving, $(date -u +%F) commit $COMMIT (bench/archive.sh, N=$N, pgbench -c 2 -T $LOAD_SECONDS, zstd 1)"
+  echo "## WAL archiving, $(date -u +%F) commit $COMMIT (bench/archive.sh, N=$N, pgbench -c 2 -T $LOAD_SECONDS range updates, zstd 1)"
   echo
   echo "| variant | drain seg/s | vs pgBackRest async | vs sync | lag max (segments) | lag mean | catch-up after load (s) | sidecar peak RSS (MiB) |"
   echo "|---|---|---|---|---|---|---|---|"
@@ -206,4 +212,4 @@ pgbr_sync=$(printf '%s\n' "${RES[@]}" | awk '$1 == "pgbackrest-sync" {print $2}'
     echo "| $v | $drain | $(calc "round($drain / $pgbr_async, 2)")× | $(calc "round($drain / $pgbr_sync, 2)")× | $lagmax | $lagmean | $catchup | $rss |"
   done
 } | tee "$D/m/table.md"
-[[ -n $RESULTS ]] && cat "$D/m/table.md" >>"$RESULTS"
+if [[ -n $RESULTS ]]; then cat "$D/m/table.md" >>"$RESULTS"; fi

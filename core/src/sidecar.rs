@@ -374,13 +374,13 @@ async fn upload(inner: Arc<Inner>, name: String) {
     loop {
         let span = tracing::info_span!("wal", file = %name);
         let result = tracing::Instrument::instrument(
-            wal::push(&inner.store, &path, inner.opts.compress_level),
+            wal::push_file(&inner.store, &path, inner.opts.compress_level),
             span,
         )
         .await;
         match result {
-            Ok(outcome) => {
-                if let Err(e) = record(&inner, &name) {
+            Ok((outcome, sha)) => {
+                if let Err(e) = record(&inner, &name, &sha) {
                     inner.metrics.upload_failures.inc();
                     tracing::error!(file = %name, error = %format!("{e:#}"), "stored, but cannot record it in the state directory; not acknowledging");
                     resolve(
@@ -439,8 +439,8 @@ async fn upload(inner: Arc<Inner>, name: String) {
     inner.wake.notify_one();
 }
 
-fn record(inner: &Inner, name: &str) -> Result<()> {
-    let sha = file_sha(&inner.opts.pgdata.join("pg_wal"), name)?;
+/// Records `name` as durably stored, with the sha256 of the content that was stored.
+fn record(inner: &Inner, name: &str, sha: &tidemark_format::ChunkId) -> Result<()> {
     {
         let mut f = lock(&inner.state_file);
         writeln!(f, "{name} {sha}")?;

@@ -11,10 +11,11 @@ use crate::repo;
 use crate::store::{Store, StoreError};
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use std::io::Write;
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
 use std::path::Path;
-use tidemark_format::keys;
 use tidemark_format::wal::{self as walfmt, WalFileName};
+use tidemark_format::{keys, ChunkId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
@@ -42,42 +43,34 @@ const MAX_OBJECT: u64 = walfmt::MAX_WAL_FILE + (1 << 20);
 
 /// Archives one file handed to archive_command.
 pub async fn push(store: &Store, path: &Path, level: i32) -> Result<PushOutcome> {
+    Ok(push_file(store, path, level).await?.0)
+}
+
+/// Archives one WAL file; also returns the sha256 of its content (what the stored object holds).
+pub async fn push_file(store: &Store, path: &Path, level: i32) -> Result<(PushOutcome, ChunkId)> {
     let fname = path
         .file_name()
         .and_then(|n| n.to_str())
         .with_context(|| format!("{} has no usable file name", path.display()))?;
     let name = WalFileName::parse(fname).context("archive_command was given a file that is not WAL\nhint: archive_command must be 'tidemark-agent wal-push %p'")?;
-    let max = name.max_size();
     let p = path.to_path_buf();
-    let data = tokio::task::spawn_blocking(move || read_capped(&p, max)).await??;
-    match name {
-        WalFileName::Segment { .. } | WalFileName::Partial { .. } => {
-            let hdr = walfmt::parse_long_page_header(&data).with_context(|| {
-                format!("wal file {name} does not start with a valid PostgreSQL 15 page header")
-            })?;
-            if matches!(name, WalFileName::Segment { .. })
-                && data.len() as u64 != hdr.seg_size as u64
-            {
-                anyhow::bail!("wal segment {name} is {} bytes but its header says segments are {} bytes\nhint: the file is truncated; PostgreSQL will retry", data.len(), hdr.seg_size);
-            }
-            repo::ensure_config(store, hdr.system_id)
+    let (obj, header, page) =
+        tokio::task::spawn_blocking(move || encode_file(&p, name, level)).await??;
+    match page {
+        Some(page) => {
+            repo::ensure_config(store, page.system_id)
                 .await
                 .with_context(|| format!("refusing to archive wal file {name}"))?;
         }
-        _ => {
+        None => {
             repo::require_config(store).await?;
         }
     }
     let key = keys::wal(&name);
-    let (obj, sha) = tokio::task::spawn_blocking(move || {
-        let obj = walfmt::encode(name, &data, level);
-        let sha = tidemark_format::ChunkId::of(&data);
-        (obj, sha)
-    })
-    .await?;
+    let sha = header.sha256;
     let size = obj.len() as u64;
     match store.put_create(&key, Bytes::from(obj)).await {
-        Ok(()) => Ok(PushOutcome::Stored(size)),
+        Ok(()) => Ok((PushOutcome::Stored(size), sha)),
         Err(StoreError::AlreadyExists { .. }) => {
             // The header (with the sha256) sits in the first bytes of the object.
             let stored_size = store.head(&key).await?.unwrap_or(0);
@@ -88,7 +81,7 @@ pub async fn push(store: &Store, path: &Path, level: i32) -> Result<PushOutcome>
             let (h, _) = walfmt::decode_header(&existing)
                 .with_context(|| format!("the stored copy of {name} is unreadable"))?;
             if h.sha256 == sha {
-                Ok(PushOutcome::AlreadyArchived)
+                Ok((PushOutcome::AlreadyArchived, sha))
             } else {
                 Err(WalError::Conflict {
                     name: name.to_string(),
@@ -102,17 +95,93 @@ pub async fn push(store: &Store, path: &Path, level: i32) -> Result<PushOutcome>
     }
 }
 
-fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if meta.len() > max {
+/// Bytes of a WAL file read at a time while hashing and compressing it.
+const READ_BLOCK: usize = 1 << 20;
+
+/// Reads a WAL file in READ_BLOCK pieces, hashing and compressing as it goes, so an upload holds
+/// the compressed object rather than the whole file. A segment's page header is checked first;
+/// returns the encoded object, its header and (for segments and partials) the page header.
+fn encode_file(
+    path: &Path,
+    name: WalFileName,
+    level: i32,
+) -> Result<(
+    Vec<u8>,
+    walfmt::WalObjectHeader,
+    Option<walfmt::LongPageHeader>,
+)> {
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let len = f
+        .metadata()
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    let max = name.max_size();
+    if len > max {
         anyhow::bail!(
-            "{} is {} bytes, more than the {max} a WAL file can be",
-            path.display(),
-            meta.len()
+            "{} is {len} bytes, more than the {max} a WAL file can be",
+            path.display()
         );
     }
-    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    let mut block = vec![0u8; READ_BLOCK.min(len.max(1) as usize)];
+    let first =
+        read_full(&mut f, &mut block).with_context(|| format!("cannot read {}", path.display()))?;
+    let page = match name {
+        WalFileName::Segment { .. } | WalFileName::Partial { .. } => {
+            let hdr = walfmt::parse_long_page_header(&block[..first]).with_context(|| {
+                format!("wal file {name} does not start with a valid PostgreSQL 15 page header")
+            })?;
+            if matches!(name, WalFileName::Segment { .. }) && len != hdr.seg_size as u64 {
+                anyhow::bail!("wal segment {name} is {len} bytes but its header says segments are {} bytes\nhint: the file is truncated; PostgreSQL will retry", hdr.seg_size);
+            }
+            Some(hdr)
+        }
+        _ => None,
+    };
+    let mut hasher = Sha256::new();
+    let mut enc = zstd::stream::Encoder::new(Vec::with_capacity((len / 3) as usize), level)
+        .context("cannot start a zstd stream")?;
+    enc.set_pledged_src_size(Some(len))
+        .context("cannot start a zstd stream")?;
+    enc.include_contentsize(true)
+        .context("cannot start a zstd stream")?;
+    let mut total = 0u64;
+    let mut n = first;
+    while n > 0 {
+        hasher.update(&block[..n]);
+        enc.write_all(&block[..n])
+            .with_context(|| format!("cannot compress {}", path.display()))?;
+        total += n as u64;
+        n = read_full(&mut f, &mut block)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+    }
+    if total != len {
+        anyhow::bail!("{} changed size while being read ({len} then {total} bytes)\nhint: PostgreSQL never changes a finished WAL file; archive_command must be given %p", path.display());
+    }
+    let frame = enc
+        .finish()
+        .with_context(|| format!("cannot compress {}", path.display()))?;
+    let header = walfmt::WalObjectHeader {
+        name,
+        size: len,
+        sha256: ChunkId(hasher.finalize().into()),
+    };
+    let obj = walfmt::encode_with_frame(&header, &frame);
+    Ok((obj, header, page))
+}
+
+/// Fills `buf` from `f` unless the file ends first; returns the bytes read.
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut at = 0;
+    while at < buf.len() {
+        match f.read(&mut buf[at..]) {
+            Ok(0) => break,
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(at)
 }
 
 /// Fetches `fname` from the archive into `dest` (temp name, fsync, rename).

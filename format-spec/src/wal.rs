@@ -162,16 +162,21 @@ pub struct WalObjectHeader {
 
 /// Encodes a WAL object from the file's name and uncompressed bytes.
 pub fn encode(name: WalFileName, data: &[u8], level: i32) -> Vec<u8> {
+    let header = WalObjectHeader {
+        name,
+        size: data.len() as u64,
+        sha256: ContentHash::of(data),
+    };
+    encode_with_frame(&header, &crate::chunk::compress(data, level))
+}
+
+/// Assembles an object from its header and a zstd frame compressed elsewhere (e.g. streamed
+/// from a file). The frame must be one whole frame that records its content size, equal to
+/// `header.size`, of data whose sha256 is `header.sha256`: readers check all of that.
+pub fn encode_with_frame(header: &WalObjectHeader, frame: &[u8]) -> Vec<u8> {
     let mut w = Writer::new();
-    encode_header_into(
-        &mut w,
-        &WalObjectHeader {
-            name,
-            size: data.len() as u64,
-            sha256: ContentHash::of(data),
-        },
-    );
-    w.raw(&crate::chunk::compress(data, level));
+    encode_header_into(&mut w, header);
+    w.raw(frame);
     w.finish()
 }
 
