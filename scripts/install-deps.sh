@@ -21,3 +21,7 @@ if ! command -v moto_server >/dev/null; then
   python3 -m pip install -q --disable-pip-version-check 'moto[server]'
 fi
 command -v moto_server >/dev/null || { echo "install-deps: moto_server is not on PATH after pip install" >&2; exit 1; }
+# The OpenMetrics parser the sidecar's /metrics test checks the exposition with.
+python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null ||
+  python3 -m pip install -q --disable-pip-version-check prometheus-client
+python3 -c 'import prometheus_client.openmetrics.parser' || { echo "install-deps: prometheus_client is not importable after pip install" >&2; exit 1; }

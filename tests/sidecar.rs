@@ -662,7 +662,7 @@ async fn sidecar_serves_healthz_and_metrics() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let (_, body) = sc.get("/metrics").await?;
-    // The last segment stored (in completion order, so with parallel uploads not always `last`).
+    // The highest segment stored (uploads finish out of order; the label only moves forward).
     let shown: Vec<&String> = m
         .iter()
         .filter(|(k, v)| {
@@ -671,8 +671,35 @@ async fn sidecar_serves_healthz_and_metrics() -> Result<()> {
         .map(|(k, _)| k)
         .collect();
     ensure!(
-        shown.len() == 1 && shown[0].as_str() <= format!("tidemark_wal_last_archived_segment{{segment=\"{last}\"}}").as_str(),
-        "/metrics shows last archived segment {shown:?}, want one series at or before {last}:\n{body}"
+        shown.len() == 1
+            && shown[0].as_str()
+                == format!("tidemark_wal_last_archived_segment{{segment=\"{last}\"}}").as_str(),
+        "/metrics shows last archived segment {shown:?}, want exactly the highest, {last}:\n{body}"
+    );
+    // A real parser accepts the exposition: prometheus_client's strict OpenMetrics parser.
+    let exposition = dir.write("metrics.txt", body.as_bytes())?;
+    let parsed = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as parse\nfams = list(parse(open(sys.argv[1]).read()))\nprint(len(fams), sum(len(f.samples) for f in fams))",
+        ])
+        .arg(&exposition)
+        .output()
+        .context("python3 is needed to parse /metrics")?;
+    ensure!(
+        parsed.status.success(),
+        "the OpenMetrics parser rejected /metrics (install it with scripts/install-deps.sh):\n{}\n{body}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    let families: usize = String::from_utf8_lossy(&parsed.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    ensure!(
+        families >= METRICS.len(),
+        "the parser found {families} metric families, want at least {}",
+        METRICS.len()
     );
     for name in METRICS {
         ensure!(

@@ -557,7 +557,8 @@ async fn start_http(inner: Arc<Inner>, addr: SocketAddr) -> Result<()> {
                             let (status, ctype, body) = match req.uri().path() {
                                 "/metrics" => (
                                     StatusCode::OK,
-                                    "text/plain; version=0.0.4",
+                                    // prometheus-client encodes OpenMetrics text.
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
                                     inner.metrics.render(),
                                 ),
                                 "/healthz" => {
