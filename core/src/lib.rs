@@ -8,6 +8,8 @@ pub mod info;
 pub mod metrics;
 pub mod pg;
 pub mod pgdata;
+pub mod progress;
+pub mod replication;
 pub mod repo;
 pub mod restore;
 pub mod sidecar;

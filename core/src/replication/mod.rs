@@ -1,0 +1,15 @@
+//! The replication-protocol client: what tidemark needs of PostgreSQL's walsender to take a base
+//! backup over the network (`backup --source replication`), on the `postgres-protocol` crate.
+//!
+//! - [`message`]: framing and parsing of backend messages and BASE_BACKUP payloads (pure).
+//! - [`tar`]: a streaming reader of the tar archives BASE_BACKUP sends (pure).
+//! - [`conn`]: connection, startup, authentication, simple queries, the BASE_BACKUP exchange.
+//! - [`tls`]: `sslmode` handling over rustls.
+//! - [`server_manifest`]: checking the server's backup manifest against what was stored.
+
+pub mod base_backup;
+pub mod conn;
+pub mod message;
+pub mod server_manifest;
+pub mod tar;
+pub mod tls;
