@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod data;
 pub mod env;
+pub mod replication;
 pub mod repo;
 pub mod sidecar;
 
