@@ -14,5 +14,6 @@ pub mod repo;
 pub mod restore;
 pub mod sidecar;
 pub mod store;
+pub mod tablespace;
 pub mod target;
 pub mod wal;

@@ -11,7 +11,12 @@ use std::time::Duration;
 /// `tidemark-agent backup --source replication --json` against `c`, connection from PG*
 /// variables (`PGHOST=127.0.0.1`, `PGPORT`, `PGUSER=postgres` unless `env` overrides them).
 pub async fn backup(c: &PgCluster, repo: &Repo, env: &[(&str, &str)]) -> Result<Run> {
-    let port = c.port().to_string();
+    backup_to(c.port(), repo.url.clone(), env).await
+}
+
+/// As [`backup`], by port and repository URL (for backups run in a background task).
+pub async fn backup_to(port: u16, repo_url: String, env: &[(&str, &str)]) -> Result<Run> {
+    let port = port.to_string();
     let mut vars: Vec<(&str, &str)> = vec![
         ("PGHOST", "127.0.0.1"),
         ("PGPORT", &port),
@@ -29,7 +34,7 @@ pub async fn backup(c: &PgCluster, repo: &Repo, env: &[(&str, &str)]) -> Result<
             "--source",
             "replication",
             "--repo",
-            &repo.url,
+            &repo_url,
             "--archive-timeout",
             "120",
             "--json",
@@ -37,6 +42,109 @@ pub async fn backup(c: &PgCluster, repo: &Repo, env: &[(&str, &str)]) -> Result<
         &vars,
     )
     .await
+}
+
+/// Starts [`backup_to`] in a background task, throttled by the server to `kb_per_s`.
+pub fn backup_in_background(
+    c: &PgCluster,
+    repo: &Repo,
+    kb_per_s: u32,
+) -> tokio::task::JoinHandle<Result<Run>> {
+    let port = c.port();
+    let url = repo.url.clone();
+    tokio::spawn(async move {
+        let rate = kb_per_s.to_string();
+        backup_to(port, url, &[("TIDEMARK_MAX_RATE", &rate)]).await
+    })
+}
+
+/// Waits until the server streams a base backup's files (pg_stat_progress_basebackup); returns
+/// the walsender's pid.
+pub async fn wait_streaming(c: &PgCluster) -> Result<i32> {
+    let db = c.client().await?;
+    for _ in 0..600 {
+        let rows = db
+            .query(
+                "SELECT pid FROM pg_stat_progress_basebackup WHERE phase = 'streaming database files' AND backup_streamed > 0",
+                &[],
+            )
+            .await?;
+        if let Some(r) = rows.first() {
+            return Ok(r.get(0));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!(
+        "no base backup started streaming within 30 s\n{}",
+        c.log_tail()
+    )
+}
+
+/// Backup manifests in a file:// repository.
+pub fn manifests(repo: &Repo) -> Result<Vec<String>> {
+    let dir = repo.path.join("backups");
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        for e in rd {
+            out.push(e?.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Runs `sql` on the server.
+pub async fn exec(c: &PgCluster, sql: &str) -> Result<()> {
+    c.client()
+        .await?
+        .batch_execute(sql)
+        .await
+        .with_context(|| format!("{sql} failed"))
+}
+
+/// Prepends `line` to pg_hba.conf (first match wins) and reloads.
+pub async fn hba_first(c: &PgCluster, line: &str) -> Result<()> {
+    let p = c.data.join("pg_hba.conf");
+    let old =
+        std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    std::fs::write(&p, format!("{line}\n{old}"))
+        .with_context(|| format!("cannot write {}", p.display()))?;
+    exec(c, "SELECT pg_reload_conf()").await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(())
+}
+
+/// A self-signed certificate for 127.0.0.1/localhost made with openssl in `dir`: (cert, key).
+pub async fn self_signed_cert(dir: &TestDir, name: &str) -> Result<(PathBuf, PathBuf)> {
+    let cert = dir.join(&format!("{name}.crt"));
+    let key = dir.join(&format!("{name}.key"));
+    let mut cmd = tokio::process::Command::new("openssl");
+    cmd.args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        "-keyout",
+    ])
+    .arg(&key)
+    .arg("-out")
+    .arg(&cert);
+    let r = env::run(cmd).await?;
+    if !r.success() {
+        bail!("openssl could not make a certificate (install openssl):\n{r}");
+    }
+    for p in [&cert, &key] {
+        env::give_to_db_user(p)?;
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    }
+    Ok((cert, key))
 }
 
 /// As [`backup`], failing unless it succeeded; returns the JSON report.

@@ -44,6 +44,9 @@ pub struct Args {
     /// Seconds to wait for the backup's WAL to reach the repository
     #[arg(long, env = "TIDEMARK_ARCHIVE_TIMEOUT", default_value_t = 300)]
     archive_timeout: u64,
+    /// --source replication: ask the server to send at most this many kB/s (32..=1048576)
+    #[arg(long, env = "TIDEMARK_MAX_RATE", value_name = "KB_PER_S")]
+    max_rate: Option<u32>,
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -75,6 +78,7 @@ pub async fn run(a: Args) -> Result<()> {
                 compress_level: a.compress_level,
                 workers,
                 archive_timeout: Duration::from_secs(a.archive_timeout),
+                max_rate_kb: a.max_rate,
             };
             base_backup::run(&store, &opts).await?
         }

@@ -46,6 +46,8 @@ pub struct ReplicationOptions {
     pub compress_level: i32,
     pub workers: usize,
     pub archive_timeout: Duration,
+    /// BASE_BACKUP's MAX_RATE in kB/s (32..=1048576): the server throttles the stream.
+    pub max_rate_kb: Option<u32>,
 }
 
 /// What the network task hands the demux thread.
@@ -77,6 +79,8 @@ struct Demuxed {
     backup_label: Option<Vec<u8>>,
     tablespace_map: Option<Vec<u8>>,
     server_manifest: Vec<u8>,
+    /// Files left out (path, size, sha256).
+    skipped: Vec<(String, u64, [u8; 32])>,
 }
 
 fn one_row<'a>(sets: &'a [ResultSet], i: usize, what: &str) -> Result<&'a [Option<String>]> {
@@ -96,29 +100,31 @@ fn col<'a>(row: &'a [Option<String>], i: usize, what: &str) -> Result<&'a str> {
 pub async fn run(store: &Store, opts: &ReplicationOptions) -> Result<ManifestHeader> {
     let params = ConnParams::from_url_or_env(opts.pg_url.as_deref())?;
     let mut conn = ReplConn::connect(&params).await?;
-    let sets = conn
-        .simple_query(
-            "SELECT system_identifier::text, current_setting('server_version_num'), pg_is_in_recovery()::text, \
-             current_setting('archive_mode'), (SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'), \
-             ((extract(epoch from clock_timestamp()) * 1000000)::int8)::text FROM pg_control_system()",
-        )
-        .await
-        .context("cannot read the server's identity")?;
-    let row = one_row(&sets, 0, "identity row")?;
+    let sets = conn.simple_query("IDENTIFY_SYSTEM").await?;
+    let row = one_row(&sets, 0, "IDENTIFY_SYSTEM row")?;
     let system_id = SystemId(
         col(row, 0, "system identifier")?
             .parse()
             .context("system identifier is not a number")?,
     );
-    let pg_version: u32 = col(row, 1, "server_version_num")?
+    let sets = conn
+        .simple_query(
+            "SELECT current_setting('server_version_num'), pg_is_in_recovery()::text, \
+             current_setting('archive_mode'), (SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'), \
+             ((extract(epoch from clock_timestamp()) * 1000000)::int8)::text",
+        )
+        .await
+        .context("cannot read the server's settings")?;
+    let row = one_row(&sets, 0, "settings row")?;
+    let pg_version: u32 = col(row, 0, "server_version_num")?
         .parse()
         .context("server_version_num is not a number")?;
-    let in_recovery = col(row, 2, "pg_is_in_recovery")? == "true";
-    let archive_mode = col(row, 3, "archive_mode")?.to_string();
-    let seg_size: u64 = col(row, 4, "wal_segment_size")?
+    let in_recovery = col(row, 1, "pg_is_in_recovery")? == "true";
+    let archive_mode = col(row, 2, "archive_mode")?.to_string();
+    let seg_size: u64 = col(row, 3, "wal_segment_size")?
         .parse()
         .context("wal_segment_size is not a number")?;
-    let start_time_us: i64 = col(row, 5, "clock")?
+    let start_time_us: i64 = col(row, 4, "clock")?
         .parse()
         .context("clock is not a number")?;
     if !(150000..160000).contains(&pg_version) {
@@ -143,11 +149,18 @@ pub async fn run(store: &Store, opts: &ReplicationOptions) -> Result<ManifestHea
     let span = tracing::info_span!("backup", id = %backup_id, source = "replication");
     let _g = span.enter();
 
+    let max_rate = match opts.max_rate_kb {
+        Some(r) if (32..=1_048_576).contains(&r) => format!(", MAX_RATE {r}"),
+        Some(r) => {
+            bail!("--max-rate {r} is out of range\nhint: PostgreSQL accepts 32 to 1048576 kB/s")
+        }
+        None => String::new(),
+    };
     let sets = conn
-        .start_base_backup(
+        .start_base_backup(&format!(
             "BASE_BACKUP ( LABEL 'tidemark', PROGRESS, CHECKPOINT 'fast', WAIT false, \
-             MANIFEST 'yes', MANIFEST_CHECKSUMS 'SHA256', TABLESPACE_MAP )",
-        )
+             MANIFEST 'yes', MANIFEST_CHECKSUMS 'SHA256', TABLESPACE_MAP{max_rate} )"
+        ))
         .await?;
     let start = one_row(&sets, 0, "BASE_BACKUP start position")?;
     let start_lsn: Lsn = col(start, 0, "start LSN")?.parse()?;
@@ -259,6 +272,9 @@ pub async fn run(store: &Store, opts: &ReplicationOptions) -> Result<ManifestHea
             Sha256::digest(&backup_label).into(),
         ),
     );
+    for (path, size, sha) in &demuxed.skipped {
+        stored.insert(path.clone(), (*size, *sha));
+    }
     if let Some(m) = &demuxed.tablespace_map {
         stored.insert(
             "tablespace_map".into(),
@@ -385,7 +401,22 @@ enum Sink {
         label: bool,
         buf: Vec<u8>,
     },
+    /// A file left out of the backup; only hashed for the server-manifest check.
+    Skip {
+        path: String,
+        sha: Sha256,
+        size: u64,
+    },
 }
+
+/// Top-level files of the data directory the server sends but a restore must not get (they
+/// would make the restored server a standby, or confuse recovery), as with `--source pgdata`.
+const SKIPPED: &[&str] = &[
+    "standby.signal",
+    "recovery.signal",
+    "backup_label.old",
+    "tablespace_map.old",
+];
 
 struct DemuxState<'a> {
     s: &'a Shared,
@@ -438,6 +469,14 @@ impl DemuxState<'_> {
                             };
                             return Ok(());
                         }
+                        if self.base && SKIPPED.contains(&e.path.as_str()) {
+                            self.sink = Sink::Skip {
+                                path,
+                                sha: Sha256::new(),
+                                size: 0,
+                            };
+                            return Ok(());
+                        }
                         let fid = self.out.files.len();
                         self.out.files.push((path.clone(), 0, [0; 32]));
                         self.out
@@ -463,6 +502,10 @@ impl DemuxState<'_> {
             TarEvent::Data(mut d) => match &mut self.sink {
                 Sink::None => bail!("tar data outside a file"),
                 Sink::Capture { buf, .. } => buf.extend_from_slice(d),
+                Sink::Skip { sha, size, .. } => {
+                    sha.update(d);
+                    *size += d.len() as u64;
+                }
                 Sink::File(_) => {
                     let Sink::File(mut c) = std::mem::replace(&mut self.sink, Sink::None) else {
                         unreachable!("matched above")
@@ -482,6 +525,10 @@ impl DemuxState<'_> {
             },
             TarEvent::EntryEnd => match std::mem::replace(&mut self.sink, Sink::None) {
                 Sink::None => {}
+                Sink::Skip { path, sha, size } => {
+                    tracing::info!(file = %path, "left out of the backup");
+                    self.out.skipped.push((path, size, sha.finalize().into()));
+                }
                 Sink::Capture { label, buf } => {
                     if label {
                         self.out.backup_label = Some(buf);
