@@ -156,8 +156,8 @@ async fn password_auth_and_tls() -> Result<()> {
     let dir = TestDir::new("rep-auth")?;
     let repo = Repo::create(&dir, "repo")?;
     let mut src = PgCluster::start_archiving(&dir, "src", &repo).await?;
-    let (cert, key) = rep::self_signed_cert(&dir, "server").await?;
-    let (other_ca, _) = rep::self_signed_cert(&dir, "other").await?;
+    let (ca, cert, key) = rep::test_certs(&dir, "server").await?;
+    let (other_ca, _, _) = rep::test_certs(&dir, "other").await?;
     src.append_conf(
         "postgresql.conf",
         &format!(
@@ -172,7 +172,7 @@ async fn password_auth_and_tls() -> Result<()> {
         &src,
         "SET password_encryption = 'scram-sha-256'; CREATE ROLE scram LOGIN REPLICATION PASSWORD 'sekret-s'; \
          SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN REPLICATION PASSWORD 'sekret-m'; \
-         CREATE ROLE tlsuser LOGIN REPLICATION PASSWORD 'sekret-t';",
+         SET password_encryption = 'scram-sha-256'; CREATE ROLE tlsuser LOGIN REPLICATION PASSWORD 'sekret-t';",
     )
     .await?;
     rep::hba_first(
@@ -219,7 +219,7 @@ async fn password_auth_and_tls() -> Result<()> {
         !r.success(),
         "hostnossl reject must refuse a plain connection:\n{r}"
     );
-    let root = cert.to_string_lossy().into_owned();
+    let root = ca.to_string_lossy().into_owned();
     let wrong_root = other_ca.to_string_lossy().into_owned();
     let r = rep::backup(
         &src,
@@ -258,6 +258,9 @@ async fn password_auth_and_tls() -> Result<()> {
     data::write_batch(&db, 2).await?;
     tokio::time::sleep(GAP).await;
     let t = data::server_time_text(&db).await?;
+    tokio::time::sleep(GAP).await;
+    // Recovery must see a commit after the target to stop there.
+    data::write_batch(&db, 3).await?;
     src.switch_wal_and_wait(&repo).await?;
     restore_and_check(&dir, &repo, "restored", &t, &id, expected(1..=2), &[]).await?;
     Ok(())
@@ -317,6 +320,8 @@ async fn dropped_connection_leaves_no_backup_and_a_table_dropped_during_a_backup
     data::write_batch(&db, 3).await?;
     tokio::time::sleep(GAP).await;
     let t = data::server_time_text(&db).await?;
+    tokio::time::sleep(GAP).await;
+    data::write_batch(&db, 4).await?;
     src.switch_wal_and_wait(&repo).await?;
     let restored =
         restore_and_check(&dir, &repo, "restored", &t, &id, expected(1..=3), &[]).await?;

@@ -114,37 +114,78 @@ pub async fn hba_first(c: &PgCluster, line: &str) -> Result<()> {
     Ok(())
 }
 
-/// A self-signed certificate for 127.0.0.1/localhost made with openssl in `dir`: (cert, key).
-pub async fn self_signed_cert(dir: &TestDir, name: &str) -> Result<(PathBuf, PathBuf)> {
-    let cert = dir.join(&format!("{name}.crt"));
+/// A test CA and a server certificate it signed for 127.0.0.1/localhost, made with openssl in
+/// `dir`: (CA certificate, server certificate, server key), owned by the database user.
+pub async fn test_certs(dir: &TestDir, name: &str) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let ca_key = dir.join(&format!("{name}-ca.key"));
+    let ca = dir.join(&format!("{name}-ca.crt"));
     let key = dir.join(&format!("{name}.key"));
-    let mut cmd = tokio::process::Command::new("openssl");
-    cmd.args([
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=localhost",
-        "-addext",
-        "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        "-keyout",
-    ])
-    .arg(&key)
-    .arg("-out")
-    .arg(&cert);
-    let r = env::run(cmd).await?;
-    if !r.success() {
-        bail!("openssl could not make a certificate (install openssl):\n{r}");
+    let csr = dir.join(&format!("{name}.csr"));
+    let cert = dir.join(&format!("{name}.crt"));
+    let ext = dir.write(
+        &format!("{name}.ext"),
+        b"subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n",
+    )?;
+    let steps: Vec<Vec<std::ffi::OsString>> = vec![
+        vec![
+            "req".into(),
+            "-x509".into(),
+            "-newkey".into(),
+            "rsa:2048".into(),
+            "-nodes".into(),
+            "-days".into(),
+            "2".into(),
+            "-subj".into(),
+            format!("/CN={name} test CA").into(),
+            "-keyout".into(),
+            ca_key.clone().into(),
+            "-out".into(),
+            ca.clone().into(),
+        ],
+        vec![
+            "req".into(),
+            "-new".into(),
+            "-newkey".into(),
+            "rsa:2048".into(),
+            "-nodes".into(),
+            "-subj".into(),
+            "/CN=localhost".into(),
+            "-keyout".into(),
+            key.clone().into(),
+            "-out".into(),
+            csr.clone().into(),
+        ],
+        vec![
+            "x509".into(),
+            "-req".into(),
+            "-in".into(),
+            csr.into(),
+            "-CA".into(),
+            ca.clone().into(),
+            "-CAkey".into(),
+            ca_key.into(),
+            "-CAcreateserial".into(),
+            "-days".into(),
+            "2".into(),
+            "-extfile".into(),
+            ext.into(),
+            "-out".into(),
+            cert.clone().into(),
+        ],
+    ];
+    for args in steps {
+        let mut cmd = tokio::process::Command::new("openssl");
+        cmd.args(&args);
+        let r = env::run(cmd).await?;
+        if !r.success() {
+            bail!("openssl could not make test certificates (install openssl):\n{r}");
+        }
     }
-    for p in [&cert, &key] {
+    for p in [&ca, &cert, &key] {
         env::give_to_db_user(p)?;
         std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     }
-    Ok((cert, key))
+    Ok((ca, cert, key))
 }
 
 /// As [`backup`], failing unless it succeeded; returns the JSON report.
