@@ -69,7 +69,9 @@ struct Job {
     parent: Option<usize>,
 }
 
-type Part = (usize, usize, Vec<(ChunkId, backup::Loc)>);
+type ChunkLoc = (ChunkId, backup::Loc);
+/// (file, first chunk, chunk locations) of one block.
+type Part = (usize, usize, Vec<ChunkLoc>);
 
 #[derive(Default)]
 struct Demuxed {
@@ -239,7 +241,7 @@ pub async fn run(store: &Store, opts: &ReplicationOptions) -> Result<ManifestHea
     }
 
     // Assemble the files' chunk lists in order and check them against the server's manifest.
-    let mut by_file: BTreeMap<usize, Vec<(usize, Vec<(ChunkId, backup::Loc)>)>> = BTreeMap::new();
+    let mut by_file: BTreeMap<usize, Vec<(usize, Vec<ChunkLoc>)>> = BTreeMap::new();
     for (fid, first, chunks) in parts.into_iter().flatten() {
         by_file.entry(fid).or_default().push((first, chunks));
     }

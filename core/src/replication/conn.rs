@@ -267,9 +267,8 @@ impl ReplConn {
         let mut err = None;
         loop {
             let f = self.next().await?;
-            match self.result_message(&f, &mut sets)? {
-                true => continue,
-                false => {}
+            if self.result_message(&f, &mut sets)? {
+                continue;
             }
             match f.tag {
                 b'E' => err = Some(server_error(&message::parse_notice(&f.body)?)),
