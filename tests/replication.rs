@@ -129,6 +129,12 @@ async fn standby_backup_restores_to_a_time_row_for_row() -> Result<()> {
         "standby backup not marked as such: {b}"
     );
     let id = b["backup_id"].as_str().context("backup_id")?.to_string();
+    let info = repo.info().await?;
+    let listed = &info["backups"][0];
+    ensure!(
+        listed["source"] == "replication" && listed["from_standby"] == true,
+        "info does not show a replication backup from a standby: {info}"
+    );
     let after = write_batches(&db, 3, 5).await?;
     primary.switch_wal_and_wait(&repo).await?;
     let restored = restore_and_check(
@@ -375,6 +381,13 @@ async fn tablespace_restored_with_and_without_remap() -> Result<()> {
     let id = b["backup_id"].as_str().context("backup_id")?.to_string();
     let after = write_batches(&db, 3, 4).await?;
     src.switch_wal_and_wait(&repo).await?;
+    let info = repo.info().await?;
+    let t = &info["backups"][0]["tablespaces"][0];
+    ensure!(
+        t["oid"] == oid.as_str() && t["location"] == ts.to_string_lossy().as_ref(),
+        "info does not list tablespace {oid} at {}: {info}",
+        ts.display()
+    );
 
     // Without a remap, the original location is in use: the restore refuses to mix into it.
     let r = repo

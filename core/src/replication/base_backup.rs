@@ -196,7 +196,7 @@ pub async fn run(store: &Store, opts: &ReplicationOptions) -> Result<ManifestHea
         &cfg,
         opts.compress_level,
     ));
-    let (piece_tx, piece_rx) = mpsc::channel::<Piece>(64);
+    let (piece_tx, piece_rx) = mpsc::channel::<Piece>(16);
     let workers = opts.workers.max(1);
     let (job_tx, job_rx) = smpsc::sync_channel::<Job>(workers * 2);
     let job_rx = Arc::new(Mutex::new(job_rx));

@@ -88,6 +88,7 @@ fn server_error(n: &ServerNotice) -> anyhow::Error {
         "28P01" | "28000" => "\nhint: check PGUSER/PGPASSWORD and that pg_hba.conf allows this host, user and database (a replication=database connection matches the database name, not the `replication` keyword)",
         "42501" => "\nhint: the role needs the REPLICATION attribute (ALTER ROLE ... REPLICATION)",
         "53300" => "\nhint: raise max_wal_senders on the server",
+        "3D000" => "\nhint: set PGDATABASE (or dbname= in --pg-url) to a database that exists, e.g. postgres",
         _ => "",
     };
     anyhow!("postgresql refused: {n}{hint}")
