@@ -95,6 +95,18 @@ async fn primary_backup_restores_to_a_time_row_for_row() -> Result<()> {
     );
     let after2 = write_batches(&db, 6, 8).await?;
     src.switch_wal_and_wait(&repo).await?;
+    // Restored files match the server's own backup manifest byte for byte (pg_verifybackup,
+    // before recovery changes anything; the recovery settings tidemark adds are ignored).
+    let verify_dir = dir.join("verify");
+    repo.restore(&verify_dir, &["--target-time", &after2[&7]])
+        .await?
+        .ok()?;
+    let r = rep::pg_verifybackup(&verify_dir).await?;
+    ensure!(
+        r.success() && r.stdout.contains("successfully verified"),
+        "pg_verifybackup refused the restored directory:\n{r}"
+    );
+    std::fs::remove_dir_all(&verify_dir)?;
     restore_and_check(
         &dir,
         &repo,
@@ -314,6 +326,10 @@ async fn dropped_connection_leaves_no_backup_and_a_table_dropped_during_a_backup
     data::write_batch(&db, 2).await?;
     let r = bg.await??;
     ensure!(r.success(), "the rerun failed:\n{r}\n{}", src.log_tail());
+    ensure!(
+        r.stderr.contains("backup progress") && r.stderr.contains("bytes_total"),
+        "a backup of more than 10 s without a terminal logs no progress line:\n{r}"
+    );
     let id = r.json()?["backup_id"]
         .as_str()
         .context("backup_id")?

@@ -293,3 +293,21 @@ pub fn tablespace_dir(dir: &TestDir, name: &str) -> Result<PathBuf> {
     env::give_to_db_user(&p)?;
     Ok(p)
 }
+
+/// `pg_verifybackup --no-parse-wal` on a restored data directory, ignoring the files the
+/// restore writes for recovery and `tablespace_map` (the server sends an empty one when there
+/// are no tablespaces; the manifest keeps only a non-empty map). Not checked.
+pub async fn pg_verifybackup(data: &std::path::Path) -> Result<Run> {
+    let mut cmd = env::db_command(env::pg_bin("pg_verifybackup")?)?;
+    cmd.args([
+        "--no-parse-wal",
+        "-i",
+        "postgresql.auto.conf",
+        "-i",
+        "recovery.signal",
+        "-i",
+        "tablespace_map",
+    ])
+    .arg(data);
+    env::run(cmd).await
+}
