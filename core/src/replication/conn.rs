@@ -30,6 +30,8 @@ pub struct ConnParams {
     password: Option<Vec<u8>>,
     pub application_name: String,
     pub tls: TlsMode,
+    /// Limit for connecting and authenticating to one host (`PGCONNECT_TIMEOUT`, default 30 s).
+    pub connect_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for ConnParams {
@@ -58,6 +60,22 @@ impl ConnParams {
             })?
             .to_string();
         let tls = TlsMode::from_url_or_env(url)?;
+        let connect_timeout = match cfg.get_connect_timeout() {
+            Some(t) => *t,
+            None => match std::env::var("PGCONNECT_TIMEOUT")
+                .ok()
+                .filter(|v| !v.is_empty())
+            {
+                Some(v) => std::time::Duration::from_secs(
+                    v.parse::<u64>()
+                        .with_context(|| {
+                            format!("PGCONNECT_TIMEOUT={v:?} is not a number of seconds")
+                        })?
+                        .max(2),
+                ),
+                None => std::time::Duration::from_secs(30),
+            },
+        };
         Ok(ConnParams {
             hosts: cfg.get_hosts().to_vec(),
             ports: cfg.get_ports().to_vec(),
@@ -66,6 +84,7 @@ impl ConnParams {
             password: cfg.get_password().map(<[u8]>::to_vec),
             application_name: cfg.get_application_name().unwrap_or("tidemark").to_string(),
             tls,
+            connect_timeout,
         })
     }
 }
@@ -136,9 +155,15 @@ impl ReplConn {
                     .with_context(|| format!("replication connection to {name} failed"))?;
                 Ok::<_, anyhow::Error>(c)
             };
-            match attempt.await {
-                Ok(c) => return Ok(c),
-                Err(e) => last = Some(e),
+            match tokio::time::timeout(p.connect_timeout, attempt).await {
+                Ok(Ok(c)) => return Ok(c),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last = Some(anyhow!(
+                        "connecting to PostgreSQL on {host:?} port {port} took longer than {}s\nhint: check PGHOST/PGPORT and the network; PGCONNECT_TIMEOUT sets the limit",
+                        p.connect_timeout.as_secs()
+                    ))
+                }
             }
         }
         Err(last
@@ -384,10 +409,139 @@ impl ReplConn {
         }
     }
 
+    /// A connection over an already established, authenticated stream (tests).
+    #[cfg(test)]
+    fn over(stream: Box<dyn Stream>) -> ReplConn {
+        ReplConn {
+            stream,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+        }
+    }
+
     /// Sends Terminate and closes the socket.
     pub async fn close(mut self) {
         frontend::terminate(&mut self.wbuf);
         let _ = self.flush().await;
         let _ = self.stream.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn result_set(cols: &[&str], row: &[&str]) -> Vec<u8> {
+        let mut t = (cols.len() as i16).to_be_bytes().to_vec();
+        for c in cols {
+            t.extend_from_slice(c.as_bytes());
+            t.push(0);
+            t.extend_from_slice(&[0; 18]);
+        }
+        let mut d = (row.len() as i16).to_be_bytes().to_vec();
+        for v in row {
+            d.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            d.extend_from_slice(v.as_bytes());
+        }
+        let mut out = msg(b'T', &t);
+        out.extend(msg(b'D', &d));
+        out.extend(msg(b'C', b"SELECT\0"));
+        out
+    }
+
+    /// The whole BASE_BACKUP response as PostgreSQL 15 sends it, with a NoticeResponse and a
+    /// ParameterStatus in the middle of the COPY, written in small pieces.
+    #[tokio::test]
+    async fn base_backup_exchange_with_notices_mid_copy() {
+        let mut server = result_set(&["recptr", "tli"], &["0/2000028", "1"]);
+        server.extend(result_set(
+            &["spcoid", "spclocation", "size"],
+            &["16384", "/srv/ts", "8"],
+        ));
+        server.extend(msg(b'H', &[0, 0, 0]));
+        server.extend(msg(b'd', b"nbase.tar\0\0"));
+        server.extend(msg(b'd', b"dTARBYTES"));
+        server.extend(msg(b'N', b"SWARNING\0C01000\0Mslow disk\0\0"));
+        server.extend(msg(b'S', b"application_name\0x\0"));
+        let mut p = b"p".to_vec();
+        p.extend_from_slice(&4096i64.to_be_bytes());
+        server.extend(msg(b'd', &p));
+        server.extend(msg(b'd', b"m"));
+        server.extend(msg(b'd', b"d{}"));
+        server.extend(msg(b'c', b""));
+        server.extend(result_set(&["recptr", "tli"], &["0/2000100", "1"]));
+        server.extend(msg(b'Z', b"I"));
+        let (client, mut srv) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            let mut query = vec![0u8; 5];
+            srv.read_exact(&mut query).await.unwrap();
+            let len = i32::from_be_bytes([query[1], query[2], query[3], query[4]]) as usize;
+            let mut rest = vec![0u8; len - 4];
+            srv.read_exact(&mut rest).await.unwrap();
+            assert_eq!(query[0], b'Q');
+            for piece in server.chunks(7) {
+                srv.write_all(piece).await.unwrap();
+            }
+            String::from_utf8_lossy(&rest).into_owned()
+        });
+        let mut c = ReplConn::over(Box::new(client));
+        let sets = c
+            .start_base_backup("BASE_BACKUP ( LABEL 'x' )")
+            .await
+            .unwrap();
+        assert_eq!(sets.len(), 2);
+        assert_eq!(sets[0].rows[0][0].as_deref(), Some("0/2000028"));
+        assert_eq!(sets[1].rows[0][1].as_deref(), Some("/srv/ts"));
+        let mut got = Vec::new();
+        while let Some(d) = c.next_backup_data().await.unwrap() {
+            got.push(d);
+        }
+        assert_eq!(
+            got,
+            [
+                BackupData::NewArchive {
+                    name: "base.tar".into(),
+                    tablespace: String::new()
+                },
+                BackupData::Data(bytes::Bytes::from_static(b"TARBYTES")),
+                BackupData::Progress(4096),
+                BackupData::Manifest,
+                BackupData::Data(bytes::Bytes::from_static(b"{}")),
+            ]
+        );
+        let end = c.finish_base_backup().await.unwrap();
+        assert_eq!(end[0].rows[0][0].as_deref(), Some("0/2000100"));
+        assert!(writer
+            .await
+            .unwrap()
+            .starts_with("BASE_BACKUP ( LABEL 'x' )"));
+    }
+
+    /// An ErrorResponse in the middle of the COPY ends the stream with the server's message;
+    /// a connection that closes ends it with a hint.
+    #[tokio::test]
+    async fn errors_and_eof_mid_copy() {
+        let mut server = msg(b'H', &[0, 0, 0]);
+        server.extend(msg(
+            b'E',
+            b"SERROR\0C57P01\0Mterminating connection due to administrator command\0\0",
+        ));
+        let (client, mut srv) = tokio::io::duplex(4096);
+        srv.write_all(&server).await.unwrap();
+        let mut c = ReplConn::over(Box::new(client));
+        let sets = c.start_base_backup("BASE_BACKUP").await.unwrap();
+        assert!(sets.is_empty());
+        let e = c.next_backup_data().await.unwrap_err();
+        assert!(format!("{e:#}").contains("57P01"), "{e:#}");
+        drop(srv);
+        let e = c.next_backup_data().await.unwrap_err();
+        assert!(format!("{e:#}").contains("closed the connection"), "{e:#}");
     }
 }
