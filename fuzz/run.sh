@@ -12,7 +12,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 vectors="$here/../format-spec/vectors"
 seconds="${FUZZ_SECONDS:-15}"
-all_targets=(config pack pack_index chunk manifest wal_object wal_name wal_page_header keys)
+all_targets=(config pack pack_index chunk manifest wal_object wal_name wal_page_header keys replication_stream)
 if [ "$#" -gt 0 ]; then targets=("$@"); else targets=("${all_targets[@]}"); fi
 
 cd "$here"
@@ -69,6 +69,24 @@ seed() {
         printf %s "backups/20261121T204012Z.manifest" >"$dir/seed-manifest"
         printf %s "wal/00000001/000000010000000000000020" >"$dir/seed-wal"
         printf %s "config" >"$dir/seed-config"
+        ;;
+    replication_stream)
+        # split step, ReadyForQuery, then CopyData('d' + a ustar archive holding PG_VERSION).
+        local tmp
+        tmp=$(mktemp -d)
+        printf '15\n' >"$tmp/PG_VERSION"
+        tar --format=ustar -cf "$tmp/a.tar" -C "$tmp" PG_VERSION
+        local n
+        n=$(($(wc -c <"$tmp/a.tar") + 5))
+        {
+            printf '\x07Z\x00\x00\x00\x05I'
+            printf 'd'
+            # shellcheck disable=SC2059
+            printf "\\x$(printf %02x $(((n >> 24) & 255)))\\x$(printf %02x $(((n >> 16) & 255)))\\x$(printf %02x $(((n >> 8) & 255)))\\x$(printf %02x $((n & 255)))"
+            printf 'd'
+            cat "$tmp/a.tar"
+        } >"$dir/seed-base-backup"
+        rm -rf "$tmp"
         ;;
     *)
         echo "error: unknown fuzz target $t" >&2

@@ -45,50 +45,64 @@ pub struct BackupOptions {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Slot {
+pub(crate) enum Slot {
     Stored(PackId),
     New(u32),
 }
 
 #[derive(Clone, Copy, Debug)]
-struct Loc {
+pub(crate) struct Loc {
     slot: Slot,
     offset: u64,
     clen: u32,
     ulen: u32,
 }
 
-struct SealedPack {
+impl Loc {
+    pub(crate) fn ulen(&self) -> u32 {
+        self.ulen
+    }
+}
+
+pub(crate) struct SealedPack {
     seq: u32,
     id: PackId,
     bytes: Vec<u8>,
 }
 
-struct FileDone {
-    size: u64,
-    sha256: ChunkId,
-    chunks: Vec<(ChunkId, Loc)>,
+pub(crate) struct FileDone {
+    pub(crate) size: u64,
+    pub(crate) sha256: ChunkId,
+    pub(crate) chunks: Vec<(ChunkId, Loc)>,
 }
 
 #[derive(Default)]
-struct Counters {
-    read_bytes: AtomicU64,
-    new_chunks: AtomicU64,
-    reused_chunks: AtomicU64,
-    new_chunk_bytes: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) read_bytes: AtomicU64,
+    pub(crate) new_chunks: AtomicU64,
+    pub(crate) reused_chunks: AtomicU64,
+    pub(crate) new_chunk_bytes: AtomicU64,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     files: Vec<(usize, PathBuf, String)>,
     next: AtomicUsize,
-    parent: Option<(Arc<Manifest>, HashMap<String, usize>)>,
+    pub(crate) parent: Option<(Arc<Manifest>, HashMap<String, usize>)>,
     recent: Mutex<HashMap<ChunkId, Loc>>,
     level: i32,
     chunk_size: usize,
     pack_target: usize,
     pack_seq: AtomicU32,
-    counters: Counters,
-    failed: AtomicBool,
+    pub(crate) counters: Counters,
+    pub(crate) failed: AtomicBool,
+}
+
+/// What the manifest records for one path, before chunk locations are resolved.
+pub(crate) enum ItemKind {
+    Dir,
+    Symlink(Vec<u8>),
+    /// A file whose chunks are `FileDone` under this key (absent: the file vanished).
+    File(usize),
 }
 
 /// Takes a base backup; returns the header of the manifest written.
@@ -173,55 +187,15 @@ pub async fn run(store: &Store, opts: &BackupOptions) -> Result<ManifestHeader> 
     )
     .await?;
 
-    let mut pack_table: Vec<PackId> = Vec::new();
-    let mut pack_index: HashMap<PackId, u32> = HashMap::new();
-    let mut entries = Vec::with_capacity(walked.len());
-    let mut logical = 0u64;
-    for (i, w) in walked.iter().enumerate() {
+    let items = walked.iter().enumerate().map(|(i, w)| {
         let kind = match &w.kind {
-            Kind::Dir => EntryKind::Dir,
-            Kind::Symlink(t) => EntryKind::Symlink(t.clone()),
-            Kind::File => {
-                let Some(done) = files.get(&i) else { continue };
-                logical += done.size;
-                let mut chunks = Vec::with_capacity(done.chunks.len());
-                for (id, loc) in &done.chunks {
-                    let pid = match loc.slot {
-                        Slot::Stored(p) => p,
-                        Slot::New(seq) => {
-                            packs
-                                .get(&seq)
-                                .ok_or_else(|| {
-                                    anyhow!("pack {seq} of this backup was never sealed")
-                                })?
-                                .0
-                        }
-                    };
-                    let idx = *pack_index.entry(pid).or_insert_with(|| {
-                        pack_table.push(pid);
-                        (pack_table.len() - 1) as u32
-                    });
-                    chunks.push(ChunkRef {
-                        id: *id,
-                        pack: idx,
-                        offset: loc.offset,
-                        clen: loc.clen,
-                        ulen: loc.ulen,
-                    });
-                }
-                EntryKind::File(FileEntry {
-                    size: done.size,
-                    sha256: done.sha256,
-                    chunks,
-                })
-            }
+            Kind::Dir => ItemKind::Dir,
+            Kind::Symlink(t) => ItemKind::Symlink(t.clone()),
+            Kind::File => ItemKind::File(i),
         };
-        entries.push(Entry {
-            path: w.rel.clone(),
-            mode: w.mode,
-            kind,
-        });
-    }
+        (w.rel.clone(), w.mode, kind)
+    });
+    let (pack_table, entries, logical) = assemble(items, &files, &packs)?;
     let stats = BackupStats {
         logical_bytes: logical,
         new_chunks: counters.new_chunks.load(Ordering::Relaxed),
@@ -265,8 +239,63 @@ pub async fn run(store: &Store, opts: &BackupOptions) -> Result<ManifestHeader> 
     Ok(header)
 }
 
+/// Resolves chunk locations into a manifest's pack table and entries (in the order given);
+/// returns them and the sum of the file sizes.
+pub(crate) fn assemble(
+    items: impl Iterator<Item = (String, u32, ItemKind)>,
+    files: &HashMap<usize, FileDone>,
+    packs: &HashMap<u32, (PackId, u64)>,
+) -> Result<(Vec<PackId>, Vec<Entry>, u64)> {
+    let mut pack_table: Vec<PackId> = Vec::new();
+    let mut pack_index: HashMap<PackId, u32> = HashMap::new();
+    let mut entries = Vec::new();
+    let mut logical = 0u64;
+    for (path, mode, kind) in items {
+        let kind = match kind {
+            ItemKind::Dir => EntryKind::Dir,
+            ItemKind::Symlink(t) => EntryKind::Symlink(t),
+            ItemKind::File(i) => {
+                let Some(done) = files.get(&i) else { continue };
+                logical += done.size;
+                let mut chunks = Vec::with_capacity(done.chunks.len());
+                for (id, loc) in &done.chunks {
+                    let pid = match loc.slot {
+                        Slot::Stored(p) => p,
+                        Slot::New(seq) => {
+                            packs
+                                .get(&seq)
+                                .ok_or_else(|| {
+                                    anyhow!("pack {seq} of this backup was never sealed")
+                                })?
+                                .0
+                        }
+                    };
+                    let idx = *pack_index.entry(pid).or_insert_with(|| {
+                        pack_table.push(pid);
+                        (pack_table.len() - 1) as u32
+                    });
+                    chunks.push(ChunkRef {
+                        id: *id,
+                        pack: idx,
+                        offset: loc.offset,
+                        clen: loc.clen,
+                        ulen: loc.ulen,
+                    });
+                }
+                EntryKind::File(FileEntry {
+                    size: done.size,
+                    sha256: done.sha256,
+                    chunks,
+                })
+            }
+        };
+        entries.push(Entry { path, mode, kind });
+    }
+    Ok((pack_table, entries, logical))
+}
+
 /// The `START TIMELINE:` of a backup_label.
-fn label_timeline(label: &str) -> Result<TimelineId> {
+pub(crate) fn label_timeline(label: &str) -> Result<TimelineId> {
     label
         .lines()
         .find_map(|l| l.strip_prefix("START TIMELINE: "))
@@ -279,7 +308,7 @@ fn label_timeline(label: &str) -> Result<TimelineId> {
 }
 
 /// Waits until every WAL segment from `start` to `stop` on `tli` is in the repository.
-async fn wait_for_wal(
+pub(crate) async fn wait_for_wal(
     store: &Store,
     tli: TimelineId,
     start: Lsn,
@@ -323,7 +352,55 @@ async fn copy_files(
         .filter(|(_, w)| w.kind == Kind::File)
         .map(|(i, w)| (i, w.abs.clone(), w.rel.clone()))
         .collect();
-    let parent = parent.map(|m| {
+    let parent = index_parent(parent);
+    let shared = Arc::new(Shared::new(files, parent, cfg, opts.compress_level));
+    let progress = tokio::spawn(log_progress(shared.clone()));
+    let r = run_workers(store, shared, opts.workers, worker).await;
+    progress.abort();
+    // Wait until the progress task is gone: it holds a clone of the shared state.
+    let _ = progress.await;
+    let (parts, packs, shared) = r?;
+    let done = parts.into_iter().flatten().collect();
+    let shared = Arc::try_unwrap(shared)
+        .map_err(|_| anyhow!("backup workers still hold the shared state"))?;
+    Ok((done, packs, shared.counters))
+}
+
+impl Shared {
+    pub(crate) fn new(
+        files: Vec<(usize, PathBuf, String)>,
+        parent: Option<(Arc<Manifest>, HashMap<String, usize>)>,
+        cfg: &RepoConfig,
+        level: i32,
+    ) -> Shared {
+        Shared {
+            files,
+            next: AtomicUsize::new(0),
+            parent,
+            recent: Mutex::new(HashMap::new()),
+            level,
+            chunk_size: cfg.chunk_size as usize,
+            pack_target: cfg.pack_target as usize,
+            pack_seq: AtomicU32::new(0),
+            counters: Counters::default(),
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn chunk_size(&self) -> usize {
+        self.chunk_size
+    }
+
+    pub(crate) fn level(&self) -> i32 {
+        self.level
+    }
+}
+
+/// The parent manifest indexed by path.
+pub(crate) fn index_parent(
+    parent: Option<Arc<Manifest>>,
+) -> Option<(Arc<Manifest>, HashMap<String, usize>)> {
+    parent.map(|m| {
         let idx = m
             .entries
             .iter()
@@ -331,27 +408,30 @@ async fn copy_files(
             .map(|(i, e)| (e.path.clone(), i))
             .collect();
         (m, idx)
-    });
-    let shared = Arc::new(Shared {
-        files,
-        next: AtomicUsize::new(0),
-        parent,
-        recent: Mutex::new(HashMap::new()),
-        level: opts.compress_level,
-        chunk_size: cfg.chunk_size as usize,
-        pack_target: cfg.pack_target as usize,
-        pack_seq: AtomicU32::new(0),
-        counters: Counters::default(),
-        failed: AtomicBool::new(false),
-    });
+    })
+}
+
+/// Runs `work` on `workers` blocking threads with one pack uploader; returns each worker's
+/// output, the sealed packs by sequence number, and the shared state back.
+pub(crate) async fn run_workers<R, F>(
+    store: &Store,
+    shared: Arc<Shared>,
+    workers: usize,
+    work: F,
+) -> Result<(Vec<R>, HashMap<u32, (PackId, u64)>, Arc<Shared>)>
+where
+    R: Send + 'static,
+    F: Fn(&Shared, &mpsc::Sender<SealedPack>) -> Result<R> + Send + Clone + 'static,
+{
     let (tx, rx) = mpsc::channel::<SealedPack>(1);
     let uploader = tokio::spawn(upload_packs(store.clone(), rx));
-    let mut workers = Vec::new();
-    for _ in 0..opts.workers.max(1) {
+    let mut handles = Vec::new();
+    for _ in 0..workers.max(1) {
         let s = shared.clone();
         let tx = tx.clone();
-        workers.push(tokio::task::spawn_blocking(move || {
-            let r = worker(&s, &tx);
+        let work = work.clone();
+        handles.push(tokio::task::spawn_blocking(move || {
+            let r = work(&s, &tx);
             if r.is_err() {
                 s.failed.store(true, Ordering::Relaxed);
             }
@@ -359,28 +439,21 @@ async fn copy_files(
         }));
     }
     drop(tx);
-    let progress = tokio::spawn(log_progress(shared.clone()));
-    let mut done = HashMap::new();
+    let mut done = Vec::new();
     let mut first_err = None;
-    for w in workers {
+    for w in handles {
         match w.await.context("backup worker panicked")? {
-            Ok(part) => done.extend(part),
+            Ok(part) => done.push(part),
             Err(e) => {
                 first_err.get_or_insert(e);
             }
         }
     }
-    progress.abort();
-    // Wait until the progress task is gone: it holds a clone of the shared state.
-    let _ = progress.await;
     let uploaded = uploader.await.context("pack uploader panicked")?;
     if let Some(e) = first_err {
         return Err(e);
     }
-    let packs = uploaded?;
-    let shared = Arc::try_unwrap(shared)
-        .map_err(|_| anyhow!("backup workers still hold the shared state"))?;
-    Ok((done, packs, shared.counters))
+    Ok((done, uploaded?, shared))
 }
 
 async fn log_progress(s: Arc<Shared>) {
@@ -479,58 +552,15 @@ fn worker(s: &Shared, tx: &mpsc::Sender<SealedPack>) -> Result<Vec<(usize, FileD
             s.counters.read_bytes.fetch_add(n as u64, Ordering::Relaxed);
             whole.update(&buf[..n]);
             for data in buf[..n].chunks(s.chunk_size) {
-                let id = ChunkId::of(data);
-                let ulen = data.len() as u32;
-                let from_parent = parent_chunks.and_then(|(m, fe)| {
-                    let c = fe.chunks.get(chunks.len())?;
-                    (c.id == id).then(|| Loc {
-                        slot: Slot::Stored(m.packs[c.pack as usize]),
-                        offset: c.offset,
-                        clen: c.clen,
-                        ulen: c.ulen,
-                    })
-                });
-                let known =
-                    from_parent.or_else(|| s.recent.lock().ok().and_then(|r| r.get(&id).copied()));
-                let loc = match known {
-                    Some(loc) => {
-                        s.counters.reused_chunks.fetch_add(1, Ordering::Relaxed);
-                        loc
-                    }
-                    None => {
-                        let frame = compressor
-                            .compress(data)
-                            .context("zstd compression failed")?;
-                        let (seq, builder) = pack.get_or_insert_with(|| {
-                            (
-                                s.pack_seq.fetch_add(1, Ordering::Relaxed),
-                                PackBuilder::new(),
-                            )
-                        });
-                        let e = builder.push(id, &frame, ulen);
-                        let loc = Loc {
-                            slot: Slot::New(*seq),
-                            offset: e.offset,
-                            clen: e.clen,
-                            ulen,
-                        };
-                        s.counters.new_chunks.fetch_add(1, Ordering::Relaxed);
-                        s.counters
-                            .new_chunk_bytes
-                            .fetch_add(ulen as u64, Ordering::Relaxed);
-                        if let Ok(mut r) = s.recent.lock() {
-                            if r.len() >= RECENT_CAP {
-                                r.clear();
-                            }
-                            r.insert(id, loc);
-                        }
-                        if builder.len() >= s.pack_target {
-                            seal(pack.take(), tx)?;
-                        }
-                        loc
-                    }
-                };
-                chunks.push((id, loc));
+                let parent_ref = parent_chunks.and_then(|(m, fe)| parent_ref(m, fe, chunks.len()));
+                chunks.push(store_chunk(
+                    s,
+                    &mut compressor,
+                    &mut pack,
+                    tx,
+                    data,
+                    parent_ref,
+                )?);
             }
             size += n as u64;
         }
@@ -549,7 +579,72 @@ fn worker(s: &Shared, tx: &mpsc::Sender<SealedPack>) -> Result<Vec<(usize, FileD
     Ok(out)
 }
 
-fn seal(pack: Option<(u32, PackBuilder)>, tx: &mpsc::Sender<SealedPack>) -> Result<()> {
+/// The parent's chunk at position `pos` of file `fe`, with its pack id.
+pub(crate) fn parent_ref(m: &Manifest, fe: &FileEntry, pos: usize) -> Option<(ChunkRef, PackId)> {
+    let c = fe.chunks.get(pos)?;
+    let pid = *m.packs.get(c.pack as usize)?;
+    Some((*c, pid))
+}
+
+/// Hashes one chunk and finds it in the parent (same file, same position) or among the
+/// chunks stored recently; otherwise compresses it into the open pack, sealing the pack when it
+/// reaches its target size.
+pub(crate) fn store_chunk(
+    s: &Shared,
+    compressor: &mut zstd::bulk::Compressor<'_>,
+    pack: &mut Option<(u32, PackBuilder)>,
+    tx: &mpsc::Sender<SealedPack>,
+    data: &[u8],
+    parent: Option<(ChunkRef, PackId)>,
+) -> Result<(ChunkId, Loc)> {
+    let id = ChunkId::of(data);
+    let ulen = data.len() as u32;
+    let from_parent = parent.and_then(|(c, pid)| {
+        (c.id == id).then_some(Loc {
+            slot: Slot::Stored(pid),
+            offset: c.offset,
+            clen: c.clen,
+            ulen: c.ulen,
+        })
+    });
+    let known = from_parent.or_else(|| s.recent.lock().ok().and_then(|r| r.get(&id).copied()));
+    if let Some(loc) = known {
+        s.counters.reused_chunks.fetch_add(1, Ordering::Relaxed);
+        return Ok((id, loc));
+    }
+    let frame = compressor
+        .compress(data)
+        .context("zstd compression failed")?;
+    let (seq, builder) = pack.get_or_insert_with(|| {
+        (
+            s.pack_seq.fetch_add(1, Ordering::Relaxed),
+            PackBuilder::new(),
+        )
+    });
+    let e = builder.push(id, &frame, ulen);
+    let loc = Loc {
+        slot: Slot::New(*seq),
+        offset: e.offset,
+        clen: e.clen,
+        ulen,
+    };
+    s.counters.new_chunks.fetch_add(1, Ordering::Relaxed);
+    s.counters
+        .new_chunk_bytes
+        .fetch_add(ulen as u64, Ordering::Relaxed);
+    if let Ok(mut r) = s.recent.lock() {
+        if r.len() >= RECENT_CAP {
+            r.clear();
+        }
+        r.insert(id, loc);
+    }
+    if builder.len() >= s.pack_target {
+        seal(pack.take(), tx)?;
+    }
+    Ok((id, loc))
+}
+
+pub(crate) fn seal(pack: Option<(u32, PackBuilder)>, tx: &mpsc::Sender<SealedPack>) -> Result<()> {
     if let Some((seq, b)) = pack {
         if b.is_empty() {
             return Ok(());

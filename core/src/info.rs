@@ -34,6 +34,18 @@ pub struct BackupInfo {
     pub new_objects: u64,
     pub new_chunks: u64,
     pub reused_chunks: u64,
+    /// "pgdata" or "replication".
+    pub source: &'static str,
+    pub from_standby: bool,
+    /// Tablespaces of the backup's tablespace map.
+    pub tablespaces: Vec<TablespaceInfo>,
+}
+
+#[derive(Serialize)]
+pub struct TablespaceInfo {
+    pub oid: String,
+    /// The original location (restore puts it there unless `--tablespace-map` says otherwise).
+    pub location: String,
 }
 
 #[derive(Serialize)]
@@ -76,6 +88,20 @@ pub async fn collect(store: &Store) -> Result<Info> {
             new_objects: h.stats.new_objects,
             new_chunks: h.stats.new_chunks,
             reused_chunks: h.stats.reused_chunks,
+            source: if h.source == tidemark_format::manifest::SOURCE_REPLICATION {
+                "replication"
+            } else {
+                "pgdata"
+            },
+            from_standby: h.flags & tidemark_format::manifest::FLAG_FROM_STANDBY != 0,
+            tablespaces: h
+                .tablespace_map
+                .as_deref()
+                .and_then(|m| crate::tablespace::parse_map(m).ok())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(oid, location)| TablespaceInfo { oid, location })
+                .collect(),
         })
         .collect();
     let listed = store.list(keys::WAL).await?;
@@ -170,19 +196,25 @@ pub fn render(info: &Info) -> String {
     }
     for b in &info.backups {
         s += &format!(
-            "  {}  timeline {}  start {} ({})  stop {} ({})\n      size {}, stored anew {} in {} objects ({} new chunks, {} reused){}\n",
+            "  {}  timeline {}  start {} ({})  stop {} ({})  from {}{}\n      size {}, stored anew {} in {} objects ({} new chunks, {} reused){}{}\n",
             b.id,
             b.timeline,
             b.start_time,
             b.start_lsn,
             b.stop_time,
             b.stop_lsn,
+            b.source,
+            if b.from_standby { " (standby)" } else { "" },
             human(b.logical_bytes),
             human(b.new_stored_bytes),
             b.new_objects,
             b.new_chunks,
             b.reused_chunks,
-            b.parent.as_ref().map(|p| format!(", parent {p}")).unwrap_or_default()
+            b.parent.as_ref().map(|p| format!(", parent {p}")).unwrap_or_default(),
+            b.tablespaces
+                .iter()
+                .map(|t| format!("\n      tablespace {} at {}", t.oid, t.location))
+                .collect::<String>()
         );
     }
     s += "\nwal:\n";

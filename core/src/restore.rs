@@ -43,6 +43,8 @@ pub struct RestoreOptions {
     pub target: Target,
     /// The restore_command written into postgresql.auto.conf.
     pub restore_command: String,
+    /// Tablespace locations to use instead of the original ones (oid, directory).
+    pub tablespace_map: Vec<(String, PathBuf)>,
 }
 
 #[derive(Clone, Debug)]
@@ -92,9 +94,10 @@ pub async fn run(store: &Store, opts: &RestoreOptions) -> Result<RestoreReport> 
     tracing::info!(backup = %chosen.backup_id, stop_time = %repo::fmt_time(chosen.stop_time_us), "restoring backup");
     let m = Arc::new(repo::load_manifest(store, &chosen.backup_id).await?);
     let root = opts.pgdata.clone();
+    let tablespaces = crate::tablespace::prepare(&root, &m, &opts.tablespace_map)?;
 
     for e in &m.entries {
-        if matches!(e.kind, EntryKind::Dir) {
+        if matches!(e.kind, EntryKind::Dir) && !tablespaces.handles(&e.path) {
             std::fs::DirBuilder::new()
                 .mode(0o700)
                 .create(root.join(&e.path))
@@ -130,8 +133,8 @@ pub async fn run(store: &Store, opts: &RestoreOptions) -> Result<RestoreReport> 
         }
     }
     write_small(&root, "backup_label", &m.header.backup_label)?;
-    if let Some(map) = &m.header.tablespace_map {
-        write_small(&root, "tablespace_map", map)?;
+    if let Some(map) = tablespaces.tablespace_map(m.header.tablespace_map.as_deref())? {
+        write_small(&root, "tablespace_map", &map)?;
     }
     write_small(&root, "recovery.signal", b"")?;
     append_recovery_settings(&root, &m.header, opts)?;

@@ -1,18 +1,37 @@
-//! `backup --pgdata DIR`: a base backup of a running server whose data directory is readable here.
+//! `backup`: a base backup of a running server, either by reading its data directory here
+//! (`--source pgdata`, the default) or over the replication protocol (`--source replication`,
+//! which needs only a network connection: the nightly CronJob).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::time::Duration;
 use tidemark_core::backup::{self, BackupOptions};
 use tidemark_core::cli::RepoArgs;
+use tidemark_core::replication::base_backup::{self, ReplicationOptions};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// Read the data directory (--pgdata) between pg_backup_start and pg_backup_stop
+    Pgdata,
+    /// Stream it with BASE_BACKUP over a replication connection (primary or standby)
+    Replication,
+}
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
     repo: RepoArgs,
-    /// The server's data directory
+    /// Where the files come from
+    #[arg(
+        long,
+        env = "TIDEMARK_BACKUP_SOURCE",
+        value_enum,
+        default_value = "pgdata"
+    )]
+    source: Source,
+    /// The server's data directory (--source pgdata)
     #[arg(long, env = "PGDATA")]
-    pgdata: PathBuf,
+    pgdata: Option<PathBuf>,
     /// Connection string; default: the PG* environment variables
     #[arg(long, env = "TIDEMARK_PG_URL")]
     pg_url: Option<String>,
@@ -25,6 +44,9 @@ pub struct Args {
     /// Seconds to wait for the backup's WAL to reach the repository
     #[arg(long, env = "TIDEMARK_ARCHIVE_TIMEOUT", default_value_t = 300)]
     archive_timeout: u64,
+    /// --source replication: ask the server to send at most this many kB/s (32..=1048576)
+    #[arg(long, env = "TIDEMARK_MAX_RATE", value_name = "KB_PER_S")]
+    max_rate: Option<u32>,
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -37,15 +59,30 @@ pub async fn run(a: Args) -> Result<()> {
             .map(|n| n.get())
             .unwrap_or(2)
     });
-    let opts = BackupOptions {
-        pgdata: a.pgdata,
-        pg_url: a.pg_url,
-        compress_level: a.compress_level,
-        workers,
-        archive_timeout: Duration::from_secs(a.archive_timeout),
-    };
     let started = std::time::Instant::now();
-    let h = backup::run(&store, &opts).await?;
+    let h = match a.source {
+        Source::Pgdata => {
+            let pgdata = a.pgdata.context("backup --source pgdata needs the data directory\nhint: pass --pgdata DIR (or set PGDATA), or use --source replication")?;
+            let opts = BackupOptions {
+                pgdata,
+                pg_url: a.pg_url,
+                compress_level: a.compress_level,
+                workers,
+                archive_timeout: Duration::from_secs(a.archive_timeout),
+            };
+            backup::run(&store, &opts).await?
+        }
+        Source::Replication => {
+            let opts = ReplicationOptions {
+                pg_url: a.pg_url,
+                compress_level: a.compress_level,
+                workers,
+                archive_timeout: Duration::from_secs(a.archive_timeout),
+                max_rate_kb: a.max_rate,
+            };
+            base_backup::run(&store, &opts).await?
+        }
+    };
     let secs = started.elapsed().as_secs_f64();
     if a.json {
         let v = serde_json::json!({
@@ -59,6 +96,8 @@ pub async fn run(a: Args) -> Result<()> {
             "new_objects": h.stats.new_objects,
             "new_chunks": h.stats.new_chunks,
             "reused_chunks": h.stats.reused_chunks,
+            "source": if h.source == tidemark_format::manifest::SOURCE_REPLICATION { "replication" } else { "pgdata" },
+            "from_standby": h.flags & tidemark_format::manifest::FLAG_FROM_STANDBY != 0,
             "seconds": secs,
         });
         println!("{v}");

@@ -19,6 +19,9 @@ pub struct Args {
     /// 'latest': replay all archived WAL
     #[arg(long, value_parser = ["latest"])]
     target: Option<String>,
+    /// Restore tablespace OID into DIR instead of its original location (repeatable)
+    #[arg(long = "tablespace-map", value_name = "OID=DIR", value_parser = tidemark_core::tablespace::parse_remap)]
+    tablespace_map: Vec<(String, PathBuf)>,
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -42,6 +45,7 @@ pub async fn run(a: Args) -> Result<()> {
         pgdata: a.pgdata.clone(),
         target: target.clone(),
         restore_command,
+        tablespace_map: a.tablespace_map.clone(),
     };
     let r = restore::run(&store, &opts).await?;
     if a.json {
