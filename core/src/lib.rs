@@ -4,12 +4,16 @@
 pub mod backup;
 pub mod check;
 pub mod cli;
+pub mod expire;
+pub mod gc;
 pub mod info;
+pub mod lease;
 pub mod metrics;
 pub mod pg;
 pub mod pgdata;
 pub mod repo;
 pub mod restore;
+pub mod retention;
 pub mod sidecar;
 pub mod store;
 pub mod target;
