@@ -199,12 +199,16 @@ async fn random_sequence(seed: u64) -> Result<()> {
     let mut batch = 0;
     let mut backups = 0;
     let mut log = Vec::new();
-    for step in 0..12 {
+    for step in 0..14 {
         // The first steps are a write and a backup, so there is always something to expire.
         let op = match step {
             0 => 0,
             1 => 1,
-            _ => rng.below(3),
+            _ => match rng.below(10) {
+                0..=3 => 0,
+                4..=6 => 1,
+                _ => 2,
+            },
         };
         match op {
             0 => {
@@ -244,6 +248,10 @@ async fn random_sequence(seed: u64) -> Result<()> {
             }
         }
     }
+    // A commit after every recorded moment: recovery to a time past the last commit in the
+    // archive fails by design (PostgreSQL cannot know the target was reached).
+    batch += 1;
+    data::write_batch(&db, batch).await?;
     src.switch_wal_and_wait(&repo).await?;
     let plan = expire(&repo, &["--retain-last".to_string(), "2".to_string()], &[]).await?;
     log.push(format!("expire last 2 keeps {:?}", kept_ids(&plan)));
@@ -427,6 +435,11 @@ async fn expire_killed_at_every_step_then_rerun() -> Result<()> {
     plant_orphan_pack(&repo, "a")?;
     plant_orphan_pack(&repo, "b")?;
     drop(db);
+    let info = repo.info().await?;
+    ensure!(
+        info["space"]["unreferenced_packs"] == 2,
+        "info does not count the 2 orphan packs: {info:#}"
+    );
     let policy = vec!["--retain-last".to_string(), "1".to_string()];
 
     // The reference: the same expire, uninterrupted, on a copy.
@@ -573,5 +586,21 @@ async fn pack_deleted_out_of_band_is_reported_and_stored_again() -> Result<()> {
         kept_ids(&plan)
     );
     check_ok(&repo, "after expiring the broken backup").await?;
+    let info = repo.info().await?;
+    ensure!(
+        info["space"]["unreferenced_packs"] == 0
+            && info["space"]["dedup_ratio"]
+                .as_f64()
+                .is_some_and(|r| r > 0.0),
+        "info after expire: {info:#}"
+    );
+    let windows = info["recoverable"].as_array().context("recoverable")?;
+    ensure!(
+        windows.len() == 1
+            && windows[0]["from_backup"] == second.as_str()
+            && windows[0]["from"] == plan["recoverable_from"],
+        "info's recoverable window does not match the expire plan {}: {info:#}",
+        plan["recoverable_from"]
+    );
     Ok(())
 }
