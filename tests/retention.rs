@@ -191,50 +191,51 @@ async fn random_sequence(seed: u64) -> Result<()> {
     let mut rng = Rng(seed | 1);
     let dir = TestDir::new(&format!("retention-prop-{seed}"))?;
     let repo = Repo::create(&dir, "repo")?;
-    let src = PgCluster::start_archiving(&dir, "src", &repo).await?;
-    let db = src.client().await?;
+    let mut cur = PgCluster::start_archiving(&dir, "src", &repo).await?;
+    let mut db = cur.client().await?;
     data::create_table(&db).await?;
-    // after[b]: server clock (RFC 3339 UTC) after batch b committed, before b+1.
-    let mut after: BTreeMap<i32, String> = BTreeMap::new();
+    // The rows the live server holds, and (server clock in RFC 3339 UTC, rows) at recorded
+    // moments: each taken after a commit and before the next one.
+    let mut model: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut points: Vec<(String, BTreeMap<i32, i64>)> = Vec::new();
     let mut batch = 0;
     let mut backups = 0;
+    let mut switched = false;
     let mut log = Vec::new();
-    for step in 0..14 {
+    for step in 0..16 {
         // The first steps are a write and a backup, so there is always something to expire.
         let op = match step {
             0 => 0,
             1 => 1,
-            _ => match rng.below(10) {
+            _ => match rng.below(12) {
                 0..=3 => 0,
                 4..=6 => 1,
-                _ => 2,
+                7..=9 => 2,
+                _ => 3,
             },
         };
         match op {
             0 => {
                 batch += 1;
                 data::write_batch(&db, batch).await?;
+                model.insert(batch, BATCH_ROWS);
                 tokio::time::sleep(GAP).await;
-                after.insert(batch, data::server_time_rfc3339(&db).await?);
+                points.push((data::server_time_rfc3339(&db).await?, model.clone()));
                 tokio::time::sleep(GAP).await;
                 log.push(format!("write {batch}"));
             }
             1 => {
-                src.backup(&repo).await?;
+                cur.backup(&repo).await?;
                 backups += 1;
                 log.push("backup".into());
                 if rng.below(2) == 0 {
-                    src.switch_wal_and_wait(&repo).await?;
+                    cur.switch_wal_and_wait(&repo).await?;
                 }
             }
-            _ => {
+            2 => {
                 let policy: Vec<String> = match rng.below(3) {
                     0 => vec!["--retain-last".into(), (1 + rng.below(3)).to_string()],
-                    1 => {
-                        // A window reaching back to a random recorded moment.
-                        let secs = 1 + rng.below(8);
-                        vec!["--retain-window".into(), format!("{secs}s")]
-                    }
+                    1 => vec!["--retain-window".into(), format!("{}s", 1 + rng.below(8))],
                     _ => vec![
                         "--retain-daily".into(),
                         "1".into(),
@@ -246,13 +247,78 @@ async fn random_sequence(seed: u64) -> Result<()> {
                 log.push(format!("expire {policy:?} keeps {:?}", kept_ids(&plan)));
                 check_ok(&repo, &format!("after {log:?}")).await?;
             }
+            _ if switched => {}
+            _ => {
+                // Timeline switch: PITR to a promised moment, promote, archive the new timeline
+                // into the same repository and carry on there (the old server is retired).
+                // The fork lies after the newest backup (restoring a later moment of the new
+                // timeline must not meet a backup of the abandoned branch), and a commit follows it.
+                for _ in 0..2 {
+                    batch += 1;
+                    data::write_batch(&db, batch).await?;
+                    model.insert(batch, BATCH_ROWS);
+                    tokio::time::sleep(GAP).await;
+                    points.push((data::server_time_rfc3339(&db).await?, model.clone()));
+                    tokio::time::sleep(GAP).await;
+                }
+                cur.switch_wal_and_wait(&repo).await?;
+                let info = repo.info().await?;
+                let newest = info["backups"]
+                    .as_array()
+                    .and_then(|b| b.last())
+                    .and_then(|b| b["stop_time"].as_str())
+                    .unwrap_or("~")
+                    .to_string();
+                let candidates: Vec<usize> = (0..points.len() - 1)
+                    .filter(|i| points[*i].0 > newest)
+                    .collect();
+                let Some(&pick) = candidates.get(rng.below(candidates.len() as u64) as usize)
+                else {
+                    continue;
+                };
+                let (t, rows) = points[pick].clone();
+                let pgdata = dir.join("tl2");
+                repo.restore(&pgdata, &["--target-time", &t]).await?.ok()?;
+                let next = start_restored(&dir, "tl2-server", &pgdata).await?;
+                let ndb = next.client().await?;
+                ensure!(
+                    data::batch_counts(&ndb).await? == rows,
+                    "switch restore to {t} lost rows"
+                );
+                let agent = tidemark_e2e::env::bins()?.agent;
+                let cmd = format!("{} wal-push --repo {} %p", agent.display(), repo.url);
+                ndb.batch_execute(&format!(
+                    "ALTER SYSTEM SET archive_mode = 'on'; ALTER SYSTEM SET archive_command = '{}'",
+                    cmd.replace('\'', "''")
+                ))
+                .await?;
+                drop(ndb);
+                let mut next = next;
+                next.stop().await?;
+                next.start().await?;
+                // Promotion happened with archiving off: push the new timeline's history file.
+                for e in std::fs::read_dir(pgdata.join("pg_wal"))? {
+                    let p = e?.path();
+                    if p.extension().is_some_and(|x| x == "history") {
+                        repo.wal_push(&p).await?.ok()?;
+                    }
+                }
+                cur.stop().await?;
+                cur = next;
+                db = cur.client().await?;
+                model = rows;
+                points.truncate(pick + 1); // later moments are on the abandoned timeline
+                switched = true;
+                log.push(format!("timeline switch at {t}"));
+            }
         }
     }
     // A commit after every recorded moment: recovery to a time past the last commit in the
     // archive fails by design (PostgreSQL cannot know the target was reached).
     batch += 1;
     data::write_batch(&db, batch).await?;
-    src.switch_wal_and_wait(&repo).await?;
+    model.insert(batch, BATCH_ROWS);
+    cur.switch_wal_and_wait(&repo).await?;
     let plan = expire(&repo, &["--retain-last".to_string(), "2".to_string()], &[]).await?;
     log.push(format!("expire last 2 keeps {:?}", kept_ids(&plan)));
     check_ok(&repo, &format!("after {log:?}")).await?;
@@ -263,29 +329,32 @@ async fn random_sequence(seed: u64) -> Result<()> {
         .to_string();
 
     // Promised: every recorded moment at or after recoverable_from, and the end of the archive.
-    let promised: Vec<(i32, String)> = after
+    let promised: Vec<&(String, BTreeMap<i32, i64>)> = points
         .iter()
-        .filter(|(_, t)| t.as_str() >= from.as_str())
-        .map(|(b, t)| (*b, t.clone()))
+        .filter(|(t, _)| t.as_str() >= from.as_str())
         .collect();
     let mut picks = Vec::new();
     if let Some(first) = promised.first() {
-        picks.push(first.clone()); // the start of the promised window: the hardest point
+        picks.push(*first); // the start of the promised window: the hardest point
     }
     if promised.len() > 1 {
-        picks.push(promised[1 + rng.below(promised.len() as u64 - 1) as usize].clone());
+        picks.push(promised[1 + rng.below(promised.len() as u64 - 1) as usize]);
     }
-    for (i, (b, t)) in picks.iter().enumerate() {
+    for (i, (t, rows)) in picks.iter().enumerate() {
         let counts = restore_counts(&dir, &repo, &format!("r{i}"), &["--target-time", t]).await?;
-        ensure!(counts == expected(*b), "seed {seed}: restore to {t} (after batch {b}, promised from {from}) gave {counts:?}; steps {log:?}");
+        ensure!(&counts == rows, "seed {seed}: restore to {t} (promised from {from}) gave {counts:?}, want {rows:?}; steps {log:?}");
     }
     let counts = restore_counts(&dir, &repo, "rlatest", &["--target", "latest"]).await?;
     ensure!(
-        counts == expected(batch),
-        "seed {seed}: restore to latest gave {counts:?}, want 1..={batch}"
+        counts == model,
+        "seed {seed}: restore to latest gave {counts:?}, want {model:?}; steps {log:?}"
     );
     // A moment before the oldest retained backup is refused, never silently served by a later one.
-    if let Some((_, t)) = after.iter().rev().find(|(_, t)| t.as_str() < from.as_str()) {
+    if let Some((t, _)) = points
+        .iter()
+        .rev()
+        .find(|(t, _)| t.as_str() < from.as_str())
+    {
         let r = repo
             .restore(&dir.join("rbefore"), &["--target-time", t])
             .await?;

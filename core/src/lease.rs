@@ -277,10 +277,12 @@ async fn heartbeat(
 
 /// Registers a running backup: writes its shared lease, then waits while an expire holds the
 /// exclusive lease (an expire that started first may be deleting packs this backup would
-/// otherwise deduplicate against). Fails after `timeout`.
+/// otherwise deduplicate against). Fails after `timeout`, but never before the lease of a crashed
+/// expire on another host has had time to go stale (TTL + [`CLOCK_SKEW`]).
 pub async fn begin_backup(store: &Store, timeout: Duration) -> Result<LeaseHandle> {
     let lease = LeaseHandle::acquire(store, LeaseKind::Backup).await?;
-    let deadline = tokio::time::Instant::now() + timeout;
+    let wait = timeout.max(ttl() + CLOCK_SKEW + Duration::from_secs(5));
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
         let now = now_us();
         let expire = list(store)
