@@ -287,8 +287,11 @@ async fn random_sequence(seed: u64) -> Result<()> {
                 );
                 let agent = tidemark_e2e::env::bins()?.agent;
                 let cmd = format!("{} wal-push --repo {} %p", agent.display(), repo.url);
+                // ALTER SYSTEM refuses to run in a (multi-statement) transaction: one at a time.
+                ndb.batch_execute("ALTER SYSTEM SET archive_mode = 'on'")
+                    .await?;
                 ndb.batch_execute(&format!(
-                    "ALTER SYSTEM SET archive_mode = 'on'; ALTER SYSTEM SET archive_command = '{}'",
+                    "ALTER SYSTEM SET archive_command = '{}'",
                     cmd.replace('\'', "''")
                 ))
                 .await?;

@@ -67,6 +67,17 @@ pub fn parse_duration(s: &str) -> Option<i64> {
     n.checked_mul(secs)?.checked_mul(1_000_000)
 }
 
+/// `14d`, `36h`, `90m` or `30s`: the largest unit that divides `us` exactly.
+fn human_duration(us: i64) -> String {
+    let secs = us / 1_000_000;
+    for (unit, n) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+        if secs >= n && secs % n == 0 {
+            return format!("{}{unit}", secs / n);
+        }
+    }
+    format!("{secs}s")
+}
+
 fn period_keys(us: i64) -> (String, String, String) {
     let t = DateTime::<Utc>::from_timestamp_micros(us).unwrap_or_default();
     let w = t.iso_week();
@@ -92,14 +103,14 @@ pub fn plan(backups: &[BackupFacts], policy: &Policy, now_us: i64) -> Vec<Decisi
     }
     if let Some(w) = policy.retain_window_us {
         let start = now_us.saturating_sub(w);
-        let days = w as f64 / 86_400e6;
+        let days = human_duration(w);
         let mut covered = false;
         for (i, b) in order.iter().enumerate() {
             if b.stop_time_us >= start {
-                reasons[i].push(format!("inside the {days:.2}-day recovery window"));
+                reasons[i].push(format!("inside the {days} recovery window"));
             } else if !covered {
                 reasons[i].push(format!(
-                    "the newest backup before the {days:.2}-day recovery window starts: needed to restore to its first moments"
+                    "the newest backup before the {days} recovery window starts: needed to restore to its first moments"
                 ));
                 covered = true;
             }
@@ -175,6 +186,10 @@ mod tests {
         assert_eq!(parse_duration("d"), None);
         assert_eq!(parse_duration("14"), None);
         assert_eq!(parse_duration("14y"), None);
+        assert_eq!(human_duration(14 * DAY), "14d");
+        assert_eq!(human_duration(36 * HOUR), "36h");
+        assert_eq!(human_duration(90 * 60_000_000), "90m");
+        assert_eq!(human_duration(7_000_000), "7s");
     }
 
     #[test]
