@@ -392,11 +392,14 @@ struct Guard<'a> {
 }
 
 impl Guard<'_> {
-    /// Called before every delete: confirms the lease (object check every few deletes).
+    /// Called before every delete: confirms the lease by its own clock every time, and that its
+    /// object still exists every [`CONFIRM_EVERY`] deletes.
     async fn before_delete(&mut self) -> Result<()> {
         if self.since_confirm == 0 || self.since_confirm >= CONFIRM_EVERY {
             self.lease.check().await?;
             self.since_confirm = 0;
+        } else {
+            self.lease.check_local()?;
         }
         self.since_confirm += 1;
         Ok(())

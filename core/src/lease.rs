@@ -176,6 +176,17 @@ impl LeaseHandle {
     /// Fails unless the lease is certainly still held: not marked lost, not past its expiry
     /// (minus a sixth of the TTL as margin for the next step), and its object still exists.
     pub async fn check(&self) -> Result<()> {
+        let key = self.check_local()?;
+        match self.store.head(&key).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => bail!("the {} lease {key} was removed by another process that judged it stale\nhint: nothing more is deleted or committed by this run; check for clock skew between hosts and rerun", self.kind.word()),
+            Err(e) => Err(e).with_context(|| format!("cannot confirm the lease {key}")),
+        }
+    }
+
+    /// The part of [`LeaseHandle::check`] that needs no request: not marked lost and not past
+    /// its expiry minus the margin. Returns the current lease key.
+    pub fn check_local(&self) -> Result<String> {
         let margin = (ttl() / 6).as_micros() as i64;
         let (key, expires, lost) = {
             let s = self
@@ -190,11 +201,7 @@ impl LeaseHandle {
         if now_us() + margin > expires {
             bail!("the {} lease {key} expired before it could be renewed\nhint: nothing more is deleted or committed by this run; rerun it", self.kind.word());
         }
-        match self.store.head(&key).await {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => bail!("the {} lease {key} was removed by another process that judged it stale\nhint: nothing more is deleted or committed by this run; check for clock skew between hosts and rerun", self.kind.word()),
-            Err(e) => Err(e).with_context(|| format!("cannot confirm the lease {key}")),
-        }
+        Ok(key)
     }
 
     /// Stops renewing and deletes the lease object.
@@ -296,5 +303,81 @@ pub async fn begin_backup(store: &Store, timeout: Duration) -> Result<LeaseHandl
         }
         tracing::info!(lease = %e.describe(), "waiting for a running expire to finish");
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let d = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(&format!("file://{}", d.path().display())).expect("store");
+        (d, s)
+    }
+
+    #[tokio::test]
+    async fn lease_is_listed_live_and_released() {
+        let (_d, s) = store();
+        let h = LeaseHandle::acquire(&s, LeaseKind::Backup).await.unwrap();
+        let l = list(&s).await.unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].key, h.key());
+        assert!(l[0].is_live(now_us()));
+        h.check().await.unwrap();
+        h.release().await.unwrap();
+        assert!(list(&s).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn lost_lease_is_detected_before_the_next_step() {
+        let (_d, s) = store();
+        let h = LeaseHandle::acquire(&s, LeaseKind::Expire).await.unwrap();
+        // Another process judged it stale and removed it.
+        s.delete(&h.key()).await.unwrap();
+        let e = h.check().await.unwrap_err().to_string();
+        assert!(e.contains("removed by another process"), "{e}");
+        h.release().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn stale_by_expiry_or_dead_local_pid() {
+        let now = now_us();
+        let mk = |pid: u32, host: &str, expires_us: i64| Listed {
+            key: "locks/backup-x".into(),
+            lease: Lease {
+                kind: LeaseKind::Backup,
+                created_us: now,
+                expires_us,
+                pid,
+                host: host.into(),
+            },
+        };
+        let far = now + 3_600_000_000;
+        assert!(mk(std::process::id(), &hostname(), far).is_live(now));
+        // pid 0 is never a user process: a lease of this host naming it is stale.
+        assert!(!mk(0, &hostname(), far).is_live(now));
+        // Another host: only the expiry (plus skew) counts.
+        assert!(mk(0, "elsewhere", far).is_live(now));
+        let skew = CLOCK_SKEW.as_micros() as i64;
+        assert!(mk(0, "elsewhere", now - skew + 1_000_000).is_live(now));
+        assert!(!mk(0, "elsewhere", now - skew - 1_000_000).is_live(now));
+    }
+
+    #[tokio::test]
+    async fn backup_waits_for_a_live_expire() {
+        let (_d, s) = store();
+        let x = LeaseHandle::acquire(&s, LeaseKind::Expire).await.unwrap();
+        let s2 = s.clone();
+        let b = tokio::spawn(async move { begin_backup(&s2, Duration::from_secs(30)).await });
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(!b.is_finished(), "the backup did not wait for the expire");
+        x.release().await.unwrap();
+        let lease = tokio::time::timeout(Duration::from_secs(5), b)
+            .await
+            .expect("the backup went on once the expire ended")
+            .unwrap()
+            .unwrap();
+        lease.release().await.unwrap();
     }
 }
