@@ -196,8 +196,8 @@ async fn restored_files_have_postgres_modes_and_owner() -> Result<()> {
         }
         ensure!(
             auto.lines()
-                .filter(|l| l.starts_with("recovery_target_time "))
-                .last()
+                .rev()
+                .find(|l| l.starts_with("recovery_target_time "))
                 == Some("recovery_target_time = ''"),
             "a latest restore must clear recovery_target_time (a restored server's backup may carry one):\n{auto}"
         );
