@@ -1,5 +1,5 @@
-//! tidemark-agent: archives WAL (archive_command), takes base backups and reports on the
-//! repository. Exit codes: 0 success, 1 failure, 2 usage error.
+//! tidemark-agent: archives WAL (archive_command), takes base backups, expires them and reports
+//! on the repository. Exit codes: 0 success, 1 failure, 2 usage error.
 
 mod cmd;
 
@@ -30,6 +30,8 @@ enum Command {
     Backup(cmd::backup::Args),
     /// Show backups and archived WAL
     Info(cmd::info::Args),
+    /// Remove backups a retention policy no longer keeps, and the packs and WAL only they needed
+    Expire(cmd::expire::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
             Command::Sidecar(a) => cmd::sidecar::run(a).await,
             Command::Backup(a) => cmd::backup::run(a).await,
             Command::Info(a) => cmd::info::run(a).await,
+            Command::Expire(a) => cmd::expire::run(a).await,
         };
         r.map(|()| ExitCode::SUCCESS)
     })

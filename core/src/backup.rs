@@ -105,8 +105,22 @@ pub(crate) enum ItemKind {
     File(usize),
 }
 
-/// Takes a base backup; returns the header of the manifest written.
+/// Takes a base backup under a backup lease (FORMAT.md section 16); returns the header of the
+/// manifest written.
 pub async fn run(store: &Store, opts: &BackupOptions) -> Result<ManifestHeader> {
+    let lease = crate::lease::begin_backup(store, opts.archive_timeout).await?;
+    let r = run_leased(store, opts, &lease).await;
+    if let Err(e) = lease.release().await {
+        tracing::warn!(error = %format!("{e:#}"), "cannot release the backup lease; it expires on its own");
+    }
+    r
+}
+
+async fn run_leased(
+    store: &Store,
+    opts: &BackupOptions,
+    lease: &crate::lease::LeaseHandle,
+) -> Result<ManifestHeader> {
     let client = crate::pg::connect(opts.pg_url.as_deref()).await?;
     let row = client
         .query_one(
@@ -139,7 +153,11 @@ pub async fn run(store: &Store, opts: &BackupOptions) -> Result<ManifestHeader> 
     let cfg = repo::ensure_config(store, system_id).await?;
     let backups = repo::list_backups(store).await?;
     let parent = match backups.last() {
-        Some(h) => Some(Arc::new(repo::load_manifest(store, &h.backup_id).await?)),
+        Some(h) => {
+            let mut m = repo::load_manifest(store, &h.backup_id).await?;
+            crate::gc::drop_missing_packs(store, &mut m).await?;
+            Some(Arc::new(m))
+        }
         None => None,
     };
 
@@ -226,6 +244,7 @@ pub async fn run(store: &Store, opts: &BackupOptions) -> Result<ManifestHeader> 
         packs: pack_table,
         entries,
     };
+    lease.check().await?;
     store
         .put_create(&keys::manifest(&backup_id), Bytes::from(m.encode()))
         .await

@@ -17,6 +17,36 @@ pub struct Info {
     pub system_id: String,
     pub backups: Vec<BackupInfo>,
     pub wal: Vec<TimelineWal>,
+    /// Per timeline with backups: the spans of time a restore can reach.
+    pub recoverable: Vec<Window>,
+    pub space: Space,
+}
+
+/// "Any time from `from` to the end of WAL segment `to_segment`" on `timeline`.
+#[derive(Serialize)]
+pub struct Window {
+    pub timeline: u32,
+    /// Stop time of the oldest backup that starts this window.
+    pub from: String,
+    pub from_backup: String,
+    /// The last archived segment reachable without a gap (targets up to the last commit in it).
+    pub to_segment: String,
+}
+
+#[derive(Serialize, Default)]
+pub struct Space {
+    /// Bytes of every pack, WAL object and manifest.
+    pub repository_bytes: u64,
+    pub packs: u64,
+    pub pack_bytes: u64,
+    pub wal_bytes: u64,
+    pub manifest_bytes: u64,
+    /// Sum of the backups' logical sizes divided by the bytes of all packs.
+    pub dedup_ratio: Option<f64>,
+    /// Packs no manifest references: what the next `expire` frees (after `--gc-grace`) whatever
+    /// its policy. `expire --dry-run` reports what a given policy frees on top.
+    pub unreferenced_packs: u64,
+    pub unreferenced_pack_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -71,8 +101,40 @@ pub struct Gap {
 
 pub async fn collect(store: &Store) -> Result<Info> {
     let cfg = repo::require_config(store).await?;
-    let backups = repo::list_backups(store)
-        .await?
+    let headers = repo::list_backups(store).await?;
+    let mut referenced = std::collections::HashSet::new();
+    for h in &headers {
+        referenced.extend(repo::load_manifest(store, &h.backup_id).await?.packs);
+    }
+    let mut space = Space::default();
+    for l in store.list(keys::PACKS).await? {
+        let Some(p) = keys::parse_pack(&l.key) else {
+            continue;
+        };
+        space.packs += 1;
+        space.pack_bytes += l.size;
+        if !referenced.contains(&p) {
+            space.unreferenced_packs += 1;
+            space.unreferenced_pack_bytes += l.size;
+        }
+    }
+    for l in store.list(keys::BACKUPS).await? {
+        space.manifest_bytes += l.size;
+    }
+    let logical: u64 = headers.iter().map(|h| h.stats.logical_bytes).sum();
+    space.dedup_ratio = (space.pack_bytes > 0).then(|| logical as f64 / space.pack_bytes as f64);
+    let starts: Vec<(u32, u64, i64, String)> = headers
+        .iter()
+        .map(|h| {
+            (
+                h.timeline.0,
+                h.start_lsn.0,
+                h.stop_time_us,
+                h.backup_id.clone(),
+            )
+        })
+        .collect();
+    let backups = headers
         .into_iter()
         .map(|h| BackupInfo {
             id: h.backup_id,
@@ -116,6 +178,7 @@ pub async fn collect(store: &Store) -> Result<Info> {
     }
     let mut seg_size = None;
     let mut wal = Vec::new();
+    let mut recoverable = Vec::new();
     for (tl, mut files) in per_tl {
         files.sort();
         let segs: Vec<&(WalFileName, String, u64)> = files
@@ -130,6 +193,7 @@ pub async fn collect(store: &Store) -> Result<Info> {
         }
         let mut gaps = Vec::new();
         if let Some(ss) = seg_size.filter(|s| s.is_power_of_two()) {
+            recoverable.extend(windows(tl, &segs, &starts, ss));
             for w in segs.windows(2) {
                 let (a, b) = (
                     w[0].0.segment_number(ss).unwrap_or(0),
@@ -161,13 +225,57 @@ pub async fn collect(store: &Store) -> Result<Info> {
             stored_bytes: files.iter().map(|(_, _, s)| s).sum(),
         });
     }
+    space.wal_bytes = wal.iter().map(|t| t.stored_bytes).sum();
+    space.repository_bytes = space.pack_bytes + space.wal_bytes + space.manifest_bytes;
     Ok(Info {
         schema_version: SCHEMA_VERSION,
         repo: store.url().to_string(),
         system_id: cfg.system_id.to_string(),
         backups,
         wal,
+        recoverable,
+        space,
     })
+}
+
+/// The recoverable windows of one timeline: for each run of consecutive archived segments, the
+/// oldest backup of this timeline whose WAL starts inside the run opens a window that lasts to
+/// the run's last segment.
+fn windows(
+    tl: u32,
+    segs: &[&(WalFileName, String, u64)],
+    backups: &[(u32, u64, i64, String)],
+    seg_size: u64,
+) -> Vec<Window> {
+    let mut runs: Vec<(u64, u64, String)> = Vec::new();
+    for (n, _, _) in segs {
+        let Some(no) = n.segment_number(seg_size) else {
+            continue;
+        };
+        match runs.last_mut() {
+            Some(r) if no == r.1 + 1 => {
+                r.1 = no;
+                r.2 = n.to_string();
+            }
+            _ => runs.push((no, no, n.to_string())),
+        }
+    }
+    let mut out = Vec::new();
+    for (first, last, last_name) in runs {
+        let oldest = backups
+            .iter()
+            .filter(|(t, start, _, _)| *t == tl && (first..=last).contains(&(start / seg_size)))
+            .min_by_key(|(_, _, stop, _)| *stop);
+        if let Some((_, _, stop, id)) = oldest {
+            out.push(Window {
+                timeline: tl,
+                from: repo::fmt_time(*stop),
+                from_backup: id.clone(),
+                to_segment: last_name,
+            });
+        }
+    }
+    out
 }
 
 fn human(bytes: u64) -> String {
@@ -217,6 +325,28 @@ pub fn render(info: &Info) -> String {
                 .collect::<String>()
         );
     }
+    s += "\nrecoverable:\n";
+    if info.recoverable.is_empty() {
+        s += "  nothing: no backup has its WAL archived\n";
+    }
+    for w in &info.recoverable {
+        s += &format!(
+            "  timeline {}: any time from {} (backup {}) to the last commit in segment {}\n",
+            w.timeline, w.from, w.from_backup, w.to_segment
+        );
+    }
+    let sp = &info.space;
+    s += &format!(
+        "\nspace: {} in total ({} packs {}, WAL {}, manifests {}); dedup ratio {}; {} in {} unreferenced packs that expire frees\n",
+        human(sp.repository_bytes),
+        sp.packs,
+        human(sp.pack_bytes),
+        human(sp.wal_bytes),
+        human(sp.manifest_bytes),
+        sp.dedup_ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into()),
+        human(sp.unreferenced_pack_bytes),
+        sp.unreferenced_packs
+    );
     s += "\nwal:\n";
     if info.wal.is_empty() {
         s += "  none archived\n";

@@ -4,7 +4,10 @@
 pub mod backup;
 pub mod check;
 pub mod cli;
+pub mod expire;
+pub mod gc;
 pub mod info;
+pub mod lease;
 pub mod metrics;
 pub mod pg;
 pub mod pgdata;
@@ -12,6 +15,7 @@ pub mod progress;
 pub mod replication;
 pub mod repo;
 pub mod restore;
+pub mod retention;
 pub mod sidecar;
 pub mod store;
 pub mod tablespace;

@@ -308,8 +308,14 @@ fn append_recovery_settings(root: &Path, h: &ManifestHeader, opts: &RestoreOptio
         h.backup_id
     );
     text += &format!("restore_command = {}\n", conf_quote(&opts.restore_command));
-    if let Target::Time(t) = &opts.target {
-        text += &format!("recovery_target_time = {}\n", conf_quote(&postgres_text(t)));
+    // A backup of a server that was itself restored carries that restore's settings in its
+    // postgresql.auto.conf: clear every other target so none of them silently applies.
+    text += "recovery_target = ''\nrecovery_target_lsn = ''\nrecovery_target_name = ''\nrecovery_target_xid = ''\n";
+    match &opts.target {
+        Target::Time(t) => {
+            text += &format!("recovery_target_time = {}\n", conf_quote(&postgres_text(t)));
+        }
+        Target::Latest => text += "recovery_target_time = ''\n",
     }
     text += "recovery_target_action = 'promote'\nrecovery_target_timeline = 'latest'\n";
     let path = root.join("postgresql.auto.conf");

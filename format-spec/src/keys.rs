@@ -5,16 +5,51 @@
 //! packs/<first two hex digits of pack id>/<pack id>
 //! backups/<backup id>.manifest
 //! wal/<timeline>/<wal file name>
+//! locks/<backup|expire>-<nonce>
+//! gc/<nonce>
 //! ```
 
 use crate::ids::PackId;
+use crate::lock::LeaseKind;
 use crate::wal::WalFileName;
 
 pub const CONFIG: &str = "config";
 pub const PACKS: &str = "packs/";
 pub const BACKUPS: &str = "backups/";
 pub const WAL: &str = "wal/";
+pub const LOCKS: &str = "locks/";
+pub const GC: &str = "gc/";
 const MANIFEST_SUFFIX: &str = ".manifest";
+
+/// A nonce in a lease or GC state key: 32 lowercase hex digits.
+fn valid_nonce(n: &str) -> bool {
+    n.len() == 32 && n.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// `locks/<kind>-<nonce>`; `nonce` must be 32 lowercase hex digits.
+pub fn lease(kind: LeaseKind, nonce: &str) -> Option<String> {
+    valid_nonce(nonce).then(|| format!("{LOCKS}{}-{nonce}", kind.word()))
+}
+
+/// The kind and nonce of a lease key, or `None` for any other key.
+pub fn parse_lease(key: &str) -> Option<(LeaseKind, &str)> {
+    let (word, nonce) = key.strip_prefix(LOCKS)?.split_once('-')?;
+    let kind = [LeaseKind::Backup, LeaseKind::Expire]
+        .into_iter()
+        .find(|k| k.word() == word)?;
+    valid_nonce(nonce).then_some((kind, nonce))
+}
+
+/// `gc/<nonce>`; `nonce` must be 32 lowercase hex digits.
+pub fn gc_state(nonce: &str) -> Option<String> {
+    valid_nonce(nonce).then(|| format!("{GC}{nonce}"))
+}
+
+/// The nonce of a GC state key, or `None` for any other key.
+pub fn parse_gc_state(key: &str) -> Option<&str> {
+    let nonce = key.strip_prefix(GC)?;
+    valid_nonce(nonce).then_some(nonce)
+}
 
 pub fn pack(id: &PackId) -> String {
     let hex = id.to_string();
@@ -68,5 +103,16 @@ mod tests {
         assert_eq!(parse_wal(&wal(&w)), Some(w));
         assert_eq!(parse_wal("wal/00000001/00000002000000000000000A"), None);
         assert_eq!(parse_manifest("backups/../x.manifest"), None);
+        let n = "0123456789abcdef0123456789abcdef";
+        let k = lease(LeaseKind::Backup, n).unwrap();
+        assert_eq!(k, format!("locks/backup-{n}"));
+        assert_eq!(parse_lease(&k), Some((LeaseKind::Backup, n)));
+        assert_eq!(lease(LeaseKind::Expire, "short"), None);
+        assert_eq!(
+            parse_lease("locks/other-0123456789abcdef0123456789abcdef"),
+            None
+        );
+        assert_eq!(parse_gc_state(&gc_state(n).unwrap()), Some(n));
+        assert_eq!(parse_gc_state("gc/0123456789ABCDEF0123456789abcdef"), None);
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod ids;
 pub mod keys;
+pub mod lock;
 pub mod manifest;
 pub mod pack;
 pub mod wal;

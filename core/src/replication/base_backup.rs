@@ -58,8 +58,22 @@ fn col<'a>(row: &'a [Option<String>], i: usize, what: &str) -> Result<&'a str> {
         .ok_or_else(|| anyhow!("postgresql sent no {what}"))
 }
 
-/// Takes a base backup over the replication protocol; returns the header of the manifest.
+/// Takes a base backup over the replication protocol under a backup lease (FORMAT.md section
+/// 16, as for `--pgdata`); returns the header of the manifest.
 pub async fn run(store: &Store, opts: &ReplicationOptions) -> Result<ManifestHeader> {
+    let lease = crate::lease::begin_backup(store, opts.archive_timeout).await?;
+    let r = run_leased(store, opts, &lease).await;
+    if let Err(e) = lease.release().await {
+        tracing::warn!(error = %format!("{e:#}"), "cannot release the backup lease; it expires on its own");
+    }
+    r
+}
+
+async fn run_leased(
+    store: &Store,
+    opts: &ReplicationOptions,
+    lease: &crate::lease::LeaseHandle,
+) -> Result<ManifestHeader> {
     let params = ConnParams::from_url_or_env(opts.pg_url.as_deref())?;
     let mut conn = ReplConn::connect(&params).await?;
     let sets = conn.simple_query("IDENTIFY_SYSTEM").await?;
@@ -98,7 +112,12 @@ pub async fn run(store: &Store, opts: &ReplicationOptions) -> Result<ManifestHea
     let cfg = repo::ensure_config(store, system_id).await?;
     let backups = repo::list_backups(store).await?;
     let parent = match backups.last() {
-        Some(h) => Some(Arc::new(repo::load_manifest(store, &h.backup_id).await?)),
+        Some(h) => {
+            // Never deduplicate against a pack that is gone (deleted out of band or by GC).
+            let mut m = repo::load_manifest(store, &h.backup_id).await?;
+            crate::gc::drop_missing_packs(store, &mut m).await?;
+            Some(Arc::new(m))
+        }
         None => None,
     };
     let mut backup_id = chrono::DateTime::from_timestamp_micros(start_time_us)
@@ -296,6 +315,7 @@ pub async fn run(store: &Store, opts: &ReplicationOptions) -> Result<ManifestHea
         packs: pack_table,
         entries,
     };
+    lease.check().await?;
     store
         .put_create(&keys::manifest(&backup_id), Bytes::from(m.encode()))
         .await

@@ -1,0 +1,68 @@
+//! `expire`: remove backups a retention policy no longer keeps, then the packs and WAL nothing
+//! retained needs. `--dry-run` prints the plan a real run would execute, computed the same way.
+
+use anyhow::{anyhow, Result};
+use std::time::Duration;
+use tidemark_core::cli::RepoArgs;
+use tidemark_core::expire::{self, ExpireOptions};
+use tidemark_core::retention::{parse_duration, Policy};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Keep the newest N backups
+    #[arg(long, env = "TIDEMARK_RETAIN_LAST")]
+    retain_last: Option<u32>,
+    /// Keep every point in time of this window restorable, e.g. 14d, 36h (units s, m, h, d, w)
+    #[arg(long, env = "TIDEMARK_RETAIN_WINDOW")]
+    retain_window: Option<String>,
+    /// Keep the newest backup of each of the newest N days (UTC)
+    #[arg(long, env = "TIDEMARK_RETAIN_DAILY")]
+    retain_daily: Option<u32>,
+    /// Keep the newest backup of each of the newest N ISO weeks
+    #[arg(long, env = "TIDEMARK_RETAIN_WEEKLY")]
+    retain_weekly: Option<u32>,
+    /// Keep the newest backup of each of the newest N months
+    #[arg(long, env = "TIDEMARK_RETAIN_MONTHLY")]
+    retain_monthly: Option<u32>,
+    /// How long an unreferenced pack stays condemned before it is deleted (units s, m, h, d, w)
+    #[arg(long, env = "TIDEMARK_GC_GRACE", default_value = "1h")]
+    gc_grace: String,
+    /// Print the plan without deleting anything
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the plan as JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(a: Args) -> Result<()> {
+    let store = a.repo.open()?;
+    let bad = |flag: &str, v: &str| {
+        anyhow!("{flag} {v:?} is not a duration\nhint: write a number and a unit: 30s, 90m, 36h, 14d, 2w")
+    };
+    let window = match &a.retain_window {
+        Some(w) => Some(parse_duration(w).ok_or_else(|| bad("--retain-window", w))?),
+        None => None,
+    };
+    let grace = parse_duration(&a.gc_grace).ok_or_else(|| bad("--gc-grace", &a.gc_grace))?;
+    let opts = ExpireOptions {
+        policy: Policy {
+            retain_last: a.retain_last,
+            retain_window_us: window,
+            retain_daily: a.retain_daily,
+            retain_weekly: a.retain_weekly,
+            retain_monthly: a.retain_monthly,
+        },
+        dry_run: a.dry_run,
+        gc_grace: Duration::from_micros(grace as u64),
+    };
+    let plan = expire::run(&store, &opts).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print!("{}", expire::render(&plan));
+    }
+    Ok(())
+}

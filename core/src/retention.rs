@@ -1,0 +1,380 @@
+//! The retention plan: which backups a policy keeps, and why. Pure: `now` is an argument.
+//!
+//! Invariants:
+//! - Backups are ordered by (`stop_time_us`, `stop_lsn`) from their manifests, never by id.
+//! - The newest backup is always kept, whatever the policy: expire never empties a repository.
+//! - `--retain-window W` keeps every backup that stopped within W before `now` *and* the newest
+//!   backup that stopped before `now - W`, so every point from `now - W` on stays restorable.
+//! - Grandfather-father-son keeps, for each of the newest N days / ISO weeks / months (UTC) that
+//!   hold a backup, the newest backup of that period.
+
+use chrono::{DateTime, Datelike, Utc};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// What a policy asks to keep. At least one rule must be set.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Policy {
+    pub retain_last: Option<u32>,
+    /// Recovery window in microseconds.
+    pub retain_window_us: Option<i64>,
+    pub retain_daily: Option<u32>,
+    pub retain_weekly: Option<u32>,
+    pub retain_monthly: Option<u32>,
+}
+
+impl Policy {
+    pub fn is_empty(&self) -> bool {
+        self.retain_last.is_none()
+            && self.retain_window_us.is_none()
+            && self.retain_daily.is_none()
+            && self.retain_weekly.is_none()
+            && self.retain_monthly.is_none()
+    }
+}
+
+/// The facts about one backup retention needs (from its manifest).
+#[derive(Clone, Debug)]
+pub struct BackupFacts {
+    pub id: String,
+    pub stop_time_us: i64,
+    pub stop_lsn: u64,
+}
+
+/// The decision for one backup.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Decision {
+    pub id: String,
+    pub keep: bool,
+    /// Why it is kept (every rule that keeps it), or why it is removed.
+    pub reasons: Vec<String>,
+}
+
+/// Parses a duration such as `14d`, `36h`, `90m`, `2w`, `30s` into microseconds.
+pub fn parse_duration(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = s.split_at(split);
+    let n: i64 = n.parse().ok()?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return None,
+    };
+    n.checked_mul(secs)?.checked_mul(1_000_000)
+}
+
+/// `14d`, `36h`, `90m` or `30s`: the largest unit that divides `us` exactly.
+fn human_duration(us: i64) -> String {
+    let secs = us / 1_000_000;
+    for (unit, n) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+        if secs >= n && secs % n == 0 {
+            return format!("{}{unit}", secs / n);
+        }
+    }
+    format!("{secs}s")
+}
+
+fn period_keys(us: i64) -> (String, String, String) {
+    let t = DateTime::<Utc>::from_timestamp_micros(us).unwrap_or_default();
+    let w = t.iso_week();
+    (
+        t.format("%Y-%m-%d").to_string(),
+        format!("{}-W{:02}", w.year(), w.week()),
+        t.format("%Y-%m").to_string(),
+    )
+}
+
+/// Decides every backup; the result is ordered newest first.
+pub fn plan(backups: &[BackupFacts], policy: &Policy, now_us: i64) -> Vec<Decision> {
+    let mut order: Vec<&BackupFacts> = backups.iter().collect();
+    order.sort_by_key(|b| std::cmp::Reverse((b.stop_time_us, b.stop_lsn)));
+    let mut reasons: Vec<Vec<String>> = vec![Vec::new(); order.len()];
+    if !order.is_empty() {
+        reasons[0].push("newest backup".into());
+    }
+    if let Some(n) = policy.retain_last {
+        for r in reasons.iter_mut().take(n as usize) {
+            r.push(format!("one of the last {n}"));
+        }
+    }
+    if let Some(w) = policy.retain_window_us {
+        let start = now_us.saturating_sub(w);
+        let days = human_duration(w);
+        let mut covered = false;
+        for (i, b) in order.iter().enumerate() {
+            if b.stop_time_us >= start {
+                reasons[i].push(format!("inside the {days} recovery window"));
+            } else if !covered {
+                reasons[i].push(format!(
+                    "the newest backup before the {days} recovery window starts: needed to restore to its first moments"
+                ));
+                covered = true;
+            }
+        }
+    }
+    let gfs = [
+        (policy.retain_daily, "daily", 0usize),
+        (policy.retain_weekly, "weekly", 1),
+        (policy.retain_monthly, "monthly", 2),
+    ];
+    for (count, name, which) in gfs {
+        let Some(count) = count else { continue };
+        // period -> newest backup in it; order is newest first so the first seen wins.
+        let mut newest: BTreeMap<String, usize> = BTreeMap::new();
+        for (i, b) in order.iter().enumerate() {
+            let k = period_keys(b.stop_time_us);
+            let key = [k.0, k.1, k.2][which].clone();
+            newest.entry(key).or_insert(i);
+        }
+        for (period, i) in newest.iter().rev().take(count as usize) {
+            reasons[*i].push(format!(
+                "{name} {period} (one of the newest {count} {name})"
+            ));
+        }
+    }
+    order
+        .iter()
+        .zip(reasons)
+        .map(|(b, r)| {
+            let keep = !r.is_empty();
+            Decision {
+                id: b.id.clone(),
+                keep,
+                reasons: if keep {
+                    r
+                } else {
+                    vec!["matched by no retention rule".into()]
+                },
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400_000_000;
+    const HOUR: i64 = 3_600_000_000;
+    /// 2026-11-21T00:00:00Z, a Saturday.
+    const T0: i64 = 1_795_219_200_000_000;
+
+    fn b(id: &str, stop: i64) -> BackupFacts {
+        BackupFacts {
+            id: id.into(),
+            stop_time_us: stop,
+            stop_lsn: stop as u64,
+        }
+    }
+
+    fn kept(d: &[Decision]) -> Vec<&str> {
+        let mut v: Vec<&str> = d.iter().filter(|d| d.keep).map(|d| d.id.as_str()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("14d"), Some(14 * DAY));
+        assert_eq!(parse_duration("36h"), Some(36 * HOUR));
+        assert_eq!(parse_duration("2w"), Some(14 * DAY));
+        assert_eq!(parse_duration("90m"), Some(90 * 60_000_000));
+        assert_eq!(parse_duration("d"), None);
+        assert_eq!(parse_duration("14"), None);
+        assert_eq!(parse_duration("14y"), None);
+        assert_eq!(human_duration(14 * DAY), "14d");
+        assert_eq!(human_duration(36 * HOUR), "36h");
+        assert_eq!(human_duration(90 * 60_000_000), "90m");
+        assert_eq!(human_duration(7_000_000), "7s");
+    }
+
+    #[test]
+    fn table() {
+        // Nightly backups at 01:00 for 40 days (z39 newest); ids vs time order: see below.
+        let nightly: Vec<BackupFacts> = (0..40)
+            .map(|d| b(&format!("z{:02}", 39 - d), T0 - d * DAY + HOUR))
+            .collect();
+        let now = T0 + 12 * HOUR;
+        let ids = |r: std::ops::Range<i64>| -> Vec<String> {
+            let mut v: Vec<String> = r.map(|d| format!("z{:02}", 39 - d)).collect();
+            v.sort();
+            v
+        };
+        struct Case {
+            name: &'static str,
+            policy: Policy,
+            kept: Vec<String>,
+        }
+        let cases = vec![
+            Case {
+                name: "last 3",
+                policy: Policy {
+                    retain_last: Some(3),
+                    ..Default::default()
+                },
+                kept: ids(0..3),
+            },
+            Case {
+                name: "last 0 still keeps the newest",
+                policy: Policy {
+                    retain_last: Some(0),
+                    ..Default::default()
+                },
+                kept: ids(0..1),
+            },
+            Case {
+                name: "window 2d: two inside plus the one before the window",
+                // window starts T0 - 1.5 d: backups at T0+1h, T0-1d+1h inside; T0-2d+1h covers.
+                policy: Policy {
+                    retain_window_us: Some(2 * DAY),
+                    ..Default::default()
+                },
+                kept: ids(0..3),
+            },
+            Case {
+                name: "daily 5",
+                policy: Policy {
+                    retain_daily: Some(5),
+                    ..Default::default()
+                },
+                kept: ids(0..5),
+            },
+            Case {
+                name: "weekly 3: newest of this week and of the two before",
+                // T0 = Sat 2026-11-21 (week 47); week 46 ends Sun 11-15 (d=6), week 45 ends 11-08 (d=13)
+                policy: Policy {
+                    retain_weekly: Some(3),
+                    ..Default::default()
+                },
+                kept: {
+                    let mut v = vec!["z39".to_string(), "z33".into(), "z26".into()];
+                    v.sort();
+                    v
+                },
+            },
+            Case {
+                name: "monthly 2: newest of November and of October",
+                // d=21 is 2026-10-31 01:00
+                policy: Policy {
+                    retain_monthly: Some(2),
+                    ..Default::default()
+                },
+                kept: {
+                    let mut v = vec!["z39".to_string(), "z18".into()];
+                    v.sort();
+                    v
+                },
+            },
+            Case {
+                name: "rules combine by union",
+                policy: Policy {
+                    retain_last: Some(2),
+                    retain_monthly: Some(2),
+                    ..Default::default()
+                },
+                kept: {
+                    let mut v = vec!["z39".to_string(), "z38".into(), "z18".into()];
+                    v.sort();
+                    v
+                },
+            },
+        ];
+        for c in cases {
+            let d = plan(&nightly, &c.policy, now);
+            assert_eq!(d.len(), 40, "{}", c.name);
+            assert_eq!(
+                kept(&d),
+                c.kept.iter().map(String::as_str).collect::<Vec<_>>(),
+                "{}",
+                c.name
+            );
+            // ordered newest first, every removal has a reason
+            assert!(d.windows(2).all(|w| w[0].id > w[1].id), "{}", c.name);
+            assert!(d.iter().all(|x| !x.reasons.is_empty()), "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn window_is_restorable_from_its_start() {
+        // Irregular backups; whatever `now`, the oldest kept backup stopped at or before now - W.
+        let stops = [0, 5 * HOUR, 7 * HOUR, 30 * HOUR, 31 * HOUR, 80 * HOUR];
+        let backups: Vec<_> = stops
+            .iter()
+            .enumerate()
+            .map(|(i, s)| b(&format!("b{i}"), T0 + s))
+            .collect();
+        for now_h in (81..200).step_by(7) {
+            let now = T0 + now_h * HOUR;
+            for w_h in [1i64, 10, 24, 50, 100, 500] {
+                let d = plan(
+                    &backups,
+                    &Policy {
+                        retain_window_us: Some(w_h * HOUR),
+                        ..Default::default()
+                    },
+                    now,
+                );
+                let oldest_kept = backups
+                    .iter()
+                    .filter(|x| d.iter().any(|y| y.keep && y.id == x.id))
+                    .map(|x| x.stop_time_us)
+                    .min()
+                    .unwrap();
+                let start = now - w_h * HOUR;
+                assert!(
+                    oldest_kept <= start.max(T0),
+                    "now {now_h}h window {w_h}h: oldest kept {oldest_kept} after window start {start}"
+                );
+                // and nothing older than necessary is kept
+                let kept_before: usize = backups
+                    .iter()
+                    .filter(|x| x.stop_time_us < start && d.iter().any(|y| y.keep && y.id == x.id))
+                    .count();
+                assert!(kept_before <= 1);
+            }
+        }
+    }
+
+    #[test]
+    fn ordering_uses_time_then_lsn_not_ids() {
+        // Same stop time (clock resolution): the greater stop LSN is newer.
+        let bs = vec![
+            BackupFacts {
+                id: "b".into(),
+                stop_time_us: T0,
+                stop_lsn: 10,
+            },
+            BackupFacts {
+                id: "a".into(),
+                stop_time_us: T0,
+                stop_lsn: 20,
+            },
+        ];
+        let d = plan(
+            &bs,
+            &Policy {
+                retain_last: Some(1),
+                ..Default::default()
+            },
+            T0,
+        );
+        assert_eq!(kept(&d), vec!["a"]);
+    }
+
+    #[test]
+    fn empty_repository() {
+        assert!(plan(
+            &[],
+            &Policy {
+                retain_last: Some(1),
+                ..Default::default()
+            },
+            T0
+        )
+        .is_empty());
+    }
+}
