@@ -17,6 +17,8 @@ pub struct Info {
     pub system_id: String,
     pub backups: Vec<BackupInfo>,
     pub wal: Vec<TimelineWal>,
+    /// The newest restore drill recorded by `tidemark-restore verify --record`.
+    pub last_verified_restore: Option<crate::verify::RecordSummary>,
 }
 
 #[derive(Serialize)]
@@ -141,6 +143,7 @@ pub async fn collect(store: &Store) -> Result<Info> {
         system_id: cfg.system_id.to_string(),
         backups,
         wal,
+        last_verified_restore: crate::verify::last_recorded(store).await?,
     })
 }
 
@@ -211,5 +214,6 @@ pub fn render(info: &Info) -> String {
             );
         }
     }
+    s += &crate::verify::render_recorded(&info.last_verified_restore);
     s
 }

@@ -13,4 +13,5 @@ pub mod restore;
 pub mod sidecar;
 pub mod store;
 pub mod target;
+pub mod verify;
 pub mod wal;
