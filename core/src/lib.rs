@@ -8,6 +8,7 @@ pub mod info;
 pub mod metrics;
 pub mod pg;
 pub mod pgdata;
+pub mod prefetch;
 pub mod repo;
 pub mod restore;
 pub mod sidecar;
