@@ -20,7 +20,7 @@
 
 use crate::repo;
 use crate::store::Store;
-use crate::wal::{self, WalError, MAX_OBJECT};
+use crate::wal::{self, MAX_OBJECT};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -84,6 +84,21 @@ pub async fn fetch(store: &Store, fname: &str, dest: &Path, p: &Prefetch) -> Res
             return Ok(Served::Archive { spooled: 0 });
         }
     };
+    let r = fetch_segment(store, name, dest, p).await;
+    if r.is_err() {
+        // The end of the archive, or a failure recovery will stop on: leave nothing behind.
+        wipe(&p.spool);
+        let _ = std::fs::remove_dir(&p.spool);
+    }
+    r
+}
+
+async fn fetch_segment(
+    store: &Store,
+    name: WalFileName,
+    dest: &Path,
+    p: &Prefetch,
+) -> Result<Served> {
     let mut stamp = open_spool(store, &p.spool).await?;
     let spool = p.spool.clone();
     tokio::task::spawn_blocking({
@@ -120,11 +135,7 @@ pub async fn fetch(store: &Store, fname: &str, dest: &Path, p: &Prefetch) -> Res
         Some(s) => s,
         None => {
             // The segment size names the next segments; learn it from N once per spool.
-            let obj = wal::get_object(store, &name).await.inspect_err(|e| {
-                if is_not_found(e) {
-                    wipe(&spool);
-                }
-            })?;
+            let obj = wal::get_object(store, &name).await?;
             let (h, _) = walfmt::decode_header(&obj)
                 .with_context(|| format!("archived wal file {name} is damaged"))?;
             stamp.seg_size = Some(h.size).filter(|s| s.is_power_of_two() && *s >= 1 << 20);
@@ -141,20 +152,9 @@ pub async fn fetch(store: &Store, fname: &str, dest: &Path, p: &Prefetch) -> Res
         wal::get_object(store, &name),
         spool_ahead(store, &spool, name, seg_size, depth, p.max_bytes)
     );
-    let obj = first.inspect_err(|e| {
-        if is_not_found(e) {
-            wipe(&spool);
-        }
-    })?;
+    let obj = first?;
     wal::install(name, obj, dest.to_path_buf()).await?;
     Ok(Served::Archive { spooled })
-}
-
-fn is_not_found(e: &anyhow::Error) -> bool {
-    matches!(
-        e.downcast_ref::<WalError>(),
-        Some(WalError::NotFound { .. })
-    )
 }
 
 /// The segment `i` after `name` on the same timeline.
@@ -343,10 +343,18 @@ fn read_verified(path: &Path, name: WalFileName, system_id: u64) -> Result<Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::WalError;
     use tidemark_format::config::{RepoConfig, COMPRESSION_ZSTD};
     use tidemark_format::{keys, SystemId};
 
     const SEG: u64 = 1 << 20;
+
+    fn is_not_found(e: &anyhow::Error) -> bool {
+        matches!(
+            e.downcast_ref::<WalError>(),
+            Some(WalError::NotFound { .. })
+        )
+    }
 
     fn segment(tli: u32, segno: u64, sys: u64, fill: u8) -> (WalFileName, Vec<u8>) {
         let name = WalFileName::segment_of(TimelineId(tli), Lsn(segno * SEG), SEG);
@@ -423,12 +431,10 @@ mod tests {
             .await
             .unwrap_err();
         assert!(is_not_found(&e), "{e:#}");
-        let left: Vec<_> = std::fs::read_dir(&p.spool)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        assert!(left.is_empty(), "{left:?}");
+        assert!(
+            !p.spool.exists(),
+            "the spool outlived the end of the archive"
+        );
     }
 
     #[tokio::test]

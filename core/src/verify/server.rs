@@ -77,6 +77,9 @@ impl PgTools {
                 );
             }
         }
+        if run_as.is_some() && !running_as_root() {
+            bail!("--run-as needs root: only root can start PostgreSQL as another user\nhint: drop --run-as and run tidemark-restore verify as the PostgreSQL OS user");
+        }
         if running_as_root() && run_as.is_none() {
             bail!("tidemark runs as root and PostgreSQL refuses to run as root\nhint: add --run-as postgres (an unprivileged OS user; it must be able to execute this tidemark-restore binary)");
         }
