@@ -20,6 +20,8 @@ pub struct Info {
     /// Per timeline with backups: the spans of time a restore can reach.
     pub recoverable: Vec<Window>,
     pub space: Space,
+    /// The newest restore drill recorded by `tidemark-restore verify --record`.
+    pub last_verified_restore: Option<crate::verify::RecordSummary>,
 }
 
 /// "Any time from `from` to the end of WAL segment `to_segment`" on `timeline`.
@@ -235,6 +237,7 @@ pub async fn collect(store: &Store) -> Result<Info> {
         wal,
         recoverable,
         space,
+        last_verified_restore: crate::verify::last_recorded(store).await?,
     })
 }
 
@@ -373,5 +376,6 @@ pub fn render(info: &Info) -> String {
             );
         }
     }
+    s += &crate::verify::render_recorded(&info.last_verified_restore);
     s
 }

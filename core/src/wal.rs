@@ -39,7 +39,7 @@ pub enum PushOutcome {
 /// Largest WAL object read back (a 1 GiB segment that did not compress, plus its header).
 /// Bytes read to get a stored WAL object's header (it is at most 8 + 1 + 4 + 64 + 8 + 32).
 const HEADER_READ: u64 = 128;
-const MAX_OBJECT: u64 = walfmt::MAX_WAL_FILE + (1 << 20);
+pub const MAX_OBJECT: u64 = walfmt::MAX_WAL_FILE + (1 << 20);
 
 /// Archives one file handed to archive_command.
 pub async fn push(store: &Store, path: &Path, level: i32) -> Result<PushOutcome> {
@@ -193,42 +193,57 @@ pub async fn fetch(store: &Store, fname: &str, dest: &Path) -> Result<()> {
         }
         .into());
     };
-    let key = keys::wal(&name);
-    let obj = match store.get(&key, MAX_OBJECT).await {
-        Ok(b) => b,
-        Err(StoreError::NotFound { .. }) => {
-            return Err(WalError::NotFound {
-                name: fname.to_string(),
-            }
-            .into())
+    let obj = get_object(store, &name).await?;
+    install(name, obj, dest.to_path_buf()).await
+}
+
+/// Reads the stored object of `name`; `WalError::NotFound` (only) when the archive lacks it.
+pub async fn get_object(store: &Store, name: &WalFileName) -> Result<Bytes> {
+    crate::prefetch::test_get_delay().await;
+    let key = keys::wal(name);
+    match store.get(&key, MAX_OBJECT).await {
+        Ok(b) => Ok(b),
+        Err(StoreError::NotFound { .. }) => Err(WalError::NotFound {
+            name: name.to_string(),
         }
-        Err(e) => {
-            return Err(e).with_context(|| format!("cannot read wal file {name} from the archive"))
-        }
-    };
-    let dest = dest.to_path_buf();
+        .into()),
+        Err(e) => Err(e).with_context(|| format!("cannot read wal file {name} from the archive")),
+    }
+}
+
+/// Verifies a stored WAL object (name, size, sha256) and writes its file to `dest` atomically.
+pub async fn install(name: WalFileName, obj: Bytes, dest: std::path::PathBuf) -> Result<()> {
     tokio::task::spawn_blocking(move || -> Result<()> {
         let (h, data) =
             walfmt::decode(&obj).with_context(|| format!("archived wal file {name} is damaged"))?;
         if h.name != name {
-            anyhow::bail!("archived object {key} holds {} instead of {name}", h.name);
+            anyhow::bail!(
+                "archived object {} holds {} instead of {name}",
+                keys::wal(&name),
+                h.name
+            );
         }
-        let dir = dest
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(
-            ".{}.tidemark-tmp",
-            dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal")
-        ));
-        let mut f = std::fs::File::create(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(&data)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, &dest)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
-        Ok(())
+        write_file(&data, &dest)
     })
     .await?
+}
+
+/// Writes a WAL file to `dest` atomically: temp name beside it, fsync, rename.
+pub fn write_file(data: &[u8], dest: &Path) -> Result<()> {
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tidemark-tmp",
+        dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal")
+    ));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dest)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
+    Ok(())
 }

@@ -7,6 +7,7 @@
 //! wal/<timeline>/<wal file name>
 //! locks/<backup|expire>-<nonce>
 //! gc/<nonce>
+//! verify/<record id>.json
 //! ```
 
 use crate::ids::PackId;
@@ -19,7 +20,9 @@ pub const BACKUPS: &str = "backups/";
 pub const WAL: &str = "wal/";
 pub const LOCKS: &str = "locks/";
 pub const GC: &str = "gc/";
+pub const VERIFY: &str = "verify/";
 const MANIFEST_SUFFIX: &str = ".manifest";
+const VERIFY_SUFFIX: &str = ".json";
 
 /// A nonce in a lease or GC state key: 32 lowercase hex digits.
 fn valid_nonce(n: &str) -> bool {
@@ -86,6 +89,32 @@ pub fn parse_pack(key: &str) -> Option<PackId> {
     (hex.get(..2) == Some(dir)).then_some(id)
 }
 
+/// True for a restore-drill record id: `YYYYMMDDTHHMMSSZ-` and 8 lowercase hex digits
+/// (the drill's start time first, so ids sort by time).
+pub fn valid_verify_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    b.len() == 25
+        && b[..8].iter().all(u8::is_ascii_digit)
+        && b[8] == b'T'
+        && b[9..15].iter().all(u8::is_ascii_digit)
+        && b[15] == b'Z'
+        && b[16] == b'-'
+        && b[17..]
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+}
+
+/// The key of a restore-drill record; `None` when `id` is not a valid record id.
+pub fn verify_record(id: &str) -> Option<String> {
+    valid_verify_id(id).then(|| format!("{VERIFY}{id}{VERIFY_SUFFIX}"))
+}
+
+/// The record id of a restore-drill record key, or `None` for any other key.
+pub fn parse_verify_record(key: &str) -> Option<&str> {
+    let id = key.strip_prefix(VERIFY)?.strip_suffix(VERIFY_SUFFIX)?;
+    valid_verify_id(id).then_some(id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +143,17 @@ mod tests {
         );
         assert_eq!(parse_gc_state(&gc_state(n).unwrap()), Some(n));
         assert_eq!(parse_gc_state("gc/0123456789ABCDEF0123456789abcdef"), None);
+        let v = verify_record("20261121T204012Z-0a1b2c3d").unwrap();
+        assert_eq!(v, "verify/20261121T204012Z-0a1b2c3d.json");
+        assert_eq!(parse_verify_record(&v), Some("20261121T204012Z-0a1b2c3d"));
+        for bad in [
+            "../x",
+            "20261121T204012Z-0A1B2C3D",
+            "20261121T204012Z-0a1b2c3",
+            "",
+        ] {
+            assert_eq!(verify_record(bad), None, "{bad}");
+        }
+        assert_eq!(parse_verify_record("verify/x.json"), None);
     }
 }

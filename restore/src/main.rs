@@ -29,6 +29,8 @@ enum Command {
     Check(cmd::check::Args),
     /// Fetch one archived WAL file (use as restore_command)
     WalFetch(cmd::wal_fetch::Args),
+    /// Restore drill: restore into a scratch directory, start PostgreSQL, check it reached the target
+    Verify(cmd::verify::Args),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
             Command::Restore(a) => cmd::restore::run(a).await.map(|()| ExitCode::SUCCESS),
             Command::Check(a) => cmd::check::run(a).await.map(|()| ExitCode::SUCCESS),
             Command::WalFetch(a) => Ok(cmd::wal_fetch::run(a).await),
+            Command::Verify(a) => cmd::verify::run(a).await,
         }
     })
 }

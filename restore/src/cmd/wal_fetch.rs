@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tidemark_core::cli::{self, RepoArgs};
+use tidemark_core::prefetch::{self, Prefetch};
 use tidemark_core::wal::{self, WalError};
 
 #[derive(clap::Args)]
@@ -15,6 +16,15 @@ pub struct Args {
     /// Attempts before giving up on a storage error
     #[arg(long, env = "TIDEMARK_FETCH_ATTEMPTS", default_value_t = 5)]
     attempts: u32,
+    /// Segments fetched ahead in parallel into the spool (0 turns prefetch off)
+    #[arg(long, env = "TIDEMARK_PREFETCH", default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=64))]
+    prefetch: u32,
+    /// Prefetch spool directory (default: .tidemark-prefetch beside the destination, i.e. in pg_wal)
+    #[arg(long, env = "TIDEMARK_SPOOL_DIR")]
+    spool_dir: Option<PathBuf>,
+    /// Most stored (compressed) bytes the spool holds
+    #[arg(long, env = "TIDEMARK_SPOOL_MAX_BYTES", default_value_t = 1 << 30)]
+    spool_max_bytes: u64,
     /// The archived file's name (%f)
     file: String,
     /// Where to write it (%p)
@@ -29,9 +39,26 @@ pub async fn run(a: Args) -> ExitCode {
             return ExitCode::from(cli::EXIT_ABORT_RECOVERY);
         }
     };
+    let prefetch = (a.prefetch > 0).then(|| Prefetch {
+        depth: a.prefetch as usize,
+        spool: a.spool_dir.clone().unwrap_or_else(|| {
+            a.dest
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."))
+                .join(".tidemark-prefetch")
+        }),
+        max_bytes: a.spool_max_bytes,
+    });
     let mut delay = Duration::from_millis(200);
     for attempt in 1..=a.attempts.max(1) {
-        match wal::fetch(&store, &a.file, &a.dest).await {
+        let r = match &prefetch {
+            Some(p) => prefetch::fetch(&store, &a.file, &a.dest, p)
+                .await
+                .map(|_| ()),
+            None => wal::fetch(&store, &a.file, &a.dest).await,
+        };
+        match r {
             Ok(()) => return ExitCode::SUCCESS,
             Err(e)
                 if matches!(
