@@ -3,7 +3,8 @@
 //! writing on timeline 1 for a while (split brain). The archive must hold `00000002.history`, the
 //! promoted server's `.partial` copy of the switch segment beside the old primary's full segment
 //! of the same number (neither replacing the other), and timeline 2's segments; a restore to the
-//! latest point follows timeline 2 and holds none of the old primary's late rows.
+//! latest point follows timeline 2 and holds none of the old primary's late rows, even though the
+//! old primary took the newest backup (on its abandoned branch).
 
 use anyhow::{ensure, Context, Result};
 use std::time::{Duration, Instant};
@@ -132,6 +133,9 @@ async fn promoted_standby_archives_a_new_timeline_beside_the_old_one() -> Result
     data::write_batch(&pdb, 99).await?;
     let old_seg = switch_wal(&pdb).await?;
     repo.wait_for_wal(&old_seg, Duration::from_secs(60)).await?;
+    // The old primary even takes a backup on its abandoned branch: the newest backup by time,
+    // which a restore following timeline 2 must never use.
+    let split = primary.backup(&repo).await?;
 
     data::write_batch(&sdb, 4).await?;
     let new_seg = switch_wal(&sdb).await?;
@@ -170,7 +174,13 @@ async fn promoted_standby_archives_a_new_timeline_beside_the_old_one() -> Result
     // The latest point follows timeline 2: batches 1-4, never the old primary's batch 99.
     drop(sdb);
     let rdata = dir.join("restored");
-    repo.restore(&rdata, &["--target", "latest"]).await?.ok()?;
+    let r = repo.restore(&rdata, &["--target", "latest"]).await?.ok()?;
+    ensure!(
+        !r.to_string()
+            .contains(split["backup_id"].as_str().unwrap_or("?")),
+        "the restore used the split-brain backup {}:\n{r}",
+        split["backup_id"]
+    );
     let restored = start_restored(&dir, "restored-server", &rdata).await?;
     let rdb = restored.client().await?;
     let counts = data::batch_counts(&rdb).await?;

@@ -21,5 +21,6 @@ pub mod sidecar;
 pub mod store;
 pub mod tablespace;
 pub mod target;
+pub mod timeline;
 pub mod verify;
 pub mod wal;

@@ -1,8 +1,9 @@
 //! Restoring a base backup into an empty data directory and configuring recovery.
 //!
 //! Invariants:
-//! - The backup is the newest whose stop time is at or before the target; none → an error, never
-//!   a fallback to another backup.
+//! - The backup is the newest whose stop time is at or before the target among the backups on the
+//!   history of the timeline recovery will follow (`timeline.rs`); none → an error, never a
+//!   fallback to another backup.
 //! - Nothing is written outside the target directory: manifest paths are validated by the
 //!   decoder, files are created with O_CREAT|O_EXCL (which never follows a symlink), and
 //!   symlinks recorded in the manifest are created after every file.
@@ -90,7 +91,23 @@ pub async fn run(store: &Store, opts: &RestoreOptions) -> Result<RestoreReport> 
     prepare_target(&opts.pgdata)?;
     repo::require_config(store).await?;
     let backups = repo::list_backups(store).await?;
-    let chosen = choose_backup(&backups, &opts.target)?.clone();
+    let history = crate::timeline::latest(store, &backups).await?;
+    let usable: Vec<ManifestHeader> = backups
+        .iter()
+        .filter(|b| history.contains(b.timeline.0, b.stop_lsn))
+        .cloned()
+        .collect();
+    if usable.len() < backups.len() {
+        tracing::info!(
+            timeline = history.tli,
+            skipped = backups.len() - usable.len(),
+            "skipping backups that are not on the history of the timeline recovery will follow"
+        );
+    }
+    if usable.is_empty() && !backups.is_empty() {
+        bail!("no backup lies on the history of timeline {} (the newest in the archive, which recovery follows)\nhint: the backups belong to abandoned timelines; take a new backup of the current primary", history.tli);
+    }
+    let chosen = choose_backup(&usable, &opts.target)?.clone();
     tracing::info!(backup = %chosen.backup_id, stop_time = %repo::fmt_time(chosen.stop_time_us), "restoring backup");
     let m = Arc::new(repo::load_manifest(store, &chosen.backup_id).await?);
     let root = opts.pgdata.clone();
