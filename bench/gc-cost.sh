@@ -5,12 +5,19 @@
 # objects listed, read and deleted (requests = lists + 2 reads per manifest + deletes + lease ops).
 #
 # Environment: SCALE=5 (pgbench scale), BACKUPS=30, KEEP=7, TPS_SECONDS=3, WORK=/tmp/tidemark-gc,
-# BIN=target/debug (tidemark binaries), PGBIN=/usr/lib/postgresql/15/bin. Runs PostgreSQL as the
-# postgres user when started as root. Leaves nothing running; removes $WORK unless KEEP_WORK=1.
+# BIN=target/debug (tidemark binaries; TIDEMARK_BIN is accepted too), PGBIN=/usr/lib/postgresql/15/bin.
+# COUNT_REQUESTS=1 (needs strace): the same expire also runs under strace on a hard-linked copy of
+# the repository taken just before the timed one, and the file-system operations on the repository
+# are counted as the requests they stand for on an object store: file opens for reading = GET,
+# link() of a finished temp file = PUT, unlink() = DELETE, stat of a key = HEAD, directory reads =
+# LIST (per directory; an object store lists a prefix in pages of 1,000 keys instead).
+# Runs PostgreSQL as the postgres user when started as root. Leaves nothing running; removes
+# $WORK unless KEEP_WORK=1.
 set -euo pipefail
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SCALE=${SCALE:-5}; BACKUPS=${BACKUPS:-30}; KEEP=${KEEP:-7}; TPS_SECONDS=${TPS_SECONDS:-3}
-WORK=${WORK:-/tmp/tidemark-gc}; BIN=$(cd "${BIN:-$SRC/target/debug}" && pwd)
+WORK=${WORK:-/tmp/tidemark-gc}; BIN=$(cd "${BIN:-${TIDEMARK_BIN:-$SRC/target/debug}}" && pwd)
+COUNT_REQUESTS=${COUNT_REQUESTS:-1}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}; PORT=${PORT:-55499}
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 rm -rf "$WORK"; mkdir -p "$WORK/repo" "$WORK/sock"
@@ -39,24 +46,73 @@ as_pg env PGHOST="$PGHOST" PGPORT=$PORT "$PGBIN/psql" -qAtc "SELECT pg_switch_wa
 sleep 2
 before=$(du -sb "$WORK/repo" | cut -f1)
 as_pg "$BIN/tidemark-agent" info --repo "$REPO" --json >"$WORK/info.json"
-/usr/bin/time -v -o "$WORK/time.txt" runuser -u postgres -- "$BIN/tidemark-agent" expire --repo "$REPO" \
-  --retain-last "$KEEP" --gc-grace 0s --json >"$WORK/plan.json"
-after=$(du -sb "$WORK/repo" | cut -f1)
-python3 - "$WORK" "$before" "$after" <<'PY'
-import json, sys, re
-work, before, after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-plan = json.load(open(f"{work}/plan.json")); info = json.load(open(f"{work}/info.json"))
-t = open(f"{work}/time.txt").read()
-wall = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", t).group(1)
-rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(1))
-n = len(plan["backups"]); removed = sum(1 for b in plan["backups"] if b["action"] == "remove")
-deletes = removed + len(plan["packs"]["delete"]) + len(plan["wal"]["delete"]) + len(plan["stale_leases"])
-lists = 5  # locks, backups, packs, gc, wal (one page each below 1000 keys)
-reads = 2 * n  # header prefix + full manifest per backup
-lease = 4  # put, list, head before deletes, delete
-print(f"backups {n}, removed {removed}; repository {before/2**20:.1f} MiB -> {after/2**20:.1f} MiB "
-      f"(packs {info['space']['packs']}, dedup ratio {info['space']['dedup_ratio']:.2f}); "
-      f"expire wall {wall}, peak RSS {rss/1024:.1f} MiB; requests ~{lists + reads + deletes + lease} "
-      f"({lists} lists, {reads} manifest reads, {deletes} deletes: {removed} manifests, "
-      f"{len(plan['packs']['delete'])} packs, {len(plan['wal']['delete'])} WAL objects)")
+objects=$(find "$WORK/repo" -type f | wc -l)
+if [ "$COUNT_REQUESTS" = 1 ]; then cp -al "$WORK/repo" "$WORK/repo-strace"; fi
+sync
+# Two passes, as a nightly schedule runs them: pass 1 removes the expired manifests and WAL and
+# condemns the packs nothing references any more; pass 2 (grace 0s here) deletes the condemned packs.
+count_requests() {  # strace log, repository root -> "GET n, PUT n, ..."
+  python3 - "$1" "$2" <<'PY'
+import re, sys
+path, root = sys.argv[1], sys.argv[2]
+c = {"GET": 0, "PUT": 0, "DELETE": 0, "HEAD": 0, "LIST (directories read)": 0}
+for line in open(path):
+    m = re.match(r"(\d+)\s+(\w+)\((.*)\)\s+=\s+(-?\d+)", line)
+    if not m:
+        continue
+    call, args, rc = m.group(2), m.group(3), int(m.group(4))
+    under = [p for p in re.findall(r'"([^"]*)"', args) if p.startswith(root)]
+    if not under:
+        continue
+    if call == "openat" and rc >= 0:
+        if "O_DIRECTORY" in args:
+            c["LIST (directories read)"] += 1
+        elif "O_CREAT" not in args:
+            c["GET"] += 1
+    elif call in ("link", "linkat") and rc == 0:
+        c["PUT"] += 1
+    elif call in ("unlink", "unlinkat") and rc == 0 and "/.tmp." not in under[-1]:
+        c["DELETE"] += 1
+    elif call in ("statx", "newfstatat") and "AT_FDCWD" in args:
+        c["HEAD"] += 1
+print(", ".join(f"{k} {v}" for k, v in c.items()) + f"; total {sum(c.values())}")
+PY
+}
+for pass in 1 2; do
+  /usr/bin/time -v -o "$WORK/time-$pass.txt" runuser -u postgres -- "$BIN/tidemark-agent" expire --repo "$REPO" \
+    --retain-last "$KEEP" --gc-grace 0s --json >"$WORK/plan-$pass.json"
+  du -sb "$WORK/repo" | cut -f1 >"$WORK/size-$pass"
+  if [ "$COUNT_REQUESTS" = 1 ]; then
+    strace -f -qq -o "$WORK/strace-$pass.txt" -e trace=openat,link,linkat,unlink,unlinkat,statx,newfstatat,getdents64 \
+      runuser -u postgres -- "$BIN/tidemark-agent" expire --repo "file://$WORK/repo-strace" \
+      --retain-last "$KEEP" --gc-grace 0s --json >"$WORK/plan-strace-$pass.json"
+    count_requests "$WORK/strace-$pass.txt" "$WORK/repo-strace" >"$WORK/requests-$pass.txt"
+  fi
+done
+python3 - "$WORK" "$before" "$objects" <<'PY'
+import json, os, sys, re
+work, before, objects = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+info = json.load(open(f"{work}/info.json"))
+print(f"repository before: {before/2**20:.1f} MiB, {objects} objects (packs {info['space']['packs']}, "
+      f"dedup ratio {info['space']['dedup_ratio']:.2f})")
+for p in (1, 2):
+    plan = json.load(open(f"{work}/plan-{p}.json"))
+    after = int(open(f"{work}/size-{p}").read())
+    t = open(f"{work}/time-{p}.txt").read()
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", t).group(1)
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(1))
+    n = len(plan["backups"]); removed = sum(1 for b in plan["backups"] if b["action"] == "remove")
+    pk = plan["packs"]
+    deletes = removed + len(pk["delete"]) + len(plan["wal"]["delete"]) + len(plan["stale_leases"])
+    lists = 5  # locks, backups, packs, gc, wal (one page each below 1000 keys)
+    reads = 2 * n  # header prefix + full manifest per backup
+    lease = 4  # put, list, head before deletes, delete
+    print(f"pass {p}: backups {n}, removed {removed}; packs total {pk['total']}, referenced {pk['referenced']}, "
+          f"condemned {len(pk['condemn'])}, deleted {len(pk['delete'])} ({pk['delete_bytes']/2**20:.1f} MiB), waiting {pk['waiting']}; "
+          f"WAL deleted {len(plan['wal']['delete'])} ({plan['wal']['delete_bytes']/2**20:.1f} MiB); "
+          f"repository -> {after/2**20:.1f} MiB; wall {wall}, peak RSS {rss/1024:.1f} MiB; "
+          f"requests derived from the plan ~{lists + reads + deletes + lease} "
+          f"({lists} lists, {reads} manifest reads, {deletes} deletes)")
+    if os.path.exists(f"{work}/requests-{p}.txt"):
+        print(f"pass {p} counted (strace of the same expire on a hard-linked copy): " + open(f"{work}/requests-{p}.txt").read().strip())
 PY

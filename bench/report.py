@@ -74,6 +74,8 @@ def record(args):
 
 
 def variant_label(v):
+    if v.startswith("tidemark-repl-z"):
+        return f"tidemark replication zstd-{v[len('tidemark-repl-z'):]}"
     if v.startswith("tidemark-z"):
         return f"tidemark zstd-{v[len('tidemark-z'):]}"
     if v.startswith("pgbackrest-gz"):

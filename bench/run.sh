@@ -8,6 +8,10 @@
 #   SCALE=100            pgbench scale (100 ≈ 1.5 GiB data directory)
 #   DATASET=both         initialised | realistic | both
 #   TM_LEVELS="1"        tidemark zstd levels, one tidemark repository per level
+#   TM_REPL_LEVELS="1"   tidemark backup --source replication (BASE_BACKUP over a replication
+#                        connection on the unix socket) at these zstd levels, one repository each
+#                        ("" = only --pgdata backups)
+#   PITR=1               0: skip the restore/PITR step (backups only)
 #   PGBR_ZST_LEVEL=1     also run pgBackRest with compress-type=zst at this level ("" = only gz-6)
 #   PGBR_PROCESS_MAX=2   pgBackRest process-max (tidemark uses one worker per core)
 #   WORK=/tmp/tidemark-bench   work directory (clusters, repositories, logs); wiped per dataset
@@ -24,6 +28,7 @@
 #                        clean export of the committed HEAD in $WORK/build (reproducible while
 #                        others edit the tree; the commit reported is exactly what ran)
 #   TIDEMARK_BIN=DIR     use prebuilt tidemark-agent / tidemark-restore from DIR (implies BUILD=0)
+#   TIDEMARK_COMMIT=...  the commit those prebuilt binaries were built from (for the report)
 #   RESULTS=bench/results.md   where the Markdown results are appended ("" = don't append)
 #   KEEP=0               1: keep clusters and repositories of the last dataset under $WORK
 #   NICE=-10             PostgreSQL and each timed command run in a scheduler autogroup with
@@ -38,6 +43,8 @@ SRC=$(cd "$BENCH/.." && pwd)
 SCALE=${SCALE:-100}
 DATASET=${DATASET:-both}
 TM_LEVELS=${TM_LEVELS:-1}
+TM_REPL_LEVELS=${TM_REPL_LEVELS-1}
+PITR=${PITR:-1}
 PGBR_ZST_LEVEL=${PGBR_ZST_LEVEL-1}
 PGBR_PROCESS_MAX=${PGBR_PROCESS_MAX:-2}
 WORK=${WORK:-/tmp/tidemark-bench}
@@ -96,7 +103,7 @@ build() {
   COMMIT=$(git -C "$SRC" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
   if [[ -n $TIDEMARK_BIN ]]; then
     from=$TIDEMARK_BIN
-    COMMIT="unknown (prebuilt binaries from $TIDEMARK_BIN)"
+    COMMIT="${TIDEMARK_COMMIT:-unknown} (prebuilt binaries from $TIDEMARK_BIN)"
   elif [[ $BUILD_FROM == HEAD ]]; then
     log "building tidemark $COMMIT (clean export of HEAD) in $WORK/build"
     rm -rf "$WORK/build/src"
@@ -199,20 +206,23 @@ switch_and_archive() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Variants: tidemark-zN (one repository per zstd level), pgbackrest-gz6, pgbackrest-zstN
+# Variants: tidemark-zN (one repository per zstd level), tidemark-repl-zN (--source replication),
+# pgbackrest-gz6, pgbackrest-zstN
 # ---------------------------------------------------------------------------------------------
 
 VARIANTS=()
 for l in $TM_LEVELS; do VARIANTS+=("tidemark-z$l"); done
+for l in $TM_REPL_LEVELS; do VARIANTS+=("tidemark-repl-z$l"); done
 VARIANTS+=(pgbackrest-gz6)
 [[ -n $PGBR_ZST_LEVEL ]] && VARIANTS+=("pgbackrest-zst$PGBR_ZST_LEVEL")
 
+tm_level() { echo "${1##*-z}"; }
 stanza() { [[ $1 == pgbackrest-gz6 ]] && echo bench || echo benchzst; }
 pgbr() { as_pg pgbackrest --config="$D/pgbackrest.conf" "$@"; }
 
 push_cmd() {
   case $1 in
-    tidemark-z*) echo "$BIN/tidemark-agent wal-push --repo file://$D/repo-$1 --compress-level ${1#tidemark-z} %p" ;;
+    tidemark-*) echo "$BIN/tidemark-agent wal-push --repo file://$D/repo-$1 --compress-level $(tm_level "$1") %p" ;;
     pgbackrest-*) echo "pgbackrest --config=$D/pgbackrest.conf --stanza=$(stanza "$1") archive-push %p" ;;
   esac
 }
@@ -393,9 +403,13 @@ EOF
 backup_tidemark() {
   local v=$1 step=$2 repo=$D/repo-$1 before after objs
   list_files "$repo/packs" "$repo/backups" >"$D/m/files-before"
+  local src=(--pgdata "$D/pgdata")
+  # --source replication: BASE_BACKUP over a replication=database connection on the unix socket
+  # (initdb's default "local all all trust" line admits it; postgres has REPLICATION).
+  [[ $v == tidemark-repl-* ]] && src=(--source replication)
   measure "$step-$v" runuser -u postgres -- env PGHOST="$D/sock" PGPORT="$PORT" PGUSER=postgres \
-    PGDATABASE=postgres "$BIN/tidemark-agent" backup --pgdata "$D/pgdata" --repo "file://$repo" \
-    --json --compress-level "${v#tidemark-z}"
+    PGDATABASE=postgres "$BIN/tidemark-agent" backup "${src[@]}" --repo "file://$repo" \
+    --json --compress-level "$(tm_level "$v")"
   list_files "$repo/packs" "$repo/backups" >"$D/m/files-after"
   read -r objs bytes < <(new_files "$D/m/files-before" "$D/m/files-after")
   record "$v" "$step" --measure "$D/m/$step-$v.json" --tool "$D/m/$step-$v.out" \
@@ -567,7 +581,9 @@ run_dataset() {
   EXPECTED=$(sql "SELECT count(*) || ':' || sum(abalance) FROM pgbench_accounts")
   record source dataset update_wal_bytes="$update_wal" replay_wal_bytes="$replay_wal"
 
-  for v in "${VARIANTS[@]}"; do pitr "$v"; done
+  if [[ $PITR == 1 ]]; then
+    for v in "${VARIANTS[@]}"; do pitr "$v"; done
+  fi
   for v in "${VARIANTS[@]}"; do wal_stats "$v"; done
 
   if ((chunks)); then
@@ -597,7 +613,7 @@ run_dataset() {
     "pgBackRest=$PGBR_VERSION, process-max=$PGBR_PROCESS_MAX" \
     "machine=$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM" \
     "load average at start / end=$load0 / $load1" \
-    "parameters=SCALE=$SCALE, UPDATE_PATTERN=$UPDATE_PATTERN, DROP_CACHES=$DROP_CACHES, QUIET_BUSY=$QUIET_BUSY%, QUIET_MAX_WAIT=${QUIET_MAX_WAIT}s, NICE=${NICE:-none}")
+    "parameters=SCALE=$SCALE, PITR=$PITR, UPDATE_PATTERN=$UPDATE_PATTERN, DROP_CACHES=$DROP_CACHES, QUIET_BUSY=$QUIET_BUSY%, QUIET_MAX_WAIT=${QUIET_MAX_WAIT}s, NICE=${NICE:-none}")
   echo "$table"
   if [[ -n $RESULTS ]]; then
     printf '\n%s\n' "$table" >>"$RESULTS"

@@ -5,13 +5,17 @@
 # both (one archive_command runs both), and each tool restores to a time after the last of them.
 # Needs root (PostgreSQL runs as postgres through runuser), PostgreSQL 15 and pgbackrest.
 #   sudo SCALE=100 SEGMENTS=200 bench/verify-rto.sh
+# GET_DELAY_MS=N adds N ms to every WAL GET of tidemark's wal-fetch (TIDEMARK_TEST_GET_DELAY_MS, a
+# test knob) to see prefetch against an object store's latency; pgBackRest gets no such delay, so
+# with it set only the two tidemark rows compare.
 set -euo pipefail
 SCALE=${SCALE:-100}
 SEGMENTS=${SEGMENTS:-200}
+GET_DELAY_MS=${GET_DELAY_MS:-}
 W=${WORK:-/tmp/tidemark-rto}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BIN=${TIDEMARK_BIN:-$ROOT/target/debug}
+BIN=${TIDEMARK_BIN:-${BIN:-$ROOT/target/debug}}  # directory of tidemark-agent / tidemark-restore
 PORT=${PORT:-5499}
 command -v pgbackrest >/dev/null || apt-get install -y -qq pgbackrest
 [ -x "$BIN/tidemark-restore" ] || { echo "build first: cargo build -p tidemark-agent -p tidemark-restore (or set TIDEMARK_BIN)" >&2; exit 1; }
@@ -69,7 +73,7 @@ echo "| run | RTO s | restore s | recovery (start → promoted) s | wal files fe
 echo "|---|---|---|---|---|" >>"$W/table.md"
 for depth in 8 0; do
   sync; echo 3 >/proc/sys/vm/drop_caches || true
-  TIDEMARK_PREFETCH=$depth "$BIN/tidemark-restore" verify --repo "file://$W/tm" --target-time "$TARGET" \
+  env ${GET_DELAY_MS:+TIDEMARK_TEST_GET_DELAY_MS=$GET_DELAY_MS} TIDEMARK_PREFETCH=$depth "$BIN/tidemark-restore" verify --repo "file://$W/tm" --target-time "$TARGET" \
     --run-as postgres --pg-bin "$PGBIN" --scratch "$W/verify-$depth" --no-amcheck --port $((PORT + 1)) >"$W/verify-$depth.json" || true
   python3 - "$W/verify-$depth.json" "$depth" >>"$W/table.md" <<'PY'
 import json, sys
@@ -93,6 +97,6 @@ t2=$(date +%s.%N)
 fetched=$(grep -c "restored log file" "$W/pgbr-restore.log" || true)
 as_pg "$PGBIN/pg_ctl" stop -w -m fast -D "$W/pgbr-restore" >/dev/null
 python3 -c "t0,t1,t2=$t0,$t1,$t2; print(f'| pgBackRest restore + recovery (archive-get, no async) | {t2-t0:.1f} | {t1-t0:.1f} | {t2-t1:.1f} | $fetched |')" >>"$W/table.md"
-echo; echo "SCALE=$SCALE, $SEGMENTS segments switched under pgbench load, target $TARGET, file:// / posix repositories on the same disk; tidemark $(cd "$ROOT" && git rev-parse --short HEAD) ($(basename "$BIN") build)"
+echo; echo "SCALE=$SCALE, $SEGMENTS segments switched under pgbench load, target $TARGET, file:// / posix repositories on the same disk${GET_DELAY_MS:+, tidemark WAL GETs delayed by ${GET_DELAY_MS} ms (pgBackRest not)}; tidemark ${TIDEMARK_COMMIT:-$(cd "$ROOT" && git rev-parse --short HEAD)} (binaries from $BIN)"
 cat "$W/table.md"
 [ "${KEEP:-0}" = 1 ] || rm -rf "$W"
