@@ -430,12 +430,13 @@ async fn upload(inner: Arc<Inner>, name: String) {
             }
         }
     }
-    let n = {
+    {
+        // Set under the lock: set after it, two finishing uploads could store their counts in
+        // the wrong order and leave the gauge at 1 with nothing in flight.
         let mut fl = lock(&inner.in_flight);
         fl.remove(&name);
-        fl.len()
-    };
-    inner.metrics.uploads_in_flight.set(n as i64);
+        inner.metrics.uploads_in_flight.set(fl.len() as i64);
+    }
     inner.wake.notify_one();
 }
 
