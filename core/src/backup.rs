@@ -152,14 +152,7 @@ async fn run_leased(
     }
     let cfg = repo::ensure_config(store, system_id).await?;
     let backups = repo::list_backups(store).await?;
-    let parent = match backups.last() {
-        Some(h) => {
-            let mut m = repo::load_manifest(store, &h.backup_id).await?;
-            crate::gc::drop_missing_packs(store, &mut m).await?;
-            Some(Arc::new(m))
-        }
-        None => None,
-    };
+    let parent = load_parent(store, &backups).await?;
 
     let row = client
         .query_one("SELECT pg_backup_start('tidemark', true)::text, (extract(epoch from clock_timestamp()) * 1000000)::int8", &[])
@@ -239,9 +232,23 @@ async fn run_leased(
         tablespace_map: spcmap.filter(|s| !s.is_empty()).map(String::into_bytes),
         stats,
     };
+    commit(store, lease, header, pack_table, entries).await
+}
+
+/// Writes a finished backup's manifest (create-only, after checking the backup lease is still
+/// held): the backup exists from this moment. Shared by both backup sources.
+pub(crate) async fn commit(
+    store: &Store,
+    lease: &crate::lease::LeaseHandle,
+    header: ManifestHeader,
+    packs: Vec<PackId>,
+    entries: Vec<Entry>,
+) -> Result<ManifestHeader> {
+    let stats = header.stats;
+    let backup_id = header.backup_id.clone();
     let m = Manifest {
-        header: header.clone(),
-        packs: pack_table,
+        header,
+        packs,
         entries,
     };
     lease.check().await?;
@@ -255,7 +262,23 @@ async fn run_leased(
         objects = stats.new_objects,
         "backup complete"
     );
-    Ok(header)
+    Ok(m.header)
+}
+
+/// The newest backup's manifest, to deduplicate against, without chunks in packs that are gone
+/// (deleted out of band or by GC).
+pub(crate) async fn load_parent(
+    store: &Store,
+    backups: &[ManifestHeader],
+) -> Result<Option<Arc<Manifest>>> {
+    match backups.last() {
+        Some(h) => {
+            let mut m = repo::load_manifest(store, &h.backup_id).await?;
+            crate::gc::drop_missing_packs(store, &mut m).await?;
+            Ok(Some(Arc::new(m)))
+        }
+        None => Ok(None),
+    }
 }
 
 /// Resolves chunk locations into a manifest's pack table and entries (in the order given);

@@ -22,14 +22,13 @@ use crate::progress::Progress;
 use crate::repo;
 use crate::store::Store;
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc as smpsc, Arc, Mutex};
 use std::time::Duration;
-use tidemark_format::manifest::{self, BackupStats, Manifest, ManifestHeader};
-use tidemark_format::{keys, ChunkId, Lsn, SystemId, TimelineId};
+use tidemark_format::manifest::{self, BackupStats, ManifestHeader};
+use tidemark_format::{ChunkId, Lsn, SystemId, TimelineId};
 use tokio::sync::mpsc;
 
 /// The file name under which the server's backup manifest is stored.
@@ -111,15 +110,7 @@ async fn run_leased(
     }
     let cfg = repo::ensure_config(store, system_id).await?;
     let backups = repo::list_backups(store).await?;
-    let parent = match backups.last() {
-        Some(h) => {
-            // Never deduplicate against a pack that is gone (deleted out of band or by GC).
-            let mut m = repo::load_manifest(store, &h.backup_id).await?;
-            crate::gc::drop_missing_packs(store, &mut m).await?;
-            Some(Arc::new(m))
-        }
-        None => None,
-    };
+    let parent = backup::load_parent(store, &backups).await?;
     let mut backup_id = chrono::DateTime::from_timestamp_micros(start_time_us)
         .ok_or_else(|| anyhow!("server clock {start_time_us} is out of range"))?
         .format("%Y%m%dT%H%M%SZ")
@@ -310,23 +301,7 @@ async fn run_leased(
         tablespace_map: demuxed.tablespace_map.filter(|m| !m.is_empty()),
         stats,
     };
-    let m = Manifest {
-        header: header.clone(),
-        packs: pack_table,
-        entries,
-    };
-    lease.check().await?;
-    store
-        .put_create(&keys::manifest(&backup_id), Bytes::from(m.encode()))
-        .await
-        .with_context(|| format!("cannot write the manifest of backup {backup_id}"))?;
-    tracing::info!(
-        logical_bytes = stats.logical_bytes,
-        stored_bytes = stats.new_stored_bytes,
-        objects = stats.new_objects,
-        "backup complete"
-    );
-    Ok(header)
+    backup::commit(store, lease, header, pack_table, entries).await
 }
 
 /// Reads the CopyOut stream into the demux channel. Returns `true` if the pipeline closed
