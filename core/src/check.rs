@@ -131,7 +131,7 @@ fn sorted(s: &HashSet<String>) -> Vec<String> {
     v
 }
 
-async fn read_index(store: &Store, key: &str) -> Result<Vec<PackEntry>> {
+pub(crate) async fn read_index(store: &Store, key: &str) -> Result<Vec<PackEntry>> {
     let size = store
         .head(key)
         .await?

@@ -15,6 +15,7 @@
 //! step leaves only complete backups whose packs and WAL exist, and a rerun finishes the job.
 
 use crate::lease::{self, LeaseHandle};
+use crate::repack::{self, LiveSet, RepackOptions, RepackPlan};
 use crate::repo;
 use crate::retention::{self, BackupFacts, Policy};
 use crate::store::Store;
@@ -38,6 +39,8 @@ pub struct ExpireOptions {
     pub dry_run: bool,
     /// How long a pack stays condemned before it may be deleted.
     pub gc_grace: Duration,
+    /// Which packs are worth repacking and how much one run copies.
+    pub repack: RepackOptions,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -90,6 +93,8 @@ pub struct Plan {
     pub deferred: Option<String>,
     pub wal: WalPlan,
     pub packs: PackPlan,
+    /// Mostly-garbage packs whose live chunks this run copies into new packs (16.5).
+    pub repack: RepackPlan,
     /// Leases of processes that are gone, removed by this run.
     pub stale_leases: Vec<String>,
     /// Bytes this run deletes (manifests not counted).
@@ -104,11 +109,15 @@ struct Work {
     wal: Vec<String>,
     /// GC state key -> packs it should still list after this run (None: unchanged).
     states: Vec<(String, GcState, Vec<PackId>)>,
+    repack: Vec<repack::Chosen>,
+    /// Backups whose manifests name a repacked pack.
+    relocate: Vec<String>,
+    pack_target: u64,
 }
 
 /// Exits the process abruptly when `TIDEMARK_TEST_CRASH_AT` names `step` (tests only: it
 /// simulates kill -9 between two steps).
-fn crash_point(step: &str) {
+pub(crate) fn crash_point(step: &str) {
     if std::env::var("TIDEMARK_TEST_CRASH_AT").is_ok_and(|s| s == step) {
         eprintln!("tidemark: TIDEMARK_TEST_CRASH_AT={step}: exiting abruptly");
         std::process::exit(99);
@@ -155,22 +164,13 @@ async fn compute(
     deferred: Option<String>,
     stale_leases: Vec<String>,
 ) -> Result<(Plan, Work)> {
-    repo::require_config(store).await?;
+    let config = repo::require_config(store).await?;
     if opts.policy.is_empty() {
         bail!("no retention rule given\nhint: pass at least one of --retain-last, --retain-window, --retain-daily, --retain-weekly, --retain-monthly");
     }
     let headers = repo::list_backups(store).await?;
-    // Full reads: a damaged manifest stops expire here, before anything is deleted (its pack table
-    // could under-report what it references).
-    let mut packs_of: HashMap<String, Vec<PackId>> = HashMap::new();
-    let mut by_id: HashMap<String, ManifestHeader> = HashMap::new();
-    for h in &headers {
-        let m = repo::load_manifest(store, &h.backup_id).await?;
-        packs_of.insert(h.backup_id.clone(), m.packs);
-        by_id.insert(h.backup_id.clone(), m.header);
-    }
-    let facts: Vec<BackupFacts> = by_id
-        .values()
+    let facts: Vec<BackupFacts> = headers
+        .iter()
         .map(|h| BackupFacts {
             id: h.backup_id.clone(),
             stop_time_us: h.stop_time_us,
@@ -178,6 +178,25 @@ async fn compute(
         })
         .collect();
     let decisions = retention::plan(&facts, &opts.policy, now);
+    let kept: BTreeSet<&str> = decisions
+        .iter()
+        .filter(|d| d.keep)
+        .map(|d| d.id.as_str())
+        .collect();
+    let repacking = deferred.is_none() && opts.repack.budget_bytes > 0;
+    // Full reads: a damaged manifest stops expire here, before anything is deleted (its pack table
+    // could under-report what it references).
+    let mut packs_of: HashMap<String, Vec<PackId>> = HashMap::new();
+    let mut by_id: HashMap<String, ManifestHeader> = HashMap::new();
+    let mut live = LiveSet::default();
+    for h in &headers {
+        let m = repo::load_manifest(store, &h.backup_id).await?;
+        if repacking && kept.contains(h.backup_id.as_str()) {
+            live.add(&m);
+        }
+        packs_of.insert(h.backup_id.clone(), m.packs);
+        by_id.insert(h.backup_id.clone(), m.header);
+    }
     let mut backups = Vec::new();
     let mut remove = Vec::new();
     let mut referenced: BTreeSet<PackId> = BTreeSet::new();
@@ -300,6 +319,22 @@ async fn compute(
         })
         .filter(|(_, s, still)| *still != s.packs)
         .collect();
+    let (mut repack_plan, chosen) = repack::choose(live, &listed_packs, &opts.repack);
+    let moved: BTreeSet<PackId> = chosen.iter().map(|c| c.pack).collect();
+    let mut relocate: Vec<String> = kept
+        .iter()
+        .filter(|id| {
+            packs_of
+                .get(**id)
+                .is_some_and(|ps| ps.iter().any(|p| moved.contains(p)))
+        })
+        .map(|id| id.to_string())
+        .collect();
+    relocate.sort();
+    repack_plan.rewrite_manifests = relocate.clone();
+    if !repacking {
+        repack_plan = RepackPlan::default();
+    }
     let bytes_freed = pack_plan.delete_bytes + wal.delete_bytes;
     let plan = Plan {
         schema_version: SCHEMA_VERSION,
@@ -312,6 +347,7 @@ async fn compute(
         deferred,
         wal,
         packs: pack_plan,
+        repack: repack_plan,
         stale_leases,
         bytes_freed,
     };
@@ -323,6 +359,9 @@ async fn compute(
             delete,
             wal: wal_keys,
             states,
+            repack: chosen,
+            relocate,
+            pack_target: u64::from(config.pack_target),
         },
     ))
 }
@@ -461,6 +500,7 @@ async fn execute(store: &Store, opts: &ExpireOptions, held: &LeaseHandle) -> Res
         }
     }
     crash_point("packs");
+    let new_packs = repack_and_relocate(store, &work, &mut g, now).await?;
     for (i, k) in work.wal.iter().enumerate() {
         g.before_delete().await?;
         store
@@ -474,10 +514,16 @@ async fn execute(store: &Store, opts: &ExpireOptions, held: &LeaseHandle) -> Res
     crash_point("wals");
     for (key, old, still) in &work.states {
         g.before_delete().await?;
+        // A pack the repack just wrote again (same bytes, same id) is referenced now.
+        let still: Vec<PackId> = still
+            .iter()
+            .filter(|p| !new_packs.contains(p))
+            .copied()
+            .collect();
         if !still.is_empty() {
             let new = GcState {
                 condemned_us: old.condemned_us,
-                packs: still.clone(),
+                packs: still,
             };
             let nk =
                 keys::gc_state(&lease::nonce()).ok_or_else(|| anyhow!("bad gc state nonce"))?;
@@ -493,6 +539,65 @@ async fn execute(store: &Store, opts: &ExpireOptions, held: &LeaseHandle) -> Res
     }
     crash_point("states");
     Ok(plan)
+}
+
+/// Repack (FORMAT.md 16.5): copy the live chunks of the chosen packs into new packs, replace each
+/// manifest that names one with its relocated version, then condemn the old packs (a later expire
+/// deletes them after the grace period). Returns the packs written.
+async fn repack_and_relocate(
+    store: &Store,
+    work: &Work,
+    g: &mut Guard<'_>,
+    now: i64,
+) -> Result<BTreeSet<PackId>> {
+    if work.repack.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    g.lease.check().await?;
+    let moved = repack::copy(store, work.pack_target, &work.repack).await?;
+    crash_point("repacked-packs");
+    for (i, id) in work.relocate.iter().enumerate() {
+        let mut m = repo::load_manifest(store, id).await?;
+        if !repack::relocate(&mut m, &moved)? {
+            continue;
+        }
+        let bytes = Bytes::from(m.encode());
+        // The replacement must read back as the same backup before it replaces the original.
+        let check = tidemark_format::manifest::Manifest::decode(&bytes)
+            .with_context(|| format!("the relocated manifest of backup {id} does not decode"))?;
+        anyhow::ensure!(
+            check.header == m.header && check.entries.len() == m.entries.len(),
+            "the relocated manifest of backup {id} differs from the backup"
+        );
+        g.before_delete().await?;
+        store
+            .put_replace(&keys::manifest(id), bytes)
+            .await
+            .with_context(|| format!("cannot replace the manifest of backup {id}"))?;
+        tracing::info!(backup = %id, "manifest relocated to repacked packs");
+        if i == 0 {
+            crash_point("relocated");
+        }
+    }
+    let mut old: Vec<PackId> = work.repack.iter().map(|c| c.pack).collect();
+    old.sort();
+    let key = keys::gc_state(&lease::nonce()).ok_or_else(|| anyhow!("bad gc state nonce"))?;
+    g.lease.check().await?;
+    store
+        .put_create(
+            &key,
+            Bytes::from(
+                GcState {
+                    condemned_us: now,
+                    packs: old,
+                }
+                .encode(),
+            ),
+        )
+        .await
+        .with_context(|| format!("cannot write gc state {key}"))?;
+    crash_point("repacked");
+    Ok(moved.new_packs.iter().copied().collect())
 }
 
 /// Plain-text rendering of a plan.
@@ -545,6 +650,18 @@ pub fn render(p: &Plan) -> String {
         p.packs.delete_bytes,
         p.packs.waiting
     );
+    if !p.repack.packs.is_empty() || p.repack.over_budget > 0 {
+        let _ = writeln!(
+            s,
+            "repack: {verb} copy {} live bytes out of {} mostly-garbage packs and relocate {} backups; {} bytes freed once the old packs pass the grace period; {} more packs over the budget of {} bytes",
+            p.repack.live_bytes,
+            p.repack.packs.len(),
+            p.repack.rewrite_manifests.len(),
+            p.repack.reclaim_bytes,
+            p.repack.over_budget,
+            p.repack.budget_bytes
+        );
+    }
     let _ = writeln!(
         s,
         "wal: keep from segment {}; {verb} delete {} objects ({} bytes)",

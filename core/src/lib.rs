@@ -13,6 +13,8 @@ pub mod pg;
 pub mod pgdata;
 pub mod prefetch;
 pub mod progress;
+pub mod ranges;
+pub mod repack;
 pub mod replication;
 pub mod repo;
 pub mod restore;
@@ -21,6 +23,8 @@ pub mod sidecar;
 pub mod store;
 pub mod tablespace;
 pub mod target;
+#[cfg(test)]
+mod test_support;
 pub mod timeline;
 pub mod verify;
 pub mod wal;

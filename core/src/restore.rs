@@ -15,6 +15,7 @@
 //!   parent's packs with new ones page by page; reading in file order made one request per page.
 //! - `global/pg_control` is written last, so an interrupted restore is visibly unstartable.
 
+use crate::ranges;
 use crate::repo;
 use crate::store::Store;
 use crate::target::{postgres_text, Target};
@@ -27,11 +28,6 @@ use std::sync::Arc;
 use tidemark_format::manifest::{ChunkRef, EntryKind, FileEntry, Manifest, ManifestHeader};
 use tidemark_format::{chunk, keys};
 
-/// Stored bytes fetched per range request at most.
-const READ_MAX: u64 = 8 << 20;
-/// Unreferenced stored bytes between two wanted chunks that one read may span rather than
-/// issuing a second request (a request costs about as much as reading this much more).
-const READ_GAP: u64 = 256 << 10;
 /// Range reads of one file in flight.
 const READS_IN_FLIGHT: usize = 4;
 /// Files restored concurrently.
@@ -197,13 +193,8 @@ fn prepare_target(dir: &Path) -> Result<()> {
 }
 
 /// One range read of a pack and the chunks it serves, each with its offset in the file.
-#[derive(Debug)]
-struct Read {
-    pack: u32,
-    start: u64,
-    end: u64,
-    chunks: Vec<(ChunkRef, u64)>,
-}
+/// One range read of a file: its chunks with their offsets in the file.
+type Read = ranges::Read<(ChunkRef, u64)>;
 
 /// Plans a file's range reads: chunks sorted by (pack, offset), neighbours within READ_GAP
 /// coalesced, each read at most READ_MAX stored bytes (a single larger chunk is read alone).
@@ -214,28 +205,7 @@ fn plan_reads(f: &FileEntry) -> Vec<Read> {
         placed.push((*c, at));
         at += c.ulen as u64;
     }
-    placed.sort_by_key(|(c, _)| (c.pack, c.offset));
-    let mut out: Vec<Read> = Vec::new();
-    for (c, file_off) in placed {
-        let c_end = c.offset + c.clen as u64;
-        if let Some(r) = out.last_mut() {
-            if r.pack == c.pack
-                && c.offset <= r.end + READ_GAP
-                && c_end.max(r.end) - r.start <= READ_MAX
-            {
-                r.end = r.end.max(c_end);
-                r.chunks.push((c, file_off));
-                continue;
-            }
-        }
-        out.push(Read {
-            pack: c.pack,
-            start: c.offset,
-            end: c_end,
-            chunks: vec![(c, file_off)],
-        });
-    }
-    out
+    ranges::coalesce(placed, |(c, _)| (c.pack, c.offset, c.clen))
 }
 
 async fn restore_entry(store: &Store, m: &Arc<Manifest>, root: &Path, i: usize) -> Result<u64> {
@@ -290,7 +260,7 @@ async fn read_and_write(
     let path = path.to_string();
     let file = Arc::clone(file);
     tokio::task::spawn_blocking(move || -> Result<()> {
-        for (c, file_off) in &read.chunks {
+        for (c, file_off) in &read.items {
             let at = (c.offset - read.start) as usize;
             let frame = &bytes[at..at + c.clen as usize];
             let data = chunk::decode(&c.id, frame, c.ulen).map_err(|e| anyhow!("file {path}: chunk {} in pack {pack} is damaged: {e}\nhint: the repository is damaged; run 'tidemark-restore check --read-data' and restore from another backup", c.id))?;
@@ -374,28 +344,7 @@ pub fn shell_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidemark_format::manifest::{BackupStats, SOURCE_PGDATA};
-    use tidemark_format::{Lsn, SystemId, TimelineId};
-
-    fn hdr(id: &str, stop: i64) -> ManifestHeader {
-        ManifestHeader {
-            backup_id: id.into(),
-            system_id: SystemId(1),
-            pg_version: 150000,
-            timeline: TimelineId(1),
-            start_lsn: Lsn(1),
-            stop_lsn: Lsn(2),
-            start_time_us: stop - 10,
-            stop_time_us: stop,
-            source: SOURCE_PGDATA,
-            flags: 0,
-            chunk_size: 8192,
-            parent: None,
-            backup_label: vec![],
-            tablespace_map: None,
-            stats: BackupStats::default(),
-        }
-    }
+    use crate::test_support::hdr;
 
     #[test]
     fn chooses_newest_backup_finished_before_target() {
@@ -453,22 +402,14 @@ mod tests {
         let reads = plan_reads(&f);
         assert_eq!(reads.len(), 2, "{reads:?}");
         assert_eq!((reads[0].pack, reads[0].start, reads[0].end), (0, 0, 500));
-        let offs: Vec<u64> = reads[0].chunks.iter().map(|(_, o)| *o).collect();
+        let offs: Vec<u64> = reads[0].items.iter().map(|(_, o)| *o).collect();
         assert_eq!(offs, vec![0, 16384, 32768]);
         assert_eq!((reads[1].pack, reads[1].start, reads[1].end), (1, 0, 200));
-        // Far apart in one pack: two reads; too long: split at READ_MAX.
-        let f = file(&[(0, 0, 100), (0, READ_GAP + 1000, 100)]);
-        assert_eq!(plan_reads(&f).len(), 2);
-        let big = (READ_MAX / 2) as u32;
-        let f = file(&[(0, 0, big), (0, big as u64, big), (0, 2 * big as u64, big)]);
-        let reads = plan_reads(&f);
-        assert_eq!(reads.len(), 2);
-        assert!(reads.iter().all(|r| r.end - r.start <= READ_MAX));
         // The same stored chunk used twice (two zero pages) is read once and written twice.
         let f = file(&[(0, 0, 100), (0, 0, 100)]);
         let reads = plan_reads(&f);
         assert_eq!(reads.len(), 1);
-        assert_eq!(reads[0].chunks.len(), 2);
+        assert_eq!(reads[0].items.len(), 2);
         assert_eq!(reads[0].end, 100);
     }
 

@@ -67,6 +67,23 @@ pub fn parse_duration(s: &str) -> Option<i64> {
     n.checked_mul(secs)?.checked_mul(1_000_000)
 }
 
+/// Parses a size such as `1GiB`, `512MiB`, `64KiB` or a plain byte count into bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
 /// `14d`, `36h`, `90m` or `30s`: the largest unit that divides `us` exactly.
 fn human_duration(us: i64) -> String {
     let secs = us / 1_000_000;
@@ -190,6 +207,17 @@ mod tests {
         assert_eq!(human_duration(36 * HOUR), "36h");
         assert_eq!(human_duration(90 * 60_000_000), "90m");
         assert_eq!(human_duration(7_000_000), "7s");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("512MiB"), Some(512 << 20));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("0"), Some(0));
+        assert_eq!(parse_size("1GB"), None);
+        assert_eq!(parse_size("GiB"), None);
+        assert_eq!(parse_size("99999999999TiB"), None);
     }
 
     #[test]

@@ -174,6 +174,28 @@ impl Store {
         }
     }
 
+    /// Stores `data` under `key`, replacing an existing object atomically: every reader sees the
+    /// old object or the new one whole (S1). Only expire's repack uses it, to relocate the chunk
+    /// references of a manifest (FORMAT.md 16.5). `Ok` means durable.
+    pub async fn put_replace(&self, key: &str, data: Bytes) -> Result<()> {
+        match &self.backend {
+            Backend::Local(l) => {
+                let l = l.clone();
+                let key = key.to_string();
+                blocking(move || l.put_replace(&key, &data)).await
+            }
+            Backend::Object { store, prefix } => store
+                .put_opts(
+                    &obj_path(prefix, key),
+                    PutPayload::from_bytes(data),
+                    PutOptions::default(),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| map_os_err(key, e)),
+        }
+    }
+
     /// Reads a whole object, refusing objects larger than `max` bytes before reading them.
     pub async fn get(&self, key: &str, max: u64) -> Result<Bytes> {
         match &self.backend {
@@ -423,16 +445,33 @@ impl LocalDir {
     }
 
     fn put_create(&self, key: &str, data: &[u8]) -> Result<()> {
+        if self.path(key).exists() {
+            return Err(StoreError::AlreadyExists {
+                key: key.to_string(),
+            });
+        }
+        // link() fails with EEXIST if the name exists: create-only, atomically.
+        self.put_via_tmp(key, data, |tmp, dest| std::fs::hard_link(tmp, dest))
+    }
+
+    fn put_replace(&self, key: &str, data: &[u8]) -> Result<()> {
+        // rename() replaces the name atomically: readers open the old file or the new one.
+        self.put_via_tmp(key, data, |tmp, dest| std::fs::rename(tmp, dest))
+    }
+
+    /// Writes `data` to a temporary file beside `key` and fsyncs it, lets `publish` give it the
+    /// key's name, then fsyncs the directory; the temporary name never outlives the call.
+    fn put_via_tmp(
+        &self,
+        key: &str,
+        data: &[u8],
+        publish: impl FnOnce(&Path, &Path) -> std::io::Result<()>,
+    ) -> Result<()> {
         let dest = self.path(key);
         let dir = dest
             .parent()
             .expect("a key below the root has a parent directory")
             .to_path_buf();
-        if dest.exists() {
-            return Err(StoreError::AlreadyExists {
-                key: key.to_string(),
-            });
-        }
         self.create_dirs(&dir).map_err(|e| io_err(key, e))?;
         let tmp = dir.join(format!(".tmp.{}.{}", std::process::id(), unique()));
         let result = (|| -> std::io::Result<()> {
@@ -443,8 +482,7 @@ impl LocalDir {
             f.write_all(data)?;
             f.sync_all()?;
             drop(f);
-            // link() fails with EEXIST if the name exists: create-only, atomically.
-            std::fs::hard_link(&tmp, &dest)?;
+            publish(&tmp, &dest)?;
             fsync_dir(&dir)
         })();
         let _ = std::fs::remove_file(&tmp);

@@ -5,7 +5,8 @@ use anyhow::{anyhow, Result};
 use std::time::Duration;
 use tidemark_core::cli::RepoArgs;
 use tidemark_core::expire::{self, ExpireOptions};
-use tidemark_core::retention::{parse_duration, Policy};
+use tidemark_core::repack::RepackOptions;
+use tidemark_core::retention::{parse_duration, parse_size, Policy};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -29,6 +30,14 @@ pub struct Args {
     /// How long an unreferenced pack stays condemned before it is deleted (units s, m, h, d, w)
     #[arg(long, env = "TIDEMARK_GC_GRACE", default_value = "1h")]
     gc_grace: String,
+    /// Live bytes one run copies at most when repacking mostly-garbage packs (e.g. 1GiB, 512MiB;
+    /// 0 turns repacking off)
+    #[arg(long, env = "TIDEMARK_REPACK_BUDGET", default_value = "1GiB")]
+    repack_budget: String,
+    /// Repack a pack once at least this percentage of its bytes belongs to no retained backup
+    #[arg(long, env = "TIDEMARK_REPACK_MIN_GARBAGE", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    repack_min_garbage: u32,
     /// Print the plan without deleting anything
     #[arg(long)]
     dry_run: bool,
@@ -47,6 +56,12 @@ pub async fn run(a: Args) -> Result<()> {
         None => None,
     };
     let grace = parse_duration(&a.gc_grace).ok_or_else(|| bad("--gc-grace", &a.gc_grace))?;
+    let budget = parse_size(&a.repack_budget).ok_or_else(|| {
+        anyhow!(
+            "--repack-budget {:?} is not a size\nhint: write bytes or a number with KiB, MiB, GiB or TiB: 1GiB, 512MiB, 0 (off)",
+            a.repack_budget
+        )
+    })?;
     let opts = ExpireOptions {
         policy: Policy {
             retain_last: a.retain_last,
@@ -57,6 +72,10 @@ pub async fn run(a: Args) -> Result<()> {
         },
         dry_run: a.dry_run,
         gc_grace: Duration::from_micros(grace as u64),
+        repack: RepackOptions {
+            budget_bytes: budget,
+            min_garbage_percent: a.repack_min_garbage,
+        },
     };
     let plan = expire::run(&store, &opts).await?;
     if a.json {

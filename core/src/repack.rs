@@ -1,0 +1,460 @@
+//! Repacking, a step of `expire` (FORMAT.md 16.5): a pack most of whose bytes are garbage (chunks
+//! no retained backup references) has its live chunks copied into new packs, every manifest that
+//! references it is replaced by one with the new locations, and the old pack is then condemned
+//! like any unreferenced pack and deleted by a later expire after the grace period.
+//!
+//! Invariants:
+//! - Data first: new packs are durable (create-only puts) before any manifest names them, and a
+//!   manifest is replaced atomically by one describing the same backup — same header, entries,
+//!   files and chunk ids — with only chunk locations and the pack table changed.
+//! - Every copied chunk is decompressed and checked against its id, and every reference is checked
+//!   against the old pack's index and the copy's index entry, before a manifest names the copy: a
+//!   damaged chunk stops the repack and is never spread.
+//! - Old packs are only condemned here, never deleted: a restore that read a manifest before its
+//!   replacement keeps reading the old packs for at least the grace period.
+//! - Memory: the live set holds 12 bytes per distinct chunk reference of the retained backups (plus
+//!   up to the references of one manifest before compaction); the copy holds one pack being
+//!   filled and [`READS_IN_FLIGHT`] range reads of at most `ranges::READ_MAX` bytes.
+
+use crate::check::read_index;
+use crate::expire::crash_point;
+use crate::ranges;
+use crate::store::{Store, StoreError};
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use tidemark_format::manifest::{EntryKind, Manifest};
+use tidemark_format::pack::{PackBuilder, PackEntry};
+use tidemark_format::{chunk, keys, PackId};
+
+/// Range reads of the packs being repacked in flight.
+const READS_IN_FLIGHT: usize = 4;
+/// A pack's reference list is sorted and deduplicated whenever it doubles past this length.
+const COMPACT_MIN: usize = 1024;
+
+/// When a pack is worth repacking, and how much a run may copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RepackOptions {
+    /// Live bytes a run copies at most; 0 turns repacking off.
+    pub budget_bytes: u64,
+    /// A pack is repacked once at least this percentage of its bytes is garbage (1..=100).
+    pub min_garbage_percent: u32,
+}
+
+impl Default for RepackOptions {
+    fn default() -> Self {
+        RepackOptions {
+            budget_bytes: 1 << 30,
+            min_garbage_percent: 50,
+        }
+    }
+}
+
+/// The chunk frames of each pack that retained backups reference, as (offset, clen).
+#[derive(Default)]
+pub struct LiveSet {
+    packs: HashMap<PackId, LiveRefs>,
+}
+
+#[derive(Default)]
+struct LiveRefs {
+    refs: Vec<(u64, u32)>,
+    compacted: usize,
+}
+
+impl LiveRefs {
+    fn compact(&mut self) {
+        self.refs.sort_unstable();
+        self.refs.dedup();
+        self.compacted = self.refs.len();
+    }
+}
+
+impl LiveSet {
+    /// Adds every chunk reference of a retained backup.
+    pub fn add(&mut self, m: &Manifest) {
+        for e in &m.entries {
+            if let EntryKind::File(f) = &e.kind {
+                for c in &f.chunks {
+                    if let Some(p) = m.packs.get(c.pack as usize) {
+                        self.packs
+                            .entry(*p)
+                            .or_default()
+                            .refs
+                            .push((c.offset, c.clen));
+                    }
+                }
+            }
+        }
+        for l in self.packs.values_mut() {
+            if l.refs.len() >= 2 * l.compacted.max(COMPACT_MIN) {
+                l.compact();
+            }
+        }
+    }
+}
+
+/// One pack chosen for repacking, as printed in the plan.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct RepackPack {
+    pub id: String,
+    pub size: u64,
+    pub live_bytes: u64,
+}
+
+/// What the repack step of a run does (the same for `--dry-run` and a real run).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, Default)]
+pub struct RepackPlan {
+    pub budget_bytes: u64,
+    pub min_garbage_percent: u32,
+    /// Packs repacked by this run, most garbage first.
+    pub packs: Vec<RepackPack>,
+    /// Live bytes copied into new packs.
+    pub live_bytes: u64,
+    /// Bytes the old packs hold beyond their live chunks, freed once they are deleted after the
+    /// grace period.
+    pub reclaim_bytes: u64,
+    /// Packs with enough garbage left for a later run because the budget was spent.
+    pub over_budget: u64,
+    /// Backups whose manifests are replaced with the new chunk locations.
+    pub rewrite_manifests: Vec<String>,
+}
+
+/// A pack chosen for repacking and its live frames.
+#[derive(Clone, Debug)]
+pub struct Chosen {
+    pub pack: PackId,
+    pub live: Vec<(u64, u32)>,
+}
+
+/// Chooses the packs to repack: referenced packs that exist (`sizes`, from a listing) with at least
+/// `min_garbage_percent` garbage, most garbage first (by live fraction, then id), while the live
+/// bytes copied stay within the budget.
+pub fn choose(
+    live: LiveSet,
+    sizes: &BTreeMap<PackId, u64>,
+    opts: &RepackOptions,
+) -> (RepackPlan, Vec<Chosen>) {
+    let mut plan = RepackPlan {
+        budget_bytes: opts.budget_bytes,
+        min_garbage_percent: opts.min_garbage_percent,
+        ..Default::default()
+    };
+    let keep_percent = u128::from(100 - opts.min_garbage_percent.clamp(1, 100));
+    let mut candidates: Vec<(PackId, u64, u64, Vec<(u64, u32)>)> = Vec::new();
+    for (p, mut l) in live.packs {
+        let Some(&size) = sizes.get(&p) else {
+            continue;
+        };
+        l.compact();
+        let live_bytes: u64 = l.refs.iter().map(|(_, c)| u64::from(*c)).sum();
+        if u128::from(live_bytes) * 100 <= u128::from(size) * keep_percent {
+            candidates.push((p, size, live_bytes, l.refs));
+        }
+    }
+    candidates.sort_by(|a, b| {
+        (u128::from(a.2) * u128::from(b.1))
+            .cmp(&(u128::from(b.2) * u128::from(a.1)))
+            .then(a.0.cmp(&b.0))
+    });
+    let mut chosen = Vec::new();
+    for (p, size, live_bytes, refs) in candidates {
+        if opts.budget_bytes == 0 || plan.live_bytes + live_bytes > opts.budget_bytes {
+            plan.over_budget += 1;
+            continue;
+        }
+        plan.live_bytes += live_bytes;
+        plan.reclaim_bytes += size.saturating_sub(live_bytes);
+        plan.packs.push(RepackPack {
+            id: p.to_string(),
+            size,
+            live_bytes,
+        });
+        chosen.push(Chosen {
+            pack: p,
+            live: refs,
+        });
+    }
+    (plan, chosen)
+}
+
+/// Where the live chunks of the repacked packs are now.
+#[derive(Default)]
+pub struct Relocation {
+    moved: HashMap<(PackId, u64), (PackId, PackEntry)>,
+    old: HashSet<PackId>,
+    /// The packs written, in order.
+    pub new_packs: Vec<PackId>,
+}
+
+/// Copies the live chunks of `chosen` into new packs of about `pack_target` bytes, verifying each
+/// chunk on the way. Writes packs only; no manifest changes.
+pub async fn copy(store: &Store, pack_target: u64, chosen: &[Chosen]) -> Result<Relocation> {
+    let mut out = Relocation::default();
+    let mut builder = PackBuilder::new();
+    let mut filling: Vec<(PackId, u64, PackEntry)> = Vec::new();
+    for c in chosen {
+        out.old.insert(c.pack);
+        let key = keys::pack(&c.pack);
+        let index = read_index(store, &key)
+            .await
+            .with_context(|| format!("cannot read the index of pack {} to repack it", c.pack))?;
+        let by_offset: HashMap<u64, PackEntry> = index.iter().map(|e| (e.offset, *e)).collect();
+        let mut wanted = Vec::with_capacity(c.live.len());
+        for &(offset, clen) in &c.live {
+            let e = by_offset
+                .get(&offset)
+                .filter(|e| e.clen == clen)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "a retained backup references {clen} bytes at offset {offset} of pack {}, which its index does not list\nhint: the repository is damaged; run 'tidemark-restore check' to see which backups are affected",
+                        c.pack
+                    )
+                })?;
+            wanted.push(*e);
+        }
+        let reads = ranges::coalesce(wanted, |e| (0, e.offset, e.clen));
+        let mut fetched = futures::stream::iter(
+            reads
+                .into_iter()
+                .map(|r| fetch_verified(store, c.pack, r)),
+        )
+        .buffered(READS_IN_FLIGHT);
+        while let Some(frames) = fetched.try_next().await? {
+            for (e, frame) in frames {
+                if builder.len() as u64 >= pack_target {
+                    let full = std::mem::take(&mut builder);
+                    seal(store, full, &mut filling, &mut out).await?;
+                }
+                let placed = builder.push(e.id, &frame, e.ulen);
+                filling.push((c.pack, e.offset, placed));
+            }
+        }
+    }
+    if !builder.is_empty() {
+        seal(store, builder, &mut filling, &mut out).await?;
+    }
+    Ok(out)
+}
+
+/// Reads one coalesced range of `pack` and checks every chunk in it against its id.
+async fn fetch_verified(
+    store: &Store,
+    pack: PackId,
+    read: ranges::Read<PackEntry>,
+) -> Result<Vec<(PackEntry, Bytes)>> {
+    let bytes = store
+        .get_range(&keys::pack(&pack), read.start..read.end)
+        .await
+        .with_context(|| format!("cannot read pack {pack} to repack it"))?;
+    tokio::task::spawn_blocking(move || {
+        read.items
+            .into_iter()
+            .map(|e| {
+                let at = (e.offset - read.start) as usize;
+                let frame = bytes.slice(at..at + e.clen as usize);
+                chunk::decode(&e.id, &frame, e.ulen).map_err(|err| {
+                    anyhow!(
+                        "chunk {} at offset {} of pack {pack} is damaged: {err}\nhint: nothing was repacked from it; run 'tidemark-restore check --read-data' to see which backups are affected",
+                        e.id,
+                        e.offset
+                    )
+                })?;
+                Ok((e, frame))
+            })
+            .collect()
+    })
+    .await?
+}
+
+/// Finishes a pack, stores it create-only ("already exists" is the same bytes) and records where
+/// each of its chunks came from.
+async fn seal(
+    store: &Store,
+    builder: PackBuilder,
+    filling: &mut Vec<(PackId, u64, PackEntry)>,
+    out: &mut Relocation,
+) -> Result<()> {
+    let (id, bytes) = builder.finish();
+    match store.put_create(&keys::pack(&id), Bytes::from(bytes)).await {
+        Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+        Err(e) => return Err(anyhow!(e).context(format!("cannot store repacked pack {id}"))),
+    }
+    tracing::info!(pack = %id, chunks = filling.len(), "repacked pack stored");
+    for (old, offset, entry) in filling.drain(..) {
+        out.moved.insert((old, offset), (id, entry));
+    }
+    out.new_packs.push(id);
+    if out.new_packs.len() == 1 {
+        crash_point("repack-pack");
+    }
+    Ok(())
+}
+
+/// Points every reference of `m` into a repacked pack at its copy and rebuilds the pack table (in
+/// order of first use). Returns false when `m` references no repacked pack.
+pub fn relocate(m: &mut Manifest, r: &Relocation) -> Result<bool> {
+    if !m.packs.iter().any(|p| r.old.contains(p)) {
+        return Ok(false);
+    }
+    let id = m.header.backup_id.clone();
+    let old_table = std::mem::take(&mut m.packs);
+    let mut index_of: HashMap<PackId, u32> = HashMap::new();
+    let mut table: Vec<PackId> = Vec::new();
+    for e in &mut m.entries {
+        let EntryKind::File(f) = &mut e.kind else {
+            continue;
+        };
+        for c in &mut f.chunks {
+            let old = *old_table
+                .get(c.pack as usize)
+                .ok_or_else(|| anyhow!("backup {id}: a chunk names pack #{} of a table of {}", c.pack, old_table.len()))?;
+            let (pack, offset) = if r.old.contains(&old) {
+                let (new, e2) = r.moved.get(&(old, c.offset)).ok_or_else(|| {
+                    anyhow!("backup {id}: chunk {} at offset {} of pack {old} was not copied by the repack\nhint: this is a bug; nothing was changed in this backup", c.id, c.offset)
+                })?;
+                if e2.id != c.id || e2.clen != c.clen || e2.ulen != c.ulen {
+                    bail!(
+                        "backup {id}: the reference to chunk {} at offset {} of pack {old} does not match that pack's index\nhint: the repository is damaged; run 'tidemark-restore check'",
+                        c.id,
+                        c.offset
+                    );
+                }
+                (*new, e2.offset)
+            } else {
+                (old, c.offset)
+            };
+            let n = *index_of.entry(pack).or_insert_with(|| {
+                table.push(pack);
+                (table.len() - 1) as u32
+            });
+            c.pack = n;
+            c.offset = offset;
+        }
+    }
+    m.packs = table;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_format::manifest::{ChunkRef, Entry, FileEntry};
+    use tidemark_format::ChunkId;
+
+    fn manifest(packs: Vec<PackId>, chunks: Vec<ChunkRef>) -> Manifest {
+        Manifest {
+            header: crate::test_support::hdr("b", 1),
+            packs,
+            entries: vec![Entry {
+            path: "base/1/16384".into(),
+            mode: 0o600,
+            kind: EntryKind::File(FileEntry {
+                size: chunks.iter().map(|c| u64::from(c.ulen)).sum(),
+                sha256: ChunkId([0; 32]),
+                    chunks,
+                }),
+            }],
+        }
+    }
+
+    fn cref(seed: u8, pack: u32, offset: u64, clen: u32) -> ChunkRef {
+        ChunkRef {
+            id: ChunkId([seed; 32]),
+            pack,
+            offset,
+            clen,
+            ulen: 8192,
+        }
+    }
+
+    #[test]
+    fn chooses_mostly_garbage_packs_most_garbage_first_within_budget() {
+        let (a, b, c, d) = (
+            PackId::of(b"a"),
+            PackId::of(b"b"),
+            PackId::of(b"c"),
+            PackId::of(b"d"),
+        );
+        let mut live = LiveSet::default();
+        // a: 100 of 1000 live; b: 400 of 1000; c: 600 of 1000 (not enough garbage);
+        // d: 50 of 1000 but referenced twice at the same place (counted once).
+        live.add(&manifest(
+            vec![a, b, c, d],
+            vec![
+                cref(1, 0, 8, 100),
+                cref(2, 1, 8, 400),
+                cref(3, 2, 8, 600),
+                cref(4, 3, 8, 50),
+                cref(4, 3, 8, 50),
+            ],
+        ));
+        live.add(&manifest(vec![d], vec![cref(4, 0, 8, 50)]));
+        let sizes: BTreeMap<PackId, u64> = [a, b, c, d].iter().map(|p| (*p, 1000)).collect();
+        let opts = RepackOptions {
+            budget_bytes: 500,
+            min_garbage_percent: 50,
+        };
+        let (plan, chosen) = choose(live, &sizes, &opts);
+        let ids: Vec<PackId> = chosen.iter().map(|c| c.pack).collect();
+        assert_eq!(ids, vec![d, a], "b (400) no longer fits the budget after d and a");
+        assert_eq!(plan.live_bytes, 150);
+        assert_eq!(plan.reclaim_bytes, 1850);
+        assert_eq!(plan.over_budget, 1);
+        assert_eq!(chosen[0].live, vec![(8, 50)]);
+        // Budget 0 turns repacking off.
+        let mut live = LiveSet::default();
+        live.add(&manifest(vec![a], vec![cref(1, 0, 8, 100)]));
+        let (plan, chosen) = choose(
+            live,
+            &sizes,
+            &RepackOptions {
+                budget_bytes: 0,
+                min_garbage_percent: 50,
+            },
+        );
+        assert!(chosen.is_empty());
+        assert_eq!(plan.over_budget, 1);
+    }
+
+    #[test]
+    fn relocation_rewrites_only_moved_references_and_the_table() {
+        let (old, kept, new) = (PackId::of(b"old"), PackId::of(b"kept"), PackId::of(b"new"));
+        let mut r = Relocation::default();
+        r.old.insert(old);
+        r.moved.insert(
+            (old, 500),
+            (
+                new,
+                PackEntry {
+                    id: ChunkId([1; 32]),
+                    offset: 8,
+                    clen: 10,
+                    ulen: 8192,
+                },
+            ),
+        );
+        let mut m = manifest(
+            vec![old, kept],
+            vec![cref(2, 1, 8, 20), cref(1, 0, 500, 10), cref(2, 1, 8, 20)],
+        );
+        assert!(relocate(&mut m, &r).unwrap());
+        assert_eq!(m.packs, vec![kept, new]);
+        let EntryKind::File(f) = &m.entries[0].kind else {
+            panic!()
+        };
+        assert_eq!((f.chunks[1].pack, f.chunks[1].offset), (1, 8));
+        assert_eq!((f.chunks[0].pack, f.chunks[0].offset), (0, 8));
+        // Untouched manifests are reported as such.
+        let mut other = manifest(vec![kept], vec![cref(2, 0, 8, 20)]);
+        assert!(!relocate(&mut other, &r).unwrap());
+        // A reference whose id differs from the copy's is refused.
+        let mut bad = manifest(vec![old], vec![cref(9, 0, 500, 10)]);
+        assert!(relocate(&mut bad, &r).is_err());
+        // So is one the repack did not copy.
+        let mut missing = manifest(vec![old], vec![cref(1, 0, 900, 10)]);
+        assert!(relocate(&mut missing, &r).is_err());
+    }
+}
