@@ -129,7 +129,8 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Keys under `backups/`, `packs/` and `wal/` (what a restore can use), sorted.
+/// Keys under `backups/` (with a hash of the manifest), `packs/` and `wal/` (what a restore can
+/// use), sorted.
 fn data_keys(repo: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
     let mut stack = vec![repo.to_path_buf()];
@@ -140,10 +141,12 @@ fn data_keys(repo: &Path) -> Result<Vec<String>> {
                 stack.push(p);
             } else {
                 let k = p.strip_prefix(repo)?.to_string_lossy().into_owned();
-                if ["backups/", "packs/", "wal/"]
-                    .iter()
-                    .any(|x| k.starts_with(x))
-                {
+                if k.starts_with("backups/") {
+                    // Repack replaces manifests in place: compare their bytes too.
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    std::hash::Hash::hash(&std::fs::read(&p)?, &mut h);
+                    out.push(format!("{k} {:016x}", std::hash::Hasher::finish(&h)));
+                } else if k.starts_with("packs/") || k.starts_with("wal/") {
                     out.push(k);
                 }
             }
@@ -492,6 +495,47 @@ async fn expire_during_a_backup_leaves_the_backup_whole() -> Result<()> {
     Ok(())
 }
 
+/// On a copy of `repo`: expire with `policy` killed at `step`; `check` must pass; a rerun (dry run
+/// and real, agreeing) must pass `check` and leave exactly the keys `want` of an uninterrupted
+/// run, and no lease. Returns the copy.
+async fn kill_at_then_rerun(
+    dir: &TestDir,
+    repo: &Repo,
+    policy: &[String],
+    step: &str,
+    want: &[String],
+) -> Result<Repo> {
+    let path = dir.join(&format!("crash-{step}"));
+    copy_dir(&repo.path, &path)?;
+    let r = Repo {
+        url: format!("file://{}", path.display()),
+        path,
+    };
+    let mut args = vec!["expire", "--repo", &r.url, "--gc-grace", "0s"];
+    args.extend(policy.iter().map(String::as_str));
+    let run = tidemark(Tool::Agent, &args, &[("TIDEMARK_TEST_CRASH_AT", step)]).await?;
+    ensure!(
+        run.code() == Some(99),
+        "expire did not stop at step {step}:\n{run}"
+    );
+    check_ok(&r, &format!("after expire was killed at {step}")).await?;
+    // The rerun finds the dead process's lease stale, and ends where an uninterrupted run ends.
+    expire(&r, policy, &[])
+        .await
+        .with_context(|| format!("rerun after a crash at {step}"))?;
+    check_ok(&r, &format!("after the rerun following a crash at {step}")).await?;
+    let got = data_keys(&r.path)?;
+    ensure!(got == want, "after a crash at {step} and a rerun the repository differs from an uninterrupted expire:\n got {got:?}\nwant {want:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(r.path.join("locks"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    ensure!(
+        leftovers.is_empty(),
+        "leases left after the rerun following {step}: {leftovers:?}"
+    );
+    Ok(r)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expire_killed_at_every_step_then_rerun() -> Result<()> {
     let dir = TestDir::new("retention-crash")?;
@@ -549,45 +593,7 @@ async fn expire_killed_at_every_step_then_rerun() -> Result<()> {
         "wals",
         "states",
     ] {
-        let path = dir.join(&format!("crash-{step}"));
-        copy_dir(&repo.path, &path)?;
-        let r = Repo {
-            url: format!("file://{}", path.display()),
-            path,
-        };
-        let run = tidemark(
-            Tool::Agent,
-            &[
-                "expire",
-                "--repo",
-                &r.url,
-                "--gc-grace",
-                "0s",
-                "--retain-last",
-                "1",
-            ],
-            &[("TIDEMARK_TEST_CRASH_AT", step)],
-        )
-        .await?;
-        ensure!(
-            run.code() == Some(99),
-            "expire did not stop at step {step}:\n{run}"
-        );
-        check_ok(&r, &format!("after expire was killed at {step}")).await?;
-        // The rerun finds the dead process's lease stale, and ends where an uninterrupted run ends.
-        expire(&r, &policy, &[])
-            .await
-            .with_context(|| format!("rerun after a crash at {step}"))?;
-        check_ok(&r, &format!("after the rerun following a crash at {step}")).await?;
-        let got = data_keys(&r.path)?;
-        ensure!(got == want, "after a crash at {step} and a rerun the repository differs from an uninterrupted expire:\n got {got:?}\nwant {want:?}");
-        let leftovers: Vec<_> = std::fs::read_dir(r.path.join("locks"))
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
-            .unwrap_or_default();
-        ensure!(
-            leftovers.is_empty(),
-            "leases left after the rerun following {step}: {leftovers:?}"
-        );
+        let r = kill_at_then_rerun(&dir, &repo, &policy, step, &want).await?;
         eprintln!("retention crash: killed at {step}, check passed, rerun matched the reference");
         if step != "pack" {
             std::fs::remove_dir_all(&r.path).ok();
@@ -674,5 +680,160 @@ async fn pack_deleted_out_of_band_is_reported_and_stored_again() -> Result<()> {
         "info's recoverable window does not match the expire plan {}: {info:#}",
         plan["recoverable_from"]
     );
+    Ok(())
+}
+
+/// Fills `bulk` with about 10 MiB (stored) of random hex, replacing what it held: a rewrite that
+/// leaves the previous backup's packs mostly garbage.
+async fn rewrite_bulk(db: &tokio_postgres::Client) -> Result<()> {
+    db.batch_execute(
+        "CREATE TABLE IF NOT EXISTS bulk (id int PRIMARY KEY, v text NOT NULL);
+         TRUNCATE bulk;
+         INSERT INTO bulk SELECT g, (SELECT string_agg(md5(random()::text || g), '') FROM generate_series(1, 24))
+           FROM generate_series(1, 20000) g;
+         CHECKPOINT;",
+    )
+    .await
+    .context("cannot rewrite table bulk")
+}
+
+async fn bulk_digest(db: &tokio_postgres::Client) -> Result<String> {
+    let r = db
+        .query_one("SELECT md5(string_agg(v, ',' ORDER BY id)) FROM bulk", &[])
+        .await
+        .context("cannot digest table bulk")?;
+    Ok(r.get(0))
+}
+
+fn pack_bytes(repo: &Repo) -> Result<u64> {
+    Ok(repo.packs()?.iter().map(|(_, n)| n).sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repack_reclaims_mostly_garbage_packs_and_survives_kill_9() -> Result<()> {
+    let dir = TestDir::new("retention-repack")?;
+    let repo = Repo::create(&dir, "repo")?;
+    let src = PgCluster::start_archiving(&dir, "src", &repo).await?;
+    let db = src.client().await?;
+    data::create_table(&db).await?;
+    rewrite_bulk(&db).await?;
+    data::write_batch(&db, 1).await?;
+    let first = src.backup(&repo).await?;
+    // The table is rewritten: the first backup's pack now holds mostly chunks only it uses, plus
+    // the catalog chunks the second backup deduplicated against.
+    rewrite_bulk(&db).await?;
+    data::write_batch(&db, 2).await?;
+    src.backup(&repo).await?;
+    data::write_batch(&db, 3).await?;
+    src.switch_wal_and_wait(&repo).await?;
+    let digest = bulk_digest(&db).await?;
+    drop(db);
+    let policy = vec!["--retain-last".to_string(), "1".to_string()];
+
+    // The reference run on a copy; the crash runs below must end exactly where it ends.
+    let reference = Repo {
+        path: dir.join("ref"),
+        url: format!("file://{}", dir.join("ref").display()),
+    };
+    copy_dir(&repo.path, &reference.path)?;
+    let before = pack_bytes(&reference)?;
+    let plan = expire(&reference, &policy, &[]).await?;
+    let rp = &plan["repack"];
+    let repacked: Vec<String> = rp["packs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["id"].as_str().map(str::to_string))
+        .collect();
+    let live = rp["live_bytes"].as_u64().unwrap_or(0);
+    let reclaim = rp["reclaim_bytes"].as_u64().unwrap_or(0);
+    ensure!(
+        !repacked.is_empty() && live > 0 && reclaim > live && rp["rewrite_manifests"].as_array().is_some_and(|m| m.len() == 1),
+        "expected the first backup's mostly-garbage pack(s) to be repacked and the kept backup relocated: {plan:#}"
+    );
+    ensure!(
+        plan["backups"][1]["id"] == first["backup_id"] && plan["backups"][1]["action"] == "remove",
+        "the first backup should be removed: {plan:#}"
+    );
+    // The kept manifest names only packs that exist, none of the repacked ones; check reads
+    // every chunk of it.
+    let (ok, report) = tidemark(
+        Tool::Restore,
+        &["check", "--repo", &reference.url, "--read-data", "--json"],
+        &[],
+    )
+    .await?
+    .json_document()
+    .map(|v| (v["ok"] != false, v))?;
+    ensure!(ok, "check --read-data failed after the repack: {report:#}");
+    let manifests = reference.snapshot()?;
+    for (k, bytes) in manifests.iter().filter(|(k, _)| k.starts_with("backups/")) {
+        let m = tidemark_format::manifest::Manifest::decode(bytes)
+            .with_context(|| format!("{k} does not decode after the repack"))?;
+        for p in &m.packs {
+            ensure!(
+                !repacked.contains(&p.to_string()),
+                "{k} still names repacked pack {p}"
+            );
+        }
+    }
+    // The old packs wait out the grace period; the next run deletes them and repacks nothing.
+    let again = expire(&reference, &policy, &[]).await?;
+    let deleted: Vec<String> = again["packs"]["delete"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str().map(str::to_string))
+        .collect();
+    for p in &repacked {
+        ensure!(
+            deleted.contains(p),
+            "the second expire did not delete repacked pack {p}: {again:#}"
+        );
+    }
+    ensure!(
+        again["repack"]["packs"].as_array().is_some_and(|p| p.is_empty()),
+        "the second expire repacked again: {again:#}"
+    );
+    let after = pack_bytes(&reference)?;
+    eprintln!(
+        "repack: packs {before} bytes before, {after} after; copied {live} live bytes, plan said {reclaim} reclaimable"
+    );
+    ensure!(
+        after + reclaim <= before + 4096 && after < before,
+        "packs shrank from {before} to {after} bytes, the plan promised {reclaim}"
+    );
+    check_ok(&reference, "after the repacked packs were deleted").await?;
+    let pgdata = dir.join("restored");
+    reference
+        .restore(&pgdata, &["--target", "latest"])
+        .await?
+        .ok()?;
+    let server = start_restored(&dir, "restored-server", &pgdata).await?;
+    let rdb = server.client().await?;
+    ensure!(
+        data::batch_counts(&rdb).await? == expected(3),
+        "restore after the repack lost rows"
+    );
+    ensure!(
+        bulk_digest(&rdb).await? == digest,
+        "table bulk differs after a restore from repacked packs"
+    );
+    drop(rdb);
+    drop(server);
+
+    // kill -9 inside the repack: check passes, the rerun ends where the first reference run ended.
+    let reference1 = Repo {
+        path: dir.join("ref1"),
+        url: format!("file://{}", dir.join("ref1").display()),
+    };
+    copy_dir(&repo.path, &reference1.path)?;
+    expire(&reference1, &policy, &[]).await?;
+    let want = data_keys(&reference1.path)?;
+    for step in ["packs", "repacked-packs", "relocated", "repacked"] {
+        let r = kill_at_then_rerun(&dir, &repo, &policy, step, &want).await?;
+        eprintln!("repack crash: killed at {step}, check passed, rerun matched the reference");
+        std::fs::remove_dir_all(&r.path).ok();
+    }
     Ok(())
 }
