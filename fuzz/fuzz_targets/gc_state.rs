@@ -13,7 +13,10 @@ fn check(buf: &[u8]) {
     let Ok(s) = GcState::decode(buf) else {
         return;
     };
-    assert!(s.packs.windows(2).all(|w| w[0] < w[1]), "strictly increasing");
+    assert!(
+        s.packs.windows(2).all(|w| w[0] < w[1]),
+        "strictly increasing"
+    );
     assert_eq!(buf.len(), 20 + 32 * s.packs.len() + 32);
     let again = s.encode();
     assert_eq!(again.len(), buf.len());
