@@ -12,7 +12,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 vectors="$here/../format-spec/vectors"
 seconds="${FUZZ_SECONDS:-15}"
-all_targets=(config pack pack_index chunk manifest wal_object wal_name wal_page_header keys replication_stream)
+all_targets=(config pack pack_index chunk manifest wal_object wal_name wal_page_header keys lease gc_state
+    replication_stream)
 if [ "$#" -gt 0 ]; then targets=("$@"); else targets=("${all_targets[@]}"); fi
 
 cd "$here"
@@ -69,7 +70,11 @@ seed() {
         printf %s "backups/20261121T204012Z.manifest" >"$dir/seed-manifest"
         printf %s "wal/00000001/000000010000000000000020" >"$dir/seed-wal"
         printf %s "config" >"$dir/seed-config"
+        printf %s "locks/expire-0123456789abcdef0123456789abcdef" >"$dir/seed-lease"
+        printf %s "gc/0123456789abcdef0123456789abcdef" >"$dir/seed-gc-state"
         ;;
+    lease) cp "$vectors/lease.bin" "$dir/seed-lease" ;;
+    gc_state) cp "$vectors/gc-state.bin" "$dir/seed-gc-state" ;;
     replication_stream)
         # split step, ReadyForQuery, then CopyData('d' + a ustar archive holding PG_VERSION).
         local tmp

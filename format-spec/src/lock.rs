@@ -3,7 +3,8 @@
 //! Invariants: both are written create-only and never modified; a lease is renewed by writing a
 //! new lease object and deleting the old one. Decoders verify the sha256 trailer first and refuse
 //! trailing bytes, unknown kinds, hosts longer than [`MAX_HOST`] and pack counts the object cannot
-//! hold.
+//! hold; [`Lease::decode_for_key`] also refuses a kind that differs from the key's. The encoder
+//! cuts a longer host at a character boundary, so every encoded lease decodes.
 
 use crate::codec::{split_sha256_trailer, Reader, Writer};
 use crate::error::FormatError;
@@ -68,8 +69,7 @@ impl Lease {
         w.i64(self.created_us);
         w.i64(self.expires_us);
         w.u32(self.pid);
-        let host = self.host.as_bytes();
-        w.bytes(&host[..host.len().min(MAX_HOST)]);
+        w.bytes(truncate_host(&self.host).as_bytes());
         w.finish_with_sha256()
     }
 
@@ -97,6 +97,36 @@ impl Lease {
             host,
         })
     }
+
+    /// Decodes the lease stored under `key` and checks that its kind is the one the key names
+    /// (FORMAT.md 16.1: the kind MUST match the key's `<kind>` word).
+    pub fn decode_for_key(key: &str, buf: &[u8]) -> Result<Self, FormatError> {
+        const WHAT: &str = "lease";
+        let (kind, _) = crate::keys::parse_lease(key)
+            .ok_or_else(|| FormatError::invalid(WHAT, format!("{key:?} is not a lease key")))?;
+        let lease = Lease::decode(buf)?;
+        if lease.kind != kind {
+            return Err(FormatError::invalid(
+                WHAT,
+                format!(
+                    "kind {} ({}) does not match its key {key}",
+                    lease.kind.code(),
+                    lease.kind.word()
+                ),
+            ));
+        }
+        Ok(lease)
+    }
+}
+
+/// The longest prefix of `host` that is at most [`MAX_HOST`] bytes and ends on a character
+/// boundary (cutting inside a character would make the lease undecodable).
+fn truncate_host(host: &str) -> &str {
+    let mut end = host.len().min(MAX_HOST);
+    while !host.is_char_boundary(end) {
+        end -= 1;
+    }
+    &host[..end]
 }
 
 /// One GC state object: packs an expire found unreferenced ("condemned") at `condemned_us`.
@@ -168,6 +198,23 @@ mod tests {
         let mut bad = b.clone();
         bad[8] = 9;
         assert!(Lease::decode(&bad).is_err());
+    }
+
+    #[test]
+    fn long_host_is_cut_at_a_character_boundary() {
+        // 254 ASCII bytes, then a 2-byte character that would end at byte 256.
+        let host = format!("{}é", "h".repeat(254));
+        assert_eq!(truncate_host(&host), "h".repeat(254));
+        let l = Lease {
+            kind: LeaseKind::Backup,
+            created_us: 0,
+            expires_us: 0,
+            pid: 1,
+            host,
+        };
+        assert_eq!(Lease::decode(&l.encode()).unwrap().host, "h".repeat(254));
+        assert_eq!(truncate_host(&"x".repeat(300)).len(), MAX_HOST);
+        assert_eq!(truncate_host("db-0"), "db-0");
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! the round-trip tests.
 
 use std::path::PathBuf;
+use tidemark_format::codec::Writer;
 use tidemark_format::config::RepoConfig;
+use tidemark_format::lock::{GcState, Lease, LeaseKind, GC_MAGIC, LEASE_MAGIC, MAX_HOST};
 use tidemark_format::manifest::{Manifest, ManifestHeader};
 use tidemark_format::wal::{self, WalFileName};
-use tidemark_format::{chunk, pack, ChunkId, FormatError};
+use tidemark_format::{chunk, keys, pack, ChunkId, FormatError, PackId};
 
 fn vector(name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -208,4 +210,204 @@ fn zstd_frames_must_be_exactly_one_with_content_size() {
     let mut wrong = FRAME_ABC;
     wrong[5] = 4;
     assert!(chunk::decode(&abc_id(), &wrong, 3).is_err());
+}
+
+// Leases and GC states: the sha256 trailer covers every byte, so every flip is refused.
+#[test]
+fn lease_and_gc_state_refuse_every_truncation_and_flip() {
+    let b = vector("lease.bin");
+    for n in 0..b.len() {
+        assert!(Lease::decode(&b[..n]).is_err(), "lease: cut at {n}");
+    }
+    for (i, bad) in flips(&b) {
+        assert!(Lease::decode(&bad).is_err(), "lease: flip in byte {i}");
+    }
+    let b = vector("gc-state.bin");
+    for n in 0..b.len() {
+        assert!(GcState::decode(&b[..n]).is_err(), "gc state: cut at {n}");
+    }
+    for (i, bad) in flips(&b) {
+        assert!(GcState::decode(&bad).is_err(), "gc state: flip in byte {i}");
+    }
+}
+
+/// A lease object with a valid trailer from raw field values (FORMAT.md 16.1).
+fn lease_bytes(kind: u8, host_len: u32, host: &[u8], extra: &[u8]) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.header(LEASE_MAGIC);
+    w.u8(kind);
+    w.i64(1_795_316_400_000_000);
+    w.i64(1_795_316_700_000_000);
+    w.u32(4242);
+    w.u32(host_len);
+    w.raw(host);
+    w.raw(extra);
+    w.finish_with_sha256()
+}
+
+fn nonce_key(kind: LeaseKind) -> String {
+    keys::lease(kind, "0123456789abcdef0123456789abcdef").expect("valid nonce")
+}
+
+#[test]
+fn lease_refuses_unknown_kind_and_a_kind_other_than_its_key() {
+    assert!(Lease::decode(&lease_bytes(2, 4, b"db-0", b"")).is_ok());
+    for code in (0..=255u8).filter(|c| !matches!(c, 1 | 2)) {
+        assert!(
+            matches!(
+                Lease::decode(&lease_bytes(code, 4, b"db-0", b"")),
+                Err(FormatError::Invalid { .. })
+            ),
+            "kind {code}"
+        );
+    }
+    // A backup lease stored under an expire key (and the reverse) would turn an exclusive lease
+    // into a shared one: refused when read for its key.
+    let backup = lease_bytes(1, 4, b"db-0", b"");
+    let expire = lease_bytes(2, 4, b"db-0", b"");
+    let (bk, ek) = (nonce_key(LeaseKind::Backup), nonce_key(LeaseKind::Expire));
+    assert!(Lease::decode_for_key(&bk, &backup).is_ok());
+    assert!(Lease::decode_for_key(&ek, &expire).is_ok());
+    assert!(matches!(
+        Lease::decode_for_key(&ek, &backup),
+        Err(FormatError::Invalid { .. })
+    ));
+    assert!(matches!(
+        Lease::decode_for_key(&bk, &expire),
+        Err(FormatError::Invalid { .. })
+    ));
+    assert!(Lease::decode_for_key("locks/x", &backup).is_err());
+}
+
+#[test]
+fn lease_refuses_long_or_lying_host() {
+    let max = "h".repeat(MAX_HOST);
+    let l = Lease::decode(&lease_bytes(1, MAX_HOST as u32, max.as_bytes(), b"")).expect("255");
+    assert_eq!(l.host, max);
+    let long = "h".repeat(MAX_HOST + 1);
+    assert_eq!(
+        Lease::decode(&lease_bytes(1, 256, long.as_bytes(), b"")),
+        Err(FormatError::TooLarge {
+            what: "host",
+            size: 256,
+            max: 255
+        })
+    );
+    // A length far past the object is refused by the cap before anything is read or allocated.
+    for len in [256, 70_000, u32::MAX] {
+        assert!(
+            matches!(
+                Lease::decode(&lease_bytes(1, len, b"db-0", b"")),
+                Err(FormatError::TooLarge { .. })
+            ),
+            "host length {len}"
+        );
+    }
+    // A length longer than the bytes present (within the cap) is truncation.
+    assert!(matches!(
+        Lease::decode(&lease_bytes(1, 5, b"db-0", b"")),
+        Err(FormatError::Truncated { .. })
+    ));
+    // Shorter than the bytes present leaves trailing bytes.
+    assert!(matches!(
+        Lease::decode(&lease_bytes(1, 3, b"db-0", b"")),
+        Err(FormatError::Invalid { .. })
+    ));
+    assert!(matches!(
+        Lease::decode(&lease_bytes(1, 2, b"\xc3\x28", b"")),
+        Err(FormatError::Invalid { .. })
+    ));
+}
+
+#[test]
+fn lease_and_gc_state_refuse_trailing_bytes() {
+    assert!(matches!(
+        Lease::decode(&lease_bytes(1, 4, b"db-0", b"\0")),
+        Err(FormatError::Invalid { .. })
+    ));
+    let mut after = vector("lease.bin");
+    after.push(0);
+    assert!(Lease::decode(&after).is_err(), "a byte after the trailer");
+
+    let s = GcState::decode(&vector("gc-state.bin")).expect("vector decodes");
+    let mut w = Writer::new();
+    w.header(GC_MAGIC);
+    w.i64(s.condemned_us);
+    w.u32(2); // three ids follow
+    for p in &s.packs {
+        w.raw(p.as_bytes());
+    }
+    assert!(matches!(
+        GcState::decode(&w.finish_with_sha256()),
+        Err(FormatError::Invalid { .. })
+    ));
+    let mut after = vector("gc-state.bin");
+    after.push(0);
+    assert!(GcState::decode(&after).is_err(), "a byte after the trailer");
+}
+
+/// A GC state with a valid trailer: `count` as declared, then `packs` as given.
+fn gc_bytes(count: u32, packs: &[PackId]) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.header(GC_MAGIC);
+    w.i64(1_795_316_407_250_000);
+    w.u32(count);
+    for p in packs {
+        w.raw(p.as_bytes());
+    }
+    w.finish_with_sha256()
+}
+
+// A count the object cannot hold must fail on the missing bytes, not allocate first: with
+// `count` u32::MAX an uncapped `Vec::with_capacity` would ask for 128 GiB and abort the test.
+#[test]
+fn gc_state_count_past_the_object_is_truncation_without_allocation() {
+    let s = GcState::decode(&vector("gc-state.bin")).expect("vector decodes");
+    assert!(GcState::decode(&gc_bytes(3, &s.packs)).is_ok());
+    for count in [4, 1000, 1 << 27, u32::MAX] {
+        assert!(
+            matches!(
+                GcState::decode(&gc_bytes(count, &s.packs)),
+                Err(FormatError::Truncated { .. })
+            ),
+            "count {count}"
+        );
+    }
+    assert!(matches!(
+        GcState::decode(&gc_bytes(u32::MAX, &[])),
+        Err(FormatError::Truncated { .. })
+    ));
+    assert_eq!(
+        GcState::decode(&gc_bytes(0, &[])).map(|g| g.packs.len()),
+        Ok(0)
+    );
+}
+
+#[test]
+fn gc_state_refuses_unsorted_and_duplicate_packs() {
+    let s = GcState::decode(&vector("gc-state.bin")).expect("vector decodes");
+    let (a, b, c) = (s.packs[0], s.packs[1], s.packs[2]);
+    for bad in [
+        vec![c, b, a],
+        vec![a, c, b],
+        vec![b, a, c],
+        vec![a, a],
+        vec![a, b, b],
+        vec![a, b, c, c],
+        vec![a, b, c, a],
+    ] {
+        assert!(
+            matches!(
+                GcState::decode(&gc_bytes(bad.len() as u32, &bad)),
+                Err(FormatError::Invalid { .. })
+            ),
+            "{bad:?}"
+        );
+    }
+    // The encoder writes what it is given; an unsorted state never decodes.
+    let unsorted = GcState {
+        condemned_us: 1,
+        packs: vec![b, a],
+    };
+    assert!(GcState::decode(&unsorted.encode()).is_err());
 }

@@ -4,6 +4,7 @@
 
 use tidemark_format::chunk::{self, MAX_CHUNK_SIZE};
 use tidemark_format::config::{RepoConfig, COMPRESSION_ZSTD};
+use tidemark_format::lock::{GcState, Lease, LeaseKind, MAX_HOST};
 use tidemark_format::manifest::{
     self, BackupStats, ChunkRef, Entry, EntryKind, FileEntry, Manifest, ManifestHeader,
     FLAG_FROM_STANDBY, SOURCE_PGDATA, SOURCE_REPLICATION,
@@ -410,5 +411,118 @@ fn chunks_round_trip() {
         assert!(chunk::decode(&id, &frame, data.len() as u32 - 1).is_err());
         let cut = rng.range(0, frame.len() as u64 - 1) as usize;
         assert!(chunk::decode(&id, &frame[..cut], data.len() as u32).is_err());
+    }
+}
+
+/// A host name of 0..=`MAX_HOST` bytes, mixing ASCII with 2-, 3- and 4-byte characters.
+fn host(rng: &mut Rng) -> String {
+    const CHARS: &[char] = &['a', 'z', '0', '-', '.', 'é', 'ß', '€', '日', '🦀'];
+    let want = rng.range(0, MAX_HOST as u64) as usize;
+    let mut s = String::new();
+    loop {
+        let c = *rng.pick(CHARS);
+        if s.len() + c.len_utf8() > want {
+            return s;
+        }
+        s.push(c);
+    }
+}
+
+fn nonce(rng: &mut Rng) -> String {
+    hex::encode(&rng.id()[..16])
+}
+
+#[test]
+fn leases_round_trip_and_refuse_damage() {
+    let mut rng = Rng(8);
+    for _ in 0..CASES * 3 {
+        let kind = *rng.pick(&[LeaseKind::Backup, LeaseKind::Expire]);
+        let l = Lease {
+            kind,
+            created_us: rng.next() as i64,
+            expires_us: rng.next() as i64,
+            pid: rng.next() as u32,
+            host: host(&mut rng),
+        };
+        let b = l.encode();
+        assert_eq!(b.len(), 33 + l.host.len() + 32);
+        assert_eq!(Lease::decode(&b).as_ref(), Ok(&l));
+        let n = nonce(&mut rng);
+        let key = keys::lease(kind, &n).expect("generated nonce is valid");
+        assert_eq!(keys::parse_lease(&key), Some((kind, n.as_str())));
+        assert_eq!(Lease::decode_for_key(&key, &b).as_ref(), Ok(&l));
+        let other = match kind {
+            LeaseKind::Backup => LeaseKind::Expire,
+            LeaseKind::Expire => LeaseKind::Backup,
+        };
+        let other_key = keys::lease(other, &n).expect("generated nonce is valid");
+        assert!(Lease::decode_for_key(&other_key, &b).is_err());
+        let at = rng.range(0, b.len() as u64 - 1) as usize;
+        let mut bad = b.clone();
+        bad[at] ^= 1 << rng.range(0, 7);
+        assert!(Lease::decode(&bad).is_err(), "flip at {at} accepted");
+        assert!(Lease::decode(&b[..at]).is_err(), "cut at {at} accepted");
+    }
+}
+
+// The encoder cuts a host longer than MAX_HOST bytes at a character boundary, so the lease still
+// decodes and its host is the longest such prefix.
+#[test]
+fn leases_with_long_hosts_still_decode() {
+    let mut rng = Rng(9);
+    for _ in 0..CASES {
+        let mut long = host(&mut rng);
+        while long.len() <= MAX_HOST {
+            long.push(*rng.pick(&['x', 'é', '€', '🦀']));
+        }
+        let l = Lease {
+            kind: LeaseKind::Backup,
+            created_us: 0,
+            expires_us: 1,
+            pid: 1,
+            host: long.clone(),
+        };
+        let back = Lease::decode(&l.encode()).expect("a long host still decodes");
+        assert!(back.host.len() <= MAX_HOST && back.host.len() > MAX_HOST - 4);
+        assert!(long.starts_with(&back.host));
+        assert!(
+            back.host.len()
+                + long[back.host.len()..]
+                    .chars()
+                    .next()
+                    .map_or(0, char::len_utf8)
+                > MAX_HOST
+        );
+    }
+}
+
+#[test]
+fn gc_states_round_trip_and_refuse_damage() {
+    let mut rng = Rng(10);
+    for case in 0..CASES {
+        let n = if case % 10 == 0 { 0 } else { rng.range(1, 200) };
+        let set: std::collections::BTreeSet<PackId> = (0..n).map(|_| PackId(rng.id())).collect();
+        let s = GcState {
+            condemned_us: rng.next() as i64,
+            packs: set.into_iter().collect(),
+        };
+        let b = s.encode();
+        assert_eq!(b.len(), 20 + 32 * s.packs.len() + 32);
+        assert_eq!(GcState::decode(&b).as_ref(), Ok(&s));
+        let nonce = nonce(&mut rng);
+        let key = keys::gc_state(&nonce).expect("generated nonce is valid");
+        assert_eq!(keys::parse_gc_state(&key), Some(nonce.as_str()));
+        let at = rng.range(0, b.len() as u64 - 1) as usize;
+        let mut bad = b.clone();
+        bad[at] ^= 1 << rng.range(0, 7);
+        assert!(GcState::decode(&bad).is_err(), "flip at {at} accepted");
+        assert!(GcState::decode(&b[..at]).is_err(), "cut at {at} accepted");
+        // Swapping two neighbours (re-encoded, so the trailer is valid) is refused.
+        if s.packs.len() >= 2 {
+            let i = rng.range(0, s.packs.len() as u64 - 2) as usize;
+            let mut swapped = s.clone();
+            swapped.packs.swap(i, i + 1);
+            assert!(GcState::decode(&swapped.encode()).is_err(), "swap at {i}");
+        }
     }
 }

@@ -10,6 +10,7 @@ mod golden;
 
 use std::path::PathBuf;
 use tidemark_format::config::RepoConfig;
+use tidemark_format::lock::{GcState, Lease, LeaseKind};
 use tidemark_format::manifest::{EntryKind, Manifest, ManifestHeader};
 use tidemark_format::pack::{self, PackBuilder};
 use tidemark_format::wal::{self, WalFileName};
@@ -323,4 +324,127 @@ fn wal_long_page_header_vector() {
     assert_eq!(p.system_id, SystemId(7_300_000_000_000_000_001));
     assert_eq!(p.seg_size, 1 << 20);
     assert_eq!(p.block_size, 8192);
+}
+
+/// The nonce of the golden lease and GC state keys (any 32 lowercase hex digits).
+const NONCE: &str = "0123456789abcdef0123456789abcdef";
+
+#[test]
+fn lease_vector() {
+    let bytes = vector("lease.bin");
+    // Fully pinned: a lease holds no zstd output.
+    assert_eq!(
+        hex::encode(&bytes),
+        "544d4c4b0100000002000c48acd460060000af29bed460060092100000090000\
+         0070672d6d61696e2d3062e0a75d78257e2f024b60158f964cd8c873dcb869ac\
+         6a6167c17bdea583e970"
+    );
+    assert_eq!(bytes.len(), 33 + 9 + 32, "33 + L + 32 with L = 9");
+    let l = Lease::decode(&bytes).expect("lease.bin decodes");
+    assert_eq!(l.kind, LeaseKind::Expire);
+    assert_eq!(l.created_us, 1_795_316_400_000_000);
+    assert_eq!(l.expires_us, 1_795_316_700_000_000);
+    assert_eq!(l.expires_us - l.created_us, 300_000_000, "TTL 300 s");
+    assert_eq!(l.pid, 4242);
+    assert_eq!(l.host, "pg-main-0");
+    assert_eq!(l.encode(), bytes);
+    // Offsets of FORMAT.md 16.1.
+    assert_eq!(bytes[8], 2, "kind at offset 8");
+    assert_eq!(&bytes[29..33], &9u32.to_le_bytes(), "host length at 29");
+    assert_eq!(&bytes[33..42], b"pg-main-0");
+    assert_eq!(
+        &bytes[42..],
+        ChunkId::of(&bytes[..42]).as_bytes(),
+        "trailer"
+    );
+
+    // Key: `locks/expire-<nonce>`; the lease decodes under an expire key only.
+    let key = keys::lease(LeaseKind::Expire, NONCE).expect("valid nonce");
+    assert_eq!(key, format!("locks/expire-{NONCE}"));
+    assert_eq!(keys::parse_lease(&key), Some((LeaseKind::Expire, NONCE)));
+    assert_eq!(Lease::decode_for_key(&key, &bytes), Ok(l));
+    let backup_key = keys::lease(LeaseKind::Backup, NONCE).expect("valid nonce");
+    assert_eq!(backup_key, format!("locks/backup-{NONCE}"));
+    assert!(matches!(
+        Lease::decode_for_key(&backup_key, &bytes),
+        Err(FormatError::Invalid { .. })
+    ));
+    for bad in [
+        format!("locks/Expire-{NONCE}"),
+        format!("locks/expire-{}", NONCE.to_uppercase()),
+        format!("locks/expire-{NONCE}0"),
+        format!("locks/expire_{NONCE}"),
+        format!("lock/expire-{NONCE}"),
+        format!("locks/expire-{}", &NONCE[1..]),
+        format!("gc/{NONCE}"),
+    ] {
+        assert_eq!(keys::parse_lease(&bad), None, "{bad}");
+        assert!(Lease::decode_for_key(&bad, &bytes).is_err(), "{bad}");
+    }
+    assert_eq!(keys::lease(LeaseKind::Expire, &NONCE.to_uppercase()), None);
+}
+
+#[test]
+fn gc_state_vector() {
+    let bytes = vector("gc-state.bin");
+    // Fully pinned: a GC state holds no zstd output.
+    assert_eq!(
+        hex::encode(&bytes),
+        "544d47430100000050acb6acd460060003000000b4d51c072c945cc178fc35f6\
+         f5743620d35782cefe59026c4d137d9ed4b69707f2a96410ff6953741e228921\
+         c3c8e04bb26c3f52ad5f6f58831e98e8b37a4534f569553e060ca25ed649f136\
+         acd8864ae110dc2c79aa4e40eac088b552b7123eecb230be705363d203d17621\
+         256f457a6cc252691052e4b688161151ecdf9745"
+    );
+    assert_eq!(bytes.len(), 20 + 32 * 3 + 32);
+    let s = GcState::decode(&bytes).expect("gc-state.bin decodes");
+    assert_eq!(s.condemned_us, 1_795_316_407_250_000);
+    // sha256 of "orphan-1", "orphan-3", "orphan-2": sorted, so creation order is not kept.
+    assert_eq!(
+        s.packs,
+        [
+            "b4d51c072c945cc178fc35f6f5743620d35782cefe59026c4d137d9ed4b69707",
+            "f2a96410ff6953741e228921c3c8e04bb26c3f52ad5f6f58831e98e8b37a4534",
+            "f569553e060ca25ed649f136acd8864ae110dc2c79aa4e40eac088b552b7123e",
+        ]
+        .map(id_pack)
+    );
+    assert_eq!(s.packs[0], PackId::of(b"orphan-1"));
+    assert_eq!(s.packs[1], PackId::of(b"orphan-3"));
+    assert_eq!(s.packs[2], PackId::of(b"orphan-2"));
+    assert_eq!(s.encode(), bytes);
+    // Offsets of FORMAT.md 16.2.
+    assert_eq!(&bytes[16..20], &3u32.to_le_bytes(), "count at 16");
+    assert_eq!(&bytes[20..52], s.packs[0].as_bytes());
+    assert_eq!(
+        &bytes[116..],
+        ChunkId::of(&bytes[..116]).as_bytes(),
+        "trailer"
+    );
+
+    // Key: `gc/<nonce>`.
+    let key = keys::gc_state(NONCE).expect("valid nonce");
+    assert_eq!(key, format!("gc/{NONCE}"));
+    assert_eq!(keys::parse_gc_state(&key), Some(NONCE));
+    for bad in [
+        format!("gc/{}", NONCE.to_uppercase()),
+        format!("gc/{NONCE}/x"),
+        format!("gc/{}", &NONCE[1..]),
+        format!("gc/x{}", &NONCE[1..]),
+        format!("locks/expire-{NONCE}"),
+        "gc/".to_string(),
+    ] {
+        assert_eq!(keys::parse_gc_state(&bad), None, "{bad}");
+    }
+    assert_eq!(keys::gc_state("short"), None);
+
+    // A lease is not a GC state and the other way round (different magic).
+    assert!(matches!(
+        GcState::decode(&vector("lease.bin")),
+        Err(FormatError::BadMagic { .. })
+    ));
+    assert!(matches!(
+        Lease::decode(&bytes),
+        Err(FormatError::BadMagic { .. })
+    ));
 }

@@ -1,4 +1,4 @@
-//! The key parsers of `keys` on arbitrary strings.
+//! The key parsers of `keys` (packs, manifests, WAL, leases, GC states) on arbitrary strings.
 //! Invariant: a key that parses is rebuilt exactly by its constructor, so no other spelling of
 //! a key (case, extra components, `..`) is ever accepted.
 #![no_main]
@@ -19,5 +19,11 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Some(n) = keys::parse_wal(s) {
         assert_eq!(keys::wal(&n), s);
+    }
+    if let Some((kind, nonce)) = keys::parse_lease(s) {
+        assert_eq!(keys::lease(kind, nonce).as_deref(), Some(s));
+    }
+    if let Some(nonce) = keys::parse_gc_state(s) {
+        assert_eq!(keys::gc_state(nonce).as_deref(), Some(s));
     }
 });

@@ -9,6 +9,7 @@
 
 use tidemark_format::chunk;
 use tidemark_format::config::{RepoConfig, COMPRESSION_ZSTD};
+use tidemark_format::lock::{GcState, Lease, LeaseKind};
 use tidemark_format::manifest::{
     BackupStats, ChunkRef, Entry, EntryKind, FileEntry, Manifest, ManifestHeader, SOURCE_PGDATA,
 };
@@ -220,6 +221,38 @@ pub fn wal_history_name() -> WalFileName {
     WalFileName::parse(WAL_HISTORY_NAME).expect("the golden history name is valid")
 }
 
+/// 2026-11-22T03:00:00Z: when the golden expire took its lease.
+pub const LEASE_CREATED_US: i64 = 1_795_316_400_000_000;
+/// 2026-11-22T03:05:00Z: the lease's first expiry (TTL 300 s).
+pub const LEASE_EXPIRES_US: i64 = 1_795_316_700_000_000;
+pub const LEASE_PID: u32 = 4242;
+pub const LEASE_HOST: &str = "pg-main-0";
+/// 2026-11-22T03:00:07.25Z: when the golden expire condemned its packs.
+pub const CONDEMNED_US: i64 = 1_795_316_407_250_000;
+/// The condemned packs are named by the sha256 of these strings (not packs of the vectors).
+pub const CONDEMNED_PACK_SEEDS: [&[u8]; 3] = [b"orphan-1", b"orphan-2", b"orphan-3"];
+
+/// The lease (`lease.bin`) of an expire running on pod `pg-main-0`.
+pub fn lease() -> Lease {
+    Lease {
+        kind: LeaseKind::Expire,
+        created_us: LEASE_CREATED_US,
+        expires_us: LEASE_EXPIRES_US,
+        pid: LEASE_PID,
+        host: LEASE_HOST.into(),
+    }
+}
+
+/// The GC state (`gc-state.bin`) of that expire: three condemned packs, sorted.
+pub fn gc_state() -> GcState {
+    let mut packs: Vec<PackId> = CONDEMNED_PACK_SEEDS.iter().map(|s| PackId::of(s)).collect();
+    packs.sort();
+    GcState {
+        condemned_us: CONDEMNED_US,
+        packs,
+    }
+}
+
 /// Every vector file name and its bytes, in the order the README lists them.
 pub fn all() -> Vec<(&'static str, Vec<u8>)> {
     let seg = wal_segment_data();
@@ -238,5 +271,7 @@ pub fn all() -> Vec<(&'static str, Vec<u8>)> {
             wal::encode(wal_history_name(), HISTORY_TEXT, LEVEL),
         ),
         ("wal-long-page-header.bin", seg[..40].to_vec()),
+        ("lease.bin", lease().encode()),
+        ("gc-state.bin", gc_state().encode()),
     ]
 }

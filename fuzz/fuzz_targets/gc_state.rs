@@ -1,0 +1,40 @@
+//! `GcState::decode` on arbitrary bytes, and on the same bytes with a valid sha256 trailer
+//! (appended, or replacing the last 32 bytes) so that mutations reach the field checks.
+//! Invariants: a GC state that decodes lists strictly increasing pack ids, holds exactly the
+//! bytes its count declares, re-encodes to the same bytes up to the minor version and decodes
+//! again to the same value.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tidemark_format::lock::GcState;
+use tidemark_format::ChunkId;
+
+fn check(buf: &[u8]) {
+    let Ok(s) = GcState::decode(buf) else {
+        return;
+    };
+    assert!(
+        s.packs.windows(2).all(|w| w[0] < w[1]),
+        "strictly increasing"
+    );
+    assert_eq!(buf.len(), 20 + 32 * s.packs.len() + 32);
+    let again = s.encode();
+    assert_eq!(again.len(), buf.len());
+    assert_eq!(again[..6], buf[..6], "magic and major");
+    assert_eq!(again[8..again.len() - 32], buf[8..buf.len() - 32], "fields");
+    assert_eq!(GcState::decode(&again).as_ref(), Ok(&s));
+}
+
+fn with_trailer(body: &[u8]) -> Vec<u8> {
+    let mut v = body.to_vec();
+    v.extend_from_slice(ChunkId::of(body).as_bytes());
+    v
+}
+
+fuzz_target!(|data: &[u8]| {
+    check(data);
+    check(&with_trailer(data));
+    if data.len() >= 32 {
+        check(&with_trailer(&data[..data.len() - 32]));
+    }
+});
