@@ -757,14 +757,14 @@ async fn repack_reclaims_mostly_garbage_packs_and_survives_kill_9() -> Result<()
     );
     // The kept manifest names only packs that exist, none of the repacked ones; check reads
     // every chunk of it.
-    let (ok, report) = tidemark(
+    let run = tidemark(
         Tool::Restore,
         &["check", "--repo", &reference.url, "--read-data", "--json"],
         &[],
     )
-    .await?
-    .json_document()
-    .map(|v| (v["ok"] != false, v))?;
+    .await?;
+    let report = run.json_document().with_context(|| format!("{run}"))?;
+    let ok = run.success() && report["chunks_read"].as_u64().is_some_and(|n| n > 0);
     ensure!(ok, "check --read-data failed after the repack: {report:#}");
     let manifests = reference.snapshot()?;
     for (k, bytes) in manifests.iter().filter(|(k, _)| k.starts_with("backups/")) {
@@ -792,7 +792,9 @@ async fn repack_reclaims_mostly_garbage_packs_and_survives_kill_9() -> Result<()
         );
     }
     ensure!(
-        again["repack"]["packs"].as_array().is_some_and(|p| p.is_empty()),
+        again["repack"]["packs"]
+            .as_array()
+            .is_some_and(|p| p.is_empty()),
         "the second expire repacked again: {again:#}"
     );
     let after = pack_bytes(&reference)?;

@@ -121,7 +121,7 @@ pub async fn list(store: &Store) -> Result<Vec<Listed>> {
             }
             match store.get(&l.key, 4096).await {
                 Ok(b) => {
-                    let lease = Lease::decode(&b)
+                    let lease = Lease::decode_for_key(&l.key, &b)
                         .with_context(|| format!("lease {} is unreadable", l.key))?;
                     out.push(Listed { key: l.key, lease });
                 }

@@ -58,7 +58,13 @@ mod tests {
     #[test]
     fn coalesces_per_pack_whatever_the_input_order() {
         let reads = coalesce(
-            vec![(0, 0, 100), (1, 0, 100), (0, 200, 100), (1, 100, 100), (0, 400, 100)],
+            vec![
+                (0, 0, 100),
+                (1, 0, 100),
+                (0, 200, 100),
+                (1, 100, 100),
+                (0, 400, 100),
+            ],
             |t| *t,
         );
         assert_eq!(reads.len(), 2, "{reads:?}");
@@ -66,10 +72,17 @@ mod tests {
         assert_eq!(reads[0].items.len(), 3);
         assert_eq!((reads[1].pack, reads[1].start, reads[1].end), (1, 0, 200));
         // Far apart in one pack: two reads; too long: split at READ_MAX.
-        assert_eq!(coalesce(vec![(0, 0, 100), (0, READ_GAP + 1000, 100)], |t| *t).len(), 2);
+        assert_eq!(
+            coalesce(vec![(0, 0, 100), (0, READ_GAP + 1000, 100)], |t| *t).len(),
+            2
+        );
         let big = (READ_MAX / 2) as u32;
         let reads = coalesce(
-            vec![(0, 0, big), (0, u64::from(big), big), (0, 2 * u64::from(big), big)],
+            vec![
+                (0, 0, big),
+                (0, u64::from(big), big),
+                (0, 2 * u64::from(big), big),
+            ],
             |t| *t,
         );
         assert_eq!(reads.len(), 2);

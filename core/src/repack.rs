@@ -216,12 +216,9 @@ pub async fn copy(store: &Store, pack_target: u64, chosen: &[Chosen]) -> Result<
             wanted.push(*e);
         }
         let reads = ranges::coalesce(wanted, |e| (0, e.offset, e.clen));
-        let mut fetched = futures::stream::iter(
-            reads
-                .into_iter()
-                .map(|r| fetch_verified(store, c.pack, r)),
-        )
-        .buffered(READS_IN_FLIGHT);
+        let mut fetched =
+            futures::stream::iter(reads.into_iter().map(|r| fetch_verified(store, c.pack, r)))
+                .buffered(READS_IN_FLIGHT);
         while let Some(frames) = fetched.try_next().await? {
             for (e, frame) in frames {
                 if builder.len() as u64 >= pack_target {
@@ -308,9 +305,13 @@ pub fn relocate(m: &mut Manifest, r: &Relocation) -> Result<bool> {
             continue;
         };
         for c in &mut f.chunks {
-            let old = *old_table
-                .get(c.pack as usize)
-                .ok_or_else(|| anyhow!("backup {id}: a chunk names pack #{} of a table of {}", c.pack, old_table.len()))?;
+            let old = *old_table.get(c.pack as usize).ok_or_else(|| {
+                anyhow!(
+                    "backup {id}: a chunk names pack #{} of a table of {}",
+                    c.pack,
+                    old_table.len()
+                )
+            })?;
             let (pack, offset) = if r.old.contains(&old) {
                 let (new, e2) = r.moved.get(&(old, c.offset)).ok_or_else(|| {
                     anyhow!("backup {id}: chunk {} at offset {} of pack {old} was not copied by the repack\nhint: this is a bug; nothing was changed in this backup", c.id, c.offset)
@@ -349,11 +350,11 @@ mod tests {
             header: crate::test_support::hdr("b", 1),
             packs,
             entries: vec![Entry {
-            path: "base/1/16384".into(),
-            mode: 0o600,
-            kind: EntryKind::File(FileEntry {
-                size: chunks.iter().map(|c| u64::from(c.ulen)).sum(),
-                sha256: ChunkId([0; 32]),
+                path: "base/1/16384".into(),
+                mode: 0o600,
+                kind: EntryKind::File(FileEntry {
+                    size: chunks.iter().map(|c| u64::from(c.ulen)).sum(),
+                    sha256: ChunkId([0; 32]),
                     chunks,
                 }),
             }],
@@ -399,7 +400,11 @@ mod tests {
         };
         let (plan, chosen) = choose(live, &sizes, &opts);
         let ids: Vec<PackId> = chosen.iter().map(|c| c.pack).collect();
-        assert_eq!(ids, vec![d, a], "b (400) no longer fits the budget after d and a");
+        assert_eq!(
+            ids,
+            vec![d, a],
+            "b (400) no longer fits the budget after d and a"
+        );
         assert_eq!(plan.live_bytes, 150);
         assert_eq!(plan.reclaim_bytes, 1850);
         assert_eq!(plan.over_budget, 1);
