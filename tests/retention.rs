@@ -495,14 +495,15 @@ async fn expire_during_a_backup_leaves_the_backup_whole() -> Result<()> {
     Ok(())
 }
 
-/// On a copy of `repo`: expire with `policy` killed at `step`; `check` must pass; a rerun (dry run
-/// and real, agreeing) must pass `check` and leave exactly the keys `want` of an uninterrupted
-/// run, and no lease. Returns the copy.
+/// On a copy of `repo`: expire with `policy` killed at `step`; `check` must pass; `reruns` reruns
+/// (dry run and real, agreeing) must pass `check` and leave exactly the keys `want` of as many
+/// uninterrupted runs, and no lease. Returns the copy.
 async fn kill_at_then_rerun(
     dir: &TestDir,
     repo: &Repo,
     policy: &[String],
     step: &str,
+    reruns: usize,
     want: &[String],
 ) -> Result<Repo> {
     let path = dir.join(&format!("crash-{step}"));
@@ -520,9 +521,11 @@ async fn kill_at_then_rerun(
     );
     check_ok(&r, &format!("after expire was killed at {step}")).await?;
     // The rerun finds the dead process's lease stale, and ends where an uninterrupted run ends.
-    expire(&r, policy, &[])
-        .await
-        .with_context(|| format!("rerun after a crash at {step}"))?;
+    for _ in 0..reruns {
+        expire(&r, policy, &[])
+            .await
+            .with_context(|| format!("rerun after a crash at {step}"))?;
+    }
     check_ok(&r, &format!("after the rerun following a crash at {step}")).await?;
     let got = data_keys(&r.path)?;
     ensure!(got == want, "after a crash at {step} and a rerun the repository differs from an uninterrupted expire:\n got {got:?}\nwant {want:?}");
@@ -593,7 +596,7 @@ async fn expire_killed_at_every_step_then_rerun() -> Result<()> {
         "wals",
         "states",
     ] {
-        let r = kill_at_then_rerun(&dir, &repo, &policy, step, &want).await?;
+        let r = kill_at_then_rerun(&dir, &repo, &policy, step, 1, &want).await?;
         eprintln!("retention crash: killed at {step}, check passed, rerun matched the reference");
         if step != "pack" {
             std::fs::remove_dir_all(&r.path).ok();
@@ -689,12 +692,12 @@ async fn rewrite_bulk(db: &tokio_postgres::Client) -> Result<()> {
     db.batch_execute(
         "CREATE TABLE IF NOT EXISTS bulk (id int PRIMARY KEY, v text NOT NULL);
          TRUNCATE bulk;
-         INSERT INTO bulk SELECT g, (SELECT string_agg(md5(random()::text || g), '') FROM generate_series(1, 24))
+         INSERT INTO bulk SELECT g, (SELECT string_agg(md5(random()::text || g.g || s.i), '') FROM generate_series(1, 24) AS s(i))
            FROM generate_series(1, 20000) g;
          CHECKPOINT;",
     )
     .await
-    .context("cannot rewrite table bulk")
+    .map_err(|e| anyhow::anyhow!("cannot rewrite table bulk: {e:?}"))
 }
 
 async fn bulk_digest(db: &tokio_postgres::Client) -> Result<String> {
@@ -801,8 +804,9 @@ async fn repack_reclaims_mostly_garbage_packs_and_survives_kill_9() -> Result<()
     eprintln!(
         "repack: packs {before} bytes before, {after} after; copied {live} live bytes, plan said {reclaim} reclaimable"
     );
+    // Freed at least what the plan promised, less the new packs' own index (48 bytes a chunk).
     ensure!(
-        after + reclaim <= before + 4096 && after < before,
+        after + reclaim <= before + live / 8,
         "packs shrank from {before} to {after} bytes, the plan promised {reclaim}"
     );
     check_ok(&reference, "after the repacked packs were deleted").await?;
@@ -824,16 +828,12 @@ async fn repack_reclaims_mostly_garbage_packs_and_survives_kill_9() -> Result<()
     drop(rdb);
     drop(server);
 
-    // kill -9 inside the repack: check passes, the rerun ends where the first reference run ended.
-    let reference1 = Repo {
-        path: dir.join("ref1"),
-        url: format!("file://{}", dir.join("ref1").display()),
-    };
-    copy_dir(&repo.path, &reference1.path)?;
-    expire(&reference1, &policy, &[]).await?;
-    let want = data_keys(&reference1.path)?;
+    // kill -9 inside the repack: check passes; two reruns end where two uninterrupted runs ended
+    // (one rerun may already delete the old packs: a crash after the manifests were relocated
+    // leaves them unreferenced, and with --gc-grace 0s the rerun collects them at once).
+    let want = data_keys(&reference.path)?;
     for step in ["packs", "repacked-packs", "relocated", "repacked"] {
-        let r = kill_at_then_rerun(&dir, &repo, &policy, step, &want).await?;
+        let r = kill_at_then_rerun(&dir, &repo, &policy, step, 2, &want).await?;
         eprintln!("repack crash: killed at {step}, check passed, rerun matched the reference");
         std::fs::remove_dir_all(&r.path).ok();
     }
