@@ -49,8 +49,9 @@ as_pg "$BIN/tidemark-agent" info --repo "$REPO" --json >"$WORK/info.json"
 objects=$(find "$WORK/repo" -type f | wc -l)
 if [ "$COUNT_REQUESTS" = 1 ]; then cp -al "$WORK/repo" "$WORK/repo-strace"; fi
 sync
-# Two passes, as a nightly schedule runs them: pass 1 removes the expired manifests and WAL and
-# condemns the packs nothing references any more; pass 2 (grace 0s here) deletes the condemned packs.
+# Two passes, as a nightly schedule runs them: pass 1 removes the expired manifests and WAL,
+# condemns the packs nothing references any more and repacks mostly-garbage packs (condemning the
+# originals); pass 2 (grace 0s here) deletes the condemned packs.
 count_requests() {  # strace log, repository root -> "GET n, PUT n, ..."
   python3 - "$1" "$2" <<'PY'
 import re, sys
@@ -113,6 +114,11 @@ for p in (1, 2):
           f"repository -> {after/2**20:.1f} MiB; wall {wall}, peak RSS {rss/1024:.1f} MiB; "
           f"requests derived from the plan ~{lists + reads + deletes + lease} "
           f"({lists} lists, {reads} manifest reads, {deletes} deletes)")
+    rp = plan.get("repack", {})
+    if rp.get("packs") or rp.get("over_budget"):
+        print(f"pass {p} repack: {len(rp['packs'])} mostly-garbage packs, {rp['live_bytes']/2**20:.1f} MiB live copied, "
+              f"{len(rp['rewrite_manifests'])} manifests relocated, {rp['reclaim_bytes']/2**20:.1f} MiB freed after the grace period, "
+              f"{rp['over_budget']} packs left over the budget")
     if os.path.exists(f"{work}/requests-{p}.txt"):
         print(f"pass {p} counted (strace of the same expire on a hard-linked copy): " + open(f"{work}/requests-{p}.txt").read().strip())
 PY
