@@ -838,6 +838,33 @@ async fn repack_reclaims_mostly_garbage_packs_and_survives_kill_9() -> Result<()
     drop(rdb);
     drop(server);
 
+    // With no budget nothing is repacked, and info shows what a repack would reclaim.
+    let nobudget = Repo {
+        path: dir.join("nobudget"),
+        url: format!("file://{}", dir.join("nobudget").display()),
+    };
+    copy_dir(&repo.path, &nobudget.path)?;
+    let mut off = policy.clone();
+    off.extend(["--repack-budget".to_string(), "0".to_string()]);
+    let plan0 = expire(&nobudget, &off, &[]).await?;
+    ensure!(
+        plan0["repack"]["packs"]
+            .as_array()
+            .is_some_and(|p| p.is_empty())
+            && plan0["repack"]["over_budget"].as_u64() == Some(repacked.len() as u64),
+        "--repack-budget 0 still repacked, or did not count the packs it left: {plan0:#}"
+    );
+    let info = nobudget.info().await?;
+    let garbage = info["space"]["garbage_in_referenced_pack_bytes"]
+        .as_u64()
+        .unwrap_or(0);
+    ensure!(
+        info["space"]["mostly_garbage_packs"].as_u64() == Some(repacked.len() as u64)
+            && garbage >= reclaim,
+        "info does not show the garbage a repack would reclaim ({reclaim} bytes): {info:#}"
+    );
+    std::fs::remove_dir_all(&nobudget.path).ok();
+
     // kill -9 inside the repack: check passes; two reruns end where two uninterrupted runs ended
     // (one rerun may already delete the old packs: a crash after the manifests were relocated
     // leaves them unreferenced, and with --gc-grace 0s the rerun collects them at once).

@@ -183,7 +183,8 @@ async fn compute(
         .filter(|d| d.keep)
         .map(|d| d.id.as_str())
         .collect();
-    let repacking = deferred.is_none() && opts.repack.budget_bytes > 0;
+    // Computed with a zero budget too: the plan then counts the packs worth repacking.
+    let repacking = deferred.is_none();
     // Full reads: a damaged manifest stops expire here, before anything is deleted (its pack table
     // could under-report what it references).
     let mut packs_of: HashMap<String, Vec<PackId>> = HashMap::new();

@@ -49,6 +49,10 @@ pub struct Space {
     /// its policy. `expire --dry-run` reports what a given policy frees on top.
     pub unreferenced_packs: u64,
     pub unreferenced_pack_bytes: u64,
+    /// Bytes inside referenced packs that no backup uses: what repacking can reclaim.
+    pub garbage_in_referenced_pack_bytes: u64,
+    /// Referenced packs at least half garbage (expire's default repack threshold).
+    pub mostly_garbage_packs: u64,
 }
 
 #[derive(Serialize)]
@@ -105,9 +109,13 @@ pub async fn collect(store: &Store) -> Result<Info> {
     let cfg = repo::require_config(store).await?;
     let headers = repo::list_backups(store).await?;
     let mut referenced = std::collections::HashSet::new();
+    let mut live = crate::repack::LiveSet::default();
     for h in &headers {
-        referenced.extend(repo::load_manifest(store, &h.backup_id).await?.packs);
+        let m = repo::load_manifest(store, &h.backup_id).await?;
+        live.add(&m);
+        referenced.extend(m.packs);
     }
+    let live = live.live_bytes();
     let mut space = Space::default();
     for l in store.list(keys::PACKS).await? {
         let Some(p) = keys::parse_pack(&l.key) else {
@@ -118,6 +126,12 @@ pub async fn collect(store: &Store) -> Result<Info> {
         if !referenced.contains(&p) {
             space.unreferenced_packs += 1;
             space.unreferenced_pack_bytes += l.size;
+        } else if let Some(&used) = live.get(&p) {
+            let garbage = l.size.saturating_sub(used);
+            space.garbage_in_referenced_pack_bytes += garbage;
+            if garbage * 2 >= l.size {
+                space.mostly_garbage_packs += 1;
+            }
         }
     }
     for l in store.list(keys::BACKUPS).await? {
@@ -340,7 +354,7 @@ pub fn render(info: &Info) -> String {
     }
     let sp = &info.space;
     s += &format!(
-        "\nspace: {} in total ({} packs {}, WAL {}, manifests {}); dedup ratio {}; {} in {} unreferenced packs that expire frees\n",
+        "\nspace: {} in total ({} packs {}, WAL {}, manifests {}); dedup ratio {}; {} in {} unreferenced packs that expire frees; {} unused inside referenced packs ({} at least half unused, which expire repacks)\n",
         human(sp.repository_bytes),
         sp.packs,
         human(sp.pack_bytes),
@@ -348,7 +362,9 @@ pub fn render(info: &Info) -> String {
         human(sp.manifest_bytes),
         sp.dedup_ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into()),
         human(sp.unreferenced_pack_bytes),
-        sp.unreferenced_packs
+        sp.unreferenced_packs,
+        human(sp.garbage_in_referenced_pack_bytes),
+        sp.mostly_garbage_packs
     );
     s += "\nwal:\n";
     if info.wal.is_empty() {

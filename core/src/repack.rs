@@ -70,6 +70,13 @@ impl LiveRefs {
         self.refs.dedup();
         self.compacted = self.refs.len();
     }
+
+    /// The distinct frames, sorted, and their total stored bytes.
+    fn finish(mut self) -> (u64, Vec<(u64, u32)>) {
+        self.compact();
+        let bytes = self.refs.iter().map(|(_, c)| u64::from(*c)).sum();
+        (bytes, self.refs)
+    }
 }
 
 impl LiveSet {
@@ -93,6 +100,16 @@ impl LiveSet {
                 l.compact();
             }
         }
+    }
+}
+
+impl LiveSet {
+    /// Live bytes per pack: the sum of `clen` over its distinct referenced frames.
+    pub fn live_bytes(self) -> HashMap<PackId, u64> {
+        self.packs
+            .into_iter()
+            .map(|(p, l)| (p, l.finish().0))
+            .collect()
     }
 }
 
@@ -144,14 +161,13 @@ pub fn choose(
     };
     let keep_percent = u128::from(100 - opts.min_garbage_percent.clamp(1, 100));
     let mut candidates: Vec<(PackId, u64, u64, Vec<(u64, u32)>)> = Vec::new();
-    for (p, mut l) in live.packs {
+    for (p, l) in live.packs {
         let Some(&size) = sizes.get(&p) else {
             continue;
         };
-        l.compact();
-        let live_bytes: u64 = l.refs.iter().map(|(_, c)| u64::from(*c)).sum();
+        let (live_bytes, refs) = l.finish();
         if u128::from(live_bytes) * 100 <= u128::from(size) * keep_percent {
-            candidates.push((p, size, live_bytes, l.refs));
+            candidates.push((p, size, live_bytes, refs));
         }
     }
     candidates.sort_by(|a, b| {
