@@ -160,7 +160,9 @@ pub fn choose(
         ..Default::default()
     };
     let keep_percent = u128::from(100 - opts.min_garbage_percent.clamp(1, 100));
-    let mut candidates: Vec<(PackId, u64, u64, Vec<(u64, u32)>)> = Vec::new();
+    // (pack, size, live bytes, live frames)
+    type Candidate = (PackId, u64, u64, Vec<(u64, u32)>);
+    let mut candidates: Vec<Candidate> = Vec::new();
     for (p, l) in live.packs {
         let Some(&size) = sizes.get(&p) else {
             continue;
