@@ -15,7 +15,7 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -25,8 +25,8 @@ pub const BUCKET: &str = "tidemark-core-tests";
 struct Moto {
     endpoint: String,
     recording: PathBuf,
-    /// Closing this (process exit) makes the watchdog kill moto.
-    _lifeline: Mutex<ChildStdin>,
+    /// The watchdog shell. Its stdin pipe closing (at process exit) makes it kill moto.
+    _watchdog: Mutex<Child>,
 }
 
 static MOTO: OnceLock<Moto> = OnceLock::new();
@@ -55,7 +55,7 @@ fn start() -> Moto {
         found.success(),
         "moto_server is not installed: run scripts/install-deps.sh (pip install 'moto[server]')"
     );
-    let mut child = Command::new("sh")
+    let watchdog = Command::new("sh")
         .args([
             "-c",
             r#"moto_server -H 127.0.0.1 -p "$1" >/dev/null 2>&1 & m=$!; read -r _; kill "$m"; wait "$m"; rm -f "$2""#,
@@ -69,7 +69,6 @@ fn start() -> Moto {
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn the moto watchdog shell");
-    let lifeline = child.stdin.take().expect("piped stdin");
     let endpoint = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -101,7 +100,7 @@ fn start() -> Moto {
     Moto {
         endpoint,
         recording,
-        _lifeline: Mutex::new(lifeline),
+        _watchdog: Mutex::new(watchdog),
     }
 }
 
