@@ -5,10 +5,13 @@
 //! - A lease object is written create-only and never modified; a heartbeat renews it by writing a
 //!   new object (new nonce, later expiry) *before* deleting the previous one, so at every moment at
 //!   least one object of a live holder is listed.
-//! - A holder treats its lease as lost as soon as a renewal failed for longer than a third of the
-//!   TTL, its own clock passed the stored expiry minus a margin, or its object vanished (another
-//!   process judged it stale). A lost lease makes [`LeaseHandle::check`] fail, and callers check
-//!   before every destructive or committing step.
+//! - A holder treats its lease as lost as soon as a renewal has not succeeded before the stored
+//!   expiry minus a margin (by its own clock), or its object vanished (another process judged it
+//!   stale). A lost lease stays lost: a renewal that succeeds too late (the holder was paused) does
+//!   not revive it. A lost lease makes [`LeaseHandle::check`] fail, and callers check before every
+//!   destructive or committing step.
+//! - Releasing waits for a renewal in flight, then deletes the current object, so a released lease
+//!   leaves no object behind. Dropping a handle without releasing stops its renewals.
 //! - Another process judges a lease stale only when its expiry plus [`CLOCK_SKEW`] has passed, or
 //!   it was written on this host by a process that no longer exists.
 
@@ -145,6 +148,8 @@ pub struct LeaseHandle {
     store: Store,
     kind: LeaseKind,
     state: Arc<Mutex<State>>,
+    /// Tells the heartbeat to stop at its next wait; dropping it does too.
+    stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -159,11 +164,20 @@ impl LeaseHandle {
             expires_us,
             lost: None,
         }));
-        let task = tokio::spawn(heartbeat(store.clone(), kind, created, ttl, state.clone()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(heartbeat(
+            store.clone(),
+            kind,
+            created,
+            ttl,
+            state.clone(),
+            stopped,
+        ));
         Ok(LeaseHandle {
             store: store.clone(),
             kind,
             state,
+            stop,
             task,
         })
     }
@@ -204,10 +218,11 @@ impl LeaseHandle {
         Ok(key)
     }
 
-    /// Stops renewing and deletes the lease object.
+    /// Stops renewing and deletes the lease object. A renewal in flight is finished first:
+    /// aborting it could leave its new object (or the old one) behind, live until TTL + skew.
     pub async fn release(self) -> Result<()> {
-        self.task.abort();
-        let _ = (&mut { self.task }).await;
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
         let key = self.state.lock().map(|s| s.key.clone()).unwrap_or_default();
         self.store
             .delete(&key)
@@ -246,20 +261,43 @@ async fn heartbeat(
     created: i64,
     ttl: Duration,
     state: Arc<Mutex<State>>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let period = ttl / 3;
+    let margin = (ttl / 6).as_micros() as i64;
+    let mark_lost = |why: String| {
+        if let Ok(mut s) = state.lock() {
+            s.lost = Some(why);
+        }
+    };
     loop {
-        tokio::time::sleep(period).await;
-        let old = match state.lock() {
-            Ok(s) => s.key.clone(),
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            // Released, or the handle was dropped.
+            _ = stopped.changed() => return,
+        }
+        let (old, old_expires) = match state.lock() {
+            Ok(s) => (s.key.clone(), s.expires_us),
             Err(_) => return,
         };
+        // Too late to renew (paused, or renewals kept failing): others may already judge the
+        // lease stale, so it must not come back.
+        let too_late = || {
+            (now_us() + margin > old_expires).then(|| {
+                format!(
+                    "lease object {old} was not renewed before {} (the process was paused or storage was unreachable)",
+                    crate::repo::fmt_time(old_expires - margin)
+                )
+            })
+        };
+        if let Some(why) = too_late() {
+            mark_lost(why);
+            return;
+        }
         match store.head(&old).await {
             Ok(Some(_)) => {}
             Ok(None) => {
-                if let Ok(mut s) = state.lock() {
-                    s.lost = Some(format!("lease object {old} was removed by another process"));
-                }
+                mark_lost(format!("lease object {old} was removed by another process"));
                 return;
             }
             Err(e) => {
@@ -269,6 +307,11 @@ async fn heartbeat(
         }
         match write(&store, kind, created, ttl).await {
             Ok((key, expires_us)) => {
+                if let Some(why) = too_late() {
+                    let _ = store.delete(&key).await;
+                    mark_lost(why);
+                    return;
+                }
                 if let Ok(mut s) = state.lock() {
                     s.key = key;
                     s.expires_us = expires_us;

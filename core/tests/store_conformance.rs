@@ -1,11 +1,10 @@
 //! One conformance suite that every storage backend passes: the local `file://` directory and a
-//! real S3-compatible server (moto, started here on loopback). Missing moto is a failure, not a
+//! real S3-compatible server (moto on loopback, started by `common`). Missing moto is a failure, not a
 //! skip: run scripts/install-deps.sh.
 
+mod common;
+
 use bytes::Bytes;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 use tidemark_core::store::{Store, StoreError};
 
 async fn conformance(store: &Store) {
@@ -84,59 +83,9 @@ async fn local_directory_conforms() {
     conformance(&store).await;
 }
 
-struct Moto(Child);
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind loopback")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 #[tokio::test]
 async fn s3_compatible_server_conforms() {
-    let port = free_port();
-    let child = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("moto_server is not installed: run scripts/install-deps.sh (pip install 'moto[server]')");
-    let _guard = Moto(child);
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let made = Command::new("python3")
-            .args(["-c", "import boto3,sys; boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1').create_bucket(Bucket='tidemark-conformance')", &endpoint])
-            .stderr(Stdio::null())
-            .status()
-            .expect("python3 with boto3 (installed with moto) is needed");
-        if made.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "moto_server did not start on {endpoint}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    // The S3 backend reads the standard AWS variables; this test process owns its environment.
-    for (k, v) in [
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ENDPOINT_URL", endpoint.as_str()),
-        ("AWS_ALLOW_HTTP", "true"),
-    ] {
-        std::env::set_var(k, v);
-    }
-    let store = Store::open("s3://tidemark-conformance/some/prefix").expect("open s3");
+    let url = common::s3_url("conformance/some/prefix");
+    let store = Store::open(&url).expect("open s3");
     conformance(&store).await;
 }
