@@ -37,6 +37,27 @@ async fn conformance(store: &Store) {
     );
     assert_eq!(store.head(key).await.expect("head"), Some(5));
     assert_eq!(store.head("wal/none").await.expect("head of missing"), None);
+    // Replacing (repack's manifest relocation): a new key, then an existing one, whole.
+    let m = "backups/20261122T030000Z.manifest";
+    store
+        .put_replace(m, Bytes::from_static(b"original manifest"))
+        .await
+        .expect("replace-put of a new key");
+    store
+        .put_replace(m, Bytes::from_static(b"relocated"))
+        .await
+        .expect("replace-put of an existing key");
+    assert_eq!(&store.get(m, 100).await.expect("get")[..], b"relocated");
+    assert_eq!(store.head(m).await.expect("head"), Some(9));
+    let listed: Vec<_> = store
+        .list("backups/")
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|l| l.key == m)
+        .collect();
+    assert_eq!(listed.len(), 1, "a replaced key is listed once");
+    store.delete(m).await.expect("delete");
     assert!(store
         .get("wal/none", 10)
         .await
