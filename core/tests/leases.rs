@@ -13,11 +13,9 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tidemark_core::expire::{self, ExpireOptions, Plan};
+use tidemark_core::expire::{self, Plan};
 use tidemark_core::lease::{self, LeaseHandle, CLOCK_SKEW};
-use tidemark_core::repack::RepackOptions;
 use tidemark_core::repo;
-use tidemark_core::retention::Policy;
 use tidemark_core::store::Store;
 use tidemark_format::lock::{Lease, LeaseKind};
 use tidemark_format::{keys, PackId, SystemId};
@@ -90,20 +88,8 @@ async fn orphan_pack(store: &Store) -> String {
     key
 }
 
-fn expire_options(dry_run: bool) -> ExpireOptions {
-    ExpireOptions {
-        policy: Policy {
-            retain_last: Some(1),
-            ..Default::default()
-        },
-        dry_run,
-        gc_grace: Duration::ZERO,
-        repack: RepackOptions::default(),
-    }
-}
-
 async fn expire_now(store: &Store) -> anyhow::Result<Plan> {
-    expire::run(store, &expire_options(false)).await
+    expire::run(store, &common::expire_options(false)).await
 }
 
 /// Writes a lease object directly, as another process would have.
@@ -263,7 +249,7 @@ async fn an_expire_is_refused_while_another_expire_is_live(b: Backend) {
         .await
         .expect("first expire lease");
     for dry_run in [false, true] {
-        let e = expire::run(s, &expire_options(dry_run))
+        let e = expire::run(s, &common::expire_options(dry_run))
             .await
             .expect_err("a second expire must be refused");
         let msg = format!("{e:#}");

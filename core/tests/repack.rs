@@ -6,11 +6,8 @@
 mod common;
 
 use bytes::Bytes;
-use std::time::Duration;
-use tidemark_core::expire::{self, ExpireOptions};
-use tidemark_core::repack::RepackOptions;
+use tidemark_core::expire;
 use tidemark_core::repo;
-use tidemark_core::retention::Policy;
 use tidemark_core::store::Store;
 use tidemark_format::manifest::{
     BackupStats, ChunkRef, Entry, EntryKind, FileEntry, Manifest, ManifestHeader, SOURCE_PGDATA,
@@ -129,18 +126,6 @@ async fn put_manifest(store: &Store, m: &Manifest) {
         .expect("put manifest");
 }
 
-fn options(dry_run: bool) -> ExpireOptions {
-    ExpireOptions {
-        policy: Policy {
-            retain_last: Some(1),
-            ..Default::default()
-        },
-        dry_run,
-        gc_grace: Duration::ZERO,
-        repack: RepackOptions::default(),
-    }
-}
-
 /// Reads every chunk of the backup's only file through its manifest, as a restore does.
 async fn read_back(store: &Store, id: &str) -> Vec<u8> {
     let m = repo::load_manifest(store, id).await.expect("load manifest");
@@ -209,8 +194,12 @@ on_every_backend!(
 async fn a_mostly_garbage_pack_is_repacked_and_the_kept_backup_relocated(s3: bool) {
     let (store, _dir) = open(s3, "relocate").await;
     let (p1, data) = two_backups(&store, None).await;
-    let dry = expire::run(&store, &options(true)).await.expect("dry run");
-    let real = expire::run(&store, &options(false)).await.expect("expire");
+    let dry = expire::run(&store, &common::expire_options(true))
+        .await
+        .expect("dry run");
+    let real = expire::run(&store, &common::expire_options(false))
+        .await
+        .expect("expire");
     assert_eq!(
         dry.repack, real.repack,
         "dry run and real run plan the same repack"
@@ -232,7 +221,7 @@ async fn a_mostly_garbage_pack_is_repacked_and_the_kept_backup_relocated(s3: boo
     );
     // The old pack is condemned, not deleted, until the next run.
     assert!(store.head(&keys::pack(&p1)).await.expect("head").is_some());
-    let again = expire::run(&store, &options(false))
+    let again = expire::run(&store, &common::expire_options(false))
         .await
         .expect("second expire");
     assert_eq!(again.packs.delete, vec![p1.to_string()]);
@@ -249,7 +238,7 @@ async fn a_damaged_live_chunk_stops_the_repack_before_any_manifest_changes(s3: b
         .get(&keys::manifest("new"), 1 << 20)
         .await
         .expect("manifest");
-    let err = expire::run(&store, &options(false))
+    let err = expire::run(&store, &common::expire_options(false))
         .await
         .expect_err("a damaged live chunk must stop the repack");
     let text = format!("{err:#}");

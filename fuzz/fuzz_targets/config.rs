@@ -5,7 +5,6 @@
 
 use libfuzzer_sys::fuzz_target;
 use tidemark_format::config::RepoConfig;
-use tidemark_format::ChunkId;
 
 fn check(buf: &[u8]) {
     if let Ok(c) = RepoConfig::decode(buf) {
@@ -17,16 +16,6 @@ fn check(buf: &[u8]) {
     }
 }
 
-fn with_trailer(body: &[u8]) -> Vec<u8> {
-    let mut v = body.to_vec();
-    v.extend_from_slice(ChunkId::of(body).as_bytes());
-    v
-}
-
 fuzz_target!(|data: &[u8]| {
-    check(data);
-    check(&with_trailer(data));
-    if data.len() >= 32 {
-        check(&with_trailer(&data[..data.len() - 32]));
-    }
+    tidemark_fuzz::with_and_without_trailer(data, check);
 });

@@ -7,8 +7,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use tidemark_format::keys;
 use tidemark_format::lock::{Lease, LeaseKind, MAX_HOST};
-use tidemark_format::{keys, ChunkId};
 
 const NONCE: &str = "0123456789abcdef0123456789abcdef";
 
@@ -32,16 +32,6 @@ fn check(buf: &[u8]) {
     assert!(Lease::decode_for_key(&other_key, buf).is_err());
 }
 
-fn with_trailer(body: &[u8]) -> Vec<u8> {
-    let mut v = body.to_vec();
-    v.extend_from_slice(ChunkId::of(body).as_bytes());
-    v
-}
-
 fuzz_target!(|data: &[u8]| {
-    check(data);
-    check(&with_trailer(data));
-    if data.len() >= 32 {
-        check(&with_trailer(&data[..data.len() - 32]));
-    }
+    tidemark_fuzz::with_and_without_trailer(data, check);
 });

@@ -7,8 +7,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use tidemark_format::keys;
 use tidemark_format::manifest::{validate_path, EntryKind, Manifest, ManifestHeader};
-use tidemark_format::{keys, ChunkId};
 
 fn check(buf: &[u8]) {
     let prefix = ManifestHeader::decode_prefix(buf);
@@ -43,16 +43,6 @@ fn check(buf: &[u8]) {
     }
 }
 
-fn with_trailer(body: &[u8]) -> Vec<u8> {
-    let mut v = body.to_vec();
-    v.extend_from_slice(ChunkId::of(body).as_bytes());
-    v
-}
-
 fuzz_target!(|data: &[u8]| {
-    check(data);
-    check(&with_trailer(data));
-    if data.len() >= 32 {
-        check(&with_trailer(&data[..data.len() - 32]));
-    }
+    tidemark_fuzz::with_and_without_trailer(data, check);
 });

@@ -139,3 +139,16 @@ pub fn s3_requests(prefix: &str) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// Expire options of the tests: keep the newest backup, no grace period, default repacking.
+pub fn expire_options(dry_run: bool) -> tidemark_core::expire::ExpireOptions {
+    tidemark_core::expire::ExpireOptions {
+        policy: tidemark_core::retention::Policy {
+            retain_last: Some(1),
+            ..Default::default()
+        },
+        dry_run,
+        gc_grace: Duration::ZERO,
+        repack: tidemark_core::repack::RepackOptions::default(),
+    }
+}
