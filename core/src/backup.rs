@@ -42,6 +42,8 @@ pub struct BackupOptions {
     pub compress_level: i32,
     pub workers: usize,
     pub archive_timeout: Duration,
+    /// Back up a PostgreSQL major newer than the tested ones (pgversion::SUPPORTED).
+    pub allow_untested_major: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +107,21 @@ pub(crate) enum ItemKind {
     File(usize),
 }
 
+/// The non-exclusive start and stop calls of a major: PostgreSQL 15 renamed
+/// `pg_start_backup(label, fast, exclusive)` / `pg_stop_backup(exclusive, wait_for_archive)` to
+/// `pg_backup_start(label, fast)` / `pg_backup_stop(wait_for_archive)` and removed exclusive
+/// backups. Neither call waits for archiving: tidemark waits for the WAL in the repository.
+fn backup_functions(major: u32) -> (&'static str, &'static str) {
+    if major < 15 {
+        (
+            "pg_start_backup('tidemark', true, false)",
+            "pg_stop_backup(false, false)",
+        )
+    } else {
+        ("pg_backup_start('tidemark', true)", "pg_backup_stop(false)")
+    }
+}
+
 /// Takes a base backup under a backup lease (FORMAT.md section 16); returns the header of the
 /// manifest written.
 pub async fn run(store: &Store, opts: &BackupOptions) -> Result<ManifestHeader> {
@@ -137,9 +154,10 @@ async fn run_leased(
     let in_recovery: bool = row.get(2);
     let archive_mode: String = row.get(3);
     let seg_size = u64::try_from(row.get::<_, i64>(4)).context("negative wal_segment_size")?;
-    if !(150000..160000).contains(&pg_version) {
-        bail!("PostgreSQL server version {pg_version} is not supported\nhint: tidemark supports PostgreSQL 15");
-    }
+    let major = crate::pgversion::check_backup_server(
+        u32::try_from(pg_version).context("negative server_version_num")?,
+        opts.allow_untested_major,
+    )?;
     if in_recovery {
         bail!("the server is a standby; backup --pgdata copies a primary\nhint: run the backup against the primary");
     }
@@ -155,7 +173,13 @@ async fn run_leased(
     let parent = load_parent(store, &backups).await?;
 
     let row = client
-        .query_one("SELECT pg_backup_start('tidemark', true)::text, (extract(epoch from clock_timestamp()) * 1000000)::int8", &[])
+        .query_one(
+            &format!(
+                "SELECT {}::text, (extract(epoch from clock_timestamp()) * 1000000)::int8",
+                backup_functions(major).0
+            ),
+            &[],
+        )
         .await
         .context("pg_backup_start failed")?;
     let start_lsn: Lsn = row.get::<_, String>(0).parse()?;
@@ -177,7 +201,10 @@ async fn run_leased(
 
     let row = client
         .query_one(
-            "SELECT lsn::text, labelfile, spcmapfile, (extract(epoch from clock_timestamp()) * 1000000)::int8 FROM pg_backup_stop(false)",
+            &format!(
+                "SELECT lsn::text, labelfile, spcmapfile, (extract(epoch from clock_timestamp()) * 1000000)::int8 FROM {}",
+                backup_functions(major).1
+            ),
             &[],
         )
         .await

@@ -11,6 +11,7 @@ pub mod lease;
 pub mod metrics;
 pub mod pg;
 pub mod pgdata;
+pub mod pgversion;
 pub mod prefetch;
 pub mod progress;
 pub mod ranges;

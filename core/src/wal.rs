@@ -129,8 +129,9 @@ fn encode_file(
     let page = match name {
         WalFileName::Segment { .. } | WalFileName::Partial { .. } => {
             let hdr = walfmt::parse_long_page_header(&block[..first]).with_context(|| {
-                format!("wal file {name} does not start with a valid PostgreSQL 15 page header")
+                format!("wal file {name} does not start with a valid PostgreSQL WAL page header")
             })?;
+            crate::pgversion::major_of_segment(&name.to_string(), hdr.magic);
             if matches!(name, WalFileName::Segment { .. }) && len != hdr.seg_size as u64 {
                 anyhow::bail!("wal segment {name} is {len} bytes but its header says segments are {} bytes\nhint: the file is truncated; PostgreSQL will retry", hdr.seg_size);
             }

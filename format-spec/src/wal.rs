@@ -233,6 +233,8 @@ pub fn decode(buf: &[u8]) -> Result<(WalObjectHeader, Vec<u8>), FormatError> {
 /// Fields of the long page header at the start of every WAL segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LongPageHeader {
+    /// `xlp_magic`: PostgreSQL's `XLOG_PAGE_MAGIC`, one value per major version.
+    pub magic: u16,
     pub timeline: TimelineId,
     pub page_addr: u64,
     pub system_id: SystemId,
@@ -242,9 +244,33 @@ pub struct LongPageHeader {
 
 /// XLOG_PAGE_MAGIC of PostgreSQL 15.
 pub const PG15_PAGE_MAGIC: u16 = 0xD110;
+/// `XLOG_PAGE_MAGIC` of each PostgreSQL major tidemark knows (read from each major's own WAL).
+pub const PAGE_MAGICS: [(u32, u16); 5] = [
+    (14, 0xD10D),
+    (15, PG15_PAGE_MAGIC),
+    (16, 0xD113),
+    (17, 0xD116),
+    (18, 0xD118),
+];
+
+/// The PostgreSQL major whose WAL starts with `magic`, if tidemark knows it.
+pub fn major_of_page_magic(magic: u16) -> Option<u32> {
+    PAGE_MAGICS
+        .iter()
+        .find(|(_, m)| *m == magic)
+        .map(|(major, _)| *major)
+}
+
+/// Every PostgreSQL major so far has had a page magic of the form 0xD0xx/0xD1xx; anything else
+/// is not a WAL segment at all (a foreign or zeroed file).
+fn plausible_page_magic(magic: u16) -> bool {
+    magic & 0xFE00 == 0xD000
+}
 const XLP_LONG_HEADER: u16 = 0x0002;
 
-/// Parses the long page header at the start of a WAL segment (little-endian platforms).
+/// Parses the long page header at the start of a WAL segment (little-endian platforms). A page
+/// magic of a major tidemark does not know is accepted if it is plausible (0xD000..=0xD1FF):
+/// archiving must never stop for a new major; callers warn (see [`major_of_page_magic`]).
 pub fn parse_long_page_header(seg: &[u8]) -> Result<LongPageHeader, FormatError> {
     const WHAT: &str = "wal page header";
     let mut r = Reader::new(WHAT, seg);
@@ -257,10 +283,10 @@ pub fn parse_long_page_header(seg: &[u8]) -> Result<LongPageHeader, FormatError>
     let system_id = r.u64()?;
     let seg_size = r.u32()?;
     let block_size = r.u32()?;
-    if magic != PG15_PAGE_MAGIC {
+    if !plausible_page_magic(magic) {
         return Err(FormatError::invalid(
             WHAT,
-            format!("page magic {magic:#06x} is not PostgreSQL 15's {PG15_PAGE_MAGIC:#06x}"),
+            format!("page magic {magic:#06x} is not a PostgreSQL WAL page magic (0xd000..=0xd1ff)"),
         ));
     }
     if info & XLP_LONG_HEADER == 0 {
@@ -276,6 +302,7 @@ pub fn parse_long_page_header(seg: &[u8]) -> Result<LongPageHeader, FormatError>
         ));
     }
     Ok(LongPageHeader {
+        magic,
         timeline: TimelineId(tli),
         page_addr,
         system_id: SystemId(system_id),

@@ -47,6 +47,9 @@ pub struct Args {
     /// --source replication: ask the server to send at most this many kB/s (32..=1048576)
     #[arg(long, env = "TIDEMARK_MAX_RATE", value_name = "KB_PER_S")]
     max_rate: Option<u32>,
+    /// Back up a PostgreSQL major newer than those this release is tested with (14..=18)
+    #[arg(long, env = "TIDEMARK_ALLOW_UNTESTED_MAJOR")]
+    allow_untested_major: bool,
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -69,6 +72,7 @@ pub async fn run(a: Args) -> Result<()> {
                 compress_level: a.compress_level,
                 workers,
                 archive_timeout: Duration::from_secs(a.archive_timeout),
+                allow_untested_major: a.allow_untested_major,
             };
             backup::run(&store, &opts).await?
         }
@@ -79,6 +83,7 @@ pub async fn run(a: Args) -> Result<()> {
                 workers,
                 archive_timeout: Duration::from_secs(a.archive_timeout),
                 max_rate_kb: a.max_rate,
+                allow_untested_major: a.allow_untested_major,
             };
             base_backup::run(&store, &opts).await?
         }
@@ -97,6 +102,7 @@ pub async fn run(a: Args) -> Result<()> {
             "new_chunks": h.stats.new_chunks,
             "reused_chunks": h.stats.reused_chunks,
             "source": if h.source == tidemark_format::manifest::SOURCE_REPLICATION { "replication" } else { "pgdata" },
+            "pg_version": h.pg_version,
             "from_standby": h.flags & tidemark_format::manifest::FLAG_FROM_STANDBY != 0,
             "seconds": secs,
         });

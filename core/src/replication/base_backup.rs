@@ -42,6 +42,8 @@ pub struct ReplicationOptions {
     pub archive_timeout: Duration,
     /// BASE_BACKUP's MAX_RATE in kB/s (32..=1048576): the server throttles the stream.
     pub max_rate_kb: Option<u32>,
+    /// Back up a PostgreSQL major newer than the tested ones (pgversion::SUPPORTED).
+    pub allow_untested_major: bool,
 }
 
 fn one_row<'a>(sets: &'a [ResultSet], i: usize, what: &str) -> Result<&'a [Option<String>]> {
@@ -102,9 +104,7 @@ async fn run_leased(
     let start_time_us: i64 = col(row, 4, "clock")?
         .parse()
         .context("clock is not a number")?;
-    if !(150000..160000).contains(&pg_version) {
-        bail!("PostgreSQL server version {pg_version} is not supported\nhint: tidemark supports PostgreSQL 15");
-    }
+    let _major = crate::pgversion::check_backup_server(pg_version, opts.allow_untested_major)?;
     if archive_mode == "off" && !in_recovery {
         bail!("archive_mode is off, so the WAL this backup needs would never be archived\nhint: set archive_mode = on and archive_command = 'tidemark-agent wal-push %p'");
     }
