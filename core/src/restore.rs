@@ -104,7 +104,15 @@ pub async fn run(store: &Store, opts: &RestoreOptions) -> Result<RestoreReport> 
         bail!("no backup lies on the history of timeline {} (the newest in the archive, which recovery follows)\nhint: the backups belong to abandoned timelines; take a new backup of the current primary", history.tli);
     }
     let chosen = choose_backup(&usable, &opts.target)?.clone();
-    tracing::info!(backup = %chosen.backup_id, stop_time = %repo::fmt_time(chosen.stop_time_us), "restoring backup");
+    let major = crate::pgversion::major_of_version_num(chosen.pg_version);
+    if !crate::pgversion::is_supported(major) {
+        tracing::warn!(
+            backup = %chosen.backup_id,
+            "backup {} is of PostgreSQL {major}, which this release is not tested with: restoring it the same way (files, backup_label, recovery.signal and postgresql.auto.conf); run `tidemark-restore verify` before relying on it",
+            chosen.backup_id
+        );
+    }
+    tracing::info!(backup = %chosen.backup_id, pg_major = major, stop_time = %repo::fmt_time(chosen.stop_time_us), "restoring backup");
     let m = Arc::new(repo::load_manifest(store, &chosen.backup_id).await?);
     let root = opts.pgdata.clone();
     let tablespaces = crate::tablespace::prepare(&root, &m, &opts.tablespace_map)?;

@@ -266,15 +266,17 @@ async fn drill(
         stop_lsn: chosen.stop_lsn.to_string(),
         stop_time: repo::fmt_time(chosen.stop_time_us),
     });
-    let major = opts.tools.major_version().await?;
-    if major != chosen.pg_version / 10000 {
-        bail!(
-            "backup {} is of PostgreSQL {} but {} is PostgreSQL {major}\nhint: give the matching server binaries with --pg-bin",
-            chosen.backup_id,
-            chosen.pg_version / 10000,
-            opts.tools.bin.join("postgres").display()
+    let major = chosen.pg_version / 10000;
+    if !crate::pgversion::is_supported(major) {
+        tracing::warn!(
+            backup = %chosen.backup_id,
+            "backup {} is of PostgreSQL {major}, which this release is not tested with: drilling it anyway with PostgreSQL {major}'s own binaries",
+            chosen.backup_id
         );
     }
+    let tools = opts.tools.for_major(major).await.with_context(|| {
+        format!("backup {} is of PostgreSQL {major}", chosen.backup_id)
+    })?;
 
     // The archive's own account of the window, before spending time on a restore.
     let archive = list_archive(store).await?;
@@ -335,7 +337,7 @@ async fn drill(
     let t1 = Instant::now();
     let s = srv.insert(
         Server::start(
-            &opts.tools,
+            &tools,
             &opts.scratch,
             &pgdata,
             opts.port,
@@ -421,10 +423,13 @@ async fn drill(
     // Soundness.
     if !opts.amcheck {
         r.skip("amcheck", "disabled with --no-amcheck");
-    } else if !opts.tools.has("pg_amcheck") {
+    } else if tools.client("pg_amcheck").is_none() {
         r.skip(
             "amcheck",
-            format!("pg_amcheck not found in {}", opts.tools.bin.display()),
+            format!(
+                "pg_amcheck not found in {} nor in another PostgreSQL 14+ bin directory or PATH",
+                tools.bin.display()
+            ),
         );
     } else {
         let avail = db
@@ -455,7 +460,8 @@ async fn drill(
             if opts.heapallindexed {
                 args.push("--heapallindexed");
             }
-            let (ok, out) = opts.tools.run("pg_amcheck", &args, opts.timeout).await?;
+            let amcheck = tools.client("pg_amcheck").context("pg_amcheck vanished")?;
+            let (ok, out) = amcheck.run("pg_amcheck", &args, opts.timeout).await?;
             let detail = if ok {
                 format!(
                     "pg_amcheck --all{} found no corruption",
@@ -509,10 +515,10 @@ async fn drill(
         .context("cannot stop the restored server cleanly")?;
     if !checksums_on {
         r.skip("data_checksums", "data checksums are off in this cluster");
-    } else if !opts.tools.has("pg_checksums") {
+    } else if !tools.has("pg_checksums") {
         r.skip(
             "data_checksums",
-            format!("pg_checksums not found in {}", opts.tools.bin.display()),
+            format!("pg_checksums not found in {}", tools.bin.display()),
         );
     } else {
         let data = pgdata.to_string_lossy().into_owned();

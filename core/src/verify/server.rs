@@ -56,34 +56,114 @@ pub fn running_as_root() -> bool {
 pub struct PgTools {
     pub bin: PathBuf,
     pub run_as: Option<OsUser>,
+    /// The operator named `bin` (--pg-bin): never replaced by another major's directory.
+    pub explicit: bool,
+}
+
+/// Bin directories searched for a major when --pg-bin is not given: Debian/Ubuntu and the
+/// CloudNativePG images, then the PGDG RPM layout.
+fn major_bin_dirs(major: u32) -> [PathBuf; 2] {
+    [
+        PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")),
+        PathBuf::from(format!("/usr/pgsql-{major}/bin")),
+    ]
+}
+
+fn check_bin_dir(bin: &Path) -> Result<()> {
+    for tool in ["postgres", "pg_ctl"] {
+        if !bin.join(tool).is_file() {
+            bail!(
+                "{} is missing\nhint: --pg-bin must name PostgreSQL's bin directory (Debian: /usr/lib/postgresql/<major>/bin)",
+                bin.join(tool).display()
+            );
+        }
+    }
+    Ok(())
 }
 
 impl PgTools {
-    /// `pg_bin` when given, else the directory of the first `postgres` on PATH.
+    /// `pg_bin` when given, else the directory of the first `postgres` on PATH (replaced by the
+    /// backup's own major's directory in [`PgTools::for_major`]).
     pub fn find(pg_bin: Option<&Path>, run_as: Option<OsUser>) -> Result<PgTools> {
-        let bin = match pg_bin {
-            Some(d) => d.to_path_buf(),
-            None => std::env::var_os("PATH")
-                .iter()
-                .flat_map(std::env::split_paths)
-                .find(|d| d.join("postgres").is_file())
-                .context("no 'postgres' binary on PATH\nhint: give the PostgreSQL bin directory with --pg-bin (Debian: /usr/lib/postgresql/15/bin)")?,
-        };
-        for tool in ["postgres", "pg_ctl"] {
-            if !bin.join(tool).is_file() {
-                bail!(
-                    "{} is missing\nhint: --pg-bin must name PostgreSQL's bin directory (Debian: /usr/lib/postgresql/15/bin)",
-                    bin.join(tool).display()
-                );
+        let (bin, explicit) = match pg_bin {
+            Some(d) => {
+                check_bin_dir(d)?;
+                (d.to_path_buf(), true)
             }
-        }
+            None => (
+                std::env::var_os("PATH")
+                    .iter()
+                    .flat_map(std::env::split_paths)
+                    .find(|d| d.join("postgres").is_file() && d.join("pg_ctl").is_file())
+                    .unwrap_or_default(),
+                false,
+            ),
+        };
         if run_as.is_some() && !running_as_root() {
             bail!("--run-as needs root: only root can start PostgreSQL as another user\nhint: drop --run-as and run tidemark-restore verify as the PostgreSQL OS user");
         }
         if running_as_root() && run_as.is_none() {
             bail!("tidemark runs as root and PostgreSQL refuses to run as root\nhint: add --run-as postgres (an unprivileged OS user; it must be able to execute this tidemark-restore binary)");
         }
-        Ok(PgTools { bin, run_as })
+        Ok(PgTools {
+            bin,
+            run_as,
+            explicit,
+        })
+    }
+
+    /// The tools for a backup of PostgreSQL `major`: --pg-bin if given (refused when it is another
+    /// major), else /usr/lib/postgresql/<major>/bin or /usr/pgsql-<major>/bin, else `postgres` on
+    /// PATH if it is that major.
+    pub async fn for_major(&self, major: u32) -> Result<PgTools> {
+        let mut tried = Vec::new();
+        let candidates: Vec<PathBuf> = if self.explicit {
+            vec![self.bin.clone()]
+        } else {
+            major_bin_dirs(major)
+                .into_iter()
+                .chain((!self.bin.as_os_str().is_empty()).then(|| self.bin.clone()))
+                .collect()
+        };
+        for bin in candidates {
+            if check_bin_dir(&bin).is_err() {
+                tried.push(format!("{}: no postgres/pg_ctl", bin.display()));
+                continue;
+            }
+            let t = PgTools {
+                bin: bin.clone(),
+                ..self.clone()
+            };
+            let found = t.major_version().await?;
+            if found == major {
+                return Ok(t);
+            }
+            tried.push(format!("{}: PostgreSQL {found}", bin.display()));
+        }
+        bail!(
+            "no PostgreSQL {major} server binaries found ({})\nhint: install PostgreSQL {major} (Debian: postgresql-{major}) or give its bin directory with --pg-bin",
+            tried.join("; ")
+        )
+    }
+
+    /// Tools whose bin directory holds the client program `tool` (e.g. pg_amcheck, which talks
+    /// to any server major from 14 on): this one, else another PostgreSQL's, else PATH's.
+    pub fn client(&self, tool: &str) -> Option<PgTools> {
+        if self.has(tool) {
+            return Some(self.clone());
+        }
+        let path_dirs = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .unwrap_or_default();
+        (14..=30)
+            .rev()
+            .map(|m| PathBuf::from(format!("/usr/lib/postgresql/{m}/bin")))
+            .chain(path_dirs)
+            .find(|d| d.join(tool).is_file())
+            .map(|bin| PgTools {
+                bin,
+                ..self.clone()
+            })
     }
 
     pub fn has(&self, tool: &str) -> bool {
