@@ -44,6 +44,8 @@ pub struct BackupOptions {
     pub archive_timeout: Duration,
     /// Back up a PostgreSQL major newer than the tested ones (pgversion::SUPPORTED).
     pub allow_untested_major: bool,
+    /// Register this cluster as a new database system of the repository (repo::open_for_writer).
+    pub accept_new_system: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,19 +127,10 @@ fn backup_functions(major: u32) -> (&'static str, &'static str) {
 /// Takes a base backup under a backup lease (FORMAT.md section 16); returns the header of the
 /// manifest written.
 pub async fn run(store: &Store, opts: &BackupOptions) -> Result<ManifestHeader> {
-    let lease = crate::lease::begin_backup(store, opts.archive_timeout).await?;
-    let r = run_leased(store, opts, &lease).await;
-    if let Err(e) = lease.release().await {
-        tracing::warn!(error = %format!("{e:#}"), "cannot release the backup lease; it expires on its own");
-    }
-    r
+    run_leased(store, opts).await
 }
 
-async fn run_leased(
-    store: &Store,
-    opts: &BackupOptions,
-    lease: &crate::lease::LeaseHandle,
-) -> Result<ManifestHeader> {
+async fn run_leased(root: &Store, opts: &BackupOptions) -> Result<ManifestHeader> {
     let client = crate::pg::connect(opts.pg_url.as_deref()).await?;
     let row = client
         .query_one(
@@ -168,98 +161,111 @@ async fn run_leased(
     if pgdata_meta.is_err() {
         bail!("{} is not a PostgreSQL data directory\nhint: pass the server's data directory as --pgdata", opts.pgdata.display());
     }
-    let cfg = repo::ensure_config(store, system_id).await?;
-    let backups = repo::list_backups(store).await?;
-    let parent = load_parent(store, &backups).await?;
+    let (store, cfg) =
+        repo::open_for_writer(root, system_id, Some(major), opts.accept_new_system, true).await?;
+    let store = &store;
+    // The lease (FORMAT.md section 16) is taken in the system's own repository, before the
+    // parent manifest is read and before any pack is written.
+    let lease_handle = crate::lease::begin_backup(store, opts.archive_timeout).await?;
+    let lease = &lease_handle;
+    let r = async {
+        let backups = repo::list_backups(store).await?;
+        let parent = load_parent(store, &backups).await?;
 
-    let row = client
-        .query_one(
-            &format!(
-                "SELECT {}::text, (extract(epoch from clock_timestamp()) * 1000000)::int8",
-                backup_functions(major).0
-            ),
-            &[],
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT {}::text, (extract(epoch from clock_timestamp()) * 1000000)::int8",
+                    backup_functions(major).0
+                ),
+                &[],
+            )
+            .await
+            .context("pg_backup_start failed")?;
+        let start_lsn: Lsn = row.get::<_, String>(0).parse()?;
+        let start_time_us: i64 = row.get(1);
+        let mut backup_id = chrono::DateTime::from_timestamp_micros(start_time_us)
+            .ok_or_else(|| anyhow!("server clock {start_time_us} is out of range"))?
+            .format("%Y%m%dT%H%M%SZ")
+            .to_string();
+        if backups.iter().any(|b| b.backup_id == backup_id) {
+            backup_id = format!("{backup_id}-{}", std::process::id());
+        }
+        let span = tracing::info_span!("backup", id = %backup_id);
+        let _g = span.enter();
+        tracing::info!(start_lsn = %start_lsn, "backup started");
+
+        let pgdata = opts.pgdata.clone();
+        let walked = tokio::task::spawn_blocking(move || pgdata::walk(&pgdata)).await??;
+        let (files, packs, counters) = copy_files(store, &cfg, &walked, parent.clone(), opts).await?;
+
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT lsn::text, labelfile, spcmapfile, (extract(epoch from clock_timestamp()) * 1000000)::int8 FROM {}",
+                    backup_functions(major).1
+                ),
+                &[],
+            )
+            .await
+            .context("pg_backup_stop failed")?;
+        let stop_lsn: Lsn = row.get::<_, String>(0).parse()?;
+        let backup_label: String = row.get(1);
+        let spcmap: Option<String> = row.get(2);
+        let stop_time_us: i64 = row.get(3);
+        let timeline = label_timeline(&backup_label)?;
+        tracing::info!(stop_lsn = %stop_lsn, "backup stopped; waiting for WAL");
+        wait_for_wal(
+            store,
+            timeline,
+            start_lsn,
+            stop_lsn,
+            seg_size,
+            opts.archive_timeout,
         )
-        .await
-        .context("pg_backup_start failed")?;
-    let start_lsn: Lsn = row.get::<_, String>(0).parse()?;
-    let start_time_us: i64 = row.get(1);
-    let mut backup_id = chrono::DateTime::from_timestamp_micros(start_time_us)
-        .ok_or_else(|| anyhow!("server clock {start_time_us} is out of range"))?
-        .format("%Y%m%dT%H%M%SZ")
-        .to_string();
-    if backups.iter().any(|b| b.backup_id == backup_id) {
-        backup_id = format!("{backup_id}-{}", std::process::id());
-    }
-    let span = tracing::info_span!("backup", id = %backup_id);
-    let _g = span.enter();
-    tracing::info!(start_lsn = %start_lsn, "backup started");
+        .await?;
 
-    let pgdata = opts.pgdata.clone();
-    let walked = tokio::task::spawn_blocking(move || pgdata::walk(&pgdata)).await??;
-    let (files, packs, counters) = copy_files(store, &cfg, &walked, parent.clone(), opts).await?;
-
-    let row = client
-        .query_one(
-            &format!(
-                "SELECT lsn::text, labelfile, spcmapfile, (extract(epoch from clock_timestamp()) * 1000000)::int8 FROM {}",
-                backup_functions(major).1
-            ),
-            &[],
-        )
-        .await
-        .context("pg_backup_stop failed")?;
-    let stop_lsn: Lsn = row.get::<_, String>(0).parse()?;
-    let backup_label: String = row.get(1);
-    let spcmap: Option<String> = row.get(2);
-    let stop_time_us: i64 = row.get(3);
-    let timeline = label_timeline(&backup_label)?;
-    tracing::info!(stop_lsn = %stop_lsn, "backup stopped; waiting for WAL");
-    wait_for_wal(
-        store,
-        timeline,
-        start_lsn,
-        stop_lsn,
-        seg_size,
-        opts.archive_timeout,
-    )
-    .await?;
-
-    let items = walked.iter().enumerate().map(|(i, w)| {
-        let kind = match &w.kind {
-            Kind::Dir => ItemKind::Dir,
-            Kind::Symlink(t) => ItemKind::Symlink(t.clone()),
-            Kind::File => ItemKind::File(i),
+        let items = walked.iter().enumerate().map(|(i, w)| {
+            let kind = match &w.kind {
+                Kind::Dir => ItemKind::Dir,
+                Kind::Symlink(t) => ItemKind::Symlink(t.clone()),
+                Kind::File => ItemKind::File(i),
+            };
+            (w.rel.clone(), w.mode, kind)
+        });
+        let (pack_table, entries, logical) = assemble(items, &files, &packs)?;
+        let stats = BackupStats {
+            logical_bytes: logical,
+            new_chunks: counters.new_chunks.load(Ordering::Relaxed),
+            reused_chunks: counters.reused_chunks.load(Ordering::Relaxed),
+            new_chunk_bytes: counters.new_chunk_bytes.load(Ordering::Relaxed),
+            new_stored_bytes: packs.values().map(|(_, size)| size).sum(),
+            new_objects: packs.len() as u64 + 1,
         };
-        (w.rel.clone(), w.mode, kind)
-    });
-    let (pack_table, entries, logical) = assemble(items, &files, &packs)?;
-    let stats = BackupStats {
-        logical_bytes: logical,
-        new_chunks: counters.new_chunks.load(Ordering::Relaxed),
-        reused_chunks: counters.reused_chunks.load(Ordering::Relaxed),
-        new_chunk_bytes: counters.new_chunk_bytes.load(Ordering::Relaxed),
-        new_stored_bytes: packs.values().map(|(_, size)| size).sum(),
-        new_objects: packs.len() as u64 + 1,
-    };
-    let header = ManifestHeader {
-        backup_id: backup_id.clone(),
-        system_id,
-        pg_version: pg_version as u32,
-        timeline,
-        start_lsn,
-        stop_lsn,
-        start_time_us,
-        stop_time_us,
-        source: manifest::SOURCE_PGDATA,
-        flags: 0,
-        chunk_size: cfg.chunk_size,
-        parent: parent.as_ref().map(|p| p.header.backup_id.clone()),
-        backup_label: backup_label.into_bytes(),
-        tablespace_map: spcmap.filter(|s| !s.is_empty()).map(String::into_bytes),
-        stats,
-    };
-    commit(store, lease, header, pack_table, entries).await
+        let header = ManifestHeader {
+            backup_id: backup_id.clone(),
+            system_id,
+            pg_version: pg_version as u32,
+            timeline,
+            start_lsn,
+            stop_lsn,
+            start_time_us,
+            stop_time_us,
+            source: manifest::SOURCE_PGDATA,
+            flags: 0,
+            chunk_size: cfg.chunk_size,
+            parent: parent.as_ref().map(|p| p.header.backup_id.clone()),
+            backup_label: backup_label.into_bytes(),
+            tablespace_map: spcmap.filter(|s| !s.is_empty()).map(String::into_bytes),
+            stats,
+        };
+        commit(store, lease, header, pack_table, entries).await
+    }
+    .await;
+    if let Err(e) = lease_handle.release().await {
+        tracing::warn!(error = %format!("{e:#}"), "cannot release the backup lease; it expires on its own");
+    }
+    r
 }
 
 /// Writes a finished backup's manifest (create-only, after checking the backup lease is still

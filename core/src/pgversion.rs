@@ -67,18 +67,30 @@ pub fn major_of_segment(name: &str, magic: u16) -> Option<u32> {
 /// The major of a data directory, from its `PG_VERSION` file (e.g. "15\n").
 pub fn major_of_data_dir(pgdata: &Path) -> Result<u32> {
     let path = pgdata.join("PG_VERSION");
-    let text = std::fs::read(&path)
-        .with_context(|| format!("cannot read {}\nhint: is this a PostgreSQL data directory?", path.display()))?;
-    parse_pg_version_file(&text).with_context(|| format!("{} is not a PG_VERSION file", path.display()))
+    let text = std::fs::read(&path).with_context(|| {
+        format!(
+            "cannot read {}\nhint: is this a PostgreSQL data directory?",
+            path.display()
+        )
+    })?;
+    parse_pg_version_file(&text)
+        .with_context(|| format!("{} is not a PG_VERSION file", path.display()))
 }
 
 /// Parses the contents of `PG_VERSION`: a major number and a newline (at most 16 bytes).
 pub fn parse_pg_version_file(text: &[u8]) -> Result<u32> {
     if text.len() > 16 {
-        bail!("PG_VERSION is {} bytes, more than a version number", text.len());
+        bail!(
+            "PG_VERSION is {} bytes, more than a version number",
+            text.len()
+        );
     }
-    let s = std::str::from_utf8(text).context("PG_VERSION is not text")?.trim();
-    let major: u32 = s.parse().with_context(|| format!("PG_VERSION holds {s:?}, not a major version number"))?;
+    let s = std::str::from_utf8(text)
+        .context("PG_VERSION is not text")?
+        .trim();
+    let major: u32 = s
+        .parse()
+        .with_context(|| format!("PG_VERSION holds {s:?}, not a major version number"))?;
     if major < 10 {
         bail!("PG_VERSION says {major}: PostgreSQL before 10 is not supported");
     }
@@ -105,7 +117,10 @@ mod tests {
         assert_eq!(check_backup_server(140023, false).unwrap(), 14);
         assert_eq!(check_backup_server(180004, false).unwrap(), 18);
         let e = format!("{:#}", check_backup_server(190000, false).unwrap_err());
-        assert!(e.contains("PostgreSQL 19") && e.contains("--allow-untested-major"), "{e}");
+        assert!(
+            e.contains("PostgreSQL 19") && e.contains("--allow-untested-major"),
+            "{e}"
+        );
         assert_eq!(check_backup_server(190000, true).unwrap(), 19);
         let e = format!("{:#}", check_backup_server(130012, true).unwrap_err());
         assert!(e.contains("PostgreSQL 13") && e.contains("14..=18"), "{e}");

@@ -48,6 +48,8 @@ pub struct SidecarOptions {
     pub rescan: Duration,
     pub compress_level: i32,
     pub allow_overwriting_store: bool,
+    /// Register this cluster as a new database system of the repository (wal-push's flag).
+    pub accept_new_system: bool,
 }
 
 type Reply = Result<(), String>;
@@ -374,7 +376,15 @@ async fn upload(inner: Arc<Inner>, name: String) {
     loop {
         let span = tracing::info_span!("wal", file = %name);
         let result = tracing::Instrument::instrument(
-            wal::push_file(&inner.store, &path, inner.opts.compress_level),
+            wal::push_file(
+                &inner.store,
+                &path,
+                inner.opts.compress_level,
+                &wal::PushOptions {
+                    pgdata: Some(inner.opts.pgdata.clone()),
+                    accept_new_system: inner.opts.accept_new_system,
+                },
+            ),
             span,
         )
         .await;
@@ -646,6 +656,7 @@ mod tests {
             rescan: Duration::from_secs(1),
             compress_level: 1,
             allow_overwriting_store: false,
+            accept_new_system: false,
         };
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(run_until(store.clone(), opts, async move {

@@ -147,6 +147,29 @@ impl Store {
         })
     }
 
+    /// The same storage seen under `sub` (a key prefix ending in `/`, e.g. a nested system's
+    /// `systems/<id>/`): keys of the child are keys of this store with `sub` in front.
+    pub fn child(&self, sub: &str) -> Store {
+        let sub = sub.trim_end_matches('/');
+        let backend = match &self.backend {
+            Backend::Local(l) => Backend::Local(Arc::new(LocalDir {
+                root: l.root.join(sub),
+            })),
+            Backend::Object { store, prefix } => Backend::Object {
+                store: store.clone(),
+                prefix: if prefix.is_empty() {
+                    sub.to_string()
+                } else {
+                    format!("{prefix}/{sub}")
+                },
+            },
+        };
+        Store {
+            url: format!("{}/{sub}", self.url.trim_end_matches('/')),
+            backend,
+        }
+    }
+
     /// The URL this store was opened from.
     pub fn url(&self) -> &str {
         &self.url

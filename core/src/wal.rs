@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tidemark_format::wal::{self as walfmt, WalFileName};
 use tidemark_format::{keys, ChunkId};
 
@@ -41,13 +41,54 @@ pub enum PushOutcome {
 const HEADER_READ: u64 = 128;
 pub const MAX_OBJECT: u64 = walfmt::MAX_WAL_FILE + (1 << 20);
 
+/// How `wal-push` tells which database system a file belongs to and whether a new one may join.
+#[derive(Clone, Debug, Default)]
+pub struct PushOptions {
+    /// The data directory (for `.history` and `.backup` files, which carry no system identifier);
+    /// default: derived from a `pg_wal/` path, else the working directory (archive_command runs
+    /// in the data directory).
+    pub pgdata: Option<PathBuf>,
+    /// Register this cluster as a new system even when it is not a major upgrade (see
+    /// `repo::open_for_writer`).
+    pub accept_new_system: bool,
+}
+
 /// Archives one file handed to archive_command.
-pub async fn push(store: &Store, path: &Path, level: i32) -> Result<PushOutcome> {
-    Ok(push_file(store, path, level).await?.0)
+pub async fn push(
+    store: &Store,
+    path: &Path,
+    level: i32,
+    opts: &PushOptions,
+) -> Result<PushOutcome> {
+    Ok(push_file(store, path, level, opts).await?.0)
+}
+
+/// The data directory of a WAL file: `--pgdata`, else the parent of its `pg_wal/`, else the
+/// working directory when it is a data directory.
+fn data_dir_of(path: &Path, opts: &PushOptions) -> Option<PathBuf> {
+    if let Some(d) = &opts.pgdata {
+        return Some(d.clone());
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = parent.filter(|p| p.file_name().is_some_and(|n| n == "pg_wal")) {
+        let data = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        return Some(data.to_path_buf());
+    }
+    Path::new("global/pg_control")
+        .is_file()
+        .then(|| PathBuf::from("."))
 }
 
 /// Archives one WAL file; also returns the sha256 of its content (what the stored object holds).
-pub async fn push_file(store: &Store, path: &Path, level: i32) -> Result<(PushOutcome, ChunkId)> {
+pub async fn push_file(
+    store: &Store,
+    path: &Path,
+    level: i32,
+    opts: &PushOptions,
+) -> Result<(PushOutcome, ChunkId)> {
     let fname = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -56,16 +97,32 @@ pub async fn push_file(store: &Store, path: &Path, level: i32) -> Result<(PushOu
     let p = path.to_path_buf();
     let (obj, header, page) =
         tokio::task::spawn_blocking(move || encode_file(&p, name, level)).await??;
-    match page {
-        Some(page) => {
-            repo::ensure_config(store, page.system_id)
-                .await
-                .with_context(|| format!("refusing to archive wal file {name}"))?;
-        }
-        None => {
-            repo::require_config(store).await?;
-        }
-    }
+    // Which system: a segment says so in its page header; any file, through its data directory.
+    let pgdata = data_dir_of(path, opts);
+    let dir_major = pgdata
+        .as_deref()
+        .and_then(|d| crate::pgversion::major_of_data_dir(d).ok());
+    let (system_id, major) = match (page, pgdata.as_deref()) {
+        (Some(page), _) => (
+            page.system_id,
+            walfmt::major_of_page_magic(page.magic).or(dir_major),
+        ),
+        (None, Some(d)) => (crate::pgversion::system_id_of_data_dir(d).with_context(|| format!("cannot tell which database system {name} belongs to\nhint: archive_command runs in the data directory; pass --pgdata if wal-push runs elsewhere"))?, dir_major),
+        (None, None) => match repo::load_config(store).await? {
+            // No data directory to ask: a repository of one system takes the file as before.
+            Some(cfg) => {
+                if repo::systems(store).await?.len() > 1 {
+                    anyhow::bail!("cannot tell which of the repository's database systems {name} belongs to\nhint: archive_command runs in the data directory (where global/pg_control is); pass --pgdata DIR if wal-push runs elsewhere");
+                }
+                (cfg.system_id, None)
+            }
+            None => anyhow::bail!("cannot archive {name} into the new repository {}: it carries no system identifier and no data directory is known\nhint: archive_command runs in the data directory (where global/pg_control is); pass --pgdata DIR if wal-push runs elsewhere", store.url()),
+        },
+    };
+    let (store, _) = repo::open_for_writer(store, system_id, major, opts.accept_new_system, false)
+        .await
+        .with_context(|| format!("refusing to archive wal file {name}"))?;
+    let store = &store;
     let key = keys::wal(&name);
     let sha = header.sha256;
     let size = obj.len() as u64;

@@ -50,9 +50,13 @@ impl Writer {
     }
     /// Object header: 4-byte magic, u16 major, u16 minor.
     pub fn header(&mut self, magic: [u8; 4]) {
+        self.header_minor(magic, crate::FORMAT_MINOR);
+    }
+    /// Object header of an object kind introduced in a later minor version.
+    pub fn header_minor(&mut self, magic: [u8; 4], minor: u16) {
         self.raw(&magic);
         self.u16(crate::FORMAT_MAJOR);
-        self.u16(crate::FORMAT_MINOR);
+        self.u16(minor);
     }
     /// Appends the sha256 of everything written so far (the object trailer).
     pub fn finish_with_sha256(mut self) -> Vec<u8> {

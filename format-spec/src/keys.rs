@@ -8,6 +8,8 @@
 //! locks/<backup|expire>-<nonce>
 //! gc/<nonce>
 //! verify/<record id>.json
+//! clusters/<system id>                       (format 1.1)
+//! systems/<system id>/<any key above but clusters/ and systems/>   (format 1.1)
 //! ```
 
 use crate::ids::PackId;
@@ -21,6 +23,8 @@ pub const WAL: &str = "wal/";
 pub const LOCKS: &str = "locks/";
 pub const GC: &str = "gc/";
 pub const VERIFY: &str = "verify/";
+pub const CLUSTERS: &str = "clusters/";
+pub const SYSTEMS: &str = "systems/";
 const MANIFEST_SUFFIX: &str = ".manifest";
 const VERIFY_SUFFIX: &str = ".json";
 
@@ -115,6 +119,33 @@ pub fn parse_verify_record(key: &str) -> Option<&str> {
     valid_verify_id(id).then_some(id)
 }
 
+/// `clusters/<system id>`, the id in decimal as PostgreSQL prints it.
+pub fn cluster(system_id: crate::SystemId) -> String {
+    format!("{CLUSTERS}{}", system_id.0)
+}
+
+/// The prefix (ending in `/`) of the nested repository of a system other than the config's.
+pub fn system_prefix(system_id: crate::SystemId) -> String {
+    format!("{SYSTEMS}{}/", system_id.0)
+}
+
+/// A system identifier in decimal: digits only, no leading zero (one spelling per id), fits u64.
+pub fn parse_system_id(s: &str) -> Option<crate::SystemId> {
+    let canonical = !s.is_empty()
+        && s.len() <= 20
+        && s.bytes().all(|b| b.is_ascii_digit())
+        && (s == "0" || !s.starts_with('0'));
+    canonical
+        .then(|| s.parse::<u64>().ok())
+        .flatten()
+        .map(crate::SystemId)
+}
+
+/// The system id of a cluster record key, or `None` for any other key.
+pub fn parse_cluster(key: &str) -> Option<crate::SystemId> {
+    parse_system_id(key.strip_prefix(CLUSTERS)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +186,18 @@ mod tests {
             assert_eq!(verify_record(bad), None, "{bad}");
         }
         assert_eq!(parse_verify_record("verify/x.json"), None);
+        let sid = crate::SystemId(7_300_000_000_000_000_001);
+        assert_eq!(cluster(sid), "clusters/7300000000000000001");
+        assert_eq!(parse_cluster(&cluster(sid)), Some(sid));
+        assert_eq!(system_prefix(sid), "systems/7300000000000000001/");
+        for bad in [
+            "clusters/",
+            "clusters/07",
+            "clusters/18446744073709551616",
+            "clusters/1a",
+            "clusters/1/x",
+        ] {
+            assert_eq!(parse_cluster(bad), None, "{bad}");
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! explicit cap allows. `format-spec/FORMAT.md` is the normative description of these bytes.
 
 pub mod chunk;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod error;
@@ -20,5 +21,9 @@ pub use ids::{ChunkId, Lsn, PackId, SystemId, TimelineId};
 
 /// Major format version written by this crate; readers refuse any other major version.
 pub const FORMAT_MAJOR: u16 = 1;
-/// Minor format version written by this crate; readers accept any minor of their major.
+/// Minor format version written by this crate into the objects of version 1.0 (config, packs,
+/// manifests, WAL objects, leases, GC state); readers accept any minor of their major.
 pub const FORMAT_MINOR: u16 = 0;
+/// Minor version 1.1 added cluster records and nested system repositories (FORMAT.md 8.7);
+/// cluster records carry it in their header.
+pub const FORMAT_MINOR_CLUSTERS: u16 = 1;

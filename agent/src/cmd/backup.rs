@@ -50,6 +50,10 @@ pub struct Args {
     /// Back up a PostgreSQL major newer than those this release is tested with (14..=18)
     #[arg(long, env = "TIDEMARK_ALLOW_UNTESTED_MAJOR")]
     allow_untested_major: bool,
+    /// Back up into a repository that belongs to another database system, as a new system of it
+    /// (needed only when it is not a major upgrade, which is recognised by itself)
+    #[arg(long, env = "TIDEMARK_ACCEPT_NEW_SYSTEM")]
+    accept_new_system: bool,
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -73,6 +77,7 @@ pub async fn run(a: Args) -> Result<()> {
                 workers,
                 archive_timeout: Duration::from_secs(a.archive_timeout),
                 allow_untested_major: a.allow_untested_major,
+                accept_new_system: a.accept_new_system,
             };
             backup::run(&store, &opts).await?
         }
@@ -84,6 +89,7 @@ pub async fn run(a: Args) -> Result<()> {
                 archive_timeout: Duration::from_secs(a.archive_timeout),
                 max_rate_kb: a.max_rate,
                 allow_untested_major: a.allow_untested_major,
+                accept_new_system: a.accept_new_system,
             };
             base_backup::run(&store, &opts).await?
         }

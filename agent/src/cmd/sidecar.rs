@@ -38,6 +38,10 @@ pub struct Args {
     /// Run even if the store overwrites existing objects (unsafe)
     #[arg(long)]
     allow_overwriting_store: bool,
+    /// Archive into a repository that belongs to another database system, as a new system of it
+    /// (needed only when it is not a major upgrade, which is recognised by itself)
+    #[arg(long, env = "TIDEMARK_ACCEPT_NEW_SYSTEM")]
+    accept_new_system: bool,
 }
 
 pub async fn run(a: Args) -> Result<()> {
@@ -52,6 +56,7 @@ pub async fn run(a: Args) -> Result<()> {
         rescan: Duration::from_secs(a.rescan.max(1)),
         compress_level: a.compress_level,
         allow_overwriting_store: a.allow_overwriting_store,
+        accept_new_system: a.accept_new_system,
     };
     sidecar::run(store, opts).await
 }

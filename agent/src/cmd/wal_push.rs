@@ -18,6 +18,14 @@ pub struct Args {
     /// The sidecar's socket directory; when set, hand the file to the sidecar if one is running
     #[arg(long, env = "TIDEMARK_SOCKET_DIR")]
     socket_dir: Option<PathBuf>,
+    /// The data directory (default: the parent of the file's pg_wal/, else the working directory,
+    /// where archive_command runs); tells the system of .history and .backup files
+    #[arg(long, env = "TIDEMARK_PGDATA")]
+    pgdata: Option<PathBuf>,
+    /// Archive into a repository that belongs to another database system, as a new system of it
+    /// (needed only when it is not a major upgrade, which is recognised by itself)
+    #[arg(long, env = "TIDEMARK_ACCEPT_NEW_SYSTEM")]
+    accept_new_system: bool,
     /// The WAL file to archive (%p)
     path: PathBuf,
 }
@@ -45,7 +53,11 @@ pub async fn run(a: Args) -> Result<()> {
         }
     }
     let store = a.repo.open()?;
-    match wal::push(&store, &a.path, a.compress_level).await? {
+    let opts = wal::PushOptions {
+        pgdata: a.pgdata,
+        accept_new_system: a.accept_new_system,
+    };
+    match wal::push(&store, &a.path, a.compress_level, &opts).await? {
         PushOutcome::Stored(_) => tracing::debug!(file = %name, "archived"),
         PushOutcome::AlreadyArchived => {
             tracing::info!(file = %name, "already archived with identical content")

@@ -44,6 +44,8 @@ pub struct ReplicationOptions {
     pub max_rate_kb: Option<u32>,
     /// Back up a PostgreSQL major newer than the tested ones (pgversion::SUPPORTED).
     pub allow_untested_major: bool,
+    /// Register this cluster as a new database system of the repository (repo::open_for_writer).
+    pub accept_new_system: bool,
 }
 
 fn one_row<'a>(sets: &'a [ResultSet], i: usize, what: &str) -> Result<&'a [Option<String>]> {
@@ -62,19 +64,10 @@ fn col<'a>(row: &'a [Option<String>], i: usize, what: &str) -> Result<&'a str> {
 /// Takes a base backup over the replication protocol under a backup lease (FORMAT.md section
 /// 16, as for `--pgdata`); returns the header of the manifest.
 pub async fn run(store: &Store, opts: &ReplicationOptions) -> Result<ManifestHeader> {
-    let lease = crate::lease::begin_backup(store, opts.archive_timeout).await?;
-    let r = run_leased(store, opts, &lease).await;
-    if let Err(e) = lease.release().await {
-        tracing::warn!(error = %format!("{e:#}"), "cannot release the backup lease; it expires on its own");
-    }
-    r
+    run_leased(store, opts).await
 }
 
-async fn run_leased(
-    store: &Store,
-    opts: &ReplicationOptions,
-    lease: &crate::lease::LeaseHandle,
-) -> Result<ManifestHeader> {
+async fn run_leased(root: &Store, opts: &ReplicationOptions) -> Result<ManifestHeader> {
     let params = ConnParams::from_url_or_env(opts.pg_url.as_deref())?;
     let mut conn = ReplConn::connect(&params).await?;
     let sets = conn.simple_query("IDENTIFY_SYSTEM").await?;
@@ -104,204 +97,217 @@ async fn run_leased(
     let start_time_us: i64 = col(row, 4, "clock")?
         .parse()
         .context("clock is not a number")?;
-    let _major = crate::pgversion::check_backup_server(pg_version, opts.allow_untested_major)?;
+    let major = crate::pgversion::check_backup_server(pg_version, opts.allow_untested_major)?;
     if archive_mode == "off" && !in_recovery {
         bail!("archive_mode is off, so the WAL this backup needs would never be archived\nhint: set archive_mode = on and archive_command = 'tidemark-agent wal-push %p'");
     }
-    let cfg = repo::ensure_config(store, system_id).await?;
-    let backups = repo::list_backups(store).await?;
-    let parent = backup::load_parent(store, &backups).await?;
-    let mut backup_id = chrono::DateTime::from_timestamp_micros(start_time_us)
-        .ok_or_else(|| anyhow!("server clock {start_time_us} is out of range"))?
-        .format("%Y%m%dT%H%M%SZ")
-        .to_string();
-    if backups.iter().any(|b| b.backup_id == backup_id) {
-        backup_id = format!("{backup_id}-{}", std::process::id());
-    }
-    let span = tracing::info_span!("backup", id = %backup_id, source = "replication");
-    let _g = span.enter();
-
-    let max_rate = match opts.max_rate_kb {
-        Some(r) if (32..=1_048_576).contains(&r) => format!(", MAX_RATE {r}"),
-        Some(r) => {
-            bail!("--max-rate {r} is out of range\nhint: PostgreSQL accepts 32 to 1048576 kB/s")
+    let (store, cfg) =
+        repo::open_for_writer(root, system_id, Some(major), opts.accept_new_system, true).await?;
+    let store = &store;
+    // The lease (FORMAT.md section 16) is taken in the system's own repository, before the
+    // parent manifest is read and before any pack is written.
+    let lease_handle = crate::lease::begin_backup(store, opts.archive_timeout).await?;
+    let lease = &lease_handle;
+    let r = async {
+        let backups = repo::list_backups(store).await?;
+        let parent = backup::load_parent(store, &backups).await?;
+        let mut backup_id = chrono::DateTime::from_timestamp_micros(start_time_us)
+            .ok_or_else(|| anyhow!("server clock {start_time_us} is out of range"))?
+            .format("%Y%m%dT%H%M%SZ")
+            .to_string();
+        if backups.iter().any(|b| b.backup_id == backup_id) {
+            backup_id = format!("{backup_id}-{}", std::process::id());
         }
-        None => String::new(),
-    };
-    let sets = conn
-        .start_base_backup(&format!(
-            "BASE_BACKUP ( LABEL 'tidemark', PROGRESS, CHECKPOINT 'fast', WAIT false, \
-             MANIFEST 'yes', MANIFEST_CHECKSUMS 'SHA256', TABLESPACE_MAP{max_rate} )"
-        ))
-        .await?;
-    let start = one_row(&sets, 0, "BASE_BACKUP start position")?;
-    let start_lsn: Lsn = col(start, 0, "start LSN")?.parse()?;
-    let start_tli: u32 = col(start, 1, "start timeline")?
-        .parse()
-        .context("start timeline is not a number")?;
-    let mut spc_oids: HashMap<String, String> = HashMap::new();
-    let mut total: u64 = 0;
-    for r in sets.get(1).map(|s| s.rows.as_slice()).unwrap_or(&[]) {
-        if let (Some(oid), Some(loc)) = (r.first().cloned().flatten(), r.get(1).cloned().flatten())
-        {
-            if oid.is_empty() || !oid.bytes().all(|b| b.is_ascii_digit()) {
-                bail!("postgresql sent tablespace oid {oid:?}, which is not a number");
+        let span = tracing::info_span!("backup", id = %backup_id, source = "replication");
+        let _g = span.enter();
+
+        let max_rate = match opts.max_rate_kb {
+            Some(r) if (32..=1_048_576).contains(&r) => format!(", MAX_RATE {r}"),
+            Some(r) => {
+                bail!("--max-rate {r} is out of range\nhint: PostgreSQL accepts 32 to 1048576 kB/s")
             }
-            spc_oids.insert(loc, oid);
+            None => String::new(),
+        };
+        let sets = conn
+            .start_base_backup(&format!(
+                "BASE_BACKUP ( LABEL 'tidemark', PROGRESS, CHECKPOINT 'fast', WAIT false, \
+                 MANIFEST 'yes', MANIFEST_CHECKSUMS 'SHA256', TABLESPACE_MAP{max_rate} )"
+            ))
+            .await?;
+        let start = one_row(&sets, 0, "BASE_BACKUP start position")?;
+        let start_lsn: Lsn = col(start, 0, "start LSN")?.parse()?;
+        let start_tli: u32 = col(start, 1, "start timeline")?
+            .parse()
+            .context("start timeline is not a number")?;
+        let mut spc_oids: HashMap<String, String> = HashMap::new();
+        let mut total: u64 = 0;
+        for r in sets.get(1).map(|s| s.rows.as_slice()).unwrap_or(&[]) {
+            if let (Some(oid), Some(loc)) = (r.first().cloned().flatten(), r.get(1).cloned().flatten())
+            {
+                if oid.is_empty() || !oid.bytes().all(|b| b.is_ascii_digit()) {
+                    bail!("postgresql sent tablespace oid {oid:?}, which is not a number");
+                }
+                spc_oids.insert(loc, oid);
+            }
+            if let Some(kb) = r
+                .get(2)
+                .cloned()
+                .flatten()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                total = total.saturating_add(kb.saturating_mul(1024));
+            }
         }
-        if let Some(kb) = r
-            .get(2)
-            .cloned()
-            .flatten()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            total = total.saturating_add(kb.saturating_mul(1024));
+        tracing::info!(start_lsn = %start_lsn, timeline = start_tli, standby = in_recovery, tablespaces = spc_oids.len(), "backup started");
+
+        let shared = Arc::new(Shared::new(
+            Vec::new(),
+            backup::index_parent(parent.clone()),
+            &cfg,
+            opts.compress_level,
+        ));
+        let (piece_tx, piece_rx) = mpsc::channel::<Piece>(16);
+        let workers = opts.workers.max(1);
+        let (job_tx, job_rx) = smpsc::sync_channel::<Job>(workers * 2);
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let demux_shared = shared.clone();
+        let demux = tokio::task::spawn_blocking(move || demux::demux(piece_rx, job_tx, &demux_shared));
+        let work = move |s: &Shared, tx: &tokio::sync::mpsc::Sender<SealedPack>| {
+            demux::block_worker(s, tx, &job_rx)
+        };
+        let pipeline = backup::run_workers(store, shared.clone(), workers, work);
+        let stream = stream_backup(&mut conn, piece_tx, &spc_oids, total);
+        let (streamed, pipelined) = tokio::join!(stream, pipeline);
+        let demuxed = demux.await.context("backup demux thread panicked")?;
+        let (parts, packs, _) = pipelined?;
+        let closed = streamed?;
+        let demuxed = demuxed?;
+        if closed {
+            bail!("the backup pipeline stopped early");
         }
-    }
-    tracing::info!(start_lsn = %start_lsn, timeline = start_tli, standby = in_recovery, tablespaces = spc_oids.len(), "backup started");
 
-    let shared = Arc::new(Shared::new(
-        Vec::new(),
-        backup::index_parent(parent.clone()),
-        &cfg,
-        opts.compress_level,
-    ));
-    let (piece_tx, piece_rx) = mpsc::channel::<Piece>(16);
-    let workers = opts.workers.max(1);
-    let (job_tx, job_rx) = smpsc::sync_channel::<Job>(workers * 2);
-    let job_rx = Arc::new(Mutex::new(job_rx));
-    let demux_shared = shared.clone();
-    let demux = tokio::task::spawn_blocking(move || demux::demux(piece_rx, job_tx, &demux_shared));
-    let work = move |s: &Shared, tx: &tokio::sync::mpsc::Sender<SealedPack>| {
-        demux::block_worker(s, tx, &job_rx)
-    };
-    let pipeline = backup::run_workers(store, shared.clone(), workers, work);
-    let stream = stream_backup(&mut conn, piece_tx, &spc_oids, total);
-    let (streamed, pipelined) = tokio::join!(stream, pipeline);
-    let demuxed = demux.await.context("backup demux thread panicked")?;
-    let (parts, packs, _) = pipelined?;
-    let closed = streamed?;
-    let demuxed = demuxed?;
-    if closed {
-        bail!("the backup pipeline stopped early");
-    }
+        let end = conn.finish_base_backup().await?;
+        let stop = one_row(&end, 0, "BASE_BACKUP end position")?;
+        let stop_lsn: Lsn = col(stop, 0, "stop LSN")?.parse()?;
+        let sets = conn
+            .simple_query("SELECT ((extract(epoch from clock_timestamp()) * 1000000)::int8)::text")
+            .await?;
+        let stop_time_us: i64 = col(one_row(&sets, 0, "clock")?, 0, "clock")?
+            .parse()
+            .context("clock is not a number")?;
+        conn.close().await;
 
-    let end = conn.finish_base_backup().await?;
-    let stop = one_row(&end, 0, "BASE_BACKUP end position")?;
-    let stop_lsn: Lsn = col(stop, 0, "stop LSN")?.parse()?;
-    let sets = conn
-        .simple_query("SELECT ((extract(epoch from clock_timestamp()) * 1000000)::int8)::text")
-        .await?;
-    let stop_time_us: i64 = col(one_row(&sets, 0, "clock")?, 0, "clock")?
-        .parse()
-        .context("clock is not a number")?;
-    conn.close().await;
-
-    let backup_label = demuxed
-        .backup_label
-        .clone()
-        .ok_or_else(|| anyhow!("the BASE_BACKUP stream had no backup_label"))?;
-    let label_text = String::from_utf8_lossy(&backup_label);
-    let timeline = backup::label_timeline(&label_text)?;
-    if timeline != TimelineId(start_tli) {
-        bail!("backup_label says timeline {timeline}, BASE_BACKUP said {start_tli}");
-    }
-    let from_standby = label_text.contains("BACKUP FROM: standby");
-    if from_standby != in_recovery {
-        bail!("the server changed role during the backup (pg_is_in_recovery was {in_recovery})\nhint: rerun the backup");
-    }
-
-    // Assemble the files' chunk lists in order and check them against the server's manifest.
-    let mut by_file: BTreeMap<usize, Vec<(usize, Vec<ChunkLoc>)>> = BTreeMap::new();
-    for (fid, first, chunks) in parts.into_iter().flatten() {
-        by_file.entry(fid).or_default().push((first, chunks));
-    }
-    let mut files: HashMap<usize, FileDone> = HashMap::new();
-    let mut stored: HashMap<String, (u64, [u8; 32])> = HashMap::new();
-    for (fid, (path, size, sha)) in demuxed.files.iter().enumerate() {
-        let mut parts = by_file.remove(&fid).unwrap_or_default();
-        parts.sort_by_key(|p| p.0);
-        let chunks: Vec<_> = parts.into_iter().flat_map(|p| p.1).collect();
-        let sum: u64 = chunks.iter().map(|(_, l)| l.ulen() as u64).sum();
-        if sum != *size {
-            bail!("file {path}: {sum} of {size} bytes were stored\nhint: this is a bug; rerun the backup");
+        let backup_label = demuxed
+            .backup_label
+            .clone()
+            .ok_or_else(|| anyhow!("the BASE_BACKUP stream had no backup_label"))?;
+        let label_text = String::from_utf8_lossy(&backup_label);
+        let timeline = backup::label_timeline(&label_text)?;
+        if timeline != TimelineId(start_tli) {
+            bail!("backup_label says timeline {timeline}, BASE_BACKUP said {start_tli}");
         }
-        if path != SERVER_MANIFEST {
+        let from_standby = label_text.contains("BACKUP FROM: standby");
+        if from_standby != in_recovery {
+            bail!("the server changed role during the backup (pg_is_in_recovery was {in_recovery})\nhint: rerun the backup");
+        }
+
+        // Assemble the files' chunk lists in order and check them against the server's manifest.
+        let mut by_file: BTreeMap<usize, Vec<(usize, Vec<ChunkLoc>)>> = BTreeMap::new();
+        for (fid, first, chunks) in parts.into_iter().flatten() {
+            by_file.entry(fid).or_default().push((first, chunks));
+        }
+        let mut files: HashMap<usize, FileDone> = HashMap::new();
+        let mut stored: HashMap<String, (u64, [u8; 32])> = HashMap::new();
+        for (fid, (path, size, sha)) in demuxed.files.iter().enumerate() {
+            let mut parts = by_file.remove(&fid).unwrap_or_default();
+            parts.sort_by_key(|p| p.0);
+            let chunks: Vec<_> = parts.into_iter().flat_map(|p| p.1).collect();
+            let sum: u64 = chunks.iter().map(|(_, l)| l.ulen() as u64).sum();
+            if sum != *size {
+                bail!("file {path}: {sum} of {size} bytes were stored\nhint: this is a bug; rerun the backup");
+            }
+            if path != SERVER_MANIFEST {
+                stored.insert(path.clone(), (*size, *sha));
+            }
+            files.insert(
+                fid,
+                FileDone {
+                    size: *size,
+                    sha256: ChunkId(*sha),
+                    chunks,
+                },
+            );
+        }
+        stored.insert(
+            "backup_label".into(),
+            (
+                backup_label.len() as u64,
+                Sha256::digest(&backup_label).into(),
+            ),
+        );
+        for (path, size, sha) in &demuxed.skipped {
             stored.insert(path.clone(), (*size, *sha));
         }
-        files.insert(
-            fid,
-            FileDone {
-                size: *size,
-                sha256: ChunkId(*sha),
-                chunks,
-            },
-        );
-    }
-    stored.insert(
-        "backup_label".into(),
-        (
-            backup_label.len() as u64,
-            Sha256::digest(&backup_label).into(),
-        ),
-    );
-    for (path, size, sha) in &demuxed.skipped {
-        stored.insert(path.clone(), (*size, *sha));
-    }
-    if let Some(m) = &demuxed.tablespace_map {
-        stored.insert(
-            "tablespace_map".into(),
-            (m.len() as u64, Sha256::digest(m).into()),
-        );
-    }
-    let checked = super::server_manifest::verify(&demuxed.server_manifest, &stored)?;
-    tracing::info!(stop_lsn = %stop_lsn, files_checked = checked, "backup stopped; server manifest matches; waiting for WAL");
-    if from_standby {
-        tracing::info!("a standby backup's last WAL segment is archived by the primary when it switches segments (archive_timeout)");
-    }
-    backup::wait_for_wal(
-        store,
-        timeline,
-        start_lsn,
-        stop_lsn,
-        seg_size,
-        opts.archive_timeout,
-    )
-    .await?;
+        if let Some(m) = &demuxed.tablespace_map {
+            stored.insert(
+                "tablespace_map".into(),
+                (m.len() as u64, Sha256::digest(m).into()),
+            );
+        }
+        let checked = super::server_manifest::verify(&demuxed.server_manifest, &stored)?;
+        tracing::info!(stop_lsn = %stop_lsn, files_checked = checked, "backup stopped; server manifest matches; waiting for WAL");
+        if from_standby {
+            tracing::info!("a standby backup's last WAL segment is archived by the primary when it switches segments (archive_timeout)");
+        }
+        backup::wait_for_wal(
+            store,
+            timeline,
+            start_lsn,
+            stop_lsn,
+            seg_size,
+            opts.archive_timeout,
+        )
+        .await?;
 
-    let (pack_table, entries, logical) =
-        backup::assemble(demuxed.items.into_iter(), &files, &packs)?;
-    let c = &shared.counters;
-    let stats = BackupStats {
-        logical_bytes: logical,
-        new_chunks: c.new_chunks.load(Ordering::Relaxed),
-        reused_chunks: c.reused_chunks.load(Ordering::Relaxed),
-        new_chunk_bytes: c.new_chunk_bytes.load(Ordering::Relaxed),
-        new_stored_bytes: packs.values().map(|(_, size)| size).sum(),
-        new_objects: packs.len() as u64 + 1,
-    };
-    let header = ManifestHeader {
-        backup_id: backup_id.clone(),
-        system_id,
-        pg_version,
-        timeline,
-        start_lsn,
-        stop_lsn,
-        start_time_us,
-        stop_time_us,
-        source: manifest::SOURCE_REPLICATION,
-        flags: if from_standby {
-            manifest::FLAG_FROM_STANDBY
-        } else {
-            0
-        },
-        chunk_size: cfg.chunk_size,
-        parent: parent.as_ref().map(|p| p.header.backup_id.clone()),
-        backup_label,
-        tablespace_map: demuxed.tablespace_map.filter(|m| !m.is_empty()),
-        stats,
-    };
-    backup::commit(store, lease, header, pack_table, entries).await
+        let (pack_table, entries, logical) =
+            backup::assemble(demuxed.items.into_iter(), &files, &packs)?;
+        let c = &shared.counters;
+        let stats = BackupStats {
+            logical_bytes: logical,
+            new_chunks: c.new_chunks.load(Ordering::Relaxed),
+            reused_chunks: c.reused_chunks.load(Ordering::Relaxed),
+            new_chunk_bytes: c.new_chunk_bytes.load(Ordering::Relaxed),
+            new_stored_bytes: packs.values().map(|(_, size)| size).sum(),
+            new_objects: packs.len() as u64 + 1,
+        };
+        let header = ManifestHeader {
+            backup_id: backup_id.clone(),
+            system_id,
+            pg_version,
+            timeline,
+            start_lsn,
+            stop_lsn,
+            start_time_us,
+            stop_time_us,
+            source: manifest::SOURCE_REPLICATION,
+            flags: if from_standby {
+                manifest::FLAG_FROM_STANDBY
+            } else {
+                0
+            },
+            chunk_size: cfg.chunk_size,
+            parent: parent.as_ref().map(|p| p.header.backup_id.clone()),
+            backup_label,
+            tablespace_map: demuxed.tablespace_map.filter(|m| !m.is_empty()),
+            stats,
+        };
+        backup::commit(store, lease, header, pack_table, entries).await
+    }
+    .await;
+    if let Err(e) = lease_handle.release().await {
+        tracing::warn!(error = %format!("{e:#}"), "cannot release the backup lease; it expires on its own");
+    }
+    r
 }
 
 /// Reads the CopyOut stream into the demux channel. Returns `true` if the pipeline closed

@@ -274,9 +274,11 @@ async fn drill(
             chosen.backup_id
         );
     }
-    let tools = opts.tools.for_major(major).await.with_context(|| {
-        format!("backup {} is of PostgreSQL {major}", chosen.backup_id)
-    })?;
+    let tools = opts
+        .tools
+        .for_major(major)
+        .await
+        .with_context(|| format!("backup {} is of PostgreSQL {major}", chosen.backup_id))?;
 
     // The archive's own account of the window, before spending time on a restore.
     let archive = list_archive(store).await?;
