@@ -27,6 +27,23 @@ impl RepoArgs {
     }
 }
 
+/// `--system-id`: which database system of a repository a reader works on (a repository holds
+/// several after a major upgrade; FORMAT.md 8.7).
+#[derive(clap::Args, Clone, Debug)]
+pub struct SystemArgs {
+    /// The database system to read (its system identifier, as `info` lists it), when the
+    /// repository holds several after a major upgrade; default: the newest
+    #[arg(long = "system-id", value_name = "ID")]
+    pub system_id: Option<u64>,
+}
+
+impl SystemArgs {
+    /// The chosen system's store (the repository itself, or its nested `systems/<id>/`).
+    pub async fn select(&self, root: &Store) -> Result<crate::repo::System> {
+        crate::repo::select_system(root, self.system_id.map(tidemark_format::SystemId)).await
+    }
+}
+
 /// Logging options.
 #[derive(clap::Args, Clone, Debug)]
 pub struct LogArgs {

@@ -15,6 +15,9 @@ pub struct Info {
     pub schema_version: u32,
     pub repo: String,
     pub system_id: String,
+    /// PostgreSQL major of this system's backups and WAL (its cluster record; else its newest
+    /// backup's); `None` when nothing tells.
+    pub pg_major: Option<u32>,
     pub backups: Vec<BackupInfo>,
     pub wal: Vec<TimelineWal>,
     /// Per timeline with backups: the spans of time a restore can reach.
@@ -22,6 +25,9 @@ pub struct Info {
     pub space: Space,
     /// The newest restore drill recorded by `tidemark-restore verify --record`.
     pub last_verified_restore: Option<crate::verify::RecordSummary>,
+    /// The repository's other database systems (before a major upgrade), oldest first, each
+    /// described the same way; restore them with `--system-id`.
+    pub other_systems: Vec<Info>,
 }
 
 /// "Any time from `from` to the end of WAL segment `to_segment`" on `timeline`.
@@ -63,6 +69,8 @@ pub struct BackupInfo {
     pub stop_time: String,
     pub start_lsn: String,
     pub stop_lsn: String,
+    /// PostgreSQL's server_version_num when the backup was taken.
+    pub pg_version: u32,
     pub parent: Option<String>,
     pub logical_bytes: u64,
     pub new_chunk_bytes: u64,
@@ -105,7 +113,20 @@ pub struct Gap {
     pub missing_segments: u64,
 }
 
-pub async fn collect(store: &Store) -> Result<Info> {
+/// Every database system of the repository: the newest one at the top level, the others in
+/// `other_systems`.
+pub async fn collect_all(root: &Store) -> Result<Info> {
+    let systems = repo::systems(root).await?;
+    let newest = repo::select_system(root, None).await?;
+    let mut top = collect(&newest.store, newest.pg_major).await?;
+    for s in systems.iter().filter(|s| s.system_id != newest.system_id) {
+        top.other_systems.push(collect(&s.store, s.pg_major).await?);
+    }
+    Ok(top)
+}
+
+/// One database system (one top-level or nested repository); `pg_major` from its cluster record.
+pub async fn collect(store: &Store, pg_major: Option<u32>) -> Result<Info> {
     let cfg = repo::require_config(store).await?;
     let headers = repo::list_backups(store).await?;
     let mut referenced = std::collections::HashSet::new();
@@ -150,6 +171,7 @@ pub async fn collect(store: &Store) -> Result<Info> {
             )
         })
         .collect();
+    let backup_major = headers.iter().map(|h| h.pg_version / 10000).max();
     let backups = headers
         .into_iter()
         .map(|h| BackupInfo {
@@ -159,6 +181,7 @@ pub async fn collect(store: &Store) -> Result<Info> {
             stop_time: repo::fmt_time(h.stop_time_us),
             start_lsn: h.start_lsn.to_string(),
             stop_lsn: h.stop_lsn.to_string(),
+            pg_version: h.pg_version,
             parent: h.parent,
             logical_bytes: h.stats.logical_bytes,
             new_chunk_bytes: h.stats.new_chunk_bytes,
@@ -247,11 +270,13 @@ pub async fn collect(store: &Store) -> Result<Info> {
         schema_version: SCHEMA_VERSION,
         repo: store.url().to_string(),
         system_id: cfg.system_id.to_string(),
+        pg_major: pg_major.or(backup_major),
         backups,
         wal,
         recoverable,
         space,
         last_verified_restore: crate::verify::last_recorded(store).await?,
+        other_systems: Vec::new(),
     })
 }
 
@@ -312,9 +337,23 @@ fn human(bytes: u64) -> String {
 
 /// Human-readable rendering.
 pub fn render(info: &Info) -> String {
+    let mut s = render_system(info);
+    for o in &info.other_systems {
+        s += &format!(
+            "\nearlier database system of this repository (restore it with --system-id {}):\n",
+            o.system_id
+        );
+        s += &render_system(o);
+    }
+    s
+}
+
+fn render_system(info: &Info) -> String {
     let mut s = format!(
-        "repository {} (database system {})\n\nbackups:\n",
-        info.repo, info.system_id
+        "repository {} (database system {}, PostgreSQL {})\n\nbackups:\n",
+        info.repo,
+        info.system_id,
+        info.pg_major.map_or("?".to_string(), |m| m.to_string())
     );
     if info.backups.is_empty() {
         s += "  none\n";

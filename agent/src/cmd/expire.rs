@@ -1,9 +1,9 @@
 //! `expire`: remove backups a retention policy no longer keeps, then the packs and WAL nothing
 //! retained needs. `--dry-run` prints the plan a real run would execute, computed the same way.
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use std::time::Duration;
-use tidemark_core::cli::RepoArgs;
+use tidemark_core::cli::{RepoArgs, SystemArgs};
 use tidemark_core::expire::{self, ExpireOptions};
 use tidemark_core::repack::RepackOptions;
 use tidemark_core::retention::{parse_duration, parse_size, Policy};
@@ -12,6 +12,10 @@ use tidemark_core::retention::{parse_duration, parse_size, Policy};
 pub struct Args {
     #[command(flatten)]
     repo: RepoArgs,
+    /// Expire only this database system (default: every system of the repository, each under
+    /// the same policy: a system's WAL is kept consistent with that system's own backups)
+    #[command(flatten)]
+    system: SystemArgs,
     /// Keep the newest N backups
     #[arg(long, env = "TIDEMARK_RETAIN_LAST")]
     retain_last: Option<u32>,
@@ -77,11 +81,31 @@ pub async fn run(a: Args) -> Result<()> {
             min_garbage_percent: a.repack_min_garbage,
         },
     };
-    let plan = expire::run(&store, &opts).await?;
+    let systems = match a.system.system_id {
+        Some(_) => vec![a.system.select(&store).await?],
+        None => tidemark_core::repo::systems(&store).await?,
+    };
+    let mut plans = Vec::new();
+    for s in &systems {
+        let plan = expire::run(&s.store, &opts)
+            .await
+            .with_context(|| format!("expire of database system {}", s.system_id))?;
+        if !a.json {
+            if systems.len() > 1 {
+                println!("database system {}:", s.system_id);
+            }
+            print!("{}", expire::render(&plan));
+        }
+        plans.push(serde_json::json!({"system_id": s.system_id.0.to_string(), "plan": plan}));
+    }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&plan)?);
-    } else {
-        print!("{}", expire::render(&plan));
+        // One system: its plan, as always; several: one {system_id, plan} per system.
+        let out = if plans.len() == 1 {
+            plans.remove(0)["plan"].take()
+        } else {
+            serde_json::Value::Array(plans)
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! `info`: backups and archived WAL per timeline.
+//! `info`: backups and archived WAL per timeline, for every database system of the repository.
 
 use anyhow::Result;
 use tidemark_core::cli::RepoArgs;
@@ -15,7 +15,7 @@ pub struct Args {
 
 pub async fn run(a: Args) -> Result<()> {
     let store = a.repo.open()?;
-    let i = info::collect(&store).await?;
+    let i = info::collect_all(&store).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&i)?);
     } else {

@@ -2,12 +2,14 @@
 
 use anyhow::{bail, Result};
 use tidemark_core::check;
-use tidemark_core::cli::RepoArgs;
+use tidemark_core::cli::{RepoArgs, SystemArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
     repo: RepoArgs,
+    #[command(flatten)]
+    system: SystemArgs,
     /// Also read, decompress and verify chunks against their sha256
     #[arg(long)]
     read_data: bool,
@@ -26,7 +28,7 @@ pub async fn run(a: Args) -> Result<()> {
             a.sample
         );
     }
-    let store = a.repo.open()?;
+    let store = a.system.select(&a.repo.open()?).await?.store;
     let r = check::run(&store, a.read_data, a.sample).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
-use tidemark_core::cli::RepoArgs;
+use tidemark_core::cli::{RepoArgs, SystemArgs};
 use tidemark_core::restore::{self, shell_quote, RestoreOptions};
 use tidemark_core::target::{self, Target};
 
@@ -10,6 +10,8 @@ use tidemark_core::target::{self, Target};
 pub struct Args {
     #[command(flatten)]
     repo: RepoArgs,
+    #[command(flatten)]
+    system: SystemArgs,
     /// Directory to restore into: must be absent or empty
     #[arg(long)]
     pgdata: PathBuf,
@@ -33,7 +35,11 @@ pub async fn run(a: Args) -> Result<()> {
         (None, Some(_)) => Target::Latest,
         _ => bail!("give a recovery target\nhint: --target-time '2026-11-21 20:40:12+00' or --target latest"),
     };
-    let store = a.repo.open()?;
+    let root = a.repo.open()?;
+    let system = a.system.select(&root).await?;
+    // A later system's nested repository is a repository of its own: restore_command reads it
+    // by its own URL.
+    let store = system.store;
     let exe = std::env::current_exe()
         .context("cannot find the path of tidemark-restore for restore_command")?;
     let restore_command = format!(
@@ -53,6 +59,8 @@ pub async fn run(a: Args) -> Result<()> {
             "schema_version": 1,
             "backup_id": r.backup.backup_id,
             "backup_stop_time": tidemark_core::repo::fmt_time(r.backup.stop_time_us),
+            "system_id": system.system_id.0.to_string(),
+            "pg_version": r.backup.pg_version,
             "target": match &target { Target::Latest => "latest".to_string(), Target::Time(t) => target::postgres_text(t) },
             "files": r.files,
             "bytes": r.bytes,

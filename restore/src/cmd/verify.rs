@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tidemark_core::cli::{RepoArgs, EXIT_FAILURE};
+use tidemark_core::cli::{RepoArgs, SystemArgs, EXIT_FAILURE};
 use tidemark_core::restore::shell_quote;
 use tidemark_core::target;
 use tidemark_core::verify::{self, server, DrillTarget, VerifyOptions};
@@ -16,6 +16,8 @@ use tidemark_core::verify::{self, server, DrillTarget, VerifyOptions};
 pub struct Args {
     #[command(flatten)]
     repo: RepoArgs,
+    #[command(flatten)]
+    system: SystemArgs,
     /// 'latest': replay all archived WAL
     #[arg(long, value_parser = ["latest"])]
     target: Option<String>,
@@ -107,7 +109,8 @@ pub async fn run(a: Args) -> Result<ExitCode> {
         None => std::env::temp_dir().join(format!("tidemark-verify-{}", std::process::id())),
     };
     verify::check_scratch(&scratch)?;
-    let store = a.repo.open()?;
+    // A later system's nested repository is a repository of its own (FORMAT.md 8.7).
+    let store = a.system.select(&a.repo.open()?).await?.store;
     let exe = std::env::current_exe()
         .context("cannot find the path of tidemark-restore for restore_command")?;
     let restore_command = format!(

@@ -1,6 +1,11 @@
 //! `wal-fetch <file> <dest>`: the restore_command. Exit 1 quickly and quietly when the archive
 //! lacks the file; retry other errors and exit 128 if they persist, so that recovery aborts
 //! instead of ending early on WAL that exists but could not be read.
+//!
+//! A repository that does not exist (no config object) is "missing" for a standby in standby
+//! mode (`standby.signal` in the data directory): it falls back to streaming from its primary,
+//! and a loud warning says so. Any other recovery aborts (128): a PITR from a repository that
+//! is not there must not promote.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +34,24 @@ pub struct Args {
     file: String,
     /// Where to write it (%p)
     dest: PathBuf,
+}
+
+/// True only when the store answers that it has no config object (not on a storage error).
+async fn repository_missing(store: &tidemark_core::store::Store) -> bool {
+    matches!(tidemark_core::repo::load_config(store).await, Ok(None))
+}
+
+/// True when the server asking is a standby in standby mode: `standby.signal` in its data
+/// directory (the parent of the destination's `pg_wal/`, else the working directory, where
+/// PostgreSQL runs restore_command).
+fn in_standby_mode(dest: &std::path::Path) -> bool {
+    let data = dest
+        .parent()
+        .filter(|p| p.file_name().is_some_and(|n| n == "pg_wal"))
+        .and_then(|p| p.parent())
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    data.join("standby.signal").is_file()
 }
 
 pub async fn run(a: Args) -> ExitCode {
@@ -64,10 +87,18 @@ pub async fn run(a: Args) -> ExitCode {
                 if matches!(
                     e.downcast_ref::<WalError>(),
                     Some(WalError::NotFound { .. })
-                ) =>
+                ) && !repository_missing(&store).await =>
             {
                 tracing::debug!(file = %a.file, "not in the archive");
                 return ExitCode::from(cli::EXIT_FAILURE);
+            }
+            Err(e) if repository_missing(&store).await => {
+                if in_standby_mode(&a.dest) {
+                    tracing::warn!(file = %a.file, repo = %store.url(), "the repository does not exist (no config object): reporting the file as missing so this standby keeps streaming from its primary\nhint: check --repo / TIDEMARK_REPO; the repository is created by the primary's first wal-push or backup");
+                    return ExitCode::from(cli::EXIT_FAILURE);
+                }
+                cli::report("tidemark-restore wal-fetch", &e.context(format!("repository {} does not exist (no config object); aborting recovery rather than ending it early\nhint: check --repo / TIDEMARK_REPO", store.url())));
+                return ExitCode::from(cli::EXIT_ABORT_RECOVERY);
             }
             Err(e) if attempt < a.attempts => {
                 tracing::warn!(file = %a.file, attempt, error = %format!("{e:#}"), "fetch failed; retrying");
