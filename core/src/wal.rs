@@ -309,3 +309,168 @@ pub fn write_file(data: &[u8], dest: &Path) -> Result<()> {
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_format::SystemId;
+
+    /// A data directory with `global/pg_control` (system id first) and `PG_VERSION`, and one
+    /// 1 MiB segment of that system in `pg_wal/` whose first page carries `magic`.
+    fn cluster(root: &Path, name: &str, sysid: u64, major: u32, magic: u16) -> (PathBuf, PathBuf) {
+        let data = root.join(name);
+        std::fs::create_dir_all(data.join("global")).unwrap();
+        std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+        let mut control = vec![0u8; 8192];
+        control[..8].copy_from_slice(&sysid.to_le_bytes());
+        std::fs::write(data.join("global/pg_control"), control).unwrap();
+        std::fs::write(data.join("PG_VERSION"), format!("{major}\n")).unwrap();
+        let size = 1u32 << 20;
+        let mut d = vec![7u8; size as usize];
+        d[0..2].copy_from_slice(&magic.to_le_bytes());
+        d[2..4].copy_from_slice(&2u16.to_le_bytes());
+        d[4..8].copy_from_slice(&1u32.to_le_bytes());
+        d[8..24].fill(0);
+        d[24..32].copy_from_slice(&sysid.to_le_bytes());
+        d[32..36].copy_from_slice(&size.to_le_bytes());
+        d[36..40].copy_from_slice(&8192u32.to_le_bytes());
+        let seg = data.join("pg_wal/000000010000000000000001");
+        std::fs::write(&seg, d).unwrap();
+        (data, seg)
+    }
+
+    fn store(dir: &Path) -> Store {
+        Store::open(&format!("file://{}/repo", dir.display())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_new_repository_can_start_with_a_history_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, seg) = cluster(dir.path(), "a", 7001, 16, 0xD113);
+        let hist = data.join("pg_wal/00000002.history");
+        std::fs::write(&hist, "1\t0/3000000\tno recovery target specified\n").unwrap();
+        let s = store(dir.path());
+        let opts = PushOptions::default();
+        // The data directory comes from the file's pg_wal/ parent: no --pgdata needed.
+        let out = push(&s, &hist, 1, &opts).await.unwrap();
+        assert!(matches!(out, PushOutcome::Stored(_)), "{out:?}");
+        let cfg = repo::require_config(&s).await.unwrap();
+        assert_eq!(cfg.system_id, SystemId(7001));
+        let sys = repo::systems(&s).await.unwrap();
+        assert_eq!(sys.len(), 1);
+        assert_eq!(
+            sys[0].pg_major,
+            Some(16),
+            "the cluster record says PostgreSQL 16"
+        );
+        assert_eq!(
+            push(&s, &seg, 1, &opts).await.unwrap(),
+            PushOutcome::Stored(
+                s.head("wal/00000001/000000010000000000000001")
+                    .await
+                    .unwrap()
+                    .unwrap()
+            )
+        );
+        // Without any data directory, a history file cannot found a repository.
+        let loose = dir.path().join("loose");
+        std::fs::create_dir_all(&loose).unwrap();
+        std::fs::write(loose.join("00000003.history"), "x\n").unwrap();
+        let other = Store::open(&format!("file://{}/repo2", dir.path().display())).unwrap();
+        let e = format!(
+            "{:#}",
+            push(&other, &loose.join("00000003.history"), 1, &opts)
+                .await
+                .unwrap_err()
+        );
+        assert!(
+            e.contains("no data directory") && e.contains("--pgdata"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unknown_major_is_archived_not_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // 0xD1F0: a page magic no PostgreSQL release tidemark knows has used.
+        let (_, seg) = cluster(dir.path(), "future", 7002, 21, 0xD1F0);
+        let s = store(dir.path());
+        let out = push(&s, &seg, 1, &PushOptions::default()).await.unwrap();
+        assert!(matches!(out, PushOutcome::Stored(_)), "{out:?}");
+        let sys = repo::systems(&s).await.unwrap();
+        assert_eq!(sys[0].pg_major, Some(21), "the major comes from PG_VERSION");
+        // A file that is not WAL at all is still refused.
+        let junk = dir.path().join("future/pg_wal/000000010000000000000002");
+        std::fs::write(&junk, vec![0u8; 1 << 20]).unwrap();
+        assert!(push(&s, &junk, 1, &PushOptions::default()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_major_upgrade_gets_its_own_system_and_anything_else_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let none = PushOptions::default();
+        let (_, old) = cluster(dir.path(), "old", 1500, 15, 0xD110);
+        push(&s, &old, 1, &none).await.unwrap();
+        // The upgraded cluster: new system id, newer major, same segment name.
+        let (new_data, new) = cluster(dir.path(), "new", 1800, 18, 0xD118);
+        assert!(matches!(
+            push(&s, &new, 1, &none).await.unwrap(),
+            PushOutcome::Stored(_)
+        ));
+        let hist = new_data.join("pg_wal/00000002.history");
+        std::fs::write(&hist, "1\t0/3000000\tx\n").unwrap();
+        push(&s, &hist, 1, &none).await.unwrap();
+        let sys = repo::systems(&s).await.unwrap();
+        let ids: Vec<(u64, Option<u32>, bool)> = sys
+            .iter()
+            .map(|x| (x.system_id.0, x.pg_major, x.top_level))
+            .collect();
+        assert_eq!(ids, [(1500, Some(15), true), (1800, Some(18), false)]);
+        // Both copies of 000000010000000000000001 exist, each in its own system.
+        assert!(s
+            .head("wal/00000001/000000010000000000000001")
+            .await
+            .unwrap()
+            .is_some());
+        let nested = &sys[1].store;
+        assert!(nested
+            .head("wal/00000001/000000010000000000000001")
+            .await
+            .unwrap()
+            .is_some());
+        assert!(nested
+            .head("wal/00000002/00000002.history")
+            .await
+            .unwrap()
+            .is_some());
+        assert_eq!(
+            repo::select_system(&s, None).await.unwrap().system_id,
+            SystemId(1800),
+            "readers default to the newest system"
+        );
+        // A third cluster of an older or equal major is a misconfiguration unless accepted.
+        let (_, stray) = cluster(dir.path(), "stray", 1700, 17, 0xD116);
+        let e = format!("{:#}", push(&s, &stray, 1, &none).await.unwrap_err());
+        assert!(
+            e.contains("--accept-new-system") && e.contains("1700"),
+            "{e}"
+        );
+        assert!(
+            s.head("clusters/1700").await.unwrap().is_none(),
+            "a refused system left a record"
+        );
+        let accept = PushOptions {
+            accept_new_system: true,
+            ..PushOptions::default()
+        };
+        push(&s, &stray, 1, &accept).await.unwrap();
+        assert_eq!(repo::systems(&s).await.unwrap().len(), 3);
+        // Once registered, the system archives without the flag.
+        let seg2 = dir.path().join("stray/pg_wal/000000010000000000000001");
+        assert_eq!(
+            push(&s, &seg2, 1, &none).await.unwrap(),
+            PushOutcome::AlreadyArchived
+        );
+    }
+}
