@@ -12,7 +12,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 vectors="$here/../format-spec/vectors"
 seconds="${FUZZ_SECONDS:-15}"
-all_targets=(config pack pack_index chunk manifest wal_object wal_name wal_page_header keys lease gc_state
+all_targets=(config cluster pack pack_index chunk manifest wal_object wal_name wal_page_header keys lease gc_state
     replication_stream)
 if [ "$#" -gt 0 ]; then targets=("$@"); else targets=("${all_targets[@]}"); fi
 
@@ -38,6 +38,7 @@ seed() {
     mkdir -p "$dir"
     case "$t" in
     config) cp "$vectors/config.bin" "$dir/seed-config" ;;
+    cluster) cp "$vectors/cluster.bin" "$dir/seed-cluster" ;;
     pack) cp "$vectors/pack.bin" "$dir/seed-pack" ;;
     pack_index)
         # Input: blobs_end (u64 LE), then the index. In pack.bin the index ends 8 bytes before
@@ -70,6 +71,7 @@ seed() {
         printf %s "backups/20261121T204012Z.manifest" >"$dir/seed-manifest"
         printf %s "wal/00000001/000000010000000000000020" >"$dir/seed-wal"
         printf %s "config" >"$dir/seed-config"
+        printf %s "clusters/7300000000000000001" >"$dir/seed-cluster"
         printf %s "locks/expire-0123456789abcdef0123456789abcdef" >"$dir/seed-lease"
         printf %s "gc/0123456789abcdef0123456789abcdef" >"$dir/seed-gc-state"
         ;;

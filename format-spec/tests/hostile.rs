@@ -46,6 +46,23 @@ fn config_refuses_every_truncation_and_flip() {
 }
 
 #[test]
+fn cluster_record_refuses_every_truncation_and_flip() {
+    let b = vector("cluster.bin");
+    for n in 0..b.len() {
+        assert!(
+            tidemark_format::cluster::ClusterRecord::decode(&b[..n]).is_err(),
+            "cut at {n}"
+        );
+    }
+    for (i, bad) in flips(&b) {
+        assert!(
+            tidemark_format::cluster::ClusterRecord::decode(&bad).is_err(),
+            "flip in byte {i}"
+        );
+    }
+}
+
+#[test]
 fn manifest_refuses_every_truncation_and_flip() {
     let b = vector("manifest.bin");
     for n in 0..b.len() {

@@ -73,6 +73,31 @@ fn config_vector() {
 }
 
 #[test]
+fn cluster_vector() {
+    let bytes = vector("cluster.bin");
+    // Fully pinned; minor version 1: cluster records came with format 1.1.
+    assert_eq!(
+        hex::encode(&bytes),
+        "544d434c0100010001005aac52cf4e650f0000000004134133\
+         5f06004c03db624e0e74af3be61ff7e62e4fd256dda504188f8634b8ea4afc6cf678ac"
+    );
+    let rec = tidemark_format::cluster::ClusterRecord::decode(&bytes).expect("cluster.bin decodes");
+    assert_eq!(rec.system_id, SystemId(7_300_000_000_000_000_001));
+    assert_eq!(rec.pg_major, 15);
+    assert_eq!(rec.created_us, 1_793_523_600_000_000);
+    assert_eq!(rec.encode(), bytes);
+    assert_eq!(rec.key(), "clusters/7300000000000000001");
+    assert_eq!(
+        tidemark_format::keys::parse_cluster(&rec.key()),
+        Some(rec.system_id)
+    );
+    assert_eq!(
+        tidemark_format::keys::system_prefix(rec.system_id),
+        "systems/7300000000000000001/"
+    );
+}
+
+#[test]
 fn chunk_vector() {
     let frame = vector("chunk.bin");
     assert_eq!(frame[..4], [0x28, 0xb5, 0x2f, 0xfd], "zstd frame magic");

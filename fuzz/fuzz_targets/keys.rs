@@ -1,4 +1,4 @@
-//! The key parsers of `keys` (packs, manifests, WAL, leases, GC states) on arbitrary strings.
+//! The key parsers of `keys` (packs, manifests, WAL, leases, GC states, cluster records) on arbitrary strings.
 //! Invariant: a key that parses is rebuilt exactly by its constructor, so no other spelling of
 //! a key (case, extra components, `..`) is ever accepted.
 #![no_main]
@@ -25,5 +25,8 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Some(nonce) = keys::parse_gc_state(s) {
         assert_eq!(keys::gc_state(nonce).as_deref(), Some(s));
+    }
+    if let Some(id) = keys::parse_cluster(s) {
+        assert_eq!(keys::cluster(id), s);
     }
 });

@@ -253,6 +253,16 @@ pub fn gc_state() -> GcState {
     }
 }
 
+/// The cluster record (`cluster.bin`, format 1.1) of the vectors' cluster: PostgreSQL 15,
+/// recorded when the repository was created.
+pub fn cluster() -> tidemark_format::cluster::ClusterRecord {
+    tidemark_format::cluster::ClusterRecord {
+        system_id: SystemId(SYSTEM_ID),
+        pg_major: 15,
+        created_us: CREATED_US,
+    }
+}
+
 /// Every vector file name and its bytes, in the order the README lists them.
 pub fn all() -> Vec<(&'static str, Vec<u8>)> {
     let seg = wal_segment_data();
@@ -273,5 +283,6 @@ pub fn all() -> Vec<(&'static str, Vec<u8>)> {
         ("wal-long-page-header.bin", seg[..40].to_vec()),
         ("lease.bin", lease().encode()),
         ("gc-state.bin", gc_state().encode()),
+        ("cluster.bin", cluster().encode()),
     ]
 }
