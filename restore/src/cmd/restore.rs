@@ -53,7 +53,28 @@ pub async fn run(a: Args) -> Result<()> {
         restore_command,
         tablespace_map: a.tablespace_map.clone(),
     };
-    let r = restore::run(&store, &opts).await?;
+    let r = restore::run(&store, &opts).await;
+    let r = match r {
+        Err(e) if a.system.system_id.is_none() => {
+            // After a major upgrade the target may lie in an earlier system's history.
+            let others: Vec<String> = tidemark_core::repo::systems(&root)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|s| s.system_id != system.system_id)
+                .map(|s| s.system_id.to_string())
+                .collect();
+            if others.is_empty() {
+                return Err(e);
+            }
+            return Err(e.context(format!(
+                "restoring database system {}, the newest of this repository\nhint: for a point in time before the major upgrade, pass --system-id with one of: {} (see `tidemark-agent info`)",
+                system.system_id,
+                others.join(", ")
+            )));
+        }
+        r => r?,
+    };
     if a.json {
         let v = serde_json::json!({
             "schema_version": 1,
