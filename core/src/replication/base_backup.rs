@@ -13,10 +13,14 @@
 //!   server's backup manifest is stored as the file `backup_manifest` (as pg_basebackup does).
 //! - Tablespace contents are recorded under `pg_tblspc/<oid>/` (the paths of the server's
 //!   manifest); the tablespace map says where they belong.
+//! - The exchange follows the server's major ([`Protocol::for_major`]); PostgreSQL 14's COPY per
+//!   archive is turned into the 15+ events by [`BackupStream`], so everything after the network
+//!   is the same for every major.
 
 use super::conn::{ConnParams, ReplConn, ResultSet};
 use super::demux::{self, ChunkLoc, Job, Piece};
 use super::message::BackupData;
+use super::stream::{self, BackupStream, Protocol};
 use crate::backup::{self, FileDone, SealedPack, Shared};
 use crate::progress::Progress;
 use crate::repo;
@@ -122,43 +126,33 @@ async fn run_leased(root: &Store, opts: &ReplicationOptions) -> Result<ManifestH
         let _g = span.enter();
 
         let max_rate = match opts.max_rate_kb {
-            Some(r) if (32..=1_048_576).contains(&r) => format!(", MAX_RATE {r}"),
+            Some(r) if (32..=1_048_576).contains(&r) => Some(r),
             Some(r) => {
                 bail!("--max-rate {r} is out of range\nhint: PostgreSQL accepts 32 to 1048576 kB/s")
             }
-            None => String::new(),
+            None => None,
         };
+        let protocol = Protocol::for_major(major);
         let sets = conn
-            .start_base_backup(&format!(
-                "BASE_BACKUP ( LABEL 'tidemark', PROGRESS, CHECKPOINT 'fast', WAIT false, \
-                 MANIFEST 'yes', MANIFEST_CHECKSUMS 'SHA256', TABLESPACE_MAP{max_rate} )"
-            ))
+            .start_base_backup(&protocol.command(max_rate))
             .await?;
         let start = one_row(&sets, 0, "BASE_BACKUP start position")?;
         let start_lsn: Lsn = col(start, 0, "start LSN")?.parse()?;
         let start_tli: u32 = col(start, 1, "start timeline")?
             .parse()
             .context("start timeline is not a number")?;
+        let tablespaces =
+            stream::parse_tablespaces(sets.get(1).map(|s| s.rows.as_slice()).unwrap_or(&[]))?;
         let mut spc_oids: HashMap<String, String> = HashMap::new();
         let mut total: u64 = 0;
-        for r in sets.get(1).map(|s| s.rows.as_slice()).unwrap_or(&[]) {
-            if let (Some(oid), Some(loc)) = (r.first().cloned().flatten(), r.get(1).cloned().flatten())
-            {
-                if oid.is_empty() || !oid.bytes().all(|b| b.is_ascii_digit()) {
-                    bail!("postgresql sent tablespace oid {oid:?}, which is not a number");
-                }
-                spc_oids.insert(loc, oid);
+        for t in &tablespaces {
+            if let (Some(oid), Some(loc)) = (t.oid, &t.location) {
+                spc_oids.insert(loc.clone(), oid.to_string());
             }
-            if let Some(kb) = r
-                .get(2)
-                .cloned()
-                .flatten()
-                .and_then(|v| v.parse::<u64>().ok())
-            {
-                total = total.saturating_add(kb.saturating_mul(1024));
-            }
+            total = total.saturating_add(t.size_kb.unwrap_or(0).saturating_mul(1024));
         }
-        tracing::info!(start_lsn = %start_lsn, timeline = start_tli, standby = in_recovery, tablespaces = spc_oids.len(), "backup started");
+        let backup_stream = BackupStream::new(protocol, &tablespaces)?;
+        tracing::info!(start_lsn = %start_lsn, timeline = start_tli, standby = in_recovery, tablespaces = spc_oids.len(), protocol = ?protocol, "backup started");
 
         let shared = Arc::new(Shared::new(
             Vec::new(),
@@ -176,7 +170,7 @@ async fn run_leased(root: &Store, opts: &ReplicationOptions) -> Result<ManifestH
             demux::block_worker(s, tx, &job_rx)
         };
         let pipeline = backup::run_workers(store, shared.clone(), workers, work);
-        let stream = stream_backup(&mut conn, piece_tx, &spc_oids, total);
+        let stream = stream_backup(&mut conn, backup_stream, piece_tx, &spc_oids, total);
         let (streamed, pipelined) = tokio::join!(stream, pipeline);
         let demuxed = demux.await.context("backup demux thread panicked")?;
         let (parts, packs, _) = pipelined?;
@@ -254,7 +248,8 @@ async fn run_leased(root: &Store, opts: &ReplicationOptions) -> Result<ManifestH
                 (m.len() as u64, Sha256::digest(m).into()),
             );
         }
-        let checked = super::server_manifest::verify(&demuxed.server_manifest, &stored)?;
+        let checked =
+            super::server_manifest::verify(&demuxed.server_manifest, &stored, system_id)?;
         tracing::info!(stop_lsn = %stop_lsn, files_checked = checked, "backup stopped; server manifest matches; waiting for WAL");
         if from_standby {
             tracing::info!("a standby backup's last WAL segment is archived by the primary when it switches segments (archive_timeout)");
@@ -314,12 +309,13 @@ async fn run_leased(root: &Store, opts: &ReplicationOptions) -> Result<ManifestH
 /// before the stream ended (its error is reported by the pipeline).
 async fn stream_backup(
     conn: &mut ReplConn,
+    mut backup_stream: BackupStream,
     tx: mpsc::Sender<Piece>,
     spc_oids: &HashMap<String, String>,
     total: u64,
 ) -> Result<bool> {
     let mut progress = Progress::new("backup", Some(total));
-    while let Some(d) = conn.next_backup_data().await? {
+    while let Some(d) = conn.next_backup_data(&mut backup_stream).await? {
         let piece = match d {
             BackupData::NewArchive { name, tablespace } => {
                 if tablespace.is_empty() {
