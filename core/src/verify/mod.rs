@@ -524,8 +524,7 @@ async fn drill(
         );
     } else {
         let data = pgdata.to_string_lossy().into_owned();
-        let (ok, out) = opts
-            .tools
+        let (ok, out) = tools
             .run("pg_checksums", &["--check", "-D", &data], opts.timeout)
             .await?;
         r.check(
