@@ -1,6 +1,7 @@
 //! The archive_command and restore_command contracts against WAL from a real server: a stored
 //! segment is never overwritten, a foreign cluster's WAL is refused, and wal-fetch tells "not in
-//! the archive" (exit 1) from "cannot read the archive" (exit 128).
+//! the archive" (exit 1) from "cannot read the archive" (exit 128); WAL of an unknown major is
+//! archived with a warning.
 
 use anyhow::{ensure, Context, Result};
 use std::time::Duration;
@@ -81,6 +82,44 @@ async fn wal_push_never_overwrites_a_stored_segment() -> Result<()> {
         "the stored object of {seg} changed on an identical push"
     );
     eprintln!("wal-conflict: identical {seg} pushed again: exit 0, stored object unchanged");
+    Ok(())
+}
+
+/// WAL of a PostgreSQL major tidemark has never seen (a forged page magic) is archived with a
+/// loud warning, never refused: a refused archive_command fills pg_wal until the disk is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_push_archives_an_unknown_major_with_a_warning() -> Result<()> {
+    let dir = TestDir::new("wal-future-major")?;
+    let (repo, _src, seg) = archived_segment(&dir).await?;
+    dir.mkdir("future/pg_wal")?;
+    let original = dir.join("future/original");
+    repo.wal_fetch(&seg, &original).await?.ok()?;
+    let mut bytes = std::fs::read(&original)?;
+    ensure!(
+        bytes[..2] == [0x10, 0xd1],
+        "PostgreSQL 15's page magic is 0xD110"
+    );
+    // 0xD1F0: no PostgreSQL release has used it.
+    bytes[..2].copy_from_slice(&0xD1F0u16.to_le_bytes());
+    let name = format!("{}000000F0", &seg[..16]);
+    let forged = dir.write(&format!("future/pg_wal/{name}"), &bytes)?;
+    let r = repo.wal_push(&forged).await?;
+    ensure!(
+        r.success(),
+        "WAL of an unknown major must be archived:\n{r}"
+    );
+    ensure!(
+        r.stderr.contains("does not know") && r.stderr.contains("0xd1f0"),
+        "the push of an unknown major did not warn:\n{r}"
+    );
+    ensure!(
+        repo.wal_object(&name)?.is_file(),
+        "{name} is not in the repository"
+    );
+    // And it comes back byte for byte.
+    let back = dir.join("future/back");
+    repo.wal_fetch(&name, &back).await?.ok()?;
+    ensure!(std::fs::read(&back)? == bytes, "{name} came back different");
     Ok(())
 }
 
