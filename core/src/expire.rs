@@ -115,15 +115,6 @@ struct Work {
     pack_target: u64,
 }
 
-/// Exits the process abruptly when `TIDEMARK_TEST_CRASH_AT` names `step` (tests only: it
-/// simulates kill -9 between two steps).
-pub(crate) fn crash_point(step: &str) {
-    if std::env::var("TIDEMARK_TEST_CRASH_AT").is_ok_and(|s| s == step) {
-        eprintln!("tidemark: TIDEMARK_TEST_CRASH_AT={step}: exiting abruptly");
-        std::process::exit(99);
-    }
-}
-
 /// The start segment named in a backup label (`START WAL LOCATION: x/y (file NAME)`).
 fn label_start_segment(h: &ManifestHeader) -> Result<(u32, u32)> {
     let label = String::from_utf8_lossy(&h.backup_label);
@@ -450,7 +441,7 @@ async fn execute(store: &Store, opts: &ExpireOptions, held: &LeaseHandle) -> Res
     let now = lease::now_us();
     let own = held.key();
     let (deferred, stale) = survey_leases(store, Some(&own), now).await?;
-    crash_point("leased");
+    crate::testhooks::crash_point("leased");
     let (plan, work) = compute(store, opts, now, deferred, stale.clone()).await?;
     let mut g = Guard {
         lease: held,
@@ -471,10 +462,10 @@ async fn execute(store: &Store, opts: &ExpireOptions, held: &LeaseHandle) -> Res
             .with_context(|| format!("cannot delete the manifest of backup {id}"))?;
         tracing::info!(backup = %id, "backup removed");
         if i == 0 {
-            crash_point("manifest");
+            crate::testhooks::crash_point("manifest");
         }
     }
-    crash_point("manifests");
+    crate::testhooks::crash_point("manifests");
     if !work.condemn.is_empty() {
         let mut packs = work.condemn.clone();
         packs.sort();
@@ -489,7 +480,7 @@ async fn execute(store: &Store, opts: &ExpireOptions, held: &LeaseHandle) -> Res
             .await
             .with_context(|| format!("cannot write gc state {key}"))?;
     }
-    crash_point("condemned");
+    crate::testhooks::crash_point("condemned");
     for (i, p) in work.delete.iter().enumerate() {
         g.before_delete().await?;
         store
@@ -497,10 +488,10 @@ async fn execute(store: &Store, opts: &ExpireOptions, held: &LeaseHandle) -> Res
             .await
             .with_context(|| format!("cannot delete pack {p}"))?;
         if i == 0 {
-            crash_point("pack");
+            crate::testhooks::crash_point("pack");
         }
     }
-    crash_point("packs");
+    crate::testhooks::crash_point("packs");
     let new_packs = repack_and_relocate(store, &work, &mut g, now).await?;
     for (i, k) in work.wal.iter().enumerate() {
         g.before_delete().await?;
@@ -509,10 +500,10 @@ async fn execute(store: &Store, opts: &ExpireOptions, held: &LeaseHandle) -> Res
             .await
             .with_context(|| format!("cannot delete wal object {k}"))?;
         if i == 0 {
-            crash_point("wal");
+            crate::testhooks::crash_point("wal");
         }
     }
-    crash_point("wals");
+    crate::testhooks::crash_point("wals");
     for (key, old, still) in &work.states {
         g.before_delete().await?;
         // A pack the repack just wrote again (same bytes, same id) is referenced now.
@@ -538,7 +529,7 @@ async fn execute(store: &Store, opts: &ExpireOptions, held: &LeaseHandle) -> Res
             .await
             .with_context(|| format!("cannot delete gc state {key}"))?;
     }
-    crash_point("states");
+    crate::testhooks::crash_point("states");
     Ok(plan)
 }
 
@@ -556,7 +547,7 @@ async fn repack_and_relocate(
     }
     g.lease.check().await?;
     let moved = repack::copy(store, work.pack_target, &work.repack).await?;
-    crash_point("repacked-packs");
+    crate::testhooks::crash_point("repacked-packs");
     for (i, id) in work.relocate.iter().enumerate() {
         let mut m = repo::load_manifest(store, id).await?;
         if !repack::relocate(&mut m, &moved)? {
@@ -577,7 +568,7 @@ async fn repack_and_relocate(
             .with_context(|| format!("cannot replace the manifest of backup {id}"))?;
         tracing::info!(backup = %id, "manifest relocated to repacked packs");
         if i == 0 {
-            crash_point("relocated");
+            crate::testhooks::crash_point("relocated");
         }
     }
     let mut old: Vec<PackId> = work.repack.iter().map(|c| c.pack).collect();
@@ -597,7 +588,7 @@ async fn repack_and_relocate(
         )
         .await
         .with_context(|| format!("cannot write gc state {key}"))?;
-    crash_point("repacked");
+    crate::testhooks::crash_point("repacked");
     Ok(moved.new_packs.iter().copied().collect())
 }
 

@@ -26,6 +26,7 @@ pub mod tablespace;
 pub mod target;
 #[cfg(test)]
 mod test_support;
+mod testhooks;
 pub mod timeline;
 pub mod verify;
 pub mod wal;

@@ -36,18 +36,6 @@ pub const MAX_DEPTH: usize = 64;
 const PARALLEL: usize = 8;
 const STAMP: &str = ".tidemark-spool.json";
 
-/// TEST ONLY: `TIDEMARK_TEST_GET_DELAY_MS` delays every WAL GET by that many milliseconds, to
-/// measure prefetch against a slow object store with a `file://` repository. Never set it in
-/// production.
-pub async fn test_get_delay() {
-    if let Some(ms) = std::env::var("TIDEMARK_TEST_GET_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct Prefetch {
     /// Segments fetched ahead (1..=MAX_DEPTH).

@@ -17,9 +17,9 @@
 //!   filled and [`READS_IN_FLIGHT`] range reads of at most `ranges::READ_MAX` bytes.
 
 use crate::check::read_index;
-use crate::expire::crash_point;
 use crate::ranges;
 use crate::store::{Store, StoreError};
+use crate::testhooks::crash_point;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};

@@ -257,7 +257,7 @@ pub async fn fetch(store: &Store, fname: &str, dest: &Path) -> Result<()> {
 
 /// Reads the stored object of `name`; `WalError::NotFound` (only) when the archive lacks it.
 pub async fn get_object(store: &Store, name: &WalFileName) -> Result<Bytes> {
-    crate::prefetch::test_get_delay().await;
+    crate::testhooks::get_delay().await;
     let key = keys::wal(name);
     match store.get(&key, MAX_OBJECT).await {
         Ok(b) => Ok(b),
