@@ -170,6 +170,31 @@ pub fn encode(name: WalFileName, data: &[u8], level: i32) -> Vec<u8> {
     encode_with_frame(&header, &crate::chunk::compress(data, level))
 }
 
+/// Streams a WAL file into the frame of its WAL object, piece by piece, so a writer holds the
+/// compressed object rather than the file: one zstd frame that records its content size (pledged
+/// before the first byte, as 8.5 requires). Feed exactly `size` bytes, then [`FrameEncoder::finish`].
+pub struct FrameEncoder {
+    enc: zstd::stream::Encoder<'static, Vec<u8>>,
+}
+
+impl FrameEncoder {
+    pub fn new(size: u64, level: i32) -> std::io::Result<FrameEncoder> {
+        let mut enc = zstd::stream::Encoder::new(Vec::with_capacity((size / 3) as usize), level)?;
+        enc.set_pledged_src_size(Some(size))?;
+        enc.include_contentsize(true)?;
+        Ok(FrameEncoder { enc })
+    }
+
+    pub fn write(&mut self, piece: &[u8]) -> std::io::Result<()> {
+        std::io::Write::write_all(&mut self.enc, piece)
+    }
+
+    /// The frame; fails if fewer or more bytes than pledged were written.
+    pub fn finish(self) -> std::io::Result<Vec<u8>> {
+        self.enc.finish()
+    }
+}
+
 /// Assembles an object from its header and a zstd frame compressed elsewhere (e.g. streamed
 /// from a file). The frame must be one whole frame that records its content size, equal to
 /// `header.size`, of data whose sha256 is `header.sha256`: readers check all of that.
@@ -342,6 +367,26 @@ mod tests {
         let n = WalFileName::segment_of(TimelineId(1), crate::Lsn(0x1_0300_0028), 16 << 20);
         assert_eq!(n.to_string(), "000000010000000100000003");
         assert_eq!(n.segment_number(16 << 20), Some(256 + 3));
+    }
+
+    #[test]
+    fn streamed_frame_equals_a_whole_object() {
+        let name = WalFileName::parse("000000010000000000000001").unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut f = FrameEncoder::new(data.len() as u64, 1).unwrap();
+        for piece in data.chunks(7000) {
+            f.write(piece).unwrap();
+        }
+        let header = WalObjectHeader {
+            name,
+            size: data.len() as u64,
+            sha256: ContentHash::of(&data),
+        };
+        let obj = encode_with_frame(&header, &f.finish().unwrap());
+        assert_eq!(decode(&obj).unwrap().1, data);
+        let mut short = FrameEncoder::new(10, 1).unwrap();
+        short.write(b"12345").unwrap();
+        assert!(short.finish().is_err(), "a frame short of its pledged size");
     }
 
     #[test]
