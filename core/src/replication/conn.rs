@@ -10,16 +10,13 @@
 
 use super::message::{self, Auth, BackupData, Frame, ServerNotice};
 use super::stream::{BackupStream, Step};
-use super::tls::{self, TlsMode};
+use super::tls::{self, Stream, TlsMode};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::config::Host;
-
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// Where and as whom to connect.
 #[derive(Clone)]
