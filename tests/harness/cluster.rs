@@ -148,10 +148,16 @@ impl PgCluster {
         })
     }
 
-    /// The bin directory of this cluster's major: the one it was created with, else its data
-    /// directory's `PG_VERSION` (a restored cluster), else the suite's default.
+    /// This cluster's PostgreSQL major: the one it was created with, else its data directory's
+    /// `PG_VERSION` (a restored cluster); `None` before a restored directory exists.
+    pub fn major(&self) -> Option<u32> {
+        self.major.or_else(|| env::data_dir_major(&self.data))
+    }
+
+    /// The bin directory of this cluster's major ([`PgCluster::major`]), else the suite's
+    /// default.
     pub fn bin_dir(&self) -> Result<PathBuf> {
-        match self.major.or_else(|| env::data_dir_major(&self.data)) {
+        match self.major() {
             Some(m) => env::pg_bin_dir_for(m),
             None => env::pg_bin_dir(),
         }

@@ -205,10 +205,15 @@ pub async fn backup_ok(
     Ok(v)
 }
 
-/// A streaming standby of `primary`, made with pg_basebackup -R; it does not archive (the
-/// primary does). Started.
+/// A streaming standby of `primary`, made with the suite's pg_basebackup (15's) -R and run on
+/// the primary's major; it does not archive (the primary does). Started. A primary newer than
+/// 15 is an error: pg_basebackup refuses a newer server and the npm packages ship none.
 pub async fn start_standby(dir: &TestDir, name: &str, primary: &PgCluster) -> Result<PgCluster> {
-    let mut c = PgCluster::initdb(dir, name).await?;
+    let major = primary.major().unwrap_or(15);
+    if major > 15 {
+        bail!("start_standby needs pg_basebackup {major} for a PostgreSQL {major} primary; the suite has only 15's (the npm server packages of 16+ ship no pg_basebackup)");
+    }
+    let mut c = PgCluster::initdb_major(dir, name, major, &[]).await?;
     std::fs::remove_dir_all(&c.data)
         .with_context(|| format!("cannot clear {}", c.data.display()))?;
     let mut cmd = env::db_command(env::pg_bin("pg_basebackup")?)?;
