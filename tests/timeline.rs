@@ -4,7 +4,8 @@
 //! promoted server's `.partial` copy of the switch segment beside the old primary's full segment
 //! of the same number (neither replacing the other), and timeline 2's segments; a restore to the
 //! latest point follows timeline 2 and holds none of the old primary's late rows, even though the
-//! old primary took the newest backup (on its abandoned branch).
+//! old primary took the newest backup (on its abandoned branch), and `verify` drills the very
+//! backup `restore` chose.
 
 use anyhow::{ensure, Context, Result};
 use std::time::{Duration, Instant};
@@ -181,6 +182,29 @@ async fn promoted_standby_archives_a_new_timeline_beside_the_old_one() -> Result
         "the restore used the split-brain backup {}:\n{r}",
         split["backup_id"]
     );
+    let restored_id = r.json()?["backup_id"].clone();
+
+    // The drill judges the backup a restore would use: the same choice after the failover,
+    // although the old primary's split-brain backup is the newest by time.
+    let scratch = dir.join("drill").to_string_lossy().into_owned();
+    let drill = tidemark_e2e::restore(&[
+        "verify",
+        "--repo",
+        &repo.url,
+        "--target",
+        "latest",
+        "--scratch",
+        &scratch,
+        "--no-amcheck",
+    ])
+    .await?;
+    let drill = drill.json()?;
+    ensure!(
+        drill["backup"]["id"] == restored_id,
+        "after the failover verify chose backup {} but restore chose {restored_id}",
+        drill["backup"]["id"]
+    );
+
     let restored = start_restored(&dir, "restored-server", &rdata).await?;
     let rdb = restored.client().await?;
     let counts = data::batch_counts(&rdb).await?;

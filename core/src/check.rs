@@ -7,11 +7,10 @@ use crate::repo;
 use crate::store::Store;
 use anyhow::{Context, Result};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use tidemark_format::manifest::EntryKind;
 use tidemark_format::pack::{self, PackEntry};
-use tidemark_format::wal::{self as walfmt, WalFileName};
-use tidemark_format::{chunk, keys, ChunkId, Lsn, PackId};
+use tidemark_format::{chunk, keys, ChunkId, PackId};
 
 /// Where a chunk sits and which backups reference it, per pack.
 type PackRefs = HashMap<PackId, HashMap<(ChunkId, u64, u32, u32), HashSet<String>>>;
@@ -157,40 +156,18 @@ async fn check_wal(
     headers: &[tidemark_format::manifest::ManifestHeader],
     report: &mut CheckReport,
 ) -> Result<()> {
-    let listed = store.list(keys::WAL).await?;
-    let mut segs: BTreeMap<u32, Vec<WalFileName>> = BTreeMap::new();
-    let mut first_key = None;
-    for l in &listed {
-        if let Some(n @ WalFileName::Segment { .. }) = keys::parse_wal(&l.key) {
-            first_key.get_or_insert_with(|| (l.key.clone(), l.size));
-            segs.entry(n.timeline().0).or_default().push(n);
-            report.wal_segments += 1;
-        }
-    }
-    let seg_size = match first_key {
-        Some((k, size)) => {
-            let head = store.get_range(&k, 0..size.min(256)).await?;
-            walfmt::decode_header(&head)
-                .map(|(h, _)| h.size)
-                .unwrap_or(16 << 20)
-        }
-        None => 16 << 20,
-    };
-    let seg_size = if seg_size.is_power_of_two() && seg_size >= 1 << 20 {
-        seg_size
-    } else {
-        16 << 20
-    };
+    let archive = crate::archive::Archive::list(store).await?;
+    report.wal_segments = archive
+        .files
+        .keys()
+        .map(|&t| archive.segments(t).count() as u64)
+        .sum();
+    // Without any segment there is nothing to measure: every backup then lacks its WAL, which
+    // the default size reports just as well.
+    let seg_size = archive.seg_size.unwrap_or(16 << 20);
     for h in headers {
         let tl = h.timeline.0;
-        let present: HashSet<u64> = segs
-            .get(&tl)
-            .map(|v| {
-                v.iter()
-                    .filter_map(|n| n.segment_number(seg_size))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let present = archive.segment_numbers(tl, seg_size);
         let first = h.start_lsn.0 / seg_size;
         let stop = h.stop_lsn.0.saturating_sub(1).max(h.start_lsn.0) / seg_size;
         let last_present = present.iter().copied().max().unwrap_or(0);
@@ -198,8 +175,7 @@ async fn check_wal(
         let mut first_gap_after = None;
         for s in first..=last_present.max(stop) {
             if !present.contains(&s) {
-                let name =
-                    WalFileName::segment_of(h.timeline, Lsn(s * seg_size), seg_size).to_string();
+                let name = crate::archive::name_of(tl, s, seg_size).to_string();
                 if s <= stop {
                     missing_in_backup.push(name);
                 } else if first_gap_after.is_none() {

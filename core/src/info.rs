@@ -4,9 +4,8 @@ use crate::repo;
 use crate::store::Store;
 use anyhow::Result;
 use serde::Serialize;
-use std::collections::BTreeMap;
 use tidemark_format::keys;
-use tidemark_format::wal::{self as walfmt, WalFileName};
+use tidemark_format::wal::WalFileName;
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -205,63 +204,39 @@ pub async fn collect(store: &Store, pg_major: Option<u32>) -> Result<Info> {
                 .collect(),
         })
         .collect();
-    let listed = store.list(keys::WAL).await?;
-    let mut per_tl: BTreeMap<u32, Vec<(WalFileName, String, u64)>> = BTreeMap::new();
-    for l in listed {
-        if let Some(n) = keys::parse_wal(&l.key) {
-            per_tl
-                .entry(n.timeline().0)
-                .or_default()
-                .push((n, l.key, l.size));
-        }
-    }
-    let mut seg_size = None;
+    let archive = crate::archive::Archive::list(store).await?;
     let mut wal = Vec::new();
     let mut recoverable = Vec::new();
-    for (tl, mut files) in per_tl {
-        files.sort();
-        let segs: Vec<&(WalFileName, String, u64)> = files
-            .iter()
-            .filter(|(n, _, _)| matches!(n, WalFileName::Segment { .. }))
-            .collect();
-        if seg_size.is_none() {
-            if let Some((_, key, size)) = segs.first() {
-                let head = store.get_range(key, 0..(*size).min(256)).await?;
-                seg_size = walfmt::decode_header(&head).ok().map(|(h, _)| h.size);
-            }
-        }
+    for (&tl, files) in &archive.files {
+        let segs: Vec<&WalFileName> = archive.segments(tl).map(|(n, _)| n).collect();
         let mut gaps = Vec::new();
-        if let Some(ss) = seg_size.filter(|s| s.is_power_of_two()) {
+        if let Some(ss) = archive.seg_size {
             recoverable.extend(windows(tl, &segs, &starts, ss));
-            for w in segs.windows(2) {
-                let (a, b) = (
-                    w[0].0.segment_number(ss).unwrap_or(0),
-                    w[1].0.segment_number(ss).unwrap_or(0),
-                );
-                if b > a + 1 {
-                    gaps.push(Gap {
-                        after: w[0].0.to_string(),
-                        before: w[1].0.to_string(),
-                        missing_segments: b - a - 1,
-                    });
-                }
-            }
+            gaps = archive
+                .gaps(tl, ss)
+                .into_iter()
+                .map(|g| Gap {
+                    after: g.after.to_string(),
+                    before: g.before.to_string(),
+                    missing_segments: g.missing,
+                })
+                .collect();
         }
         wal.push(TimelineWal {
             timeline: tl,
-            first_segment: segs.first().map(|s| s.0.to_string()),
-            last_segment: segs.last().map(|s| s.0.to_string()),
+            first_segment: segs.first().map(|s| s.to_string()),
+            last_segment: segs.last().map(|s| s.to_string()),
             segments: segs.len() as u64,
             gaps,
             history_file: files
-                .iter()
-                .any(|(n, _, _)| matches!(n, WalFileName::History { .. })),
+                .keys()
+                .any(|n| matches!(n, WalFileName::History { .. })),
             partial: files
-                .iter()
-                .filter(|(n, _, _)| matches!(n, WalFileName::Partial { .. }))
-                .map(|(n, _, _)| n.to_string())
+                .keys()
+                .filter(|n| matches!(n, WalFileName::Partial { .. }))
+                .map(|n| n.to_string())
                 .collect(),
-            stored_bytes: files.iter().map(|(_, _, s)| s).sum(),
+            stored_bytes: files.values().sum(),
         });
     }
     space.wal_bytes = wal.iter().map(|t| t.stored_bytes).sum();
@@ -285,12 +260,12 @@ pub async fn collect(store: &Store, pg_major: Option<u32>) -> Result<Info> {
 /// the run's last segment.
 fn windows(
     tl: u32,
-    segs: &[&(WalFileName, String, u64)],
+    segs: &[&WalFileName],
     backups: &[(u32, u64, i64, String)],
     seg_size: u64,
 ) -> Vec<Window> {
     let mut runs: Vec<(u64, u64, String)> = Vec::new();
-    for (n, _, _) in segs {
+    for n in segs {
         let Some(no) = n.segment_number(seg_size) else {
             continue;
         };

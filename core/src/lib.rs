@@ -1,6 +1,7 @@
 //! tidemark's library: storage, the backup chunk pipeline, restore, WAL archiving and the
 //! PostgreSQL connection helpers. Both binaries are thin command layers over this crate.
 
+pub mod archive;
 pub mod backup;
 pub mod check;
 pub mod cli;

@@ -126,7 +126,7 @@ async fn fetch_segment(
             let obj = wal::get_object(store, &name).await?;
             let (h, _) = walfmt::decode_header(&obj)
                 .with_context(|| format!("archived wal file {name} is damaged"))?;
-            stamp.seg_size = Some(h.size).filter(|s| s.is_power_of_two() && *s >= 1 << 20);
+            stamp.seg_size = crate::archive::segment_size(h.size);
             write_stamp(&spool, &stamp)?;
             let spooled = match stamp.seg_size {
                 Some(ss) => spool_ahead(store, &spool, name, ss, depth, p.max_bytes).await,

@@ -2,7 +2,7 @@
 //!
 //! Invariants:
 //! - The backup is the newest whose stop time is at or before the target among the backups on the
-//!   history of the timeline recovery will follow (`timeline.rs`); none → an error, never a
+//!   history of the timeline recovery will follow (`archive::choose`, shared with verify); none → an error, never a
 //!   fallback to another backup.
 //! - Nothing is written outside the target directory: manifest paths are validated by the
 //!   decoder, files are created with O_CREAT|O_EXCL (which never follows a symlink), and
@@ -51,59 +51,23 @@ pub struct RestoreReport {
     pub bytes: u64,
 }
 
-/// Picks the newest backup whose stop time is at or before the target.
-pub fn choose_backup<'a>(
-    backups: &'a [ManifestHeader],
-    target: &Target,
-) -> Result<&'a ManifestHeader> {
-    let oldest = backups.iter().min_by_key(|b| b.stop_time_us);
-    match target {
-        Target::Latest => backups
-            .iter()
-            .max_by_key(|b| (b.stop_time_us, b.stop_lsn))
-            .ok_or_else(|| {
-                anyhow!(
-                    "the repository holds no backup\nhint: take one with 'tidemark-agent backup'"
-                )
-            }),
-        Target::Time(t) => {
-            let t_us = t.timestamp_micros();
-            backups.iter().filter(|b| b.stop_time_us <= t_us).max_by_key(|b| (b.stop_time_us, b.stop_lsn)).ok_or_else(|| match oldest {
-                None => anyhow!("the repository holds no backup\nhint: take one with 'tidemark-agent backup'"),
-                Some(o) => anyhow!(
-                    "no backup finished at or before {}: the oldest backup ({}) finished at {}\nhint: choose a target time at or after {}",
-                    postgres_text(t),
-                    o.backup_id,
-                    repo::fmt_time(o.stop_time_us),
-                    repo::fmt_time(o.stop_time_us)
-                ),
-            })
-        }
-    }
-}
-
-/// Restores and writes the recovery configuration.
+/// Restores the backup `archive::select` chooses for the target and writes the recovery
+/// configuration.
 pub async fn run(store: &Store, opts: &RestoreOptions) -> Result<RestoreReport> {
     prepare_target(&opts.pgdata)?;
     repo::require_config(store).await?;
-    let backups = repo::list_backups(store).await?;
-    let history = crate::timeline::latest(store, &backups).await?;
-    let usable: Vec<ManifestHeader> = backups
-        .iter()
-        .filter(|b| history.contains(b.timeline.0, b.stop_lsn))
-        .cloned()
-        .collect();
-    if usable.len() < backups.len() {
-        tracing::info!(
-            timeline = history.tli,
-            skipped = backups.len() - usable.len(),
-            "skipping backups that are not on the history of the timeline recovery will follow"
-        );
-    }
-    if usable.is_empty() && !backups.is_empty() {
-        bail!("no backup lies on the history of timeline {} (the newest in the archive, which recovery follows)\nhint: the backups belong to abandoned timelines; take a new backup of the current primary", history.tli);
-    }
-    let chosen = choose_backup(&usable, &opts.target)?.clone();
+    let chosen = crate::archive::select(store, &opts.target).await?.chosen;
+    run_backup(store, &chosen, opts).await
+}
+
+/// Restores `chosen` (already selected for `opts.target`, e.g. by a drill) and writes the
+/// recovery configuration.
+pub async fn run_backup(
+    store: &Store,
+    chosen: &ManifestHeader,
+    opts: &RestoreOptions,
+) -> Result<RestoreReport> {
+    prepare_target(&opts.pgdata)?;
     let major = crate::pgversion::major_of_version_num(chosen.pg_version);
     if !crate::pgversion::is_supported(major) {
         tracing::warn!(
@@ -170,7 +134,7 @@ pub async fn run(store: &Store, opts: &RestoreOptions) -> Result<RestoreReport> 
     }
     sync_dirs(&root, &m)?;
     Ok(RestoreReport {
-        backup: chosen,
+        backup: chosen.clone(),
         files: count,
         bytes,
     })
@@ -352,32 +316,6 @@ pub fn shell_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::hdr;
-
-    #[test]
-    fn chooses_newest_backup_finished_before_target() {
-        let bs = vec![
-            hdr("a", 1_000_000),
-            hdr("b", 2_000_000),
-            hdr("c", 3_000_000),
-        ];
-        let at = |us: i64| {
-            Target::Time(
-                chrono::DateTime::from_timestamp_micros(us)
-                    .unwrap()
-                    .fixed_offset(),
-            )
-        };
-        assert_eq!(choose_backup(&bs, &at(2_500_000)).unwrap().backup_id, "b");
-        assert_eq!(choose_backup(&bs, &at(2_000_000)).unwrap().backup_id, "b");
-        assert_eq!(choose_backup(&bs, &Target::Latest).unwrap().backup_id, "c");
-        let err = choose_backup(&bs, &at(999_999)).unwrap_err().to_string();
-        assert!(
-            err.contains("no backup finished at or before") && err.contains("hint:"),
-            "{err}"
-        );
-        assert!(choose_backup(&[], &Target::Latest).is_err());
-    }
 
     fn file(chunks: &[(u32, u64, u32)]) -> FileEntry {
         let chunks: Vec<ChunkRef> = chunks

@@ -6,14 +6,11 @@
 //! where the history left the backup's timeline. A backup taken on an abandoned branch (e.g. the
 //! old primary after a failover) cannot: PostgreSQL would refuse it ("requested timeline is not a
 //! child of this server's history"), or worse, a newer backup on the abandoned branch would be
-//! picked over an older usable one. Invariant: `usable` never admits such a backup.
+//! picked over an older usable one. Invariant: `History::contains` never admits such a backup;
+//! `archive::history` reads the history recovery follows and `archive::choose` applies it.
 
-use crate::store::Store;
-use crate::wal;
 use anyhow::{bail, Context, Result};
-use tidemark_format::manifest::ManifestHeader;
-use tidemark_format::wal::{self as walfmt, WalFileName};
-use tidemark_format::{keys, Lsn};
+use tidemark_format::Lsn;
 
 /// One line of a history file: `tli` ended at `switch` (the next timeline starts there).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,32 +81,6 @@ impl History {
                 .ancestors
                 .iter()
                 .any(|a| a.tli == tli && stop <= a.switch)
-    }
-}
-
-/// The history a restore with `recovery_target_timeline = 'latest'` follows: the highest
-/// timeline with a `.history` file in the archive (timeline 1 when there is none), read and
-/// verified. Backups on a higher timeline than any history file (impossible for PostgreSQL)
-/// make the newest backup timeline the root.
-pub async fn latest(store: &Store, backups: &[ManifestHeader]) -> Result<History> {
-    let mut newest: Option<u32> = None;
-    for l in store.list(keys::WAL).await? {
-        if let Some(WalFileName::History { tli }) = keys::parse_wal(&l.key) {
-            newest = newest.max(Some(tli));
-        }
-    }
-    let top_backup = backups.iter().map(|b| b.timeline.0).max().unwrap_or(1);
-    match newest {
-        Some(tli) if tli >= top_backup => {
-            let name = WalFileName::History { tli };
-            let obj = wal::get_object(store, &name).await?;
-            let (_, data) = tokio::task::spawn_blocking(move || walfmt::decode(&obj))
-                .await?
-                .with_context(|| format!("archived {name} is damaged"))?;
-            let text = String::from_utf8_lossy(&data);
-            History::parse(tli, &text)
-        }
-        _ => Ok(History::root(top_backup)),
     }
 }
 

@@ -197,17 +197,12 @@ fn encode_file(
         _ => None,
     };
     let mut hasher = Sha256::new();
-    let mut enc = zstd::stream::Encoder::new(Vec::with_capacity((len / 3) as usize), level)
-        .context("cannot start a zstd stream")?;
-    enc.set_pledged_src_size(Some(len))
-        .context("cannot start a zstd stream")?;
-    enc.include_contentsize(true)
-        .context("cannot start a zstd stream")?;
+    let mut enc = walfmt::FrameEncoder::new(len, level).context("cannot start a zstd stream")?;
     let mut total = 0u64;
     let mut n = first;
     while n > 0 {
         hasher.update(&block[..n]);
-        enc.write_all(&block[..n])
+        enc.write(&block[..n])
             .with_context(|| format!("cannot compress {}", path.display()))?;
         total += n as u64;
         n = read_full(&mut f, &mut block)

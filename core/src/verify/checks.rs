@@ -4,82 +4,12 @@
 
 use super::server::is_server_failure;
 use super::VerifyResult;
-use crate::store::Store;
+use crate::archive::Archive;
 use crate::target::{postgres_text, Target};
-use anyhow::{Context, Result};
 use chrono::DateTime;
-use std::collections::{BTreeMap, BTreeSet};
 use tidemark_format::manifest::ManifestHeader;
-use tidemark_format::wal::{self as walfmt, WalFileName};
-use tidemark_format::{keys, Lsn, TimelineId};
-
-/// Archived WAL segments per timeline with their stored sizes, plus the segment size.
-pub(super) struct Archive {
-    pub(super) segments: BTreeMap<u32, BTreeMap<WalFileName, u64>>,
-    pub(super) sizes: BTreeMap<String, u64>,
-    pub(super) seg_size: Option<u64>,
-}
-
-pub(super) async fn list_archive(store: &Store) -> Result<Archive> {
-    let mut a = Archive {
-        segments: BTreeMap::new(),
-        sizes: BTreeMap::new(),
-        seg_size: None,
-    };
-    let mut first_key = None;
-    for l in store
-        .list(keys::WAL)
-        .await
-        .context("cannot list archived wal")?
-    {
-        let Some(n) = keys::parse_wal(&l.key) else {
-            continue;
-        };
-        a.sizes.insert(n.to_string(), l.size);
-        if matches!(n, WalFileName::Segment { .. }) {
-            first_key.get_or_insert((l.key.clone(), l.size));
-            a.segments
-                .entry(n.timeline().0)
-                .or_default()
-                .insert(n, l.size);
-        }
-    }
-    if let Some((key, size)) = first_key {
-        let head = store.get_range(&key, 0..size.min(256)).await?;
-        a.seg_size = walfmt::decode_header(&head)
-            .ok()
-            .map(|(h, _)| h.size)
-            .filter(|s| s.is_power_of_two());
-    }
-    Ok(a)
-}
-
-/// Segments missing on `tli` between `from` and the last archived segment of that timeline.
-pub(super) fn gaps(a: &Archive, tli: u32, from: u64, seg_size: u64) -> Vec<String> {
-    let Some(segs) = a.segments.get(&tli) else {
-        return Vec::new();
-    };
-    let have: BTreeSet<u64> = segs
-        .keys()
-        .filter_map(|n| n.segment_number(seg_size))
-        .collect();
-    let Some(&last) = have.iter().next_back() else {
-        return Vec::new();
-    };
-    let per_log = 0x1_0000_0000 / seg_size;
-    (from..last)
-        .filter(|n| !have.contains(n))
-        .take(20)
-        .map(|n| {
-            WalFileName::Segment {
-                tli,
-                log: (n / per_log) as u32,
-                seg: (n % per_log) as u32,
-            }
-            .to_string()
-        })
-        .collect()
-}
+use tidemark_format::wal::WalFileName;
+use tidemark_format::{Lsn, TimelineId};
 
 /// Judges whether recovery reached the target, against the repository's account.
 #[allow(clippy::too_many_arguments)]
@@ -104,11 +34,7 @@ pub(super) fn reached_target(
     match target {
         Target::Latest => {
             // The highest timeline that descends from the backup's: recovery_target_timeline = latest.
-            let last = a
-                .segments
-                .range(b.timeline.0..)
-                .next_back()
-                .and_then(|(_, segs)| segs.keys().next_back().copied());
+            let last = a.last_segment_from(b.timeline.0);
             match last {
                 None => r.check(
                     "reached_target",
@@ -185,7 +111,7 @@ pub(super) fn count_fetched(r: &mut VerifyResult, log: &str, a: &Archive) {
         if let Some(rest) = l.split("restored log file \"").nth(1) {
             if let Some(name) = rest.split('"').next() {
                 n += 1;
-                bytes += a.sizes.get(name).copied().unwrap_or(0);
+                bytes += a.size_of(name).unwrap_or(0);
             }
         }
     }
@@ -231,31 +157,6 @@ fn push_stmt(out: &mut Vec<(String, String)>, cur: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn gaps_name_missing_segments() {
-        let mut a = Archive {
-            segments: BTreeMap::new(),
-            sizes: BTreeMap::new(),
-            seg_size: Some(16 << 20),
-        };
-        for n in [
-            "000000010000000000000002",
-            "000000010000000000000003",
-            "000000010000000000000006",
-        ] {
-            a.segments
-                .entry(1)
-                .or_default()
-                .insert(WalFileName::parse(n).unwrap(), 1);
-        }
-        assert_eq!(
-            gaps(&a, 1, 2, 16 << 20),
-            ["000000010000000000000004", "000000010000000000000005"]
-        );
-        assert_eq!(gaps(&a, 1, 6, 16 << 20), Vec::<String>::new());
-        assert_eq!(gaps(&a, 2, 0, 16 << 20), Vec::<String>::new());
-    }
 
     #[test]
     fn cause_of_a_failed_recovery() {

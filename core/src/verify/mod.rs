@@ -12,6 +12,7 @@
 //!   last archived segment; for a time, the last replayed commit must not be after the target.
 
 mod checks;
+mod drill;
 mod record;
 pub mod server;
 
@@ -19,20 +20,14 @@ pub use checks::parse_check_sql;
 pub use record::{last_recorded, record, render as render_recorded, RecordSummary};
 
 use crate::repo;
-use crate::restore::{self, RestoreOptions};
 use crate::store::Store;
-use crate::target::{postgres_text, Target};
 use anyhow::{bail, Context, Result};
-use checks::{count_fetched, gaps, list_archive, reached_target, recovery_cause, tail};
 use chrono::{DateTime, FixedOffset};
 use serde::Serialize;
-use server::{PgTools, Server};
-use std::os::unix::fs::DirBuilderExt;
+use server::PgTools;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tidemark_format::manifest::ManifestHeader;
-use tidemark_format::wal::WalFileName;
-use tidemark_format::Lsn;
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -155,7 +150,7 @@ impl VerifyResult {
 }
 
 /// A random u64 from the standard library's randomly seeded hasher (no extra dependency).
-fn random_u64() -> u64 {
+pub(super) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
@@ -179,7 +174,7 @@ pub fn window(backups: &[ManifestHeader]) -> Result<(i64, i64)> {
     }
 }
 
-fn time_of(us: i64) -> Result<DateTime<FixedOffset>> {
+pub(super) fn time_of(us: i64) -> Result<DateTime<FixedOffset>> {
     DateTime::from_timestamp_micros(us)
         .map(|t| t.fixed_offset())
         .with_context(|| format!("{us} is not a representable time"))
@@ -197,7 +192,7 @@ pub async fn run(store: &Store, opts: &VerifyOptions) -> VerifyResult {
         ..Default::default()
     };
     let mut srv = None;
-    let outcome = drill(store, opts, &mut r, &mut srv, started).await;
+    let outcome = drill::run(store, opts, &mut r, &mut srv, started).await;
     if let Err(e) = outcome {
         let mut msg = format!("{e:#}");
         if let Some(s) = &srv {
@@ -222,325 +217,6 @@ pub async fn run(store: &Store, opts: &VerifyOptions) -> VerifyResult {
     }
     r.ok = r.failure.is_none();
     r
-}
-
-async fn drill(
-    store: &Store,
-    opts: &VerifyOptions,
-    r: &mut VerifyResult,
-    srv: &mut Option<Server>,
-    started: Instant,
-) -> Result<()> {
-    repo::require_config(store).await?;
-    let backups = repo::list_backups(store).await?;
-    let target = match &opts.target {
-        DrillTarget::Latest => {
-            r.target.kind = "latest".into();
-            Target::Latest
-        }
-        DrillTarget::Time(t) => {
-            r.target.kind = "time".into();
-            Target::Time(*t)
-        }
-        DrillTarget::RandomInWindow => {
-            let (lo, hi) = window(&backups)?;
-            let span = (hi - lo) as u64;
-            let at = lo
-                + if span == 0 {
-                    0
-                } else {
-                    (random_u64() % (span + 1)) as i64
-                };
-            r.target.kind = "random-in-window".into();
-            r.target.window = Some([repo::fmt_time(lo), repo::fmt_time(hi)]);
-            Target::Time(time_of(at)?)
-        }
-    };
-    if let Target::Time(t) = &target {
-        r.target.time = Some(postgres_text(t));
-    }
-    let chosen = restore::choose_backup(&backups, &target)?.clone();
-    r.backup = Some(BackupUsed {
-        id: chosen.backup_id.clone(),
-        timeline: chosen.timeline.0,
-        stop_lsn: chosen.stop_lsn.to_string(),
-        stop_time: repo::fmt_time(chosen.stop_time_us),
-    });
-    let major = chosen.pg_version / 10000;
-    if !crate::pgversion::is_supported(major) {
-        tracing::warn!(
-            backup = %chosen.backup_id,
-            "backup {} is of PostgreSQL {major}, which this release is not tested with: drilling it anyway with PostgreSQL {major}'s own binaries",
-            chosen.backup_id
-        );
-    }
-    let tools = opts
-        .tools
-        .for_major(major)
-        .await
-        .with_context(|| format!("backup {} is of PostgreSQL {major}", chosen.backup_id))?;
-
-    // The archive's own account of the window, before spending time on a restore.
-    let archive = list_archive(store).await?;
-    let seg_size = archive
-        .seg_size
-        .context("the archive holds no wal segment\nhint: is archive_command set to 'tidemark-agent wal-push'?")?;
-    let start_seg = WalFileName::segment_of(chosen.timeline, chosen.start_lsn, seg_size)
-        .segment_number(seg_size)
-        .unwrap_or(0);
-    let missing = gaps(&archive, chosen.timeline.0, start_seg, seg_size);
-    if missing.is_empty() {
-        r.check(
-            "wal_continuity",
-            true,
-            format!(
-                "no segment missing on timeline {} from the backup's start",
-                chosen.timeline
-            ),
-        );
-    } else {
-        r.check(
-            "wal_continuity",
-            false,
-            format!(
-                "wal segment {} is missing from the archive (timeline {}, after backup {} started); points in time after it cannot be recovered",
-                missing.join(", "),
-                chosen.timeline,
-                chosen.backup_id
-            ),
-        );
-    }
-
-    // Restore.
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&opts.scratch)
-        .with_context(|| format!("cannot create scratch directory {}", opts.scratch.display()))?;
-    let pgdata = opts.scratch.join("pgdata");
-    let t0 = Instant::now();
-    let rep = restore::run(
-        store,
-        &RestoreOptions {
-            pgdata: pgdata.clone(),
-            target: target.clone(),
-            restore_command: opts.restore_command.clone(),
-            // Tablespaces go to their recorded locations, which must be absent or empty there.
-            tablespace_map: Vec::new(),
-        },
-    )
-    .await
-    .context("restore failed")?;
-    r.restore_files = rep.files;
-    r.restore_bytes = rep.bytes;
-    r.seconds.restore = Some(t0.elapsed().as_secs_f64());
-
-    // Recover.
-    let t1 = Instant::now();
-    let s = srv.insert(
-        Server::start(
-            &tools,
-            &opts.scratch,
-            &pgdata,
-            opts.port,
-            &opts.db_user,
-            &opts.settings,
-        )
-        .await?,
-    );
-    let mut last_err = String::new();
-    loop {
-        if let Some(status) = s.exited() {
-            count_fetched(r, &s.log_text(), &archive);
-            bail!(
-                "the restored server exited during recovery ({status}): {}",
-                recovery_cause(&s.log_text())
-            );
-        }
-        if t1.elapsed() > opts.timeout {
-            count_fetched(r, &s.log_text(), &archive);
-            bail!(
-                "the restored server was not promoted within {:?} (last error: {last_err})\nhint: raise --timeout for large restores",
-                opts.timeout
-            );
-        }
-        match s.connect("postgres").await {
-            Ok(db) => {
-                r.seconds
-                    .consistent
-                    .get_or_insert(t1.elapsed().as_secs_f64());
-                match db.query_one("SELECT pg_is_in_recovery()", &[]).await {
-                    Ok(row) if !row.get::<_, bool>(0) => break,
-                    Ok(_) => {}
-                    Err(e) => last_err = e.to_string(),
-                }
-            }
-            Err(e) => last_err = format!("{e:#}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    r.seconds.promote = Some(t1.elapsed().as_secs_f64());
-    r.seconds.rto = Some(started.elapsed().as_secs_f64());
-    let log = s.log_text();
-    count_fetched(r, &log, &archive);
-    r.check(
-        "accepts_connections",
-        true,
-        format!("promoted after {:.1}s", t1.elapsed().as_secs_f64()),
-    );
-
-    let db = s.connect("postgres").await?;
-    let row = db
-        .query_one(
-            "SELECT pg_last_wal_replay_lsn()::text, \
-             to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
-             current_setting('data_checksums')",
-            &[],
-        )
-        .await
-        .context("cannot read the replay position of the restored server")?;
-    let lsn_text: Option<String> = row.get(0);
-    let commit: Option<String> = row.get(1);
-    let checksums_on = row.get::<_, String>(2) == "on";
-    let replayed: Lsn = lsn_text
-        .as_deref()
-        .unwrap_or("0/0")
-        .parse()
-        .context("the server reported an unreadable replay lsn")?;
-    r.replay = Some(Replay {
-        last_replayed_lsn: replayed.to_string(),
-        last_commit_time: commit.clone(),
-    });
-    reached_target(
-        r,
-        &chosen,
-        &target,
-        &archive,
-        seg_size,
-        replayed,
-        commit.as_deref(),
-        &log,
-    );
-
-    // Soundness.
-    if !opts.amcheck {
-        r.skip("amcheck", "disabled with --no-amcheck");
-    } else if tools.client("pg_amcheck").is_none() {
-        r.skip(
-            "amcheck",
-            format!(
-                "pg_amcheck not found in {} nor in another PostgreSQL 14+ bin directory or PATH",
-                tools.bin.display()
-            ),
-        );
-    } else {
-        let avail = db
-            .query_opt(
-                "SELECT 1 FROM pg_available_extensions WHERE name = 'amcheck'",
-                &[],
-            )
-            .await?;
-        if avail.is_none() {
-            r.skip(
-                "amcheck",
-                "the amcheck extension is not installed with this PostgreSQL (contrib)",
-            );
-        } else {
-            let sock = s.sock.to_string_lossy().into_owned();
-            let port = s.port.to_string();
-            let mut args = vec![
-                "--all",
-                "--install-missing",
-                "--no-password",
-                "-h",
-                &sock,
-                "-p",
-                &port,
-                "-U",
-                &opts.db_user,
-            ];
-            if opts.heapallindexed {
-                args.push("--heapallindexed");
-            }
-            let amcheck = tools.client("pg_amcheck").context("pg_amcheck vanished")?;
-            let (ok, out) = amcheck.run("pg_amcheck", &args, opts.timeout).await?;
-            let detail = if ok {
-                format!(
-                    "pg_amcheck --all{} found no corruption",
-                    if opts.heapallindexed {
-                        " --heapallindexed"
-                    } else {
-                        ""
-                    }
-                )
-            } else {
-                format!(
-                    "pg_amcheck reported corruption or failed: {}",
-                    tail(&out, 20)
-                )
-            };
-            r.check("amcheck", ok, detail);
-        }
-    }
-    for (label, sql) in &opts.check_sql {
-        let name = format!("sql:{label}");
-        let res = match s.connect(&opts.check_db).await {
-            Ok(c) => c.simple_query(sql).await.map_err(|e| format!("{e}")),
-            Err(e) => Err(format!("{e:#}")),
-        };
-        match res {
-            Err(e) => r.check(&name, false, format!("query failed: {e}")),
-            Ok(msgs) => {
-                let first = msgs.iter().find_map(|m| match m {
-                    tokio_postgres::SimpleQueryMessage::Row(row) => {
-                        Some(row.get(0).map(str::to_string))
-                    }
-                    _ => None,
-                });
-                match first {
-                    None => r.check(&name, false, "returned no rows"),
-                    Some(Some(v)) if v == "f" || v == "false" => {
-                        r.check(&name, false, "returned false")
-                    }
-                    Some(v) => r.check(
-                        &name,
-                        true,
-                        format!("returned {}", v.as_deref().unwrap_or("NULL")),
-                    ),
-                }
-            }
-        }
-    }
-    drop(db);
-    s.stop()
-        .await
-        .context("cannot stop the restored server cleanly")?;
-    if !checksums_on {
-        r.skip("data_checksums", "data checksums are off in this cluster");
-    } else if !tools.has("pg_checksums") {
-        r.skip(
-            "data_checksums",
-            format!("pg_checksums not found in {}", tools.bin.display()),
-        );
-    } else {
-        let data = pgdata.to_string_lossy().into_owned();
-        let (ok, out) = tools
-            .run("pg_checksums", &["--check", "-D", &data], opts.timeout)
-            .await?;
-        r.check(
-            "data_checksums",
-            ok,
-            if ok {
-                format!(
-                    "every block read and verified: {}",
-                    tail(&out, 6).replace('\n', "; ")
-                )
-            } else {
-                format!("pg_checksums found bad blocks: {}", tail(&out, 20))
-            },
-        );
-    }
-    Ok(())
 }
 
 /// Checks a scratch directory is absent or empty (a drill never deletes what it did not create).
