@@ -1,0 +1,54 @@
+//! `expire`: the retention plan (which backups go, which WAL and packs nothing needs any more) and
+//! its execution. FORMAT.md sections 10.4 and 16 define the order; in short:
+//!
+//! 1. take the exclusive expire lease; note live backup leases (then only manifests are removed,
+//!    packs and WAL wait for a run with no backup in flight);
+//! 2. read every manifest fully (a damaged one stops expire before anything is deleted);
+//! 3. delete the expired manifests, oldest first;
+//! 4. condemn (record in a new `gc/` state object) every pack no remaining manifest names;
+//! 5. delete packs condemned at least `gc_grace` ago that are still unreferenced;
+//! 6. delete WAL older than the oldest retained backup's start segment (never `.history`);
+//! 7. rewrite or delete GC state objects so they list only packs still condemned; release.
+//!
+//! The decisions are `planner`'s, a pure function of the repository's facts and `now`; the
+//! `executor` gathers those facts and carries the plan out.
+//!
+//! Invariants: the plan printed by `--dry-run` is computed by the same function as the plan a real
+//! run executes; every delete is preceded by a check that the lease is still held; a crash at any
+//! step leaves only complete backups whose packs and WAL exist, and a rerun finishes the job.
+
+mod executor;
+mod plan;
+mod planner;
+
+pub use plan::{render, BackupPlan, PackPlan, Plan, WalPlan, SCHEMA_VERSION};
+pub use planner::ExpireOptions;
+
+use crate::lease::{self, LeaseHandle};
+use crate::repo;
+use crate::store::Store;
+use anyhow::Result;
+use tidemark_format::lock::LeaseKind;
+
+/// Plans (and unless `dry_run`, executes) an expire. Returns the plan.
+pub async fn run(store: &Store, opts: &ExpireOptions) -> Result<Plan> {
+    if opts.dry_run {
+        let now = lease::now_us();
+        let leases = planner::judge_leases(&executor::other_leases(store, None, now).await?)?;
+        return Ok(executor::plan_now(store, opts, now, leases).await?.0);
+    }
+    let config = repo::require_config(store).await?;
+    let held = LeaseHandle::acquire(store, LeaseKind::Expire).await?;
+    let r = executor::execute(store, opts, &held, u64::from(config.pack_target)).await;
+    match r {
+        Ok(plan) => {
+            held.release().await?;
+            Ok(plan)
+        }
+        Err(e) => {
+            // Another expire may have been detected: our own lease must not linger.
+            let _ = held.release().await;
+            Err(e)
+        }
+    }
+}
