@@ -11,7 +11,6 @@ pub mod info;
 pub mod lease;
 pub mod metrics;
 pub mod pg;
-pub mod pgdata;
 pub mod pgversion;
 pub mod prefetch;
 pub mod progress;

@@ -10,7 +10,7 @@
 #[path = "../../core/src/replication/message.rs"]
 #[allow(dead_code)]
 mod message;
-#[path = "../../core/src/replication/tar.rs"]
+#[path = "../../core/src/backup/replication/tar.rs"]
 #[allow(dead_code)]
 mod tar;
 

@@ -5,9 +5,8 @@
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::time::Duration;
-use tidemark_core::backup::{self, BackupOptions};
+use tidemark_core::backup::{self, pgdata::BackupOptions, replication::ReplicationOptions};
 use tidemark_core::cli::RepoArgs;
-use tidemark_core::replication::base_backup::{self, ReplicationOptions};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Source {
@@ -79,7 +78,7 @@ pub async fn run(a: Args) -> Result<()> {
                 allow_untested_major: a.allow_untested_major,
                 accept_new_system: a.accept_new_system,
             };
-            backup::run(&store, &opts).await?
+            backup::pgdata::run(&store, &opts).await?
         }
         Source::Replication => {
             let opts = ReplicationOptions {
@@ -91,7 +90,7 @@ pub async fn run(a: Args) -> Result<()> {
                 allow_untested_major: a.allow_untested_major,
                 accept_new_system: a.accept_new_system,
             };
-            base_backup::run(&store, &opts).await?
+            backup::replication::run(&store, &opts).await?
         }
     };
     let secs = started.elapsed().as_secs_f64();

@@ -15,6 +15,9 @@ use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use tidemark_format::SystemId;
 
+/// The file name under which the server's backup manifest is stored.
+pub const SERVER_MANIFEST: &str = "backup_manifest";
+
 /// The manifest versions read: 1 (PostgreSQL 13..16) and 2 (17+, with System-Identifier).
 const VERSIONS: std::ops::RangeInclusive<u32> = 1..=2;
 

@@ -9,17 +9,14 @@
 //! - Every file's whole-file SHA-256 is computed over exactly the bytes the workers chunk.
 //! - The entries come out sorted by path, unique, valid, and with every parent directory.
 
-use super::base_backup::SERVER_MANIFEST;
-use super::tar::{TarEvent, TarKind, TarReader};
-use crate::backup::{self, ItemKind, SealedPack, Shared};
-use anyhow::{anyhow, bail, Context, Result};
+use super::server_manifest::SERVER_MANIFEST;
+use super::tar::{TarEntry, TarEvent, TarKind, TarReader};
+use crate::backup::pipeline::{ChunkLoc, ItemKind, Packer, Shared};
+use anyhow::{anyhow, bail, Result};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use std::sync::atomic::Ordering;
 use std::sync::{mpsc as smpsc, Mutex};
 use tidemark_format::manifest;
-use tidemark_format::pack::PackBuilder;
-use tidemark_format::ChunkId;
 use tokio::sync::mpsc;
 
 /// Largest server backup manifest accepted (about 300 bytes per file: a million files).
@@ -45,7 +42,6 @@ pub(super) struct Job {
     parent: Option<usize>,
 }
 
-pub(super) type ChunkLoc = (ChunkId, backup::Loc);
 /// (file, first chunk, chunk locations) of one block.
 pub(super) type Part = (usize, usize, Vec<ChunkLoc>);
 
@@ -161,11 +157,7 @@ impl DemuxState<'_> {
                         self.out
                             .items
                             .push((path.clone(), e.mode, ItemKind::File(fid)));
-                        let parent = self
-                            .s
-                            .parent
-                            .as_ref()
-                            .and_then(|(_, idx)| idx.get(&path).copied());
+                        let parent = self.s.parent_entry(&path);
                         self.sink = Sink::File(Box::new(Current {
                             fid,
                             path,
@@ -301,7 +293,7 @@ pub(super) fn demux(
     }
     // The server's manifest is stored as a file too, like pg_basebackup's plain format.
     let m = std::mem::take(&mut st.out.server_manifest);
-    st.on_event(TarEvent::Entry(super::tar::TarEntry {
+    st.on_event(TarEvent::Entry(TarEntry {
         path: SERVER_MANIFEST.into(),
         mode: 0o600,
         kind: TarKind::File {
@@ -348,18 +340,12 @@ fn finish_items(items: &mut Vec<(String, u32, ItemKind)>) -> Result<()> {
 
 /// A worker: blocks in, chunk locations out.
 pub(super) fn block_worker(
-    s: &Shared,
-    tx: &mpsc::Sender<SealedPack>,
+    p: &mut Packer<'_>,
     jobs: &Mutex<smpsc::Receiver<Job>>,
 ) -> Result<Vec<Part>> {
     let mut out = Vec::new();
-    let mut compressor =
-        zstd::bulk::Compressor::new(s.level()).context("cannot create a zstd compressor")?;
-    let mut pack: Option<(u32, PackBuilder)> = None;
     loop {
-        if s.failed.load(Ordering::Relaxed) {
-            bail!("backup aborted: another worker failed");
-        }
+        p.shared().check_running()?;
         let job = {
             let rx = jobs
                 .lock()
@@ -367,31 +353,9 @@ pub(super) fn block_worker(
             rx.recv()
         };
         let Ok(job) = job else { break };
-        s.counters
-            .read_bytes
-            .fetch_add(job.data.len() as u64, Ordering::Relaxed);
-        let parent = s.parent.as_ref().and_then(|(m, _)| {
-            let i = job.parent?;
-            match &m.entries.get(i)?.kind {
-                manifest::EntryKind::File(fe) => Some((m.as_ref(), fe)),
-                _ => None,
-            }
-        });
-        let mut chunks = Vec::with_capacity(job.data.len().div_ceil(s.chunk_size()));
-        for (k, data) in job.data.chunks(s.chunk_size()).enumerate() {
-            let pref = parent.and_then(|(m, fe)| backup::parent_ref(m, fe, job.first_chunk + k));
-            chunks.push(backup::store_chunk(
-                s,
-                &mut compressor,
-                &mut pack,
-                tx,
-                data,
-                pref,
-            )?);
-        }
+        let chunks = p.store(&job.data, job.parent, job.first_chunk)?;
         out.push((job.fid, job.first_chunk, chunks));
     }
-    backup::seal(pack.take(), tx)?;
     Ok(out)
 }
 

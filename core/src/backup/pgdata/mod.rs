@@ -1,0 +1,296 @@
+//! `backup --pgdata`: a base backup read from the data directory on the database host, between
+//! the server's start and stop of a non-exclusive backup, through the chunk pipeline.
+//!
+//! Invariants:
+//! - Only a primary is backed up this way, and only a directory that holds a PG_VERSION.
+//! - Files are read whole after the backup started; one that vanishes meanwhile is left out
+//!   (WAL replay recreates it), and nothing is trusted from sizes or times.
+//! - `backup_label` and `tablespace_map` are the ones the stop call returned, byte for byte.
+
+mod walk;
+
+use super::pipeline::{ChunkLoc, FileDone, ItemKind, Packer, Pipeline, Shared};
+use super::session::{self, Copied, Server, Source};
+use crate::store::Store;
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tidemark_format::manifest::{self, ManifestHeader};
+use tidemark_format::{ChunkId, Lsn, SystemId};
+use walk::{Kind, WalkEntry};
+
+#[derive(Clone, Debug)]
+pub struct BackupOptions {
+    pub pgdata: PathBuf,
+    pub pg_url: Option<String>,
+    pub compress_level: i32,
+    pub workers: usize,
+    pub archive_timeout: Duration,
+    /// Back up a PostgreSQL major newer than the tested ones (pgversion::SUPPORTED).
+    pub allow_untested_major: bool,
+    /// Register this cluster as a new database system of the repository (repo::open_for_writer).
+    pub accept_new_system: bool,
+}
+
+/// Takes a base backup of the data directory under a backup lease (FORMAT.md section 16);
+/// returns the header of the manifest written.
+pub async fn run(store: &Store, opts: &BackupOptions) -> Result<ManifestHeader> {
+    let client = crate::pg::connect(opts.pg_url.as_deref()).await?;
+    let source = Pgdata {
+        opts,
+        client,
+        major: 0,
+        start_lsn: Lsn(0),
+    };
+    session::run(store, source, session::settings_of!(opts)).await
+}
+
+/// The data directory, read here, and the SQL session that starts and stops the backup.
+struct Pgdata<'a> {
+    opts: &'a BackupOptions,
+    client: tokio_postgres::Client,
+    /// Set by `start`.
+    major: u32,
+    start_lsn: Lsn,
+}
+
+/// The non-exclusive start and stop calls of a major: PostgreSQL 15 renamed
+/// `pg_start_backup(label, fast, exclusive)` / `pg_stop_backup(exclusive, wait_for_archive)` to
+/// `pg_backup_start(label, fast)` / `pg_backup_stop(wait_for_archive)` and removed exclusive
+/// backups. Neither call waits for archiving: tidemark waits for the WAL in the repository.
+fn backup_functions(major: u32) -> (&'static str, &'static str) {
+    if major < 15 {
+        (
+            "pg_start_backup('tidemark', true, false)",
+            "pg_stop_backup(false, false)",
+        )
+    } else {
+        ("pg_backup_start('tidemark', true)", "pg_backup_stop(false)")
+    }
+}
+
+impl Source for Pgdata<'_> {
+    const KIND: u8 = manifest::SOURCE_PGDATA;
+    const NAME: &'static str = "pgdata";
+
+    async fn identify(&mut self) -> Result<Server> {
+        let row = self.client
+            .query_one(
+                "SELECT system_identifier::text, current_setting('server_version_num')::int4, pg_is_in_recovery(), \
+                 current_setting('archive_mode'), (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size')
+                 FROM pg_control_system()",
+                &[],
+            )
+            .await
+            .context("cannot read the server's identity")?;
+        let sysid: String = row.get(0);
+        Ok(Server {
+            system_id: SystemId(sysid.parse().context("system identifier is not a number")?),
+            pg_version: u32::try_from(row.get::<_, i32>(1))
+                .context("negative server_version_num")?,
+            in_recovery: row.get(2),
+            archive_mode_off: row.get::<_, String>(3) == "off",
+            seg_size: u64::try_from(row.get::<_, i64>(4)).context("negative wal_segment_size")?,
+        })
+    }
+
+    fn check(&self, server: &Server) -> Result<()> {
+        if server.in_recovery {
+            bail!("the server is a standby; backup --pgdata copies a primary\nhint: run the backup against the primary");
+        }
+        if std::fs::metadata(self.opts.pgdata.join("PG_VERSION")).is_err() {
+            bail!("{} is not a PostgreSQL data directory\nhint: pass the server's data directory as --pgdata", self.opts.pgdata.display());
+        }
+        Ok(())
+    }
+
+    async fn start(&mut self, major: u32) -> Result<i64> {
+        let row = self
+            .client
+            .query_one(
+                &format!(
+                    "SELECT {}::text, (extract(epoch from clock_timestamp()) * 1000000)::int8",
+                    backup_functions(major).0
+                ),
+                &[],
+            )
+            .await
+            .context("pg_backup_start failed")?;
+        self.major = major;
+        self.start_lsn = row.get::<_, String>(0).parse()?;
+        Ok(row.get(1))
+    }
+
+    async fn copy(self, _server: &Server, pipeline: Pipeline<'_>) -> Result<Copied> {
+        tracing::info!(start_lsn = %self.start_lsn, "backup started");
+        let pgdata = self.opts.pgdata.clone();
+        let walked = tokio::task::spawn_blocking(move || walk::walk(&pgdata)).await??;
+        let files = Arc::new(FileQueue::new(&walked));
+        let shared = pipeline.shared(self.opts.compress_level);
+        let progress = tokio::spawn(log_progress(shared.clone(), files.clone()));
+        let work = move |p: &mut Packer<'_>| copy_files(p, &files);
+        let r = pipeline.run(shared, self.opts.workers, work).await;
+        progress.abort();
+        // Wait until the progress task is gone: it holds a clone of the shared state.
+        let _ = progress.await;
+        let (parts, stored) = r?;
+
+        let row = self.client
+            .query_one(
+                &format!(
+                    "SELECT lsn::text, labelfile, spcmapfile, (extract(epoch from clock_timestamp()) * 1000000)::int8 FROM {}",
+                    backup_functions(self.major).1
+                ),
+                &[],
+            )
+            .await
+            .context("pg_backup_stop failed")?;
+        let stop_lsn: Lsn = row.get::<_, String>(0).parse()?;
+        let backup_label: String = row.get(1);
+        let spcmap: Option<String> = row.get(2);
+        let timeline = session::label_timeline(&backup_label)?;
+        tracing::info!(stop_lsn = %stop_lsn, "backup stopped; waiting for WAL");
+        Ok(Copied {
+            start_lsn: self.start_lsn,
+            stop_lsn,
+            stop_time_us: row.get(3),
+            timeline,
+            from_standby: false,
+            backup_label: backup_label.into_bytes(),
+            tablespace_map: spcmap.map(String::into_bytes),
+            items: walked.into_iter().enumerate().map(item).collect(),
+            files: parts.into_iter().flatten().collect(),
+            stored,
+        })
+    }
+}
+
+/// What the manifest records for the `i`th path of the walk.
+fn item((i, w): (usize, WalkEntry)) -> (String, u32, ItemKind) {
+    let kind = match w.kind {
+        Kind::Dir => ItemKind::Dir,
+        Kind::Symlink(t) => ItemKind::Symlink(t),
+        Kind::File => ItemKind::File(i),
+    };
+    (w.rel, w.mode, kind)
+}
+
+/// The files to copy, taken in order by the workers: (index in the walk, path, relative path).
+struct FileQueue {
+    files: Vec<(usize, PathBuf, String)>,
+    next: AtomicUsize,
+}
+
+impl FileQueue {
+    fn new(walked: &[WalkEntry]) -> FileQueue {
+        let files = walked
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.kind == Kind::File)
+            .map(|(i, w)| (i, w.abs.clone(), w.rel.clone()))
+            .collect();
+        FileQueue {
+            files,
+            next: AtomicUsize::new(0),
+        }
+    }
+}
+
+async fn log_progress(s: Arc<Shared>, q: Arc<FileQueue>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        tracing::info!(
+            files_done = q.next.load(Ordering::Relaxed).min(q.files.len()),
+            files_total = q.files.len(),
+            bytes_read = s.counters.read_bytes.load(Ordering::Relaxed),
+            "backup progress"
+        );
+    }
+}
+
+/// One worker: takes files in order and stores them, block by block.
+fn copy_files(p: &mut Packer<'_>, q: &FileQueue) -> Result<Vec<(usize, FileDone)>> {
+    let s = p.shared();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; s.chunk_size() * 128];
+    loop {
+        s.check_running()?;
+        let i = q.next.fetch_add(1, Ordering::Relaxed);
+        let Some((idx, abs, rel)) = q.files.get(i) else {
+            break;
+        };
+        let mut f = match std::fs::File::open(abs) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // vanished: WAL replay recreates it
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", abs.display())),
+        };
+        let parent = s.parent_entry(rel);
+        let mut whole = Sha256::new();
+        let mut chunks: Vec<ChunkLoc> = Vec::new();
+        let mut size = 0u64;
+        loop {
+            let n = read_full(&mut f, &mut buf)
+                .with_context(|| format!("cannot read {}", abs.display()))?;
+            if n == 0 {
+                break;
+            }
+            whole.update(&buf[..n]);
+            let stored = p.store(&buf[..n], parent, chunks.len())?;
+            chunks.extend(stored);
+            size += n as u64;
+        }
+        let sha256 = ChunkId(whole.finalize().into());
+        tracing::debug!(file = %rel, size, "file copied");
+        out.push((
+            *idx,
+            FileDone {
+                size,
+                sha256,
+                chunks,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backup_calls_per_major() {
+        assert_eq!(
+            backup_functions(14),
+            (
+                "pg_start_backup('tidemark', true, false)",
+                "pg_stop_backup(false, false)"
+            )
+        );
+        for major in [15, 18] {
+            assert_eq!(
+                backup_functions(major),
+                ("pg_backup_start('tidemark', true)", "pg_backup_stop(false)")
+            );
+        }
+    }
+}
