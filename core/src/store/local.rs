@@ -1,0 +1,192 @@
+//! The `file://` backend: a repository in a local directory, written durably (temporary file,
+//! fsync, link for create-only or rename for replace, fsync of the directory; FORMAT.md S1-S3).
+
+use super::{Listed, Result, StoreError};
+use bytes::Bytes;
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// A repository in a local directory (`file://`), written durably.
+pub(super) struct LocalDir {
+    pub(super) root: PathBuf,
+}
+
+pub(super) fn io_err(key: &str, e: std::io::Error) -> StoreError {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => StoreError::NotFound {
+            key: key.to_string(),
+        },
+        std::io::ErrorKind::AlreadyExists => StoreError::AlreadyExists {
+            key: key.to_string(),
+        },
+        _ => StoreError::Io {
+            key: key.to_string(),
+            message: e.to_string(),
+            retryable: matches!(
+                e.kind(),
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::WouldBlock
+            ),
+        },
+    }
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl LocalDir {
+    pub(super) fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    pub(super) fn put_create(&self, key: &str, data: &[u8]) -> Result<()> {
+        if self.path(key).exists() {
+            return Err(StoreError::AlreadyExists {
+                key: key.to_string(),
+            });
+        }
+        // link() fails with EEXIST if the name exists: create-only, atomically.
+        self.put_via_tmp(key, data, |tmp, dest| std::fs::hard_link(tmp, dest))
+    }
+
+    pub(super) fn put_replace(&self, key: &str, data: &[u8]) -> Result<()> {
+        // rename() replaces the name atomically: readers open the old file or the new one.
+        self.put_via_tmp(key, data, |tmp, dest| std::fs::rename(tmp, dest))
+    }
+
+    /// Writes `data` to a temporary file beside `key` and fsyncs it, lets `publish` give it the
+    /// key's name, then fsyncs the directory; the temporary name never outlives the call.
+    fn put_via_tmp(
+        &self,
+        key: &str,
+        data: &[u8],
+        publish: impl FnOnce(&Path, &Path) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let dest = self.path(key);
+        let dir = dest
+            .parent()
+            .expect("a key below the root has a parent directory")
+            .to_path_buf();
+        self.create_dirs(&dir).map_err(|e| io_err(key, e))?;
+        let tmp = dir.join(format!(".tmp.{}.{}", std::process::id(), unique()));
+        let result = (|| -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            drop(f);
+            publish(&tmp, &dest)?;
+            fsync_dir(&dir)
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        result.map_err(|e| io_err(key, e))
+    }
+
+    /// Creates missing directories (the root included) and fsyncs each new entry's parent, so a
+    /// stored object's path survives a crash.
+    fn create_dirs(&self, dir: &Path) -> std::io::Result<()> {
+        let mut missing = Vec::new();
+        let mut cur = dir;
+        while !cur.is_dir() {
+            missing.push(cur.to_path_buf());
+            match cur.parent() {
+                Some(p) => cur = p,
+                None => break,
+            }
+        }
+        for d in missing.iter().rev() {
+            match std::fs::create_dir(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+            if let Some(parent) = d.parent() {
+                fsync_dir(parent)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn get(&self, key: &str, max: u64) -> Result<Bytes> {
+        let mut f = std::fs::File::open(self.path(key)).map_err(|e| io_err(key, e))?;
+        let size = f.metadata().map_err(|e| io_err(key, e))?.len();
+        if size > max {
+            return Err(StoreError::TooLarge {
+                key: key.to_string(),
+                size,
+                max,
+            });
+        }
+        let mut buf = Vec::with_capacity(size as usize);
+        std::io::Read::read_to_end(&mut f, &mut buf).map_err(|e| io_err(key, e))?;
+        Ok(Bytes::from(buf))
+    }
+
+    pub(super) fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(self.path(key)).map_err(|e| io_err(key, e))?;
+        let len = range.end.saturating_sub(range.start) as usize;
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, range.start)
+            .map_err(|e| io_err(key, e))?;
+        Ok(Bytes::from(buf))
+    }
+
+    pub(super) fn head(&self, key: &str) -> Result<u64> {
+        std::fs::metadata(self.path(key))
+            .map(|m| m.len())
+            .map_err(|e| io_err(key, e))
+    }
+
+    pub(super) fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
+        let mut out = Vec::new();
+        let start = self.path(prefix.trim_end_matches('/'));
+        let mut stack = vec![start];
+        while let Some(dir) = stack.pop() {
+            let rd = match std::fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(prefix, e)),
+            };
+            for ent in rd {
+                let ent = ent.map_err(|e| io_err(prefix, e))?;
+                let name = ent.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if name.starts_with(".tmp.") {
+                    continue;
+                }
+                let ft = ent.file_type().map_err(|e| io_err(prefix, e))?;
+                if ft.is_dir() {
+                    stack.push(ent.path());
+                } else if ft.is_file() {
+                    let p = ent.path();
+                    let Ok(rel) = p.strip_prefix(&self.root) else {
+                        continue;
+                    };
+                    let Some(key) = rel.to_str() else { continue };
+                    let size = ent.metadata().map_err(|e| io_err(prefix, e))?.len();
+                    out.push(Listed {
+                        key: key.to_string(),
+                        size,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub(super) fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ N.fetch_add(1, Ordering::Relaxed).rotate_left(48)
+}
