@@ -228,14 +228,14 @@ impl Shared {
 pub(crate) struct Packer<'a> {
     s: &'a Shared,
     tx: &'a mpsc::Sender<SealedPack>,
-    compressor: zstd::bulk::Compressor<'static>,
+    compressor: tidemark_format::chunk::Compressor,
     pack: Option<(u32, PackBuilder)>,
 }
 
 impl<'a> Packer<'a> {
     fn new(s: &'a Shared, tx: &'a mpsc::Sender<SealedPack>) -> Result<Packer<'a>> {
-        let compressor =
-            zstd::bulk::Compressor::new(s.level).context("cannot create a zstd compressor")?;
+        let compressor = tidemark_format::chunk::Compressor::new(s.level)
+            .context("cannot create a zstd compressor")?;
         Ok(Packer {
             s,
             tx,
