@@ -25,25 +25,6 @@ fn batches(r: std::ops::RangeInclusive<i32>) -> BTreeMap<i32, i64> {
     r.map(|b| (b, BATCH_ROWS)).collect()
 }
 
-async fn backup_replication(src: &PgCluster, repo: &Repo) -> Result<serde_json::Value> {
-    let conninfo = src.conninfo();
-    let r = env::agent(&[
-        "backup",
-        "--source",
-        "replication",
-        "--repo",
-        &repo.url,
-        "--pg-url",
-        &conninfo,
-        "--archive-timeout",
-        "120",
-        "--json",
-    ])
-    .await?;
-    ensure!(r.success(), "backup --source replication failed:\n{r}");
-    r.json()
-}
-
 /// Restores to `target` args, starts the result, and compares its rows with `want`; returns the
 /// restore's JSON report and the running server.
 async fn restore_and_count(
@@ -109,7 +90,7 @@ async fn matrix(major: u32, wal_seg_mib: u32) -> Result<()> {
     let t1 = data::server_time_text(&db).await?;
     tokio::time::sleep(GAP).await;
     data::write_batch(&db, 3).await?;
-    let b2 = backup_replication(&src, &repo).await?;
+    let b2 = tidemark_e2e::replication::backup_ok(&src, &repo, &[]).await?;
     ensure!(b2["source"] == "replication", "{b2}");
     data::write_batch(&db, 4).await?;
     tokio::time::sleep(GAP).await;
@@ -223,20 +204,10 @@ async fn matrix(major: u32, wal_seg_mib: u32) -> Result<()> {
     // The drill: the end of timeline 2, on this major's own binaries (found by the backup's
     // major: no --pg-bin), with every batch back.
     let sql = dir.write("checks.sql", b"SELECT count(*) = 6000 FROM batches;\n")?;
-    let scratch = dir.join("drill").to_string_lossy().into_owned();
     let sql = sql.to_string_lossy().into_owned();
-    let r = env::restore(&[
-        "verify",
-        "--repo",
-        &repo.url,
-        "--target",
-        "latest",
-        "--scratch",
-        &scratch,
-        "--check-sql",
-        &sql,
-    ])
-    .await?;
+    let r = repo
+        .verify_latest(&dir.join("drill"), &["--check-sql", &sql])
+        .await?;
     ensure!(r.success(), "the drill of PostgreSQL {major} failed:\n{r}");
     let v = r.json()?;
     let checks: BTreeMap<&str, &str> = v["checks"]

@@ -186,18 +186,9 @@ async fn promoted_standby_archives_a_new_timeline_beside_the_old_one() -> Result
 
     // The drill judges the backup a restore would use: the same choice after the failover,
     // although the old primary's split-brain backup is the newest by time.
-    let scratch = dir.join("drill").to_string_lossy().into_owned();
-    let drill = tidemark_e2e::restore(&[
-        "verify",
-        "--repo",
-        &repo.url,
-        "--target",
-        "latest",
-        "--scratch",
-        &scratch,
-        "--no-amcheck",
-    ])
-    .await?;
+    let drill = repo
+        .verify_latest(&dir.join("drill"), &["--no-amcheck"])
+        .await?;
     let drill = drill.json()?;
     ensure!(
         drill["backup"]["id"] == restored_id,

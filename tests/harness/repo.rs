@@ -100,6 +100,23 @@ impl Repo {
         env::restore(&args).await
     }
 
+    /// `tidemark-restore verify --repo <url> --target latest --scratch <scratch> <args>` as the
+    /// database user (the server binaries found by the backup's major), not checked.
+    pub async fn verify_latest(&self, scratch: &Path, args: &[&str]) -> Result<env::Run> {
+        let scratch = scratch.to_string_lossy().into_owned();
+        let mut a = vec![
+            "verify",
+            "--repo",
+            &self.url,
+            "--target",
+            "latest",
+            "--scratch",
+            &scratch,
+        ];
+        a.extend_from_slice(args);
+        env::restore(&a).await
+    }
+
     /// `tidemark-restore wal-fetch <name> <dest> --repo <url>`, not checked.
     pub async fn wal_fetch(&self, name: &str, dest: &Path) -> Result<env::Run> {
         let dest = dest.to_string_lossy().into_owned();
