@@ -25,7 +25,7 @@ mod demux;
 pub mod server_manifest;
 pub mod tar;
 
-use super::pipeline::{ChunkLoc, FileDone, Packer, Pipeline};
+use super::pipeline::{ChunkLoc, FileDone, Packer, Pipeline, Stored};
 use super::session::{self, Copied, Server, Source};
 use crate::progress::Progress;
 use crate::replication::conn::{ConnParams, ReplConn, ResultSet};
@@ -169,25 +169,9 @@ impl Source for Replication<'_> {
         let backup_stream = BackupStream::new(self.protocol, &tablespaces)?;
         tracing::info!(start_lsn = %start_lsn, timeline = start_tli, standby = server.in_recovery, tablespaces = spc_oids.len(), protocol = ?self.protocol, "backup started");
 
-        let shared = pipeline.shared(self.opts.compress_level);
-        let (piece_tx, piece_rx) = mpsc::channel::<Piece>(16);
-        let workers = self.opts.workers.max(1);
-        let (job_tx, job_rx) = smpsc::sync_channel::<Job>(workers * 2);
-        let job_rx = Arc::new(Mutex::new(job_rx));
-        let demux_shared = shared.clone();
-        let demux =
-            tokio::task::spawn_blocking(move || demux::demux(piece_rx, job_tx, &demux_shared));
-        let work = move |p: &mut Packer<'_>| demux::block_worker(p, &job_rx);
-        let pipelined = pipeline.run(shared, workers, work);
-        let streamed = stream_backup(&mut self.conn, backup_stream, piece_tx, &spc_oids, total);
-        let (streamed, pipelined) = tokio::join!(streamed, pipelined);
-        let demuxed = demux.await.context("backup demux thread panicked")?;
-        let (parts, stored) = pipelined?;
-        let closed = streamed?;
-        let demuxed = demuxed?;
-        if closed {
-            bail!("the backup pipeline stopped early");
-        }
+        let (parts, stored, demuxed) = self
+            .pump(backup_stream, &spc_oids, total, &pipeline)
+            .await?;
 
         let end = self.conn.finish_base_backup().await?;
         let stop = one_row(&end, 0, "BASE_BACKUP end position")?;
@@ -229,6 +213,40 @@ impl Source for Replication<'_> {
             files,
             stored,
         })
+    }
+}
+
+impl Replication<'_> {
+    /// Streams the backup from the connection through the demux thread to the pipeline's
+    /// workers, all three at once; returns the workers' blocks, what they stored, and what the
+    /// demux thread gathered.
+    async fn pump(
+        &mut self,
+        backup_stream: BackupStream,
+        spc_oids: &HashMap<String, String>,
+        total: u64,
+        pipeline: &Pipeline<'_>,
+    ) -> Result<(Vec<Vec<Part>>, Stored, Demuxed)> {
+        let shared = pipeline.shared(self.opts.compress_level);
+        let (piece_tx, piece_rx) = mpsc::channel::<Piece>(16);
+        let workers = self.opts.workers.max(1);
+        let (job_tx, job_rx) = smpsc::sync_channel::<Job>(workers * 2);
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let demux_shared = shared.clone();
+        let demux =
+            tokio::task::spawn_blocking(move || demux::demux(piece_rx, job_tx, &demux_shared));
+        let work = move |p: &mut Packer<'_>| demux::block_worker(p, &job_rx);
+        let pipelined = pipeline.run(shared, workers, work);
+        let streamed = stream_backup(&mut self.conn, backup_stream, piece_tx, spc_oids, total);
+        let (streamed, pipelined) = tokio::join!(streamed, pipelined);
+        let demuxed = demux.await.context("backup demux thread panicked")?;
+        let (parts, stored) = pipelined?;
+        let closed = streamed?;
+        let demuxed = demuxed?;
+        if closed {
+            bail!("the backup pipeline stopped early");
+        }
+        Ok((parts, stored, demuxed))
     }
 }
 
