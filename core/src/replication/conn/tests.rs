@@ -11,22 +11,10 @@ fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
     v
 }
 
+/// A result set of one row without NULLs.
 fn result_set(cols: &[&str], row: &[&str]) -> Vec<u8> {
-    let mut t = (cols.len() as i16).to_be_bytes().to_vec();
-    for c in cols {
-        t.extend_from_slice(c.as_bytes());
-        t.push(0);
-        t.extend_from_slice(&[0; 18]);
-    }
-    let mut d = (row.len() as i16).to_be_bytes().to_vec();
-    for v in row {
-        d.extend_from_slice(&(v.len() as i32).to_be_bytes());
-        d.extend_from_slice(v.as_bytes());
-    }
-    let mut out = msg(b'T', &t);
-    out.extend(msg(b'D', &d));
-    out.extend(msg(b'C', b"SELECT\0"));
-    out
+    let row: Vec<Option<&str>> = row.iter().copied().map(Some).collect();
+    rows_set(cols, &[&row])
 }
 
 /// The whole BASE_BACKUP response as PostgreSQL 15 sends it, with a NoticeResponse and a
