@@ -13,7 +13,6 @@
 //! ```
 
 use crate::ids::PackId;
-use crate::lock::LeaseKind;
 use crate::wal::WalFileName;
 
 pub const CONFIG: &str = "config";
@@ -27,6 +26,38 @@ pub const CLUSTERS: &str = "clusters/";
 pub const SYSTEMS: &str = "systems/";
 const MANIFEST_SUFFIX: &str = ".manifest";
 const VERIFY_SUFFIX: &str = ".json";
+
+/// Who holds a lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LeaseKind {
+    /// A backup in progress: shared, any number at once.
+    Backup,
+    /// An expire / garbage collection: exclusive against other expires.
+    Expire,
+}
+
+impl LeaseKind {
+    pub fn code(self) -> u8 {
+        match self {
+            LeaseKind::Backup => 1,
+            LeaseKind::Expire => 2,
+        }
+    }
+    pub fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(LeaseKind::Backup),
+            2 => Some(LeaseKind::Expire),
+            _ => None,
+        }
+    }
+    /// The word used in the key (`locks/<word>-<nonce>`).
+    pub fn word(self) -> &'static str {
+        match self {
+            LeaseKind::Backup => "backup",
+            LeaseKind::Expire => "expire",
+        }
+    }
+}
 
 /// A nonce in a lease or GC state key: 32 lowercase hex digits.
 fn valid_nonce(n: &str) -> bool {

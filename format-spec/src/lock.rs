@@ -9,43 +9,13 @@
 use crate::codec::{split_sha256_trailer, Reader, Writer};
 use crate::error::FormatError;
 use crate::ids::PackId;
+/// The kind of a lease is also the `<kind>` word of its key, so it lives with the keys.
+pub use crate::keys::LeaseKind;
 
 pub const LEASE_MAGIC: [u8; 4] = *b"TMLK";
 pub const GC_MAGIC: [u8; 4] = *b"TMGC";
 /// Longest host name stored in a lease.
 pub const MAX_HOST: usize = 255;
-
-/// Who holds a lease.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LeaseKind {
-    /// A backup in progress: shared, any number at once.
-    Backup,
-    /// An expire / garbage collection: exclusive against other expires.
-    Expire,
-}
-
-impl LeaseKind {
-    pub fn code(self) -> u8 {
-        match self {
-            LeaseKind::Backup => 1,
-            LeaseKind::Expire => 2,
-        }
-    }
-    pub fn from_code(c: u8) -> Option<Self> {
-        match c {
-            1 => Some(LeaseKind::Backup),
-            2 => Some(LeaseKind::Expire),
-            _ => None,
-        }
-    }
-    /// The word used in the key (`locks/<word>-<nonce>`).
-    pub fn word(self) -> &'static str {
-        match self {
-            LeaseKind::Backup => "backup",
-            LeaseKind::Expire => "expire",
-        }
-    }
-}
 
 /// One lease object.
 #[derive(Clone, Debug, PartialEq, Eq)]
