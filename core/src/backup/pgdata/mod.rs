@@ -14,7 +14,6 @@ use super::session::{self, Copied, Server, Source};
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -235,7 +234,7 @@ fn copy_files(p: &mut Packer<'_>, q: &FileQueue) -> Result<Vec<(usize, FileDone)
         let mut chunks: Vec<ChunkLoc> = Vec::new();
         let mut size = 0u64;
         loop {
-            let n = read_full(&mut f, &mut buf)
+            let n = crate::wal::read_full(&mut f, &mut buf)
                 .with_context(|| format!("cannot read {}", abs.display()))?;
             if n == 0 {
                 break;
@@ -257,20 +256,6 @@ fn copy_files(p: &mut Packer<'_>, q: &FileQueue) -> Result<Vec<(usize, FileDone)
         ));
     }
     Ok(out)
-}
-
-/// Reads until `buf` is full or the file ends.
-fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]
