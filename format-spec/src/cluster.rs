@@ -3,7 +3,7 @@
 //! level and every later system (a major upgrade: pg_upgrade makes a new system identifier) as
 //! a nested repository under `systems/<system id>/` (FORMAT.md 8.7).
 
-use crate::codec::{split_sha256_trailer, Reader, Writer};
+use crate::codec::{open_trailed, Writer};
 use crate::error::FormatError;
 use crate::ids::SystemId;
 
@@ -33,10 +33,7 @@ impl ClusterRecord {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
-        Reader::new(WHAT, buf).header(MAGIC)?;
-        let body = split_sha256_trailer(WHAT, buf)?;
-        let mut r = Reader::new(WHAT, body);
-        r.header(MAGIC)?;
+        let mut r = open_trailed(WHAT, buf, MAGIC)?;
         let rec = ClusterRecord {
             system_id: SystemId(r.u64()?),
             pg_major: r.u32()?,

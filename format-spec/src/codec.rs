@@ -190,6 +190,23 @@ impl<'a> Reader<'a> {
 }
 
 /// Verifies and strips the 32-byte sha256 trailer of `buf`.
+/// Opens a checksummed object (config, manifest, lease, GC state, cluster record): checks the
+/// magic and major version first (so a foreign object is named as such), then the sha256
+/// trailer, and returns a reader over the body positioned after the header. The header is read
+/// again from the body: an object shorter than header + trailer overlaps them and must fail as
+/// truncated, not index past the body.
+pub fn open_trailed<'a>(
+    what: &'static str,
+    buf: &'a [u8],
+    magic: [u8; 4],
+) -> Result<Reader<'a>, FormatError> {
+    Reader::new(what, buf).header(magic)?;
+    let body = split_sha256_trailer(what, buf)?;
+    let mut r = Reader::new(what, body);
+    r.header(magic)?;
+    Ok(r)
+}
+
 pub fn split_sha256_trailer<'a>(
     what: &'static str,
     buf: &'a [u8],

@@ -2,7 +2,7 @@
 //! cluster system identifier every stored WAL segment and backup must match.
 
 use crate::chunk::MAX_CHUNK_SIZE;
-use crate::codec::{split_sha256_trailer, Reader, Writer};
+use crate::codec::{open_trailed, Writer};
 use crate::error::FormatError;
 use crate::ids::SystemId;
 
@@ -42,12 +42,7 @@ impl RepoConfig {
 
     pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
         const WHAT: &str = "repository config";
-        Reader::new(WHAT, buf).header(MAGIC)?;
-        let body = split_sha256_trailer(WHAT, buf)?;
-        // The header is read again from the body: an object shorter than header + trailer
-        // overlaps them and must fail as truncated, not index past the body.
-        let mut r = Reader::new(WHAT, body);
-        r.header(MAGIC)?;
+        let mut r = open_trailed(WHAT, buf, MAGIC)?;
         let cfg = RepoConfig {
             system_id: SystemId(r.u64()?),
             chunk_size: r.u32()?,

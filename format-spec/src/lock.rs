@@ -6,7 +6,7 @@
 //! hold; [`Lease::decode_for_key`] also refuses a kind that differs from the key's. The encoder
 //! cuts a longer host at a character boundary, so every encoded lease decodes.
 
-use crate::codec::{split_sha256_trailer, Reader, Writer};
+use crate::codec::{open_trailed, Writer};
 use crate::error::FormatError;
 use crate::ids::PackId;
 /// The kind of a lease is also the `<kind>` word of its key, so it lives with the keys.
@@ -45,10 +45,7 @@ impl Lease {
 
     pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
         const WHAT: &str = "lease";
-        Reader::new(WHAT, buf).header(LEASE_MAGIC)?;
-        let body = split_sha256_trailer(WHAT, buf)?;
-        let mut r = Reader::new(WHAT, body);
-        r.header(LEASE_MAGIC)?;
+        let mut r = open_trailed(WHAT, buf, LEASE_MAGIC)?;
         let code = r.u8()?;
         let kind = LeaseKind::from_code(code)
             .ok_or_else(|| FormatError::invalid(WHAT, format!("kind {code} is not 1 or 2")))?;
@@ -122,10 +119,7 @@ impl GcState {
 
     pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
         const WHAT: &str = "gc state";
-        Reader::new(WHAT, buf).header(GC_MAGIC)?;
-        let body = split_sha256_trailer(WHAT, buf)?;
-        let mut r = Reader::new(WHAT, body);
-        r.header(GC_MAGIC)?;
+        let mut r = open_trailed(WHAT, buf, GC_MAGIC)?;
         let condemned_us = r.i64()?;
         let count = r.u32()?;
         let mut packs = Vec::with_capacity(r.capacity_for(u64::from(count), 32));

@@ -6,7 +6,7 @@
 //! a prefix of the object without fetching the file list.
 
 use crate::chunk::MAX_CHUNK_SIZE;
-use crate::codec::{split_sha256_trailer, Reader, Writer};
+use crate::codec::{open_trailed, Reader, Writer};
 use crate::error::FormatError;
 use crate::ids::{ChunkId, ContentHash, Lsn, PackId, SystemId, TimelineId};
 
@@ -250,10 +250,7 @@ impl Manifest {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
-        Reader::new(WHAT, buf).header(MAGIC)?;
-        let body = split_sha256_trailer(WHAT, buf)?;
-        let mut r = Reader::new(WHAT, body);
-        r.header(MAGIC)?;
+        let mut r = open_trailed(WHAT, buf, MAGIC)?;
         let header = ManifestHeader::decode_from(&mut r)?;
         let npacks = r.u32()? as u64;
         let mut packs = Vec::with_capacity(r.capacity_for(npacks, 32));
