@@ -18,9 +18,6 @@ use tidemark_e2e::env;
 use tidemark_e2e::sidecar::{switch_wal, wait_archived, Sidecar, SidecarConfig};
 use tidemark_e2e::{start_restored, PgCluster, Repo, TestDir};
 
-/// Pause around each clock reading so commit times and readings never share a microsecond.
-const GAP: Duration = Duration::from_millis(150);
-
 fn batches(r: std::ops::RangeInclusive<i32>) -> BTreeMap<i32, i64> {
     r.map(|b| (b, BATCH_ROWS)).collect()
 }
@@ -86,16 +83,12 @@ async fn matrix(major: u32, wal_seg_mib: u32) -> Result<()> {
         b1["pg_version"]
     );
     data::write_batch(&db, 2).await?;
-    tokio::time::sleep(GAP).await;
-    let t1 = data::server_time_text(&db).await?;
-    tokio::time::sleep(GAP).await;
+    let t1 = data::target_time_between(&db).await?;
     data::write_batch(&db, 3).await?;
     let b2 = tidemark_e2e::replication::backup_ok(&src, &repo, &[]).await?;
     ensure!(b2["source"] == "replication", "{b2}");
     data::write_batch(&db, 4).await?;
-    tokio::time::sleep(GAP).await;
-    let t2 = data::server_time_text(&db).await?;
-    tokio::time::sleep(GAP).await;
+    let t2 = data::target_time_between(&db).await?;
     data::write_batch(&db, 5).await?;
     let last = switch_wal(&db).await?;
     wait_archived(&db, &last, Duration::from_secs(60))

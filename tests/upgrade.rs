@@ -17,8 +17,6 @@ use tidemark_e2e::env;
 use tidemark_e2e::sidecar::{switch_wal, wait_archived};
 use tidemark_e2e::{start_restored, PgCluster, Repo, TestDir};
 
-const GAP: Duration = Duration::from_millis(150);
-
 fn batches(b: &[i32]) -> BTreeMap<i32, i64> {
     b.iter().map(|&b| (b, BATCH_ROWS)).collect()
 }
@@ -71,9 +69,7 @@ async fn a_major_upgrade_archives_into_the_same_repository_and_both_systems_rest
     data::write_batch(&odb, 2).await?;
     let old_second = old.backup(&repo).await?;
     data::write_batch(&odb, 3).await?;
-    tokio::time::sleep(GAP).await;
-    let t_old = data::server_time_text(&odb).await?;
-    tokio::time::sleep(GAP).await;
+    let t_old = data::target_time_between(&odb).await?;
     data::write_batch(&odb, 90).await?;
     old.switch_wal_and_wait(&repo).await?;
     let old_id = old.system_identifier().await?;
@@ -130,9 +126,7 @@ async fn a_major_upgrade_archives_into_the_same_repository_and_both_systems_rest
     );
     let new_backup = new.backup(&repo).await?;
     data::write_batch(&ndb, 4).await?;
-    tokio::time::sleep(GAP).await;
-    let t_new = data::server_time_text(&ndb).await?;
-    tokio::time::sleep(GAP).await;
+    let t_new = data::target_time_between(&ndb).await?;
     data::write_batch(&ndb, 5).await?;
     let seg = switch_wal(&ndb).await?;
     wait_archived(&ndb, &seg, Duration::from_secs(60))

@@ -49,6 +49,16 @@ pub async fn server_time_text(db: &Client) -> Result<String> {
     Ok(r.get(0))
 }
 
+/// A recovery target between two batches: [`server_time_text`] with a pause either side, so no
+/// commit shares a microsecond with the reading.
+pub async fn target_time_between(db: &Client) -> Result<String> {
+    const GAP: std::time::Duration = std::time::Duration::from_millis(150);
+    tokio::time::sleep(GAP).await;
+    let t = server_time_text(db).await?;
+    tokio::time::sleep(GAP).await;
+    Ok(t)
+}
+
 /// The server's clock in RFC 3339 UTC with microseconds (`2026-11-21T20:40:12.123456Z`).
 pub async fn server_time_rfc3339(db: &Client) -> Result<String> {
     let r = db

@@ -81,18 +81,22 @@ pub async fn run(a: Args) -> ExitCode {
                 .map(|_| ()),
             None => wal::fetch(&store, &a.file, &a.dest).await,
         };
-        match r {
+        let e = match r {
             Ok(()) => return ExitCode::SUCCESS,
-            Err(e)
-                if matches!(
-                    e.downcast_ref::<WalError>(),
-                    Some(WalError::NotFound { .. })
-                ) && !repository_missing(&store).await =>
+            Err(e) => e,
+        };
+        // Asked once per failure: a missing repository decides both cases below.
+        let missing_repo = repository_missing(&store).await;
+        match e {
+            e if matches!(
+                e.downcast_ref::<WalError>(),
+                Some(WalError::NotFound { .. })
+            ) && !missing_repo =>
             {
                 tracing::debug!(file = %a.file, "not in the archive");
                 return ExitCode::from(cli::EXIT_FAILURE);
             }
-            Err(e) if repository_missing(&store).await => {
+            e if missing_repo => {
                 if in_standby_mode(&a.dest) {
                     tracing::warn!(file = %a.file, repo = %store.url(), "the repository does not exist (no config object): reporting the file as missing so this standby keeps streaming from its primary\nhint: check --repo / TIDEMARK_REPO; the repository is created by the primary's first wal-push or backup");
                     return ExitCode::from(cli::EXIT_FAILURE);
@@ -100,12 +104,12 @@ pub async fn run(a: Args) -> ExitCode {
                 cli::report("tidemark-restore wal-fetch", &e.context(format!("repository {} does not exist (no config object); aborting recovery rather than ending it early\nhint: check --repo / TIDEMARK_REPO", store.url())));
                 return ExitCode::from(cli::EXIT_ABORT_RECOVERY);
             }
-            Err(e) if attempt < a.attempts => {
+            e if attempt < a.attempts => {
                 tracing::warn!(file = %a.file, attempt, error = %format!("{e:#}"), "fetch failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
-            Err(e) => {
+            e => {
                 cli::report("tidemark-restore wal-fetch", &e.context(format!("giving up on wal file {} after {attempt} attempts; aborting recovery rather than ending it early", a.file)));
                 return ExitCode::from(cli::EXIT_ABORT_RECOVERY);
             }
