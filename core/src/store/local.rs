@@ -160,7 +160,13 @@ impl LocalDir {
                 if name.starts_with(".tmp.") {
                     continue;
                 }
-                let ft = ent.file_type().map_err(|e| io_err(prefix, e))?;
+                // An entry deleted between readdir and stat is simply not listed: a listing is
+                // not a snapshot (S3's is not either), and a concurrent delete is no error.
+                let ft = match ent.file_type() {
+                    Ok(ft) => ft,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_err(prefix, e)),
+                };
                 if ft.is_dir() {
                     stack.push(ent.path());
                 } else if ft.is_file() {
@@ -169,7 +175,11 @@ impl LocalDir {
                         continue;
                     };
                     let Some(key) = rel.to_str() else { continue };
-                    let size = ent.metadata().map_err(|e| io_err(prefix, e))?.len();
+                    let size = match ent.metadata() {
+                        Ok(m) => m.len(),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(io_err(prefix, e)),
+                    };
                     out.push(Listed {
                         key: key.to_string(),
                         size,
@@ -189,4 +199,39 @@ pub(super) fn unique() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     t ^ N.fetch_add(1, Ordering::Relaxed).rotate_left(48)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Objects deleted while a listing runs are left out of it, never an error: a lease renewal
+    /// deletes its previous object while `locks/` is being listed (the CI failure of 3352dac).
+    #[test]
+    fn listing_survives_concurrent_deletes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().to_path_buf();
+        std::fs::create_dir_all(root.join("locks")).expect("mkdir");
+        let store = LocalDir { root: root.clone() };
+        for round in 0..20 {
+            let names: Vec<PathBuf> = (0..300)
+                .map(|i| root.join("locks").join(format!("{round}-{i}")))
+                .collect();
+            for p in &names {
+                std::fs::write(p, b"x").expect("write");
+            }
+            let deleter = std::thread::spawn(move || {
+                for p in names {
+                    std::fs::remove_file(p).expect("remove");
+                }
+            });
+            while !deleter.is_finished() {
+                store
+                    .list("locks/")
+                    .expect("a listing racing deletes must not fail");
+            }
+            deleter.join().expect("deleter");
+            assert!(store.list("locks/").expect("list").is_empty());
+        }
+    }
 }
