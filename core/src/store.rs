@@ -16,7 +16,9 @@ use object_store::{
 use std::ops::Range;
 use std::sync::Arc;
 
+mod errors;
 mod local;
+use errors::map_os_err;
 use local::{io_err, unique, LocalDir};
 
 /// Errors callers can match on. [`StoreError::is_retryable`] tells whether a retry may help.
@@ -393,33 +395,6 @@ fn obj_path(prefix: &str, key: &str) -> ObjPath {
         ObjPath::from(key)
     } else {
         ObjPath::from(format!("{prefix}/{key}"))
-    }
-}
-
-fn map_os_err(key: &str, e: object_store::Error) -> StoreError {
-    match e {
-        object_store::Error::NotFound { .. } => StoreError::NotFound {
-            key: key.to_string(),
-        },
-        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
-            StoreError::AlreadyExists {
-                key: key.to_string(),
-            }
-        }
-        other => {
-            let retryable = !matches!(
-                other,
-                object_store::Error::NotSupported { .. }
-                    | object_store::Error::NotImplemented
-                    | object_store::Error::PermissionDenied { .. }
-                    | object_store::Error::Unauthenticated { .. }
-            );
-            StoreError::Io {
-                key: key.to_string(),
-                message: other.to_string(),
-                retryable,
-            }
-        }
     }
 }
 
