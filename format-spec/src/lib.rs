@@ -10,10 +10,12 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod ids;
+pub mod keyring;
 pub mod keys;
 pub mod lock;
 pub mod manifest;
 pub mod pack;
+pub mod seal;
 pub mod wal;
 
 pub use error::FormatError;
@@ -27,3 +29,6 @@ pub const FORMAT_MINOR: u16 = 0;
 /// Minor version 1.1 added cluster records and nested system repositories (FORMAT.md 8.7);
 /// cluster records carry it in their header.
 pub const FORMAT_MINOR_CLUSTERS: u16 = 1;
+/// Minor version 1.2 added encrypted repositories: sealed objects and keyring entries
+/// (FORMAT.md 17); both carry it in their header.
+pub const FORMAT_MINOR_ENCRYPTION: u16 = 2;
