@@ -67,15 +67,28 @@ async fn build(store: &Store) -> (String, String) {
     let m = Manifest {
         header,
         packs: vec![pid],
-        entries: vec![Entry {
-            path: "base/1/1259".into(),
-            mode: 0o600,
-            kind: EntryKind::File(FileEntry {
-                size: data.len() as u64,
-                sha256: ChunkId::of(&data),
-                chunks: refs,
-            }),
-        }],
+        // Every parent of an entry is a directory entry (FORMAT.md 8.4.3).
+        entries: vec![
+            Entry {
+                path: "base".into(),
+                mode: 0o700,
+                kind: EntryKind::Dir,
+            },
+            Entry {
+                path: "base/1".into(),
+                mode: 0o700,
+                kind: EntryKind::Dir,
+            },
+            Entry {
+                path: "base/1/1259".into(),
+                mode: 0o600,
+                kind: EntryKind::File(FileEntry {
+                    size: data.len() as u64,
+                    sha256: ChunkId::of(&data),
+                    chunks: refs,
+                }),
+            },
+        ],
     };
     store
         .put_create(&keys::manifest("20261121T000000Z"), Bytes::from(m.encode()))

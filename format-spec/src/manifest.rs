@@ -9,6 +9,7 @@ use crate::chunk::MAX_CHUNK_SIZE;
 use crate::codec::{open_trailed, Reader, Writer};
 use crate::error::FormatError;
 use crate::ids::{ChunkId, ContentHash, Lsn, PackId, SystemId, TimelineId};
+use std::collections::HashSet;
 
 pub const MAGIC: [u8; 4] = *b"TMMF";
 const WHAT: &str = "backup manifest";
@@ -259,6 +260,8 @@ impl Manifest {
         }
         let nentries = r.u64()?;
         let mut entries: Vec<Entry> = Vec::with_capacity(r.capacity_for(nentries, 9));
+        // Directory entries so far: every entry's parent must be one of them (8.4.3).
+        let mut dirs: HashSet<String> = HashSet::new();
         for _ in 0..nentries {
             let path = utf8("entry path", r.bytes("entry path", MAX_PATH)?)?;
             validate_path(&path)?;
@@ -270,6 +273,14 @@ impl Manifest {
                             "entry {path:?} is out of order or repeated after {:?}",
                             prev.path
                         ),
+                    ));
+                }
+            }
+            if let Some((parent, _)) = path.rsplit_once('/') {
+                if !dirs.contains(parent) {
+                    return Err(FormatError::invalid(
+                        WHAT,
+                        format!("entry {path:?} lies below {parent:?}, which is not a directory entry of this manifest (a symlink, a file, or missing)"),
                     ));
                 }
             }
@@ -291,6 +302,9 @@ impl Manifest {
                     ))
                 }
             };
+            if kind == EntryKind::Dir {
+                dirs.insert(path.clone());
+            }
             entries.push(Entry { path, mode, kind });
         }
         r.expect_end()?;
@@ -370,7 +384,8 @@ pub fn validate_backup_id(id: &str) -> Result<(), FormatError> {
 }
 
 /// A manifest path is relative, `/`-separated, with no empty, `.` or `..` component and no NUL:
-/// joined to a target directory it can never point outside it.
+/// joined to a target directory it can never point outside it. (That every parent is a
+/// directory entry is a property of the whole manifest, checked by [`Manifest::decode`].)
 pub fn validate_path(path: &str) -> Result<(), FormatError> {
     let bad = path.is_empty()
         || path.contains('\0')
@@ -462,5 +477,88 @@ mod tests {
         let mut m = sample();
         m.entries.swap(0, 1);
         assert!(Manifest::decode(&m.encode()).is_err());
+    }
+
+    #[test]
+    fn rejects_every_kind_of_escaping_path_inside_a_manifest() {
+        for p in [
+            "../etc/passwd",
+            "/etc/passwd",
+            "base/",
+            "base//1",
+            "base/./1",
+            "base/..",
+            ".",
+            "a\0b",
+        ] {
+            let mut m = sample();
+            m.entries[0].path = p.into();
+            m.entries.truncate(1);
+            let err = Manifest::decode(&m.encode()).expect_err(p).to_string();
+            assert!(err.contains("entry path"), "{p:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn rejects_a_repeated_path() {
+        let mut m = sample();
+        let again = m.entries[1].clone();
+        m.entries.push(again);
+        let err = Manifest::decode(&m.encode())
+            .expect_err("repeated")
+            .to_string();
+        assert!(err.contains("repeated"), "{err}");
+    }
+
+    fn with_kind_of_base(kind: EntryKind) -> Manifest {
+        let mut m = sample();
+        m.entries[0].kind = kind;
+        m
+    }
+
+    #[test]
+    fn every_parent_must_be_a_directory_entry() {
+        // The parent is missing.
+        let mut m = sample();
+        m.entries.remove(0);
+        let err = Manifest::decode(&m.encode())
+            .expect_err("no parent")
+            .to_string();
+        assert!(
+            err.contains("\"base/1\"") && err.contains("not a directory entry"),
+            "{err}"
+        );
+        // The parent is a symlink: a file below it would be written through the link.
+        let m = with_kind_of_base(EntryKind::Symlink(b"/etc".to_vec()));
+        let err = Manifest::decode(&m.encode())
+            .expect_err("symlink parent")
+            .to_string();
+        assert!(err.contains("\"base/1\""), "{err}");
+        // The parent is a file.
+        let m = with_kind_of_base(EntryKind::File(FileEntry {
+            size: 0,
+            sha256: ChunkId::of(b""),
+            chunks: Vec::new(),
+        }));
+        assert!(Manifest::decode(&m.encode()).is_err());
+        // A deeper entry needs its own parent too, not just a top-level ancestor.
+        let mut m = sample();
+        m.entries[1].path = "base/1/2".into();
+        assert!(Manifest::decode(&m.encode()).is_err());
+    }
+
+    #[test]
+    fn a_sibling_sorting_between_parent_and_child_is_fine() {
+        // "base-x" sorts between "base" and "base/1" ('-' < '/'): the parent is still found.
+        let mut m = sample();
+        m.entries.insert(
+            1,
+            Entry {
+                path: "base-x".into(),
+                mode: 0o600,
+                kind: EntryKind::Symlink(b"/elsewhere".to_vec()),
+            },
+        );
+        assert_eq!(Manifest::decode(&m.encode()), Ok(m));
     }
 }

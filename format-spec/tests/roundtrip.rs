@@ -290,10 +290,21 @@ fn manifest(rng: &mut Rng) -> Manifest {
         let p: Vec<String> = (0..depth).map(|_| path_component(rng)).collect();
         paths.insert(p.join("/"));
     }
+    // Every parent of an entry is a directory entry (8.4.3).
+    let parents: std::collections::BTreeSet<String> = paths
+        .iter()
+        .flat_map(|p| {
+            p.match_indices('/')
+                .map(|(i, _)| p[..i].to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    paths.extend(parents.iter().cloned());
     let entries = paths
         .into_iter()
         .map(|path| {
             let kind = match rng.range(0, 2) {
+                _ if parents.contains(&path) => EntryKind::Dir,
                 0 => EntryKind::Dir,
                 1 if npacks > 0 => {
                     let chunks: Vec<ChunkRef> = (0..rng.range(0, 6))

@@ -3,7 +3,7 @@
 //! mutations reach the field checks.
 //! Invariants: a manifest that decodes re-encodes to the same bytes up to the minor version, its
 //! header also decodes from the prefix, its backup ids (own and parent) are valid manifest keys,
-//! and every path is a plain relative path.
+//! and every path is a plain relative path whose parent is a directory entry.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -29,8 +29,21 @@ fn check(buf: &[u8]) {
     for w in m.entries.windows(2) {
         assert!(w[0].path.as_bytes() < w[1].path.as_bytes());
     }
+    let dirs: std::collections::HashSet<&str> = m
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Dir)
+        .map(|e| e.path.as_str())
+        .collect();
     for e in &m.entries {
         assert!(validate_path(&e.path).is_ok());
+        if let Some((parent, _)) = e.path.rsplit_once('/') {
+            assert!(
+                dirs.contains(parent),
+                "{:?} has no directory parent",
+                e.path
+            );
+        }
         assert!(!e.path.starts_with('/'));
         assert!(!e
             .path
