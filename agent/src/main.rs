@@ -32,6 +32,10 @@ enum Command {
     Info(cmd::info::Args),
     /// Remove backups a retention policy no longer keeps, and the packs and WAL only they needed
     Expire(cmd::expire::Args),
+    /// Manage the keys of an encrypted repository (add, remove, list)
+    Key(cmd::key::Args),
+    /// Create an encrypted repository ahead of its first writer
+    Repo(cmd::repo::Args),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +48,8 @@ fn main() -> ExitCode {
             Command::Backup(a) => cmd::backup::run(a).await,
             Command::Info(a) => cmd::info::run(a).await,
             Command::Expire(a) => cmd::expire::run(a).await,
+            Command::Key(a) => cmd::key::run(a).await,
+            Command::Repo(a) => cmd::repo::run(a).await,
         };
         r.map(|()| ExitCode::SUCCESS)
     })

@@ -107,7 +107,7 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
                 report.chunks_read += 1;
                 let bytes = store.get_range(&key, *offset..offset + *clen as u64).await;
                 let verdict = bytes.map_err(anyhow::Error::from).and_then(|b| {
-                    chunk::decode(id, &b, *ulen)
+                    chunk::decode_with(&store.chunk_ids(), id, &b, *ulen)
                         .map(|_| ())
                         .map_err(anyhow::Error::from)
                 });

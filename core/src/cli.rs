@@ -8,22 +8,112 @@
 //!   PostgreSQL aborts recovery instead of treating the file as missing.
 
 use crate::store::Store;
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_ABORT_RECOVERY: u8 = 128;
 
-/// `--repo URL`, also read from `TIDEMARK_REPO`.
+/// `--repo URL`, also read from `TIDEMARK_REPO`, and the key of an encrypted repository.
 #[derive(clap::Args, Clone, Debug)]
 pub struct RepoArgs {
     /// Repository URL: file:///path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix
     #[arg(long = "repo", env = "TIDEMARK_REPO", value_name = "URL")]
     pub repo: String,
+    /// File holding the encryption key of the repository (e.g. a Kubernetes Secret mounted as a
+    /// file); the key may also come from the TIDEMARK_KEY environment variable or --key-command.
+    /// With a key, a new repository is created encrypted
+    #[arg(long = "key-file", env = "TIDEMARK_KEY_FILE", value_name = "PATH")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// Command whose standard output is the repository's encryption key (a KMS or Vault CLI),
+    /// run with /bin/sh -c
+    #[arg(
+        long = "key-command",
+        env = "TIDEMARK_KEY_COMMAND",
+        value_name = "COMMAND",
+        hide_env_values = true
+    )]
+    pub key_command: Option<String>,
 }
 
+/// The environment variable that may hold a repository key (never a command-line flag: the
+/// command line is visible to every user of the machine).
+pub const KEY_ENV: &str = "TIDEMARK_KEY";
+
 impl RepoArgs {
+    /// Opens the repository's store with its key, if one is given. An encrypted repository is
+    /// unlocked on its first config read (`repo::load_config`).
     pub fn open(&self) -> Result<Store> {
-        Ok(Store::open(&self.repo)?)
+        let store = Store::open(&self.repo)?;
+        let key = crate::encryption::read_user_key(
+            self.key_file.as_deref(),
+            KEY_ENV,
+            self.key_command.as_deref(),
+            "repository key",
+        )?;
+        Ok(match key {
+            Some(k) => store.with_user_key(k),
+            None => store,
+        })
+    }
+
+    /// The restore_command fetching WAL of `system` from this repository: the root URL (and
+    /// `--system-id` for a later system's nested repository, FORMAT.md 8.7), and with
+    /// `pass_key` the options that give it the same key.
+    pub fn restore_command(&self, system: &crate::repo::System, pass_key: bool) -> Result<String> {
+        let exe = std::env::current_exe()
+            .context("cannot find the path of tidemark-restore for restore_command")?;
+        let mut words = vec![
+            exe.to_string_lossy().into_owned(),
+            "wal-fetch".into(),
+            "--repo".into(),
+            self.repo.clone(),
+        ];
+        if !system.top_level {
+            words.extend(["--system-id".into(), system.system_id.to_string()]);
+        }
+        if pass_key {
+            words.extend(self.key_options()?);
+        }
+        let words: Vec<String> = words
+            .iter()
+            .map(|w| crate::restore::shell_quote(w))
+            .collect();
+        Ok(format!("{} %f %p", words.join(" ")))
+    }
+
+    /// The environment that gives a child process (the drill server, hence its
+    /// restore_command) this store's key: `TIDEMARK_KEY` set, the other key variables removed.
+    pub fn key_env(store: &Store) -> Vec<(std::ffi::OsString, Option<std::ffi::OsString>)> {
+        use std::os::unix::ffi::OsStrExt;
+        let Some(k) = store.user_key() else {
+            return Vec::new();
+        };
+        vec![
+            (
+                KEY_ENV.into(),
+                Some(std::ffi::OsStr::from_bytes(k.bytes()).to_os_string()),
+            ),
+            ("TIDEMARK_KEY_FILE".into(), None),
+            ("TIDEMARK_KEY_COMMAND".into(), None),
+        ]
+    }
+
+    /// The options that give a restore_command (`tidemark-restore wal-fetch`) the same key:
+    /// `--key-file` with an absolute path, or `--key-command`. A key from `TIDEMARK_KEY` cannot be
+    /// passed on (it would land in postgresql.auto.conf): the server's environment must carry it.
+    pub fn key_options(&self) -> Result<Vec<String>> {
+        if let Some(f) = &self.key_file {
+            let abs = std::path::absolute(f)
+                .with_context(|| format!("cannot resolve the key file {}", f.display()))?;
+            return Ok(vec![
+                "--key-file".into(),
+                abs.to_string_lossy().into_owned(),
+            ]);
+        }
+        if let Some(c) = &self.key_command {
+            return Ok(vec!["--key-command".into(), c.clone()]);
+        }
+        Ok(Vec::new())
     }
 }
 

@@ -5,6 +5,7 @@ pub mod archive;
 pub mod backup;
 pub mod check;
 pub mod cli;
+pub mod encryption;
 pub mod expire;
 pub mod gc;
 pub mod info;

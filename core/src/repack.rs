@@ -264,13 +264,14 @@ async fn fetch_verified(
         .get_range(&keys::pack(&pack), read.start..read.end)
         .await
         .with_context(|| format!("cannot read pack {pack} to repack it"))?;
+    let ids = store.chunk_ids();
     tokio::task::spawn_blocking(move || {
         read.items
             .into_iter()
             .map(|e| {
                 let at = (e.offset - read.start) as usize;
                 let frame = bytes.slice(at..at + e.clen as usize);
-                chunk::decode(&e.id, &frame, e.ulen).map_err(|err| {
+                chunk::decode_with(&ids, &e.id, &frame, e.ulen).map_err(|err| {
                     anyhow!(
                         "chunk {} at offset {} of pack {pack} is damaged: {err}\nhint: nothing was repacked from it; run 'tidemark-restore check --read-data' to see which backups are affected",
                         e.id,

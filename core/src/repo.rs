@@ -22,10 +22,16 @@ const HEADER_PREFIX: u64 = 256 << 10;
 
 /// Loads the repository config; `None` when the repository is new.
 pub async fn load_config(store: &Store) -> Result<Option<RepoConfig>> {
-    match store.get(keys::CONFIG, MAX_CONFIG).await {
-        Ok(b) => Ok(Some(RepoConfig::decode(&b).with_context(|| {
-            format!("repository {} has an unreadable config object", store.url())
-        })?)),
+    match store
+        .get_stored(keys::CONFIG, tidemark_format::seal::sealed_len(MAX_CONFIG))
+        .await
+    {
+        Ok(b) => {
+            let b = crate::encryption::open_config(store, b).await?;
+            Ok(Some(RepoConfig::decode(&b).with_context(|| {
+                format!("repository {} has an unreadable config object", store.url())
+            })?))
+        }
         Err(e) if e.is_not_found() => Ok(None),
         Err(e) => {
             Err(e).with_context(|| format!("cannot read the config of repository {}", store.url()))
@@ -47,14 +53,18 @@ pub async fn ensure_config(store: &Store, system_id: SystemId) -> Result<RepoCon
                 compression: COMPRESSION_ZSTD,
                 created_us: now,
             };
+            let created = crate::encryption::prepare_create(store).await?;
             match store
                 .put_create(keys::CONFIG, Bytes::from(cfg.encode()))
                 .await
             {
                 Ok(()) => cfg,
-                Err(StoreError::AlreadyExists { .. }) => load_config(store)
-                    .await?
-                    .context("repository config vanished after a concurrent create")?,
+                Err(StoreError::AlreadyExists { .. }) => {
+                    crate::encryption::abandon(store, created).await;
+                    load_config(store)
+                        .await?
+                        .context("repository config vanished after a concurrent create")?
+                }
                 Err(e) => return Err(e).context("cannot create the repository config"),
             }
         }

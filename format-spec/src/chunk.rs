@@ -42,6 +42,17 @@ pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 /// Decompresses one frame to exactly `ulen` bytes (capped before allocating) and checks that the
 /// sha256 of the result equals `id`.
 pub fn decode(id: &ChunkId, frame: &[u8], ulen: u32) -> Result<Vec<u8>, FormatError> {
+    decode_with(&crate::seal::ChunkIds::Sha256, id, frame, ulen)
+}
+
+/// [`decode`] in a repository whose chunk ids are computed by `ids` (keyed in an encrypted
+/// repository, FORMAT.md 17.2).
+pub fn decode_with(
+    ids: &crate::seal::ChunkIds,
+    id: &ChunkId,
+    frame: &[u8],
+    ulen: u32,
+) -> Result<Vec<u8>, FormatError> {
     if ulen > MAX_CHUNK_SIZE {
         return Err(FormatError::TooLarge {
             what: "chunk",
@@ -50,7 +61,7 @@ pub fn decode(id: &ChunkId, frame: &[u8], ulen: u32) -> Result<Vec<u8>, FormatEr
         });
     }
     let data = decompress_exact("chunk", frame, ulen as u64)?;
-    let actual = ChunkId::of(&data);
+    let actual = ids.id(&data);
     if actual != *id {
         return Err(FormatError::ChecksumMismatch {
             what: "chunk",

@@ -10,6 +10,7 @@
 //! verify/<record id>.json
 //! clusters/<system id>                       (format 1.1)
 //! systems/<system id>/<any key above but clusters/ and systems/>   (format 1.1)
+//! keyring/<key id>                          (format 1.2, encrypted repositories)
 //! ```
 
 use crate::ids::PackId;
@@ -24,6 +25,7 @@ pub const GC: &str = "gc/";
 pub const VERIFY: &str = "verify/";
 pub const CLUSTERS: &str = "clusters/";
 pub const SYSTEMS: &str = "systems/";
+pub const KEYRING: &str = "keyring/";
 const MANIFEST_SUFFIX: &str = ".manifest";
 const VERIFY_SUFFIX: &str = ".json";
 
@@ -76,6 +78,17 @@ pub fn parse_lease(key: &str) -> Option<(LeaseKind, &str)> {
         .into_iter()
         .find(|k| k.word() == word)?;
     valid_nonce(nonce).then_some((kind, nonce))
+}
+
+/// `keyring/<key id>`; the id must be 32 lowercase hex digits.
+pub fn keyring_entry(key_id: &str) -> Option<String> {
+    valid_nonce(key_id).then(|| format!("{KEYRING}{key_id}"))
+}
+
+/// The key id of a keyring entry's key, or `None` for any other key.
+pub fn parse_keyring_entry(key: &str) -> Option<&str> {
+    let id = key.strip_prefix(KEYRING)?;
+    valid_nonce(id).then_some(id)
 }
 
 /// `gc/<nonce>`; `nonce` must be 32 lowercase hex digits.

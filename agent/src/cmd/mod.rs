@@ -1,5 +1,7 @@
 pub mod backup;
 pub mod expire;
 pub mod info;
+pub mod key;
+pub mod repo;
 pub mod sidecar;
 pub mod wal_push;

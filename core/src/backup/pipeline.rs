@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use tidemark_format::config::RepoConfig;
 use tidemark_format::manifest::{BackupStats, ChunkRef, Entry, EntryKind, FileEntry, Manifest};
 use tidemark_format::pack::PackBuilder;
+use tidemark_format::seal::ChunkIds;
 use tidemark_format::{keys, ChunkId, PackId};
 use tokio::sync::mpsc;
 
@@ -93,6 +94,8 @@ pub(crate) struct Counters {
 pub(crate) struct Shared {
     parent: Option<(Arc<Manifest>, HashMap<String, usize>)>,
     recent: Mutex<HashMap<ChunkId, Loc>>,
+    /// How chunks are named in this repository (keyed when it is encrypted).
+    ids: ChunkIds,
     level: i32,
     chunk_size: usize,
     pack_target: usize,
@@ -125,6 +128,7 @@ impl Pipeline<'_> {
         Arc::new(Shared {
             parent,
             recent: Mutex::new(HashMap::new()),
+            ids: self.store.chunk_ids(),
             level,
             chunk_size: self.cfg.chunk_size as usize,
             pack_target: self.cfg.pack_target as usize,
@@ -274,7 +278,7 @@ impl<'a> Packer<'a> {
     /// it reaches its target size.
     fn store_chunk(&mut self, data: &[u8], parent: Option<(ChunkRef, PackId)>) -> Result<ChunkLoc> {
         let s = self.s;
-        let id = ChunkId::of(data);
+        let id = s.ids.id(data);
         let ulen = data.len() as u32;
         let from_parent = parent.and_then(|(c, pid)| {
             (c.id == id).then_some(Loc {

@@ -127,11 +127,17 @@ impl LocalDir {
         Ok(Bytes::from(buf))
     }
 
-    pub(super) fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+    /// Reads `range`; unless `exact`, a range running past the end of the file yields the bytes
+    /// up to its end.
+    pub(super) fn get_range(&self, key: &str, range: Range<u64>, exact: bool) -> Result<Bytes> {
         use std::os::unix::fs::FileExt;
         let f = std::fs::File::open(self.path(key)).map_err(|e| io_err(key, e))?;
-        let len = range.end.saturating_sub(range.start) as usize;
-        let mut buf = vec![0u8; len];
+        let mut len = range.end.saturating_sub(range.start);
+        if !exact {
+            let size = f.metadata().map_err(|e| io_err(key, e))?.len();
+            len = len.min(size.saturating_sub(range.start));
+        }
+        let mut buf = vec![0u8; len as usize];
         f.read_exact_at(&mut buf, range.start)
             .map_err(|e| io_err(key, e))?;
         Ok(Bytes::from(buf))

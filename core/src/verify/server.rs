@@ -58,6 +58,10 @@ pub struct PgTools {
     pub run_as: Option<OsUser>,
     /// The operator named `bin` (--pg-bin): never replaced by another major's directory.
     pub explicit: bool,
+    /// Environment given to every command: `Some` sets a variable, `None` removes it (the
+    /// repository key reaches the drill server's restore_command this way, not through its
+    /// configuration files).
+    pub env: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)>,
 }
 
 /// Bin directories searched for a major when --pg-bin is not given: Debian/Ubuntu and the
@@ -109,6 +113,7 @@ impl PgTools {
             bin,
             run_as,
             explicit,
+            env: Vec::new(),
         })
     }
 
@@ -181,6 +186,12 @@ impl PgTools {
             }
             None => tokio::process::Command::new(program),
         };
+        for (k, v) in &self.env {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
         c.stdin(Stdio::null()).kill_on_drop(true);
         c
     }

@@ -1,9 +1,9 @@
 //! `restore --pgdata DIR --target-time TIME | --target latest`.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::path::PathBuf;
 use tidemark_core::cli::{RepoArgs, SystemArgs};
-use tidemark_core::restore::{self, shell_quote, RestoreOptions};
+use tidemark_core::restore::{self, RestoreOptions};
 use tidemark_core::target::{self, Target};
 
 #[derive(clap::Args)]
@@ -37,16 +37,14 @@ pub async fn run(a: Args) -> Result<()> {
     };
     let root = a.repo.open()?;
     let system = a.system.select(&root).await?;
-    // A later system's nested repository is a repository of its own: restore_command reads it
-    // by its own URL.
+    let restore_command = a.repo.restore_command(&system, true)?;
+    if root
+        .user_key()
+        .is_some_and(|k| k.source == tidemark_core::cli::KEY_ENV)
+    {
+        tracing::warn!("the repository key came from {}: restore_command cannot carry it, so the PostgreSQL server that replays WAL must have {} in its environment (or restore with --key-file / --key-command instead)", tidemark_core::cli::KEY_ENV, tidemark_core::cli::KEY_ENV);
+    }
     let store = system.store;
-    let exe = std::env::current_exe()
-        .context("cannot find the path of tidemark-restore for restore_command")?;
-    let restore_command = format!(
-        "{} wal-fetch --repo {} %f %p",
-        shell_quote(&exe.to_string_lossy()),
-        shell_quote(store.url())
-    );
     let opts = RestoreOptions {
         pgdata: a.pgdata.clone(),
         target: target.clone(),

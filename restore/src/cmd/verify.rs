@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tidemark_core::cli::{RepoArgs, SystemArgs, EXIT_FAILURE};
-use tidemark_core::restore::shell_quote;
 use tidemark_core::target;
 use tidemark_core::verify::{self, server, DrillTarget, VerifyOptions};
 
@@ -110,14 +109,13 @@ pub async fn run(a: Args) -> Result<ExitCode> {
     };
     verify::check_scratch(&scratch)?;
     // A later system's nested repository is a repository of its own (FORMAT.md 8.7).
-    let store = a.system.select(&a.repo.open()?).await?.store;
-    let exe = std::env::current_exe()
-        .context("cannot find the path of tidemark-restore for restore_command")?;
-    let restore_command = format!(
-        "{} wal-fetch --repo {} %f %p",
-        shell_quote(&exe.to_string_lossy()),
-        shell_quote(store.url())
-    );
+    let root = a.repo.open()?;
+    let system = a.system.select(&root).await?;
+    // The drill server gets the key in its environment (TIDEMARK_KEY), never in its files.
+    let restore_command = a.repo.restore_command(&system, false)?;
+    let mut tools = tools;
+    tools.env = RepoArgs::key_env(&root);
+    let store = system.store;
     let opts = VerifyOptions {
         scratch,
         target,

@@ -18,6 +18,11 @@ use tidemark_core::wal::{self, WalError};
 pub struct Args {
     #[command(flatten)]
     repo: RepoArgs,
+    /// The database system whose WAL to fetch, when it is a later system of the repository
+    /// (a major upgrade; restore and verify write it into restore_command); default: the
+    /// repository's top-level system
+    #[arg(long = "system-id", value_name = "ID")]
+    system_id: Option<u64>,
     /// Attempts before giving up on a storage error
     #[arg(long, env = "TIDEMARK_FETCH_ATTEMPTS", default_value_t = 5)]
     attempts: u32,
@@ -54,8 +59,25 @@ fn in_standby_mode(dest: &std::path::Path) -> bool {
     data.join("standby.signal").is_file()
 }
 
+/// The store of the system asked for; an encrypted repository is unlocked here, once.
+async fn open(a: &Args) -> anyhow::Result<tidemark_core::store::Store> {
+    let root = a.repo.open()?;
+    if let Some(id) = a.system_id {
+        return Ok(
+            tidemark_core::repo::select_system(&root, Some(tidemark_format::SystemId(id)))
+                .await?
+                .store,
+        );
+    }
+    if root.user_key().is_some() {
+        // Unlock now (a missing repository stays locked and is reported as missing below).
+        tidemark_core::repo::load_config(&root).await?;
+    }
+    Ok(root)
+}
+
 pub async fn run(a: Args) -> ExitCode {
-    let store = match a.repo.open() {
+    let store = match open(&a).await {
         Ok(s) => s,
         Err(e) => {
             cli::report("tidemark-restore wal-fetch", &e);
