@@ -31,6 +31,9 @@ const CHUNK_A: &str = "50170d2f41778223bffc960e70ae774f3cc30d9236bd3c6d3a92c55b7
 const CHUNK_B: &str = "9f1dcbc35c350d6027f98be0f5c8b43b42ca52b7604459c0c42be3aa88913d47";
 const CHUNK_C: &str = "6ae2ff20da3650086fd154899775a27c61083b8634c6c5b4d89c13cba35b2bd1";
 const CHUNK_D: &str = "238903180cc104ec2c5d8b3f20c5bc61b389ec0a967df8cc208cdc7cd454174f";
+/// HMAC-SHA256 of chunk A under the chunk id key of the encrypted vectors (computed with Python's
+/// hmac module from the definitions in FORMAT.md 17.2).
+const KEYED_CHUNK_A: &str = "0509572c1463a9a3a71372fc3262c564c7a7654be1a3813c4dac320a8a4585d5";
 const PACK_ID: &str = "ece3d5ee5a527be2eb9dc19ec95f2179541181985d8aeee98f53b5d700c62e3f";
 
 /// (chunk id, offset, clen, ulen) of the four chunks of `pack.bin`.
@@ -70,6 +73,40 @@ fn config_vector() {
     assert_eq!(cfg.compression, 1);
     assert_eq!(cfg.created_us, 1_793_523_600_000_000);
     assert_eq!(cfg.encode(), bytes);
+}
+
+#[test]
+fn keyring_and_sealed_config_vectors() {
+    use tidemark_format::keyring::KeyringEntry;
+    use tidemark_format::seal;
+    let entry = vector("keyring.bin");
+    assert_eq!(entry.len(), tidemark_format::keyring::SIZE);
+    assert_eq!(&entry[..8], b"TMKR\x01\x00\x02\x00");
+    let e = KeyringEntry::decode(&entry).expect("keyring.bin decodes");
+    assert_eq!(e.key_id, [0x11; 16]);
+    assert_eq!(e.salt, [0x22; 16]);
+    assert_eq!(e.iterations, 10_000);
+    assert_eq!(e.created_us, 1_793_523_600_000_000);
+    assert_eq!(e.encode(), entry);
+    let master = e.unwrap_master(golden::USER_KEY).expect("the vector user key opens it");
+    assert_eq!(master, golden::master_key());
+    assert_eq!(e.unwrap_master(b"another key of enough length"), None);
+
+    let sealed = vector("sealed-config.bin");
+    // 8 header + 24 salt + 65 config + 16 tag.
+    assert_eq!(sealed.len(), 113);
+    assert_eq!(&sealed[..8], b"TMEN\x01\x00\x02\x00");
+    assert_eq!(&sealed[8..32], &[0x33; 24]);
+    let keys = seal::DataKeys::derive(&master);
+    let plain = seal::open(&keys, "config", &sealed).expect("sealed-config.bin opens");
+    assert_eq!(plain, vector("config.bin"));
+    assert!(seal::open(&keys, "systems/1/config", &sealed).is_err(), "bound to its key");
+    assert_eq!(golden::sealed_config(), sealed);
+    // Keyed chunk id of chunk A in this repository (HMAC-SHA256 with the chunk id key).
+    assert_eq!(
+        keys.chunk_ids().id(&golden::chunk_a()).to_string(),
+        KEYED_CHUNK_A
+    );
 }
 
 #[test]

@@ -263,6 +263,35 @@ pub fn cluster() -> tidemark_format::cluster::ClusterRecord {
     }
 }
 
+/// The user key of the encrypted vectors (format 1.2).
+pub const USER_KEY: &[u8] = b"tidemark vector user key 0123456789";
+/// The master key of the encrypted vectors: bytes 0, 1, ..., 31.
+pub fn master_key() -> [u8; 32] {
+    std::array::from_fn(|i| i as u8)
+}
+
+/// The keyring entry (`keyring.bin`, format 1.2) wrapping [`master_key`] under [`USER_KEY`]:
+/// key id 0x11 × 16, salt 0x22 × 16, 10000 iterations.
+pub fn keyring_entry() -> tidemark_format::keyring::KeyringEntry {
+    tidemark_format::keyring::KeyringEntry::wrap(
+        &master_key(),
+        USER_KEY,
+        [0x11; 16],
+        [0x22; 16],
+        10_000,
+        CREATED_US,
+    )
+}
+
+/// `config.bin` sealed as the object `config` of an encrypted repository (`sealed-config.bin`,
+/// format 1.2), with the salt of its one segment 0x33 × 24.
+pub fn sealed_config() -> Vec<u8> {
+    let keys = tidemark_format::seal::DataKeys::derive(&master_key());
+    tidemark_format::seal::seal_with(&keys, "config", &config().encode(), |s| {
+        *s = [0x33; tidemark_format::seal::SALT_LEN]
+    })
+}
+
 /// Every vector file name and its bytes, in the order the README lists them.
 pub fn all() -> Vec<(&'static str, Vec<u8>)> {
     let seg = wal_segment_data();
@@ -284,5 +313,7 @@ pub fn all() -> Vec<(&'static str, Vec<u8>)> {
         ("lease.bin", lease().encode()),
         ("gc-state.bin", gc_state().encode()),
         ("cluster.bin", cluster().encode()),
+        ("keyring.bin", keyring_entry().encode()),
+        ("sealed-config.bin", sealed_config()),
     ]
 }
