@@ -12,7 +12,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 vectors="$here/../format-spec/vectors"
 seconds="${FUZZ_SECONDS:-15}"
-all_targets=(config cluster pack pack_index chunk manifest wal_object wal_name wal_page_header keys lease gc_state
+all_targets=(config cluster sealed pack pack_index chunk manifest wal_object wal_name wal_page_header keys lease gc_state
     replication_stream)
 if [ "$#" -gt 0 ]; then targets=("$@"); else targets=("${all_targets[@]}"); fi
 
@@ -39,6 +39,10 @@ seed() {
     case "$t" in
     config) cp "$vectors/config.bin" "$dir/seed-config" ;;
     cluster) cp "$vectors/cluster.bin" "$dir/seed-cluster" ;;
+    sealed)
+        cp "$vectors/sealed-config.bin" "$dir/seed-sealed"
+        cp "$vectors/keyring.bin" "$dir/seed-keyring"
+        ;;
     pack) cp "$vectors/pack.bin" "$dir/seed-pack" ;;
     pack_index)
         # Input: blobs_end (u64 LE), then the index. In pack.bin the index ends 8 bytes before

@@ -32,6 +32,8 @@ pub const MAX_USER_KEY: usize = 4096;
 /// One keyring entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyringEntry {
+    /// The minor version in the entry's header (part of the sealed associated data).
+    pub minor: u16,
     /// Random id, also the entry's key (`keyring/<32 hex digits>`).
     pub key_id: [u8; 16],
     /// When the entry was added, microseconds since the Unix epoch (UTC).
@@ -66,6 +68,7 @@ impl KeyringEntry {
         created_us: i64,
     ) -> KeyringEntry {
         let mut e = KeyringEntry {
+            minor: crate::FORMAT_MINOR_ENCRYPTION,
             key_id,
             created_us,
             iterations,
@@ -103,7 +106,7 @@ impl KeyringEntry {
     /// Every byte before `wrapped`: the associated data of the seal.
     fn prefix(&self) -> Vec<u8> {
         let mut w = Writer::new();
-        w.header_minor(MAGIC, crate::FORMAT_MINOR_ENCRYPTION);
+        w.header_minor(MAGIC, self.minor);
         w.raw(&self.key_id);
         w.i64(self.created_us);
         w.u8(KDF_PBKDF2_SHA256);
@@ -126,7 +129,7 @@ impl KeyringEntry {
             ));
         }
         let mut r = Reader::new(WHAT, buf);
-        r.header(MAGIC)?;
+        let minor = r.header(MAGIC)?;
         let key_id = r.array()?;
         let created_us = r.i64()?;
         let kdf = r.u8()?;
@@ -147,6 +150,7 @@ impl KeyringEntry {
         let wrapped = r.array()?;
         r.expect_end()?;
         Ok(KeyringEntry {
+            minor,
             key_id,
             created_us,
             iterations,
