@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tidemark_core::backup::{self, pgdata::BackupOptions, replication::ReplicationOptions};
 use tidemark_core::cli::RepoArgs;
+use tidemark_core::pg::ConnString;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Source {
@@ -31,9 +32,10 @@ pub struct Args {
     /// The server's data directory (--source pgdata)
     #[arg(long, env = "PGDATA")]
     pgdata: Option<PathBuf>,
-    /// Connection string; default: the PG* environment variables
-    #[arg(long, env = "TIDEMARK_PG_URL")]
-    pg_url: Option<String>,
+    /// Connection string; default: the PG* environment variables. Never printed (it may hold a
+    /// password)
+    #[arg(long, env = "TIDEMARK_PG_URL", hide_env_values = true)]
+    pg_url: Option<ConnString>,
     /// zstd compression level for chunks (1 is fastest; higher stores fewer bytes)
     #[arg(long, env = "TIDEMARK_COMPRESS_LEVEL", default_value_t = 1, value_parser = clap::value_parser!(i32).range(-7..=19))]
     compress_level: i32,

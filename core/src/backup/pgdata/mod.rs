@@ -25,7 +25,7 @@ use walk::{Kind, WalkEntry};
 #[derive(Clone, Debug)]
 pub struct BackupOptions {
     pub pgdata: PathBuf,
-    pub pg_url: Option<String>,
+    pub pg_url: Option<crate::pg::ConnString>,
     pub compress_level: i32,
     pub workers: usize,
     pub archive_timeout: Duration,
@@ -38,7 +38,8 @@ pub struct BackupOptions {
 /// Takes a base backup of the data directory under a backup lease (FORMAT.md section 16);
 /// returns the header of the manifest written.
 pub async fn run(store: &Store, opts: &BackupOptions) -> Result<ManifestHeader> {
-    let client = crate::pg::connect(opts.pg_url.as_deref()).await?;
+    let client =
+        crate::pg::connect(opts.pg_url.as_ref().map(crate::pg::ConnString::expose)).await?;
     let source = Pgdata {
         opts,
         client,

@@ -45,7 +45,7 @@ use tokio::sync::mpsc;
 
 #[derive(Clone, Debug)]
 pub struct ReplicationOptions {
-    pub pg_url: Option<String>,
+    pub pg_url: Option<crate::pg::ConnString>,
     pub compress_level: i32,
     pub workers: usize,
     pub archive_timeout: Duration,
@@ -60,7 +60,8 @@ pub struct ReplicationOptions {
 /// Takes a base backup over the replication protocol under a backup lease (FORMAT.md section
 /// 16, as for `--pgdata`); returns the header of the manifest.
 pub async fn run(store: &Store, opts: &ReplicationOptions) -> Result<ManifestHeader> {
-    let params = ConnParams::from_url_or_env(opts.pg_url.as_deref())?;
+    let params =
+        ConnParams::from_url_or_env(opts.pg_url.as_ref().map(crate::pg::ConnString::expose))?;
     let conn = ReplConn::connect(&params).await?;
     let source = Replication {
         opts,
