@@ -4,9 +4,17 @@
 //! - The backup is the newest whose stop time is at or before the target among the backups on the
 //!   history of the timeline recovery will follow (`archive::choose`, shared with verify); none → an error, never a
 //!   fallback to another backup.
-//! - Nothing is written outside the target directory: manifest paths are validated by the
-//!   decoder, files are created with O_CREAT|O_EXCL (which never follows a symlink), and
-//!   symlinks recorded in the manifest are created after every file.
+//! - Nothing is written outside the target directory and its tablespaces' directories, and
+//!   nothing is written through a symlink: the decoder refuses a manifest with a path that is
+//!   not plain and relative or that continues below anything but a directory entry (FORMAT.md
+//!   8.4.5); `layout::check` and `tablespace::prepare` refuse what a restore will not write
+//!   (symlinks at `pg_tblspc/*` or `postgresql.auto.conf`, files the restore writes itself,
+//!   tablespace locations inside the target or in use) before anything is written; every path
+//!   is created below an open directory descriptor with O_NOFOLLOW and files with O_EXCL
+//!   ([`SafeDir`]). The only symlinks created are the tablespaces' `pg_tblspc/<oid>`, after
+//!   every file; other symlink entries are left out with a warning.
+//! - The recovery settings go into a new `postgresql.auto.conf` (`recovery_conf`); with
+//!   `--archive-mode off` (the default) they include `archive_mode = off`.
 //! - Every chunk is verified against its id before it is written; the manifest's own checksum
 //!   covers each file's chunk list, so every byte written is the byte that was backed up.
 //! - A file's chunks are fetched in pack order, not file order: refs are sorted by (pack, offset)
@@ -15,24 +23,29 @@
 //!   parent's packs with new ones page by page; reading in file order made one request per page.
 //! - `global/pg_control` is written last, so an interrupted restore is visibly unstartable.
 
+mod layout;
+mod recovery_conf;
+mod safe_dir;
+
+pub use recovery_conf::ArchiveMode;
+pub(crate) use safe_dir::SafeDir;
+
 use crate::ranges;
 use crate::repo;
 use crate::store::Store;
-use crate::target::{postgres_text, Target};
+use crate::target::Target;
 use anyhow::{anyhow, bail, Context, Result};
 use futures::{StreamExt, TryStreamExt};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tidemark_format::manifest::{ChunkRef, EntryKind, FileEntry, Manifest, ManifestHeader};
-use tidemark_format::{chunk, keys};
+use tidemark_format::{chunk, keys, FormatError};
 
 /// Range reads of one file in flight.
 const READS_IN_FLIGHT: usize = 4;
 /// Files restored concurrently.
 const FILES_IN_FLIGHT: usize = 3;
-const PG_CONTROL: &str = "global/pg_control";
 
 #[derive(Clone, Debug)]
 pub struct RestoreOptions {
@@ -42,6 +55,8 @@ pub struct RestoreOptions {
     pub restore_command: String,
     /// Tablespace locations to use instead of the original ones (oid, directory).
     pub tablespace_map: Vec<(String, PathBuf)>,
+    /// Whether the recovery settings turn WAL archiving off.
+    pub archive_mode: ArchiveMode,
 }
 
 #[derive(Clone, Debug)]
@@ -49,6 +64,34 @@ pub struct RestoreReport {
     pub backup: ManifestHeader,
     pub files: u64,
     pub bytes: u64,
+    /// Symlink entries of the backup left out: (path, target as recorded).
+    pub skipped_links: Vec<(String, String)>,
+}
+
+/// Where a restore writes: the target directory and the tablespaces' directories, open.
+struct Dest {
+    root: SafeDir,
+    tablespaces: crate::tablespace::Plan,
+}
+
+impl Dest {
+    /// The directory a manifest path is created in and its path there (`None`: a tablespace's
+    /// `pg_tblspc/<oid>`, linked at the end).
+    fn place<'a>(&'a self, path: &'a str) -> Option<(&'a SafeDir, &'a str)> {
+        self.tablespaces.place(&self.root, path)
+    }
+}
+
+/// Reads a manifest fully; a manifest that does not decode gets a hint (it was checksummed, so
+/// a writer made it so or someone crafted it).
+async fn load(store: &Store, id: &str) -> Result<Manifest> {
+    repo::load_manifest(store, id).await.map_err(|e| {
+        if e.chain().any(|c| c.downcast_ref::<FormatError>().is_some()) {
+            anyhow!("{e:#}\nhint: nothing was restored; the repository is damaged or was tampered with: restore another backup (an earlier --target-time) and run 'tidemark-restore check'")
+        } else {
+            e
+        }
+    })
 }
 
 /// Restores the backup `archive::select` chooses for the target and writes the recovery
@@ -77,23 +120,34 @@ pub async fn run_backup(
         );
     }
     tracing::info!(backup = %chosen.backup_id, pg_major = major, stop_time = %repo::fmt_time(chosen.stop_time_us), "restoring backup");
-    let m = Arc::new(repo::load_manifest(store, &chosen.backup_id).await?);
-    let root = opts.pgdata.clone();
-    let tablespaces = crate::tablespace::prepare(&root, &m, &opts.tablespace_map)?;
+    let m = Arc::new(load(store, &chosen.backup_id).await?);
+    // Everything a restore refuses is refused here, before anything is written.
+    let layout = layout::check(&m)?;
+    let root = SafeDir::open(&opts.pgdata)?;
+    let tablespaces = crate::tablespace::prepare(&opts.pgdata, &m, &opts.tablespace_map)?;
+    let dest = Dest { root, tablespaces };
+    for (path, target) in &layout.skipped_links {
+        tracing::warn!(
+            backup = %m.header.backup_id,
+            path = %path,
+            link_target = %target,
+            "backup {} holds {path} as a symlink to {target}: left out, since a restore creates no symlink a backup names (the restored server would read or write through it outside its data directory); if this server needs it, create it by hand before starting PostgreSQL",
+            m.header.backup_id
+        );
+    }
 
     for e in &m.entries {
-        if matches!(e.kind, EntryKind::Dir) && !tablespaces.handles(&e.path) {
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(root.join(&e.path))
-                .with_context(|| format!("cannot create directory {}", e.path))?;
+        if matches!(e.kind, EntryKind::Dir) {
+            if let Some((dir, rel)) = dest.place(&e.path) {
+                dir.mkdir(rel, 0o700)?;
+            }
         }
     }
     let files: Vec<usize> = m
         .entries
         .iter()
         .enumerate()
-        .filter(|(_, e)| matches!(e.kind, EntryKind::File(_)) && e.path != PG_CONTROL)
+        .filter(|(i, e)| matches!(e.kind, EntryKind::File(_)) && *i != layout.pg_control)
         .map(|(i, _)| i)
         .collect();
     let mut bytes = 0u64;
@@ -101,7 +155,7 @@ pub async fn run_backup(
     let results: Vec<u64> = futures::stream::iter(
         files
             .into_iter()
-            .map(|i| restore_entry(store, &m, &root, i)),
+            .map(|i| restore_entry(store, &m, &dest, i)),
     )
     .buffer_unordered(FILES_IN_FLIGHT)
     .try_collect()
@@ -110,33 +164,20 @@ pub async fn run_backup(
         bytes += b;
         count += 1;
     }
-    for e in &m.entries {
-        if let EntryKind::Symlink(t) = &e.kind {
-            let target = std::ffi::OsString::from(String::from_utf8_lossy(t).into_owned());
-            std::os::unix::fs::symlink(&target, root.join(&e.path))
-                .with_context(|| format!("cannot create symlink {}", e.path))?;
-        }
-    }
-    write_small(&root, "backup_label", &m.header.backup_label)?;
-    if let Some(map) = tablespaces.tablespace_map(m.header.tablespace_map.as_deref())? {
-        write_small(&root, "tablespace_map", &map)?;
-    }
-    write_small(&root, "recovery.signal", b"")?;
-    append_recovery_settings(&root, &m.header, opts)?;
-    if let Some(i) = m.entries.iter().position(|e| e.path == PG_CONTROL) {
-        bytes += restore_entry(store, &m, &root, i).await?;
-        count += 1;
-    } else {
-        bail!(
-            "backup {} has no {PG_CONTROL}; it cannot be started",
-            m.header.backup_id
-        );
-    }
-    sync_dirs(&root, &m)?;
+    // Symlinks only now that every file is written, and only the tablespaces'.
+    dest.tablespaces.link(&dest.root)?;
+    let map = dest
+        .tablespaces
+        .tablespace_map(m.header.tablespace_map.as_deref())?;
+    recovery_conf::write(&dest.root, &m.header, opts, &layout, map)?;
+    bytes += restore_entry(store, &m, &dest, layout.pg_control).await?;
+    count += 1;
+    sync_dirs(&dest, &m)?;
     Ok(RestoreReport {
         backup: chosen.clone(),
         files: count,
         bytes,
+        skipped_links: layout.skipped_links,
     })
 }
 
@@ -180,19 +221,15 @@ fn plan_reads(f: &FileEntry) -> Vec<Read> {
     ranges::coalesce(placed, |(c, _)| (c.pack, c.offset, c.clen))
 }
 
-async fn restore_entry(store: &Store, m: &Arc<Manifest>, root: &Path, i: usize) -> Result<u64> {
+async fn restore_entry(store: &Store, m: &Arc<Manifest>, dest: &Dest, i: usize) -> Result<u64> {
     let e = &m.entries[i];
     let EntryKind::File(f) = &e.kind else {
         return Ok(0);
     };
-    let path = root.join(&e.path);
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot create {}", e.path))?;
-    let file = Arc::new(file);
+    let (dir, rel) = dest
+        .place(&e.path)
+        .with_context(|| format!("file {} has no place in the restore", e.path))?;
+    let file = Arc::new(dir.create_file(rel)?);
     futures::stream::iter(
         plan_reads(f)
             .into_iter()
@@ -231,11 +268,12 @@ async fn read_and_write(
     }
     let path = path.to_string();
     let file = Arc::clone(file);
+    let ids = store.chunk_ids();
     tokio::task::spawn_blocking(move || -> Result<()> {
         for (c, file_off) in &read.items {
             let at = (c.offset - read.start) as usize;
             let frame = &bytes[at..at + c.clen as usize];
-            let data = chunk::decode(&c.id, frame, c.ulen).map_err(|e| anyhow!("file {path}: chunk {} in pack {pack} is damaged: {e}\nhint: the repository is damaged; run 'tidemark-restore check --read-data' and restore from another backup", c.id))?;
+            let data = chunk::decode_with(&ids, &c.id, frame, c.ulen).map_err(|e| anyhow!("file {path}: chunk {} in pack {pack} is damaged: {e}\nhint: the repository is damaged; run 'tidemark-restore check --read-data' and restore from another backup", c.id))?;
             file.write_all_at(&data, *file_off)
                 .with_context(|| format!("cannot write {path}"))?;
         }
@@ -244,61 +282,20 @@ async fn read_and_write(
     .await?
 }
 
-fn write_small(root: &Path, name: &str, data: &[u8]) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(root.join(name))
-        .with_context(|| format!("cannot create {name}"))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    Ok(())
-}
-
-/// Quotes a string for postgresql.conf: single quotes, embedded quotes doubled.
-fn conf_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
-fn append_recovery_settings(root: &Path, h: &ManifestHeader, opts: &RestoreOptions) -> Result<()> {
-    let mut text = format!(
-        "\n# recovery settings written by tidemark-restore (backup {})\n",
-        h.backup_id
-    );
-    text += &format!("restore_command = {}\n", conf_quote(&opts.restore_command));
-    // A backup of a server that was itself restored carries that restore's settings in its
-    // postgresql.auto.conf: clear every other target so none of them silently applies.
-    text += "recovery_target = ''\nrecovery_target_lsn = ''\nrecovery_target_name = ''\nrecovery_target_xid = ''\n";
-    match &opts.target {
-        Target::Time(t) => {
-            text += &format!("recovery_target_time = {}\n", conf_quote(&postgres_text(t)));
-        }
-        Target::Latest => text += "recovery_target_time = ''\n",
-    }
-    text += "recovery_target_action = 'promote'\nrecovery_target_timeline = 'latest'\n";
-    let path = root.join("postgresql.auto.conf");
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(&path)
-        .context("cannot open postgresql.auto.conf")?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    Ok(())
-}
-
-fn sync_dirs(root: &Path, m: &Manifest) -> Result<()> {
+fn sync_dirs(dest: &Dest, m: &Manifest) -> Result<()> {
     for e in m
         .entries
         .iter()
         .filter(|e| matches!(e.kind, EntryKind::Dir))
     {
-        std::fs::File::open(root.join(&e.path))?.sync_all()?;
+        if let Some((dir, rel)) = dest.place(&e.path) {
+            dir.open_dir(rel)?.sync()?;
+        }
     }
-    std::fs::File::open(root)?.sync_all()?;
-    Ok(())
+    for d in dest.tablespaces.dirs() {
+        d.sync()?;
+    }
+    dest.root.sync()
 }
 
 /// Shell-quotes one word for restore_command (run by /bin/sh).
@@ -363,6 +360,5 @@ mod tests {
     fn quoting() {
         assert_eq!(shell_quote("/usr/bin/x"), "/usr/bin/x");
         assert_eq!(shell_quote("a b'c"), "'a b'\\''c'");
-        assert_eq!(conf_quote("it's"), "'it''s'");
     }
 }

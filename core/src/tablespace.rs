@@ -1,17 +1,24 @@
 //! Tablespaces on restore. A replication backup records each tablespace's files under
-//! `pg_tblspc/<oid>/` and its original location in the tablespace map. Before any file is
-//! written, the restore creates each tablespace's directory (the original location, or the one
-//! given with `--tablespace-map OID=DIR`) and the symlink `pg_tblspc/<oid>` to it, so the files
-//! land in the tablespace; the tablespace_map it writes names the locations actually used.
+//! `pg_tblspc/<oid>/` and its original location in the tablespace map. The restore writes those
+//! files into the tablespace's directory (the original location, or the one given with
+//! `--tablespace-map OID=DIR`) through a descriptor of that directory, and creates the symlink
+//! `pg_tblspc/<oid>` only after every file; the tablespace_map it writes names the locations
+//! actually used (PostgreSQL recreates the links from it when it starts).
 //!
-//! Invariants:
-//! - A tablespace directory must be absent or empty: a restore never mixes into existing data.
+//! Invariants, all checked for every tablespace before any directory is created:
+//! - Every line of the backup's tablespace map names a tablespace whose files the backup holds
+//!   (`pg_tblspc/<oid>` is a directory entry), and directly below `pg_tblspc/<oid>/` there are
+//!   only `PG_<major>_<catalog version>` directories, as PostgreSQL makes them: the map is what
+//!   PostgreSQL links the restored cluster to, so a location nothing is restored into is refused.
+//! - A location is an absolute, normalised path (no empty, `.` or `..` component), lies neither
+//!   inside the target data directory nor around it, overlaps no other tablespace's, and is
+//!   absent or an empty directory: a restore never mixes into existing data.
 //! - Only tablespaces named in the backup's own tablespace map get a symlink; a remap for an
 //!   oid the backup does not have is an error (a typo must not go unnoticed).
-//! - Locations are absolute paths.
 
+use crate::restore::SafeDir;
 use anyhow::{anyhow, bail, Context, Result};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use tidemark_format::manifest::{EntryKind, Manifest};
@@ -24,11 +31,15 @@ pub fn parse_remap(s: &str) -> Result<(String, PathBuf)> {
     if oid.is_empty() || !oid.bytes().all(|b| b.is_ascii_digit()) {
         bail!("--tablespace-map {s:?}: {oid:?} is not a tablespace oid\nhint: the oids are listed in the backup's tablespace map (tidemark-agent info)");
     }
-    let dir = PathBuf::from(dir);
-    if !dir.is_absolute() {
-        bail!("--tablespace-map {s:?}: the directory must be an absolute path");
+    // An operator's trailing slash is harmless; everything else must already be normalised.
+    let dir = match dir.strip_suffix('/') {
+        Some(d) if !d.is_empty() => d,
+        _ => dir,
+    };
+    if !is_normalised_absolute(dir) {
+        bail!("--tablespace-map {s:?}: the directory must be a normalised absolute path (no '.', '..' or empty components)\nhint: e.g. --tablespace-map {oid}=/srv/ts1");
     }
-    Ok((oid.to_string(), dir))
+    Ok((oid.to_string(), PathBuf::from(dir)))
 }
 
 /// Parses a tablespace_map as PostgreSQL writes it: `<oid> <path>\n` per tablespace, with `\`
@@ -80,18 +91,73 @@ fn escape(path: &str) -> String {
     s
 }
 
+/// Whether `p` is `/` followed by non-empty components, none `.` or `..`, without NUL.
+fn is_normalised_absolute(p: &str) -> bool {
+    match p.strip_prefix('/') {
+        Some(rest) => {
+            !p.contains('\0')
+                && rest
+                    .split('/')
+                    .all(|c| !c.is_empty() && c != "." && c != "..")
+        }
+        None => false,
+    }
+}
+
+/// The path `loc` names once the symlinks of its existing part are resolved: its longest
+/// existing ancestor canonicalised, with the rest (plain components) appended.
+fn resolve(loc: &Path) -> Result<PathBuf> {
+    for anc in loc.ancestors() {
+        if let Ok(c) = std::fs::canonicalize(anc) {
+            let rest = loc.strip_prefix(anc).unwrap_or(Path::new(""));
+            return Ok(if rest.as_os_str().is_empty() {
+                c
+            } else {
+                c.join(rest)
+            });
+        }
+    }
+    bail!("cannot resolve {}", loc.display())
+}
+
 /// The tablespaces of one restore.
 #[derive(Debug, Default)]
 pub struct Plan {
-    /// oid → location used.
+    /// oid → location used (as written into tablespace_map and the symlink).
     links: BTreeMap<String, PathBuf>,
-    skip: HashSet<String>,
+    /// oid → the location, open.
+    dirs: BTreeMap<String, SafeDir>,
 }
 
 impl Plan {
-    /// Whether the restore's directory loop must leave `path` alone (created here).
-    pub fn handles(&self, path: &str) -> bool {
-        self.skip.contains(path)
+    /// Where the manifest path `path` is written: the directory it is relative to and its path
+    /// there. `None` for `pg_tblspc/<oid>` of a tablespace of this plan: that is the symlink
+    /// [`Plan::link`] creates.
+    pub fn place<'a>(&'a self, root: &'a SafeDir, path: &'a str) -> Option<(&'a SafeDir, &'a str)> {
+        if let Some(rest) = path.strip_prefix("pg_tblspc/") {
+            let (oid, below) = match rest.split_once('/') {
+                Some((o, b)) => (o, Some(b)),
+                None => (rest, None),
+            };
+            if let Some(d) = self.dirs.get(oid) {
+                return below.map(|b| (d, b));
+            }
+        }
+        Some((root, path))
+    }
+
+    /// The opened tablespace directories.
+    pub fn dirs(&self) -> impl Iterator<Item = &SafeDir> {
+        self.dirs.values()
+    }
+
+    /// Creates the symlinks `pg_tblspc/<oid>` → location in the restored directory `root`.
+    /// Called after every file is written, so that no file is written through one.
+    pub fn link(&self, root: &SafeDir) -> Result<()> {
+        for (oid, loc) in &self.links {
+            root.symlink(&format!("pg_tblspc/{oid}"), loc)?;
+        }
+        Ok(())
     }
 
     /// The tablespace_map to write: the backup's, with the locations actually used.
@@ -114,14 +180,49 @@ impl Plan {
     }
 }
 
-/// Creates the tablespace directories and `pg_tblspc/<oid>` symlinks under `root` for every
-/// tablespace whose files the backup holds under `pg_tblspc/<oid>/`.
-pub fn prepare(root: &Path, m: &Manifest, remap: &[(String, PathBuf)]) -> Result<Plan> {
-    let mut plan = Plan::default();
+const TAMPERED: &str = "the backup's tablespace map and files do not match as PostgreSQL writes them: the repository is damaged or was tampered with; restore another backup";
+
+/// Checks that the backup's tablespace map and its `pg_tblspc/` entries agree (module
+/// invariants) and returns the map.
+fn check_map(m: &Manifest) -> Result<Vec<(String, String)>> {
+    let id = &m.header.backup_id;
     let map = match &m.header.tablespace_map {
         Some(map) => parse_map(map)?,
         None => Vec::new(),
     };
+    let mut seen = std::collections::HashSet::new();
+    for (oid, orig) in &map {
+        if !seen.insert(oid) {
+            bail!("backup {id}'s tablespace_map names tablespace {oid} twice\nhint: {TAMPERED}");
+        }
+        let link = format!("pg_tblspc/{oid}");
+        let is_dir = m
+            .entries
+            .iter()
+            .any(|e| e.path == link && matches!(e.kind, EntryKind::Dir));
+        if !is_dir {
+            bail!("backup {id}'s tablespace_map links tablespace {oid} to {orig:?}, but the backup holds no files of it ({link} is not a directory entry); PostgreSQL would link the restored cluster to that directory\nhint: {TAMPERED}");
+        }
+        let prefix = format!("{link}/");
+        for e in &m.entries {
+            let Some(below) = e.path.strip_prefix(&prefix) else {
+                continue;
+            };
+            let directly_below = !below.contains('/');
+            let version_dir = below.starts_with("PG_") && matches!(e.kind, EntryKind::Dir);
+            if directly_below && !version_dir {
+                bail!("backup {id} holds {} directly in tablespace {oid}, where PostgreSQL keeps only PG_<major>_<catalog version> directories\nhint: {TAMPERED}", e.path);
+            }
+        }
+    }
+    Ok(map)
+}
+
+/// Validates every tablespace of the backup (module invariants), then creates and opens their
+/// directories. `pgdata` is the target data directory, which exists. Nothing is created
+/// unless every tablespace passes.
+pub fn prepare(pgdata: &Path, m: &Manifest, remap: &[(String, PathBuf)]) -> Result<Plan> {
+    let map = check_map(m)?;
     for (oid, _) in remap {
         if !map.iter().any(|(o, _)| o == oid) {
             let have: Vec<&str> = map.iter().map(|(o, _)| o.as_str()).collect();
@@ -131,54 +232,64 @@ pub fn prepare(root: &Path, m: &Manifest, remap: &[(String, PathBuf)]) -> Result
             );
         }
     }
+    let data = std::fs::canonicalize(pgdata)
+        .with_context(|| format!("cannot resolve {}", pgdata.display()))?;
+    // (oid, location as given, location resolved, exists)
+    let mut chosen: Vec<(String, PathBuf, PathBuf, bool)> = Vec::new();
     for (oid, orig) in map {
-        let link = format!("pg_tblspc/{oid}");
-        let is_dir = m
-            .entries
-            .iter()
-            .any(|e| e.path == link && matches!(e.kind, EntryKind::Dir));
-        if !is_dir {
-            continue; // recorded as a symlink only (a --source pgdata backup): restored as such
-        }
-        let loc = remap
+        let remapped = remap
             .iter()
             .find(|(o, _)| *o == oid)
-            .map(|(_, d)| d.clone())
-            .unwrap_or_else(|| PathBuf::from(&orig));
+            .map(|(_, d)| d.clone());
+        let loc = remapped.unwrap_or_else(|| PathBuf::from(&orig));
+        let text = loc.to_string_lossy();
         if !loc.is_absolute() {
-            bail!("tablespace {oid} has the relative location {}\nhint: remap it with --tablespace-map {oid}=/absolute/dir", loc.display());
+            bail!("tablespace {oid} has the relative location {text:?}\nhint: remap it with --tablespace-map {oid}=/absolute/dir");
         }
-        match std::fs::read_dir(&loc) {
-            Ok(mut rd) => {
+        if !is_normalised_absolute(&text) {
+            bail!("tablespace {oid} has the location {text:?}, which is not a normalised absolute path (an empty, '.' or '..' component)\nhint: PostgreSQL records locations normalised, so the repository is damaged or was tampered with; choose the directory with --tablespace-map {oid}=/absolute/dir");
+        }
+        let resolved = resolve(&loc)?;
+        if resolved.starts_with(&data) {
+            bail!("tablespace {oid} would be restored into {text}, which is inside the target data directory {}\nhint: a tablespace lives outside the data directory; restore it elsewhere with --tablespace-map {oid}=DIR", pgdata.display());
+        }
+        if data.starts_with(&resolved) {
+            bail!("tablespace {oid} would be restored into {text}, which contains the target data directory {}\nhint: restore the tablespace elsewhere with --tablespace-map {oid}=DIR", pgdata.display());
+        }
+        for (other, _, r, _) in &chosen {
+            if resolved.starts_with(r) || r.starts_with(&resolved) {
+                bail!("tablespaces {other} and {oid} would be restored into overlapping directories ({} and {text})\nhint: give each its own directory with --tablespace-map OID=DIR", r.display());
+            }
+        }
+        let exists = match std::fs::metadata(&resolved) {
+            Ok(md) if md.is_dir() => {
+                let mut rd = std::fs::read_dir(&resolved)
+                    .with_context(|| format!("cannot read tablespace directory {text}"))?;
                 if rd.next().is_some() {
-                    bail!("tablespace {oid} would be restored into {}, which is not empty\nhint: empty it, or restore the tablespace elsewhere with --tablespace-map {oid}=DIR", loc.display());
+                    bail!("tablespace {oid} would be restored into {text}, which is not empty\nhint: empty it, or restore the tablespace elsewhere with --tablespace-map {oid}=DIR");
                 }
+                true
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(&loc).with_context(|| {
-                    format!("cannot create tablespace directory {}", loc.display())
-                })?;
-            }
+            Ok(_) => bail!("tablespace {oid} would be restored into {text}, which exists and is not a directory\nhint: restore the tablespace elsewhere with --tablespace-map {oid}=DIR"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => {
                 return Err(e)
-                    .with_context(|| format!("cannot read tablespace directory {}", loc.display()))
+                    .with_context(|| format!("cannot read tablespace directory {text}"))
             }
+        };
+        chosen.push((oid, loc, resolved, exists));
+    }
+    let mut plan = Plan::default();
+    for (oid, loc, resolved, exists) in chosen {
+        if !exists {
+            std::fs::create_dir_all(&resolved)
+                .with_context(|| format!("cannot create tablespace directory {}", loc.display()))?;
         }
-        std::fs::set_permissions(&loc, std::fs::Permissions::from_mode(0o700))
+        std::fs::set_permissions(&resolved, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("cannot set the mode of {}", loc.display()))?;
-        let dir = root.join("pg_tblspc");
-        if !dir.is_dir() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .create(&dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        }
-        std::os::unix::fs::symlink(&loc, root.join(&link))
-            .with_context(|| format!("cannot create symlink {link}"))?;
+        let dir = SafeDir::open(&resolved)?;
         tracing::info!(oid = %oid, location = %loc.display(), "tablespace");
-        plan.skip.insert("pg_tblspc".into());
-        plan.skip.insert(link);
+        plan.dirs.insert(oid.clone(), dir);
         plan.links.insert(oid, loc);
     }
     Ok(plan)
@@ -216,5 +327,154 @@ mod tests {
         assert!(parse_remap("16384").is_err());
         assert!(parse_remap("ts=/srv/x").is_err());
         assert!(parse_remap("16384=rel").is_err());
+        assert!(parse_remap("16384=/srv/../etc").is_err());
+        assert!(parse_remap("16384=/srv//x").is_err());
+        assert!(parse_remap("16384=/srv/./x").is_err());
+        assert_eq!(
+            parse_remap("16384=/srv/x/").unwrap().1,
+            PathBuf::from("/srv/x")
+        );
+    }
+
+    #[test]
+    fn normalised_absolute_paths() {
+        for ok in ["/srv/ts", "/a", "/srv/ts one/x"] {
+            assert!(is_normalised_absolute(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/",
+            "srv/ts",
+            "/srv/../etc",
+            "/srv/./x",
+            "/srv//x",
+            "/srv/x/",
+            "/a\0b",
+        ] {
+            assert!(!is_normalised_absolute(bad), "{bad:?}");
+        }
+    }
+
+    use tidemark_format::manifest::{Entry, FileEntry};
+
+    fn dir(path: &str) -> Entry {
+        Entry {
+            path: path.into(),
+            mode: 0o700,
+            kind: EntryKind::Dir,
+        }
+    }
+
+    /// A manifest with tablespaces 16384 and 16385 (map `map`) and one file in each.
+    fn with_map(map: &str, extra: Vec<Entry>) -> Manifest {
+        let mut entries = vec![dir("pg_tblspc")];
+        for oid in ["16384", "16385"] {
+            entries.push(dir(&format!("pg_tblspc/{oid}")));
+            entries.push(dir(&format!("pg_tblspc/{oid}/PG_15_202209061")));
+            entries.push(Entry {
+                path: format!("pg_tblspc/{oid}/PG_15_202209061/1"),
+                mode: 0o600,
+                kind: EntryKind::File(FileEntry {
+                    size: 0,
+                    sha256: tidemark_format::ChunkId::of(b""),
+                    chunks: Vec::new(),
+                }),
+            });
+        }
+        entries.extend(extra);
+        entries.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
+        let mut header = crate::test_support::hdr("b1", 1);
+        header.tablespace_map = Some(map.as_bytes().to_vec());
+        Manifest {
+            header,
+            packs: Vec::new(),
+            entries,
+        }
+    }
+
+    #[test]
+    fn locations_are_validated_before_anything_is_created() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().canonicalize().unwrap();
+        let pgdata = t.join("pgdata");
+        std::fs::create_dir(&pgdata).unwrap();
+        std::fs::create_dir(t.join("full")).unwrap();
+        std::fs::write(t.join("full/x"), b"x").unwrap();
+        std::fs::write(t.join("file"), b"x").unwrap();
+        let ok = t.join("ts-ok").display().to_string();
+        let cases = [
+            (
+                format!("16384 {ok}\n16385 relative/dir\n"),
+                "relative location",
+            ),
+            (format!("16384 {ok}\n16385 {ok}/../x\n"), "not a normalised"),
+            (
+                format!("16384 {ok}\n16385 {}/ts\n", pgdata.display()),
+                "inside the target data directory",
+            ),
+            (
+                format!("16384 {ok}\n16385 {}\n", t.display()),
+                "contains the target data directory",
+            ),
+            (
+                format!("16384 {ok}\n16385 {}/full\n", t.display()),
+                "not empty",
+            ),
+            (
+                format!("16384 {ok}\n16385 {}/file\n", t.display()),
+                "not a directory",
+            ),
+            (format!("16384 {ok}\n16385 {ok}/sub\n"), "overlapping"),
+            (format!("16384 {ok}\n16385 {ok}\n"), "overlapping"),
+            (format!("16384 {ok}\n16384 {ok}2\n"), "twice"),
+            (
+                format!("16384 {ok}\n16385 /srv/y\n16386 /srv/z\n"),
+                "holds no files",
+            ),
+        ];
+        for (map, want) in cases {
+            let e = prepare(&pgdata, &with_map(&map, Vec::new()), &[])
+                .expect_err(&map)
+                .to_string();
+            assert!(e.contains(want) && e.contains("hint:"), "{map}: {e}");
+            assert!(
+                !Path::new(&ok).exists(),
+                "{map}: the first tablespace was created"
+            );
+        }
+        // A symlink inside the data directory pointing out does not hide a location inside it.
+        std::os::unix::fs::symlink(&pgdata, t.join("alias")).unwrap();
+        let map = format!("16384 {ok}\n16385 {}/alias/ts\n", t.display());
+        let e = prepare(&pgdata, &with_map(&map, Vec::new()), &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("inside the target data directory"),
+            "{e}"
+        );
+        // Junk directly in a tablespace directory.
+        let map = format!("16384 {ok}\n16385 {}/ts2\n", t.display());
+        let junk = Entry {
+            path: "pg_tblspc/16385/authorized_keys".into(),
+            mode: 0o600,
+            kind: EntryKind::Symlink(b"/x".to_vec()),
+        };
+        let e = prepare(&pgdata, &with_map(&map, vec![junk]), &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("pg_tblspc/16385/authorized_keys"),
+            "{e}"
+        );
+        // A sound map: both directories created, paths placed into them.
+        let plan = prepare(&pgdata, &with_map(&map, Vec::new()), &[]).unwrap();
+        assert!(Path::new(&ok).is_dir() && t.join("ts2").is_dir());
+        let root = SafeDir::open(&pgdata).unwrap();
+        assert!(plan.place(&root, "pg_tblspc/16384").is_none());
+        let (d, rel) = plan
+            .place(&root, "pg_tblspc/16385/PG_15_202209061/1")
+            .unwrap();
+        assert_eq!(
+            (d.path(), rel),
+            (t.join("ts2").as_path(), "PG_15_202209061/1")
+        );
+        let (d, rel) = plan.place(&root, "base/1").unwrap();
+        assert_eq!((d.path(), rel), (pgdata.as_path(), "base/1"));
     }
 }

@@ -158,10 +158,12 @@ async fn restore_backup(
             restore_command: opts.restore_command.clone(),
             // Tablespaces go to their recorded locations, which must be absent or empty there.
             tablespace_map: Vec::new(),
+            // A drill never archives (the drill settings say so again).
+            archive_mode: restore::ArchiveMode::Off,
         },
     )
     .await
-    .context("restore failed")?;
+    .context("restore failed; the server was not started")?;
     r.restore_files = rep.files;
     r.restore_bytes = rep.bytes;
     r.seconds.restore = Some(t0.elapsed().as_secs_f64());

@@ -259,6 +259,27 @@ pub struct Server {
     tools: PgTools,
 }
 
+/// Settings [`drill_settings`] fixes: a `--pg-setting` may not change them (the drill server
+/// listens on its private socket only and never archives).
+pub const FIXED_SETTINGS: &[&str] = &[
+    "port",
+    "listen_addresses",
+    "unix_socket_directories",
+    "hba_file",
+    "archive_mode",
+    "archive_command",
+    "archive_library",
+    "restore_command",
+];
+
+/// Refuses a `--pg-setting` of a setting the drill fixes.
+pub fn check_extra_setting(name: &str) -> Result<()> {
+    if FIXED_SETTINGS.iter().any(|f| f.eq_ignore_ascii_case(name)) {
+        bail!("--pg-setting {name}: a restore drill sets {name} itself (its server listens on a private unix socket only, never archives, and fetches WAL with tidemark)\nhint: leave it out; the drill's port is --port");
+    }
+    Ok(())
+}
+
 /// Settings the drill appends to postgresql.auto.conf (after the restore's recovery settings).
 pub fn drill_settings(sock: &Path, hba: &Path, port: u16, extra: &[(String, String)]) -> String {
     let q = |s: &str| format!("'{}'", s.replace('\'', "''"));
@@ -305,10 +326,9 @@ impl Server {
         )
         .with_context(|| format!("cannot write {}", hba.display()))?;
         let settings = drill_settings(&sock, &hba, port, extra);
-        let auto = pgdata.join("postgresql.auto.conf");
-        let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
-        text.push_str(&settings);
-        std::fs::write(&auto, text).with_context(|| format!("cannot write {}", auto.display()))?;
+        // Appended to the file the restore wrote anew, never through a symlink.
+        crate::restore::SafeDir::open(pgdata)?
+            .append("postgresql.auto.conf", settings.as_bytes())?;
         let log = scratch.join("server.log");
         let f = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 use tidemark_core::cli::{RepoArgs, SystemArgs};
-use tidemark_core::restore::{self, RestoreOptions};
+use tidemark_core::restore::{self, ArchiveMode, RestoreOptions};
 use tidemark_core::target::{self, Target};
 
 #[derive(clap::Args)]
@@ -24,6 +24,11 @@ pub struct Args {
     /// Restore tablespace OID into DIR instead of its original location (repeatable)
     #[arg(long = "tablespace-map", value_name = "OID=DIR", value_parser = tidemark_core::tablespace::parse_remap)]
     tablespace_map: Vec<(String, PathBuf)>,
+    /// 'off' writes archive_mode = off so the restored server archives nothing (copies, clones,
+    /// drills); 'preserve' keeps the backup's archive settings (only when this server replaces
+    /// the original, e.g. the primary after a disaster)
+    #[arg(long, value_enum, env = "TIDEMARK_ARCHIVE_MODE", default_value_t = ArchiveMode::Off)]
+    archive_mode: ArchiveMode,
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -50,6 +55,7 @@ pub async fn run(a: Args) -> Result<()> {
         target: target.clone(),
         restore_command,
         tablespace_map: a.tablespace_map.clone(),
+        archive_mode: a.archive_mode,
     };
     let r = restore::run(&store, &opts).await;
     let r = match r {
@@ -84,6 +90,8 @@ pub async fn run(a: Args) -> Result<()> {
             "files": r.files,
             "bytes": r.bytes,
             "pgdata": a.pgdata,
+            "archive_mode": a.archive_mode.as_str(),
+            "skipped_symlinks": r.skipped_links.iter().map(|(p, t)| serde_json::json!({"path": p, "target": t})).collect::<Vec<_>>(),
         });
         println!("{v}");
     } else {
@@ -95,6 +103,15 @@ pub async fn run(a: Args) -> Result<()> {
             a.pgdata.display(),
             match &target { Target::Latest => "the end of the archive".to_string(), Target::Time(t) => target::postgres_text(t) }
         );
+        match a.archive_mode {
+            ArchiveMode::Off => println!("archive_mode = off: this server archives no WAL (restore with --archive-mode preserve only when it replaces the original server)"),
+            ArchiveMode::Preserve => println!("archive_mode preserved from the backup: this server archives WAL as the original did once it is promoted"),
+        }
+        for (path, link) in &r.skipped_links {
+            println!(
+                "left out symlink {path} -> {link} (create it by hand if this server needs it)"
+            );
+        }
     }
     Ok(())
 }

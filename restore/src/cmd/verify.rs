@@ -87,6 +87,7 @@ pub async fn run(a: Args) -> Result<ExitCode> {
         {
             bail!("--pg-setting {s:?}: {k:?} is not a setting name\nhint: --pg-setting shared_buffers=256MB");
         }
+        server::check_extra_setting(k)?;
         settings.push((k.to_string(), v.to_string()));
     }
     let check_sql = match &a.check_sql {
