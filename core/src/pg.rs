@@ -112,9 +112,9 @@ fn redact_pairs(s: &str) -> String {
         let after_eq = &after_key[eq + 1..];
         let sp = after_eq.len() - after_eq.trim_start().len();
         let value = &after_eq[sp..];
-        let value_len = if value.starts_with('\'') {
+        let value_len = if let Some(quoted) = value.strip_prefix('\'') {
             let mut escaped = false;
-            let close = value[1..].char_indices().find_map(|(i, c)| {
+            let close = quoted.char_indices().find_map(|(i, c)| {
                 let end = !escaped && c == '\'';
                 escaped = !escaped && c == '\\';
                 end.then_some(i + 2)
