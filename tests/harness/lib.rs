@@ -12,6 +12,7 @@ pub mod env;
 pub mod faults;
 pub mod replication;
 pub mod repo;
+pub mod s3echo;
 pub mod sidecar;
 
 pub use cluster::{start_restored, PgCluster};

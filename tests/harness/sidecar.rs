@@ -431,6 +431,52 @@ impl Moto {
         }
     }
 
+    /// An IAM user `user` with a new access key on this server: (access key id, secret). Make it
+    /// before [`Moto::require_auth`], which refuses the unsigned IAM call.
+    pub async fn create_access_key(&self, user: &str) -> Result<(String, String)> {
+        const SCRIPT: &str = "import boto3,sys; i=boto3.client('iam', endpoint_url=sys.argv[1], aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1'); i.create_user(UserName=sys.argv[2]); k=i.create_access_key(UserName=sys.argv[2])['AccessKey']; print(k['AccessKeyId'], k['SecretAccessKey'])";
+        let out = tokio::process::Command::new("python3")
+            .args(["-c", SCRIPT, &self.endpoint, user])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("python3 with boto3 (installed with moto) is needed")?;
+        if !out.status.success() {
+            bail!(
+                "cannot create an IAM access key on moto: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (id, secret) = text
+            .trim()
+            .split_once(' ')
+            .with_context(|| format!("moto printed no access key: {text:?}"))?;
+        Ok((id.to_string(), secret.to_string()))
+    }
+
+    /// From now on the server authenticates every request against its IAM users, as AWS does:
+    /// an unknown access key id gets 403 InvalidAccessKeyId, a wrong secret 403
+    /// SignatureDoesNotMatch (moto's `POST /moto-api/reset-auth`, with no unauthenticated
+    /// requests left).
+    pub async fn require_auth(&self) -> Result<()> {
+        const SCRIPT: &str = "import sys, urllib.request; r=urllib.request.urlopen(urllib.request.Request(sys.argv[1] + '/moto-api/reset-auth', data=b'0', method='POST', headers={'Content-Type': 'application/octet-stream'})); print(r.read().decode())";
+        let out = tokio::process::Command::new("python3")
+            .args(["-c", SCRIPT, &self.endpoint])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("cannot run python3")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || !text.contains("\"ok\"") {
+            bail!(
+                "moto did not turn authentication on: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// The AWS_* variables that point tidemark at this server.
     pub fn aws_env(&self) -> Vec<(String, String)> {
         [
