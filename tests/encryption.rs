@@ -1,6 +1,6 @@
 //! Issue 13: an encrypted repository, end to end on a real PostgreSQL 15.
 //!
-//! A marker (random bytes, so compression cannot hide it either way) is written into a table and,
+//! A marker (at the start of 256 KiB of random bytes, which zstd stores as they are) is written into a table and,
 //! after the backup, into WAL only. The whole encrypted repository is searched for both markers:
 //! nothing. The same base backup into a plain repository is searched too, and must contain the
 //! first marker, so the search is proven able to find it. Restore with the key is row for row;
@@ -162,7 +162,7 @@ async fn encrypted_repository_end_to_end() -> Result<()> {
     db.batch_execute("CREATE TABLE secret (b bytea)").await?;
     let marker1 = random_bytes(48)?;
     let marker2 = random_bytes(48)?;
-    let row = |m: &[u8]| -> Result<Vec<u8>> { Ok([m, &random_bytes(2000)?].concat()) };
+    let row = |m: &[u8]| -> Result<Vec<u8>> { Ok([m, &random_bytes(256 << 10)?].concat()) };
     db.execute("INSERT INTO secret VALUES ($1)", &[&row(&marker1)?])
         .await?;
     data::write_batch(&db, 1).await?;
@@ -364,7 +364,7 @@ async fn encrypted_repository_end_to_end() -> Result<()> {
     ])
     .await?
     .ok()?
-    .json()?;
+    .json_document()?;
     let opens: Vec<(String, bool)> = listed
         .as_array()
         .context("key list --json is no array")?
@@ -406,6 +406,17 @@ async fn encrypted_repository_end_to_end() -> Result<()> {
     expect_failure(&r, &["does not open repository"])?;
     // The primary's archive_command still names key 1: it now fails, loudly, and keeps the WAL.
     restore_and_compare(&dir, &repo, &key2, "rotated", &want, &[marker1, marker2]).await?;
+    // The nightly drill: the key reaches the scratch server's restore_command by environment.
+    let scratch = dir.mkdir("drill")?.join("scratch");
+    let r = repo
+        .verify_latest(&scratch, &["--key-file", &k2])
+        .await?
+        .ok()?;
+    let v = r.json()?;
+    ensure!(
+        v["ok"] == true && v["failure"].is_null(),
+        "the drill did not pass: {v}"
+    );
     pg.stop().await?;
     Ok(())
 }
