@@ -74,6 +74,8 @@ def record(args):
 
 
 def variant_label(v):
+    if v.startswith("tidemark-enc-z"):
+        return f"tidemark encrypted zstd-{v[len('tidemark-enc-z'):]}"
     if v.startswith("tidemark-repl-z"):
         return f"tidemark replication zstd-{v[len('tidemark-repl-z'):]}"
     if v.startswith("tidemark-z"):

@@ -11,6 +11,8 @@
 #   TM_REPL_LEVELS="1"   tidemark backup --source replication (BASE_BACKUP over a replication
 #                        connection on the unix socket) at these zstd levels, one repository each
 #                        ("" = only --pgdata backups)
+#   TM_ENC_LEVELS=""     tidemark into an encrypted repository (--key-file) at these zstd levels:
+#                        the cost of encryption, side by side with tidemark-zN
 #   PITR=1               0: skip the restore/PITR step (backups only)
 #   PGBR_ZST_LEVEL=1     also run pgBackRest with compress-type=zst at this level ("" = only gz-6)
 #   PGBR_PROCESS_MAX=2   pgBackRest process-max (tidemark uses one worker per core)
@@ -44,6 +46,7 @@ SCALE=${SCALE:-100}
 DATASET=${DATASET:-both}
 TM_LEVELS=${TM_LEVELS:-1}
 TM_REPL_LEVELS=${TM_REPL_LEVELS-1}
+TM_ENC_LEVELS=${TM_ENC_LEVELS-}
 PITR=${PITR:-1}
 PGBR_ZST_LEVEL=${PGBR_ZST_LEVEL-1}
 PGBR_PROCESS_MAX=${PGBR_PROCESS_MAX:-2}
@@ -213,16 +216,19 @@ switch_and_archive() {
 VARIANTS=()
 for l in $TM_LEVELS; do VARIANTS+=("tidemark-z$l"); done
 for l in $TM_REPL_LEVELS; do VARIANTS+=("tidemark-repl-z$l"); done
+for l in $TM_ENC_LEVELS; do VARIANTS+=("tidemark-enc-z$l"); done
 VARIANTS+=(pgbackrest-gz6)
 [[ -n $PGBR_ZST_LEVEL ]] && VARIANTS+=("pgbackrest-zst$PGBR_ZST_LEVEL")
 
 tm_level() { echo "${1##*-z}"; }
+# The key options of an encrypted variant (the key file is made by the setup step).
+tm_key() { [[ $1 == tidemark-enc-* ]] && echo "--key-file $D/tidemark.key" || true; }
 stanza() { [[ $1 == pgbackrest-gz6 ]] && echo bench || echo benchzst; }
 pgbr() { as_pg pgbackrest --config="$D/pgbackrest.conf" "$@"; }
 
 push_cmd() {
   case $1 in
-    tidemark-*) echo "$BIN/tidemark-agent wal-push --repo file://$D/repo-$1 --compress-level $(tm_level "$1") %p" ;;
+    tidemark-*) echo "$BIN/tidemark-agent wal-push --repo file://$D/repo-$1 $(tm_key "$1") --compress-level $(tm_level "$1") %p" ;;
     pgbackrest-*) echo "pgbackrest --config=$D/pgbackrest.conf --stanza=$(stanza "$1") archive-push %p" ;;
   esac
 }
@@ -362,6 +368,9 @@ archive_mode = on
 archive_command = '$(archive_chain "${VARIANTS[0]}")'
 EOF
   write_pgbackrest_conf
+  head -c 32 /dev/urandom | base64 >"$D/tidemark.key"
+  chown postgres: "$D/tidemark.key"
+  chmod 0600 "$D/tidemark.key"
   # Load with minimal WAL (COPY / INSERT into a table truncated in the same transaction skip WAL),
   # then restart with archiving on: the repositories start with the first backup.
   start_source -o "-c wal_level=minimal -c max_wal_senders=0 -c archive_mode=off"
@@ -408,7 +417,7 @@ backup_tidemark() {
   # (initdb's default "local all all trust" line admits it; postgres has REPLICATION).
   [[ $v == tidemark-repl-* ]] && src=(--source replication)
   measure "$step-$v" runuser -u postgres -- env PGHOST="$D/sock" PGPORT="$PORT" PGUSER=postgres \
-    PGDATABASE=postgres "$BIN/tidemark-agent" backup "${src[@]}" --repo "file://$repo" \
+    PGDATABASE=postgres "$BIN/tidemark-agent" backup "${src[@]}" --repo "file://$repo" $(tm_key "$v") \
     --json --compress-level "$(tm_level "$v")"
   list_files "$repo/packs" "$repo/backups" >"$D/m/files-after"
   read -r objs bytes < <(new_files "$D/m/files-before" "$D/m/files-after")
@@ -457,7 +466,7 @@ pitr() {
   case $v in
     tidemark-*)
       measure "pitr-$v" runuser -u postgres -- "$BIN/tidemark-restore" restore --pgdata "$target" \
-        --repo "file://$D/repo-$v" --target latest --json ;;
+        --repo "file://$D/repo-$v" $(tm_key "$v") --target latest --json ;;
     pgbackrest-*)
       measure "pitr-$v" runuser -u postgres -- pgbackrest --config="$D/pgbackrest.conf" --stanza="$(stanza "$v")" \
         --pg1-path="$target" restore
