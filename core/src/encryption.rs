@@ -173,9 +173,9 @@ pub(crate) async fn open_config(store: &Store, stored: Bytes) -> Result<Bytes> {
         };
         store.set_data_keys(DataKeys::derive(&m));
     }
-    Ok(store
+    store
         .open_stored(keys::CONFIG, &stored)
-        .with_context(|| format!("repository {} has an unreadable config", store.url()))?)
+        .with_context(|| format!("repository {} has an unreadable config", store.url()))
 }
 
 /// Before the first writer creates the config: makes sure objects will be sealed when the

@@ -47,7 +47,7 @@ impl UserKey {
 enum State {
     Plain,
     Unknown,
-    Sealed(DataKeys),
+    Sealed(Arc<DataKeys>),
 }
 
 pub(super) struct Crypt {
@@ -80,7 +80,7 @@ impl Crypt {
 
 enum Mode {
     Plain,
-    Sealed(DataKeys, String),
+    Sealed(Arc<DataKeys>, String),
 }
 
 fn damaged(key: &str, e: impl std::fmt::Display) -> StoreError {
@@ -125,7 +125,7 @@ impl Store {
 
     /// Starts sealing with `keys` (after unlocking or creating an encrypted repository).
     pub(crate) fn set_data_keys(&self, keys: DataKeys) {
-        self.crypt.set(State::Sealed(keys));
+        self.crypt.set(State::Sealed(Arc::new(keys)));
     }
 
     /// Back to "not unlocked" (a writer that lost the race to create the repository).
