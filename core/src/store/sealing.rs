@@ -296,3 +296,6 @@ impl Store {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests;
