@@ -369,3 +369,48 @@ pub async fn list_keys(store: &Store) -> Result<Vec<KeyInfo>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_keys_come_from_a_file_a_variable_or_a_command_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("key");
+        std::fs::write(&f, "0123456789abcdefXYZ\n").expect("write");
+        let k = read_user_key(Some(&f), "TIDEMARK_TEST_KEY_UNSET", None, "key")
+            .expect("file")
+            .expect("some");
+        assert_eq!(k.bytes(), b"0123456789abcdefXYZ", "one newline dropped");
+        assert!(k.source.contains("key"), "{}", k.source);
+        let k = read_user_key(
+            None,
+            "TIDEMARK_TEST_KEY_UNSET",
+            Some("printf 'abcdefghijklmnopq\\r\\n'"),
+            "key",
+        )
+        .expect("command")
+        .expect("some");
+        assert_eq!(k.bytes(), b"abcdefghijklmnopq");
+        assert!(read_user_key(None, "TIDEMARK_TEST_KEY_UNSET", None, "key")
+            .expect("none")
+            .is_none());
+        let e =
+            read_user_key(Some(&f), "TIDEMARK_TEST_KEY_UNSET", Some("true"), "key").unwrap_err();
+        assert!(e.to_string().contains("more than one way"), "{e}");
+        let e = read_user_key(None, "TIDEMARK_TEST_KEY_UNSET", Some("exit 3"), "key").unwrap_err();
+        assert!(e.to_string().contains("command failed"), "{e}");
+        std::fs::write(&f, "short").expect("write");
+        let e = read_user_key(Some(&f), "TIDEMARK_TEST_KEY_UNSET", None, "key").unwrap_err();
+        assert!(e.to_string().contains("openssl rand"), "{e}");
+        let e = read_user_key(
+            Some(&dir.path().join("missing")),
+            "TIDEMARK_TEST_KEY_UNSET",
+            None,
+            "key",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+    }
+}
