@@ -352,9 +352,14 @@ impl Store {
     /// overwrite instead, which would let a conflicting WAL segment replace an archived one.
     pub async fn probe_create_only(&self) -> Result<bool> {
         let key = format!("probe/create-only-{}-{}", std::process::id(), unique());
-        self.put_create(&key, Bytes::from_static(b"first")).await?;
-        let second = self.put_create(&key, Bytes::from_static(b"second")).await;
-        let kept = self.get(&key, 16).await;
+        // Raw writes: the probe holds no data, and runs before an encrypted repository is
+        // unlocked (its key is no repository object, FORMAT.md 3).
+        self.raw_put_create(&key, Bytes::from_static(b"first"))
+            .await?;
+        let second = self
+            .raw_put_create(&key, Bytes::from_static(b"second"))
+            .await;
+        let kept = self.raw_get(&key, 16).await;
         let _ = self.delete(&key).await;
         match second {
             Err(StoreError::AlreadyExists { .. }) => {

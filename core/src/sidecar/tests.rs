@@ -112,3 +112,62 @@ async fn archives_ready_files_and_answers_handoffs() {
         "no sidecar: the caller uploads itself"
     );
 }
+
+/// With a key, the sidecar starts before the repository exists (the create-only probe is no
+/// repository object), creates it encrypted, and what it stores opens only with the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archives_into_a_new_encrypted_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let pgdata = dir.path().join("pgdata");
+    let status = pgdata.join("pg_wal/archive_status");
+    std::fs::create_dir_all(&status).unwrap();
+    let name = "000000010000000000000001";
+    std::fs::write(pgdata.join("pg_wal").join(name), segment(42, 1 << 20, 0x5a)).unwrap();
+    std::fs::write(status.join(format!("{name}.ready")), b"").unwrap();
+    let url = format!("file://{}/repo", dir.path().display());
+    let key = || {
+        crate::store::UserKey::new(
+            zeroize::Zeroizing::new(b"sidecar test key 0123".to_vec()),
+            "test".into(),
+        )
+    };
+    let store = Store::open(&url).unwrap().with_user_key(key());
+    let opts = SidecarOptions {
+        pgdata: pgdata.clone(),
+        socket_dir: None,
+        state_dir: dir.path().join("state"),
+        listen: None,
+        concurrency: 1,
+        grace: Duration::from_secs(5),
+        rescan: Duration::from_secs(1),
+        compress_level: 1,
+        allow_overwriting_store: false,
+        accept_new_system: false,
+    };
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(run_until(store, opts, async move {
+        let _ = stop_rx.await;
+    }));
+    let stored = dir.path().join("repo/wal/00000001").join(name);
+    for _ in 0..200 {
+        if stored.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_tx.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    let raw = std::fs::read(&stored).expect("the segment was archived");
+    assert!(tidemark_format::seal::is_sealed(&raw));
+    let reader = Store::open(&url).unwrap().with_user_key(key());
+    crate::repo::require_config(&reader).await.expect("unlocks");
+    let obj = reader
+        .get(&format!("wal/00000001/{name}"), 1 << 30)
+        .await
+        .expect("opens with the key");
+    assert!(obj.starts_with(b"TMWL"));
+    let e = crate::repo::load_config(&Store::open(&url).unwrap())
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("encrypted"), "{e:#}");
+}
