@@ -88,7 +88,9 @@ fn keyring_and_sealed_config_vectors() {
     assert_eq!(e.iterations, 10_000);
     assert_eq!(e.created_us, 1_793_523_600_000_000);
     assert_eq!(e.encode(), entry);
-    let master = e.unwrap_master(golden::USER_KEY).expect("the vector user key opens it");
+    let master = e
+        .unwrap_master(golden::USER_KEY)
+        .expect("the vector user key opens it");
     assert_eq!(master, golden::master_key());
     assert_eq!(e.unwrap_master(b"another key of enough length"), None);
 
@@ -100,7 +102,10 @@ fn keyring_and_sealed_config_vectors() {
     let keys = seal::DataKeys::derive(&master);
     let plain = seal::open(&keys, "config", &sealed).expect("sealed-config.bin opens");
     assert_eq!(plain, vector("config.bin"));
-    assert!(seal::open(&keys, "systems/1/config", &sealed).is_err(), "bound to its key");
+    assert!(
+        seal::open(&keys, "systems/1/config", &sealed).is_err(),
+        "bound to its key"
+    );
     assert_eq!(golden::sealed_config(), sealed);
     // Keyed chunk id of chunk A in this repository (HMAC-SHA256 with the chunk id key).
     assert_eq!(
