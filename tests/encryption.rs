@@ -60,6 +60,17 @@ async fn restore_tool(args: &[&str]) -> Result<Run> {
     env::restore(args).await
 }
 
+/// `tidemark-restore restore --target latest` into `pgdata`, with `key` if given; not checked.
+async fn restore_latest(pgdata: &str, repo: &Repo, key: Option<&str>) -> Result<Run> {
+    let mut a = vec![
+        "restore", "--pgdata", pgdata, "--repo", &repo.url, "--target", "latest",
+    ];
+    if let Some(k) = key {
+        a.extend(["--key-file", k]);
+    }
+    restore_tool(&a).await
+}
+
 fn expect_failure(r: &Run, needles: &[&str]) -> Result<()> {
     ensure!(!r.success(), "expected a failure, got success:\n{r}");
     let text = format!("{r}");
@@ -82,19 +93,7 @@ async fn restore_and_compare(
     let data = dir.mkdir(name)?.join("data");
     let d = data.to_string_lossy().into_owned();
     let k = key.to_string_lossy().into_owned();
-    restore_tool(&[
-        "restore",
-        "--pgdata",
-        &d,
-        "--repo",
-        &repo.url,
-        "--key-file",
-        &k,
-        "--target",
-        "latest",
-    ])
-    .await?
-    .ok()?;
+    restore_latest(&d, repo, Some(&k)).await?.ok()?;
     let auto = std::fs::read_to_string(data.join("postgresql.auto.conf"))?;
     ensure!(
         auto.contains("--key-file") && auto.contains(&k),
@@ -236,23 +235,9 @@ async fn encrypted_repository_end_to_end() -> Result<()> {
     // Without a key, with a wrong key: clear refusals.
     let scratch = dir.mkdir("refused")?;
     let d = scratch.join("data").to_string_lossy().into_owned();
-    let r = restore_tool(&[
-        "restore", "--pgdata", &d, "--repo", &repo.url, "--target", "latest",
-    ])
-    .await?;
+    let r = restore_latest(&d, &repo, None).await?;
     expect_failure(&r, &["encrypted", "--key-file"])?;
-    let r = restore_tool(&[
-        "restore",
-        "--pgdata",
-        &d,
-        "--repo",
-        &repo.url,
-        "--key-file",
-        &k2,
-        "--target",
-        "latest",
-    ])
-    .await?;
+    let r = restore_latest(&d, &repo, Some(&k2)).await?;
     expect_failure(&r, &["does not open repository"])?;
     // A key for the plain repository is refused as mixing.
     let r = agent(&["info", "--repo", &plain.url, "--key-file", &k1]).await?;
@@ -321,18 +306,7 @@ async fn encrypted_repository_end_to_end() -> Result<()> {
         .context("name")?
         .to_string();
     let d2 = scratch.join("data2").to_string_lossy().into_owned();
-    let r = restore_tool(&[
-        "restore",
-        "--pgdata",
-        &d2,
-        "--repo",
-        &repo.url,
-        "--key-file",
-        &k1,
-        "--target",
-        "latest",
-    ])
-    .await?;
+    let r = restore_latest(&d2, &repo, Some(&k1)).await?;
     expect_failure(&r, &[&pack_name, "fails authentication"])?;
     std::fs::write(&pack, &original)?;
 

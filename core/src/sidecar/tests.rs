@@ -17,6 +17,27 @@ fn segment(sysid: u64, size: u32, fill: u8) -> Vec<u8> {
     d
 }
 
+/// The test daemon's options: quick rescans, level 1, no HTTP listener.
+fn options(
+    pgdata: &std::path::Path,
+    state_dir: &std::path::Path,
+    socket_dir: Option<std::path::PathBuf>,
+    concurrency: usize,
+) -> SidecarOptions {
+    SidecarOptions {
+        pgdata: pgdata.to_path_buf(),
+        socket_dir,
+        state_dir: state_dir.to_path_buf(),
+        listen: None,
+        concurrency,
+        grace: Duration::from_secs(5),
+        rescan: Duration::from_secs(1),
+        compress_level: 1,
+        allow_overwriting_store: false,
+        accept_new_system: false,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archives_ready_files_and_answers_handoffs() {
     let dir = tempfile::tempdir().unwrap();
@@ -37,18 +58,7 @@ async fn archives_ready_files_and_answers_handoffs() {
     .unwrap();
     let store = Store::open(&format!("file://{}/repo", dir.path().display())).unwrap();
     let sock = dir.path().join("sock");
-    let opts = SidecarOptions {
-        pgdata: pgdata.clone(),
-        socket_dir: Some(sock.clone()),
-        state_dir: dir.path().join("state"),
-        listen: None,
-        concurrency: 2,
-        grace: Duration::from_secs(5),
-        rescan: Duration::from_secs(1),
-        compress_level: 1,
-        allow_overwriting_store: false,
-        accept_new_system: false,
-    };
+    let opts = options(&pgdata, &dir.path().join("state"), Some(sock.clone()), 2);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(run_until(store.clone(), opts, async move {
         let _ = stop_rx.await;
@@ -132,18 +142,7 @@ async fn archives_into_a_new_encrypted_repository() {
         )
     };
     let store = Store::open(&url).unwrap().with_user_key(key());
-    let opts = SidecarOptions {
-        pgdata: pgdata.clone(),
-        socket_dir: None,
-        state_dir: dir.path().join("state"),
-        listen: None,
-        concurrency: 1,
-        grace: Duration::from_secs(5),
-        rescan: Duration::from_secs(1),
-        compress_level: 1,
-        allow_overwriting_store: false,
-        accept_new_system: false,
-    };
+    let opts = options(&pgdata, &dir.path().join("state"), None, 1);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(run_until(store, opts, async move {
         let _ = stop_rx.await;
