@@ -46,6 +46,21 @@ async fn repository_missing(store: &tidemark_core::store::Store) -> bool {
     matches!(tidemark_core::repo::load_config(store).await, Ok(None))
 }
 
+/// True when retrying cannot help: the store refused the credentials, or an object failed its
+/// authentication or is encrypted without a key. Recovery is aborted at once instead of after
+/// every attempt's backoff.
+fn hopeless(e: &anyhow::Error) -> bool {
+    use tidemark_core::store::StoreError;
+    e.chain().any(|c| {
+        c.downcast_ref::<StoreError>().is_some_and(|s| {
+            matches!(
+                s,
+                StoreError::Sealed { .. } | StoreError::Encrypted { .. } | StoreError::Locked { .. }
+            ) || matches!(s, StoreError::Io { message, retryable: false, .. } if message.contains("HTTP 40"))
+        })
+    })
+}
+
 /// True when the server asking is a standby in standby mode: `standby.signal` in its data
 /// directory (the parent of the destination's `pg_wal/`, else the working directory, where
 /// PostgreSQL runs restore_command).
@@ -126,7 +141,7 @@ pub async fn run(a: Args) -> ExitCode {
                 cli::report("tidemark-restore wal-fetch", &e.context(format!("repository {} does not exist (no config object); aborting recovery rather than ending it early\nhint: check --repo / TIDEMARK_REPO", store.url())));
                 return ExitCode::from(cli::EXIT_ABORT_RECOVERY);
             }
-            e if attempt < a.attempts => {
+            e if attempt < a.attempts && !hopeless(&e) => {
                 tracing::warn!(file = %a.file, attempt, error = %format!("{e:#}"), "fetch failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
