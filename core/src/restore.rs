@@ -25,7 +25,7 @@
 
 mod layout;
 mod recovery_conf;
-mod safe_dir;
+pub(crate) mod safe_dir;
 
 pub use recovery_conf::ArchiveMode;
 pub(crate) use safe_dir::SafeDir;

@@ -16,7 +16,7 @@
 //! - Only tablespaces named in the backup's own tablespace map get a symlink; a remap for an
 //!   oid the backup does not have is an error (a typo must not go unnoticed).
 
-use crate::restore::SafeDir;
+use crate::restore::safe_dir::SafeDir;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
