@@ -82,6 +82,73 @@ pub struct BackupInfo {
     pub from_standby: bool,
     /// Tablespaces of the backup's tablespace map.
     pub tablespaces: Vec<TablespaceInfo>,
+    /// What a restore of this backup can reach with the WAL archived now.
+    pub reach: Reach,
+}
+
+/// What one backup can reach, from the archived segments of its own timeline (the facts
+/// `expire --retain-wal-window` narrows to: a backup's own WAL is its start to its stop segment).
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct Reach {
+    /// `point_in_time`: any moment from its stop to the last commit in `to_segment` (the end of
+    /// the continuous WAL after it on its timeline); `consistency_point`: only its consistency
+    /// point (its WAL ends with its stop segment); `missing_wal`: not restorable, `missing` is a
+    /// segment of its own start..stop WAL that is not archived; `unknown`: no segment archived.
+    pub kind: &'static str,
+    pub to_segment: Option<String>,
+    pub missing: Option<String>,
+}
+
+impl Reach {
+    /// One sentence for the text output.
+    pub fn describe(&self) -> String {
+        match (self.kind, &self.to_segment, &self.missing) {
+            ("point_in_time", Some(to), _) => {
+                format!("point in time from its stop to the last commit in segment {to}")
+            }
+            ("consistency_point", _, _) => "its consistency point only".into(),
+            ("missing_wal", _, Some(m)) => {
+                format!("NOT restorable: its WAL segment {m} is not archived")
+            }
+            _ => "unknown: no WAL segment archived".into(),
+        }
+    }
+}
+
+/// What a backup on `tli` from `start_lsn` to `stop_lsn` can reach with `archive`'s segments.
+pub fn reach(archive: &crate::archive::Archive, tli: u32, start_lsn: u64, stop_lsn: u64) -> Reach {
+    let Some(ss) = archive.seg_size else {
+        return Reach {
+            kind: "unknown",
+            to_segment: None,
+            missing: None,
+        };
+    };
+    let have = archive.segment_numbers(tli, ss);
+    let name = |n: u64| crate::archive::name_of(tli, n, ss).to_string();
+    let start = start_lsn / ss;
+    // The segment holding the last byte before the stop LSN (PostgreSQL's stop segment).
+    let stop = (stop_lsn.saturating_sub(1) / ss).max(start);
+    if let Some(m) = (start..=stop).find(|n| !have.contains(n)) {
+        return Reach {
+            kind: "missing_wal",
+            to_segment: None,
+            missing: Some(name(m)),
+        };
+    }
+    let mut last = stop;
+    while have.contains(&(last + 1)) {
+        last += 1;
+    }
+    Reach {
+        kind: if last == stop {
+            "consistency_point"
+        } else {
+            "point_in_time"
+        },
+        to_segment: Some(name(last)),
+        missing: None,
+    }
 }
 
 #[derive(Serialize)]
@@ -171,9 +238,11 @@ pub async fn collect(store: &Store, pg_major: Option<u32>) -> Result<Info> {
         })
         .collect();
     let backup_major = headers.iter().map(|h| h.pg_version / 10000).max();
+    let archive = crate::archive::Archive::list(store).await?;
     let backups = headers
         .into_iter()
         .map(|h| BackupInfo {
+            reach: reach(&archive, h.timeline.0, h.start_lsn.0, h.stop_lsn.0),
             id: h.backup_id,
             timeline: h.timeline.0,
             start_time: repo::fmt_time(h.start_time_us),
@@ -204,7 +273,6 @@ pub async fn collect(store: &Store, pg_major: Option<u32>) -> Result<Info> {
                 .collect(),
         })
         .collect();
-    let archive = crate::archive::Archive::list(store).await?;
     let mut wal = Vec::new();
     let mut recoverable = Vec::new();
     for (&tl, files) in &archive.files {
@@ -335,7 +403,7 @@ fn render_system(info: &Info) -> String {
     }
     for b in &info.backups {
         s += &format!(
-            "  {}  timeline {}  start {} ({})  stop {} ({})  from {}{}\n      size {}, stored anew {} in {} objects ({} new chunks, {} reused){}{}\n",
+            "  {}  timeline {}  start {} ({})  stop {} ({})  from {}{}\n      size {}, stored anew {} in {} objects ({} new chunks, {} reused){}{}\n      reaches: {}\n",
             b.id,
             b.timeline,
             b.start_time,
@@ -353,7 +421,8 @@ fn render_system(info: &Info) -> String {
             b.tablespaces
                 .iter()
                 .map(|t| format!("\n      tablespace {} at {}", t.oid, t.location))
-                .collect::<String>()
+                .collect::<String>(),
+            b.reach.describe()
         );
     }
     s += "\nrecoverable:\n";
@@ -408,4 +477,50 @@ fn render_system(info: &Info) -> String {
     }
     s += &crate::verify::render_recorded(&info.last_verified_restore);
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::Archive;
+
+    const SEG: u64 = 16 << 20;
+
+    fn archive(tli: u32, segs: &[u64]) -> Archive {
+        let mut a = Archive {
+            seg_size: Some(SEG),
+            ..Default::default()
+        };
+        for n in segs {
+            a.files
+                .entry(tli)
+                .or_default()
+                .insert(crate::archive::name_of(tli, *n, SEG), SEG);
+        }
+        a
+    }
+
+    #[test]
+    fn what_a_backup_reaches() {
+        // A backup from segment 2 to 3 (its stop inside segment 3).
+        let (start, stop) = (2 * SEG + 0x28, 3 * SEG + 0x100);
+        let pitr = reach(&archive(1, &[2, 3, 4, 5, 7]), 1, start, stop);
+        assert_eq!(pitr.kind, "point_in_time");
+        assert_eq!(pitr.to_segment.as_deref(), Some("000000010000000000000005"));
+        let own = reach(&archive(1, &[2, 3, 5, 6]), 1, start, stop);
+        assert_eq!(own.kind, "consistency_point");
+        assert_eq!(own.describe(), "its consistency point only");
+        let missing = reach(&archive(1, &[2, 4]), 1, start, stop);
+        assert_eq!(missing.kind, "missing_wal");
+        assert_eq!(missing.missing.as_deref(), Some("000000010000000000000003"));
+        // Another timeline's segments are not this backup's WAL.
+        assert_eq!(
+            reach(&archive(2, &[2, 3]), 1, start, stop).kind,
+            "missing_wal"
+        );
+        // A stop at a segment's first byte needs only the segment before it.
+        let edge = reach(&archive(1, &[2, 3]), 1, start, 4 * SEG);
+        assert_eq!(edge.kind, "consistency_point");
+        assert_eq!(reach(&Archive::default(), 1, start, stop).kind, "unknown");
+    }
 }

@@ -1,7 +1,7 @@
 //! `expire`: remove backups a retention policy no longer keeps, then the packs and WAL nothing
 //! retained needs. `--dry-run` prints the plan a real run would execute, computed the same way.
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::time::Duration;
 use tidemark_core::cli::{RepoArgs, SystemArgs};
 use tidemark_core::expire::{self, ExpireOptions};
@@ -31,6 +31,11 @@ pub struct Args {
     /// Keep the newest backup of each of the newest N months
     #[arg(long, env = "TIDEMARK_RETAIN_MONTHLY")]
     retain_monthly: Option<u32>,
+    /// Keep point-in-time recovery only inside this recent window, e.g. 7d (units s, m, h, d, w):
+    /// WAL is kept from the newest retained backup that stopped before the window began; older
+    /// retained backups keep only their own start..stop WAL (restorable to their consistency point)
+    #[arg(long, env = "TIDEMARK_RETAIN_WAL_WINDOW")]
+    retain_wal_window: Option<String>,
     /// How long an unreferenced pack stays condemned before it is deleted (units s, m, h, d, w)
     #[arg(long, env = "TIDEMARK_GC_GRACE", default_value = "1h")]
     gc_grace: String,
@@ -59,6 +64,13 @@ pub async fn run(a: Args) -> Result<()> {
         Some(w) => Some(parse_duration(w).ok_or_else(|| bad("--retain-window", w))?),
         None => None,
     };
+    let wal_window = match &a.retain_wal_window {
+        Some(w) => match parse_duration(w).ok_or_else(|| bad("--retain-wal-window", w))? {
+            0 => bail!("--retain-wal-window {w:?} is empty: no moment would stay recoverable\nhint: give the span point-in-time recovery must cover, e.g. 7d"),
+            us => Some(us),
+        },
+        None => None,
+    };
     let grace = parse_duration(&a.gc_grace).ok_or_else(|| bad("--gc-grace", &a.gc_grace))?;
     let budget = parse_size(&a.repack_budget).ok_or_else(|| {
         anyhow!(
@@ -80,6 +92,7 @@ pub async fn run(a: Args) -> Result<()> {
             budget_bytes: budget,
             min_garbage_percent: a.repack_min_garbage,
         },
+        wal_window_us: wal_window,
     };
     let systems = match a.system.system_id {
         Some(_) => vec![a.system.select(&store).await?],

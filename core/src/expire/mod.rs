@@ -7,7 +7,9 @@
 //! 3. delete the expired manifests, oldest first;
 //! 4. condemn (record in a new `gc/` state object) every pack no remaining manifest names;
 //! 5. delete packs condemned at least `gc_grace` ago that are still unreferenced;
-//! 6. delete WAL older than the oldest retained backup's start segment (never `.history`);
+//! 6. delete WAL older than the oldest retained backup's start segment (never `.history`); with
+//!    a WAL window, older than the window's anchor backup except each older retained backup's
+//!    own start..stop WAL;
 //! 7. rewrite or delete GC state objects so they list only packs still condemned; release.
 //!
 //! The decisions are `planner`'s, a pure function of the repository's facts and `now`; the
@@ -21,7 +23,7 @@ mod executor;
 mod plan;
 mod planner;
 
-pub use plan::{render, BackupPlan, PackPlan, Plan, WalPlan, SCHEMA_VERSION};
+pub use plan::{render, BackupPlan, PackPlan, Plan, WalPlan, WalRangePlan, SCHEMA_VERSION};
 pub use planner::ExpireOptions;
 
 use crate::lease::{self, LeaseHandle};

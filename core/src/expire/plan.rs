@@ -17,6 +17,9 @@ pub struct BackupPlan {
     /// "keep" or "remove".
     pub action: String,
     pub reasons: Vec<String>,
+    /// With `--retain-wal-window`, what a kept backup can still reach after the run: "point in
+    /// time from its stop" or "its consistency point only"; `null` without a window.
+    pub reach: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq, Default)]
@@ -24,8 +27,21 @@ pub struct WalPlan {
     /// WAL segments before this one (log and segment number, any timeline) are removed;
     /// `null` when no backup is retained or WAL removal is deferred.
     pub keep_from_segment: Option<String>,
+    /// With `--retain-wal-window`: the older retained backups that keep only their own WAL, each
+    /// range on its timeline (WAL below `keep_from_segment` outside these ranges is removed).
+    pub keep_ranges: Vec<WalRangePlan>,
     pub delete: Vec<String>,
     pub delete_bytes: u64,
+}
+
+/// One backup's own WAL, kept so that it restores to its consistency point.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct WalRangePlan {
+    pub backup: String,
+    pub timeline: u32,
+    /// First and last segment (log and segment number) kept on `timeline`.
+    pub from_segment: String,
+    pub to_segment: String,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq, Default)]
@@ -48,10 +64,13 @@ pub struct Plan {
     pub now: String,
     pub policy: Policy,
     pub gc_grace_seconds: u64,
+    /// `--retain-wal-window` in seconds: point-in-time recovery is kept only inside it.
+    pub wal_window_seconds: Option<u64>,
     /// Newest first.
     pub backups: Vec<BackupPlan>,
     /// The earliest point in time restorable after this run: the stop time of the oldest retained
-    /// backup (WAL is kept from its start on every timeline).
+    /// backup (WAL is kept from its start on every timeline); with a WAL window, of the newest
+    /// retained backup that stopped at or before its start (the oldest if none did).
     pub recoverable_from: Option<String>,
     /// Why packs and WAL are left alone by this run, if they are.
     pub deferred: Option<String>,
@@ -83,15 +102,26 @@ pub fn render(p: &Plan) -> String {
     for b in &p.backups {
         let _ = writeln!(
             s,
-            "  {:6} {}  timeline {}  stopped {}  ({})",
+            "  {:6} {}  timeline {}  stopped {}  ({}){}",
             b.action,
             b.id,
             b.timeline,
             b.stop_time,
-            b.reasons.join("; ")
+            b.reasons.join("; "),
+            b.reach
+                .as_deref()
+                .map(|r| format!("  reach: {r}"))
+                .unwrap_or_default()
         );
     }
     match &p.recoverable_from {
+        Some(t) if p.wal_window_seconds.is_some() => {
+            let _ = writeln!(
+                s,
+                "recoverable after this run: any time from {t} to the newest archived WAL (WAL window {}s); older backups to their consistency point only",
+                p.wal_window_seconds.unwrap_or_default()
+            );
+        }
         Some(t) => {
             let _ = writeln!(
                 s,
@@ -134,6 +164,13 @@ pub fn render(p: &Plan) -> String {
         p.wal.delete.len(),
         p.wal.delete_bytes
     );
+    for r in &p.wal.keep_ranges {
+        let _ = writeln!(
+            s,
+            "wal: also keep {}..{} on timeline {} ({}: its consistency point only)",
+            r.from_segment, r.to_segment, r.timeline, r.backup
+        );
+    }
     if !p.stale_leases.is_empty() {
         let _ = writeln!(s, "stale leases removed: {}", p.stale_leases.join(", "));
     }

@@ -17,10 +17,16 @@
 //! - A live backup lease leaves packs, WAL and repacking alone: only stale leases and manifests go.
 //! - WAL below the start segment of the oldest retained backup (from its `backup_label`) is
 //!   deleted on every timeline, `.history` files never; with no backup retained, no WAL.
+//! - With a WAL window (`--retain-wal-window`), continuous WAL is kept only from the *anchor*: the
+//!   newest retained backup that stopped at or before `now - window` (the oldest retained one if
+//!   none did), so every moment of the window stays recoverable. A retained backup older than the
+//!   anchor keeps only its own WAL, start segment to stop segment on its own timeline: it restores
+//!   to its consistency point only. Without a known segment size nothing narrows (as without a
+//!   window).
 //! - Manifests are removed oldest first, so a run cut short leaves the newest backups.
 //! - After the run a GC state lists only packs that exist, are unreferenced and were not deleted.
 
-use super::plan::{BackupPlan, PackPlan, Plan, WalPlan, SCHEMA_VERSION};
+use super::plan::{BackupPlan, PackPlan, Plan, WalPlan, WalRangePlan, SCHEMA_VERSION};
 use crate::repack::{self, Chosen, LiveSet, RepackOptions, RepackPlan};
 use crate::repo::fmt_time;
 use crate::retention::{self, BackupFacts, Decision, Policy};
@@ -31,7 +37,7 @@ use std::time::Duration;
 use tidemark_format::lock::{GcState, LeaseKind};
 use tidemark_format::manifest::ManifestHeader;
 use tidemark_format::wal::WalFileName;
-use tidemark_format::{keys, PackId};
+use tidemark_format::{keys, Lsn, PackId, TimelineId};
 
 #[derive(Clone, Debug)]
 pub struct ExpireOptions {
@@ -41,6 +47,8 @@ pub struct ExpireOptions {
     pub gc_grace: Duration,
     /// Which packs are worth repacking and how much one run copies.
     pub repack: RepackOptions,
+    /// `--retain-wal-window`: PITR is kept only inside this recent window (microseconds).
+    pub wal_window_us: Option<i64>,
 }
 
 /// A lease of another process as the executor found it. Whether it is live depends on the local
@@ -157,6 +165,9 @@ pub struct Stored {
     pub gc_states: Vec<(String, GcState)>,
     /// `wal/` listed; read only when [`Retained::touches_data`].
     pub wal: Vec<Listed>,
+    /// The segment size of the archive (from a stored segment's header); needed only to narrow
+    /// WAL to a backup's own start..stop range under a WAL window.
+    pub seg_size: Option<u64>,
 }
 
 /// A GC state object the run replaces by one listing `still` (none if empty), then deletes (X7).
@@ -195,10 +206,21 @@ pub fn plan(r: Retained, opts: &ExpireOptions, stored: Stored) -> Result<(Plan, 
     let grace = opts.gc_grace.as_micros() as i64;
     let (packs, condemn, delete, states) =
         pack_steps(&stored, &kept.referenced, r.now, grace, touch);
-    let (wal, wal_keys) = match kept.keep_from.filter(|_| touch) {
-        Some(from) => wal_step(&stored.wal, from),
+    let keep = wal_keep(&kept.retained, opts.wal_window_us, stored.seg_size, r.now);
+    let (wal, wal_keys) = match keep.as_ref().filter(|_| touch) {
+        Some(k) => wal_step(&stored.wal, k),
         None => (WalPlan::default(), Vec::new()),
     };
+    let mut backups = kept.backups;
+    if let Some(k) = keep.as_ref().filter(|_| opts.wal_window_us.is_some()) {
+        for b in backups.iter_mut().filter(|b| b.action == "keep") {
+            b.reach = Some(if k.ranges.iter().any(|r| r.backup == b.id) {
+                "its consistency point only".into()
+            } else {
+                "point in time from its stop".into()
+            });
+        }
+    }
     let (repack, chosen, relocate) = if touch {
         repack_step(stored.live, &stored.packs, &stored.pack_tables, &r, opts)
     } else {
@@ -211,8 +233,9 @@ pub fn plan(r: Retained, opts: &ExpireOptions, stored: Stored) -> Result<(Plan, 
         now: fmt_time(r.now),
         policy: opts.policy.clone(),
         gc_grace_seconds: opts.gc_grace.as_secs(),
-        backups: kept.backups,
-        recoverable_from: kept.recoverable_from.map(fmt_time),
+        wal_window_seconds: opts.wal_window_us.map(|w| (w / 1_000_000) as u64),
+        backups,
+        recoverable_from: keep.as_ref().map(|k| fmt_time(k.recoverable_from)),
         deferred: r.leases.deferred,
         wal,
         packs,
@@ -241,9 +264,27 @@ struct Kept {
     remove: Vec<String>,
     /// Packs named by a retained backup's pack table.
     referenced: BTreeSet<PackId>,
-    /// The oldest retained backup's start segment (log, segment).
-    keep_from: Option<(u32, u32)>,
-    recoverable_from: Option<i64>,
+    /// The retained backups' WAL facts, newest first.
+    retained: Vec<RetainedWal>,
+}
+
+/// What the WAL step needs of one retained backup.
+struct RetainedWal {
+    id: String,
+    tli: u32,
+    /// Start segment (log, segment), from its `backup_label`.
+    start: (u32, u32),
+    stop_lsn: u64,
+    stop_us: i64,
+}
+
+/// Which WAL a run keeps: everything from `from` on every timeline, plus each range.
+#[derive(Debug)]
+struct WalKeep {
+    from: (u32, u32),
+    ranges: Vec<WalRange>,
+    /// The earliest point in time restorable after the run.
+    recoverable_from: i64,
 }
 
 fn kept_backups(r: &Retained, pack_tables: &HashMap<String, Vec<PackId>>) -> Result<Kept> {
@@ -251,8 +292,7 @@ fn kept_backups(r: &Retained, pack_tables: &HashMap<String, Vec<PackId>>) -> Res
         backups: Vec::new(),
         remove: Vec::new(),
         referenced: BTreeSet::new(),
-        keep_from: None,
-        recoverable_from: None,
+        retained: Vec::new(),
     };
     for d in &r.decisions {
         let h = r
@@ -267,12 +307,13 @@ fn kept_backups(r: &Retained, pack_tables: &HashMap<String, Vec<PackId>>) -> Res
                 )
             })?;
             k.referenced.extend(table.iter().copied());
-            let start = label_start_segment(h)?;
-            k.keep_from = Some(k.keep_from.map_or(start, |f| f.min(start)));
-            k.recoverable_from = Some(
-                k.recoverable_from
-                    .map_or(h.stop_time_us, |t| t.min(h.stop_time_us)),
-            );
+            k.retained.push(RetainedWal {
+                id: d.id.clone(),
+                tli: h.timeline.0,
+                start: label_start_segment(h)?,
+                stop_lsn: h.stop_lsn.0,
+                stop_us: h.stop_time_us,
+            });
         } else {
             k.remove.push(d.id.clone());
         }
@@ -284,6 +325,7 @@ fn kept_backups(r: &Retained, pack_tables: &HashMap<String, Vec<PackId>>) -> Res
             stop_time: fmt_time(h.stop_time_us),
             action: if d.keep { "keep" } else { "remove" }.into(),
             reasons: d.reasons.clone(),
+            reach: None,
         });
     }
     // Oldest first: a crash part-way leaves the newest backups, which every rule prefers.
@@ -360,10 +402,91 @@ fn pack_steps(
     (plan, condemn, delete, states)
 }
 
-/// X6: WAL objects before `from` (log, segment) on any timeline; never `.history`.
-fn wal_step(listing: &[Listed], from: (u32, u32)) -> (WalPlan, Vec<String>) {
+/// X6's decision: the WAL the retained backups need. Without a window (or a segment size), every
+/// timeline from the oldest retained backup's start; with one, from the anchor's start (see the
+/// module invariants) and each older retained backup's own start..stop range on its timeline.
+/// `None` when no backup is retained.
+fn wal_keep(
+    retained: &[RetainedWal],
+    window: Option<i64>,
+    seg_size: Option<u64>,
+    now: i64,
+) -> Option<WalKeep> {
+    let order = |b: &&RetainedWal| (b.stop_us, b.stop_lsn);
+    let oldest = retained.iter().min_by_key(order)?;
+    let (Some(window), Some(seg_size)) = (window, seg_size) else {
+        return Some(WalKeep {
+            from: retained.iter().map(|b| b.start).min()?,
+            ranges: Vec::new(),
+            recoverable_from: oldest.stop_us,
+        });
+    };
+    let edge = now.saturating_sub(window);
+    let anchor = retained
+        .iter()
+        .filter(|b| b.stop_us <= edge)
+        .max_by_key(order)
+        .unwrap_or(oldest);
+    // Every backup from the anchor on needs its WAL onwards (a newer backup on another timeline
+    // may start below the anchor).
+    let from = retained
+        .iter()
+        .filter(|b| order(b) >= order(&anchor))
+        .map(|b| b.start)
+        .min()?;
+    let mut ranges: Vec<WalRange> = retained
+        .iter()
+        .filter(|b| order(b) < order(&anchor) && b.start < from)
+        .map(|b| {
+            let stop = match WalFileName::segment_of(TimelineId(b.tli), Lsn(b.stop_lsn), seg_size) {
+                WalFileName::Segment { log, seg, .. } => (log, seg),
+                _ => b.start,
+            };
+            WalRange {
+                backup: b.id.clone(),
+                timeline: b.tli,
+                from: b.start,
+                to: stop.max(b.start),
+            }
+        })
+        .collect();
+    ranges.sort_by_key(|r| (r.from, r.timeline));
+    Some(WalKeep {
+        from,
+        ranges,
+        recoverable_from: anchor.stop_us,
+    })
+}
+
+/// One older backup's own WAL: segments `from..=to` (log, segment) on `timeline`.
+#[derive(Debug)]
+struct WalRange {
+    backup: String,
+    timeline: u32,
+    from: (u32, u32),
+    to: (u32, u32),
+}
+
+fn segment_text(pos: (u32, u32)) -> String {
+    format!("{:08X}{:08X}", pos.0, pos.1)
+}
+
+/// X6: WAL objects before `keep.from` (log, segment) on any timeline, except those inside a
+/// kept backup's own range on its timeline; never `.history`.
+fn wal_step(listing: &[Listed], keep: &WalKeep) -> (WalPlan, Vec<String>) {
+    let from = keep.from;
     let mut plan = WalPlan {
-        keep_from_segment: Some(format!("{:08X}{:08X}", from.0, from.1)),
+        keep_from_segment: Some(segment_text(from)),
+        keep_ranges: keep
+            .ranges
+            .iter()
+            .map(|r| WalRangePlan {
+                backup: r.backup.clone(),
+                timeline: r.timeline,
+                from_segment: segment_text(r.from),
+                to_segment: segment_text(r.to),
+            })
+            .collect(),
         ..Default::default()
     };
     let mut delete = Vec::new();
@@ -371,7 +494,13 @@ fn wal_step(listing: &[Listed], from: (u32, u32)) -> (WalPlan, Vec<String>) {
         let Some(n) = keys::parse_wal(&l.key) else {
             continue;
         };
-        if wal_position(&n).is_some_and(|pos| pos < from) {
+        let tli = n.timeline().0;
+        let in_range = |pos: (u32, u32)| {
+            keep.ranges
+                .iter()
+                .any(|r| r.timeline == tli && r.from <= pos && pos <= r.to)
+        };
+        if wal_position(&n).is_some_and(|pos| pos < from && !in_range(pos)) {
             plan.delete_bytes += l.size;
             plan.delete.push(l.key.clone());
             delete.push(l.key.clone());

@@ -150,5 +150,6 @@ pub fn expire_options(dry_run: bool) -> tidemark_core::expire::ExpireOptions {
         dry_run,
         gc_grace: Duration::ZERO,
         repack: tidemark_core::repack::RepackOptions::default(),
+        wal_window_us: None,
     }
 }

@@ -95,6 +95,12 @@ struct Fixture {
     wal: Vec<(&'static str, u64)>,
     /// Other processes' leases: key, kind, live.
     leases: Vec<(&'static str, LeaseKind, bool)>,
+    /// `--retain-wal-window`, in hours.
+    wal_window_h: Option<i64>,
+    /// The archive's segment size.
+    seg_size: Option<u64>,
+    /// Backups whose stop LSN is given (else it is the stop time, far beyond any segment).
+    stop_lsns: Vec<(&'static str, u64)>,
 }
 
 fn last(n: u32) -> Policy {
@@ -158,6 +164,9 @@ fn base() -> Fixture {
             ("wal/00000002/000000020000000000000009", 100),
         ],
         leases: vec![],
+        wal_window_h: None,
+        seg_size: None,
+        stop_lsns: vec![],
     }
 }
 
@@ -185,6 +194,7 @@ fn run(f: &Fixture) -> Result<(Plan, Work)> {
         dry_run: false,
         gc_grace: Duration::from_micros(f.grace as u64),
         repack: RepackOptions::default(),
+        wal_window_us: f.wal_window_h.map(|h| h * HOUR),
     };
     let leases: Vec<LeaseFact> = f
         .leases
@@ -196,7 +206,12 @@ fn run(f: &Fixture) -> Result<(Plan, Work)> {
             holder: format!("lease {key}"),
         })
         .collect();
-    let manifests: Vec<Manifest> = f.backups.iter().map(B::manifest).collect();
+    let mut manifests: Vec<Manifest> = f.backups.iter().map(B::manifest).collect();
+    for m in &mut manifests {
+        if let Some((_, lsn)) = f.stop_lsns.iter().find(|(id, _)| *id == m.header.backup_id) {
+            m.header.stop_lsn = Lsn(*lsn);
+        }
+    }
     let r = retain(
         &opts,
         NOW,
@@ -226,6 +241,7 @@ fn run(f: &Fixture) -> Result<(Plan, Work)> {
                 size: *size,
             })
             .collect(),
+        seg_size: f.seg_size,
         ..Default::default()
     };
     for m in manifests {
@@ -565,6 +581,8 @@ fn the_printed_plan() {
     assert_eq!(p.bytes_freed, 1710);
     assert!(render(&p).contains("bytes freed: 1710"));
 }
+
+mod window;
 
 #[test]
 fn running_backups_are_named_in_the_deferral() {
