@@ -152,18 +152,28 @@ pub async fn run_backup(
         .collect();
     let mut bytes = 0u64;
     let mut count = 0u64;
-    let results: Vec<u64> = futures::stream::iter(
+    let total = files
+        .iter()
+        .map(|&i| match &m.entries[i].kind {
+            EntryKind::File(f) => f.size,
+            _ => 0,
+        })
+        .sum();
+    // A bar on a terminal, a log line every 10 s otherwise (a CronJob's or kubectl's log).
+    let mut progress = crate::progress::Progress::new("restore", Some(total));
+    let mut written = futures::stream::iter(
         files
             .into_iter()
             .map(|i| restore_entry(store, &m, &dest, i)),
     )
-    .buffer_unordered(FILES_IN_FLIGHT)
-    .try_collect()
-    .await?;
-    for b in results {
+    .buffer_unordered(FILES_IN_FLIGHT);
+    while let Some(b) = written.try_next().await? {
         bytes += b;
         count += 1;
+        progress.add(b);
     }
+    drop(written);
+    progress.finish();
     // Symlinks only now that every file is written, and only the tablespaces'.
     dest.tablespaces.link(&dest.root)?;
     let map = dest
