@@ -1,8 +1,9 @@
 //! Restoring a base backup into an empty data directory and configuring recovery.
 //!
 //! Invariants:
-//! - The backup is the newest whose stop time is at or before the target among the backups on the
-//!   history of the timeline recovery will follow (`archive::choose`, shared with verify); none → an error, never a
+//! - The backup is the newest that can reach the target (stopped at or before a target time or
+//!   LSN) among the backups on the history of the timeline recovery will follow, or the one
+//!   `--backup` names if it can (`archive::choose`, shared with verify); none → an error, never a
 //!   fallback to another backup.
 //! - Nothing is written outside the target directory and its tablespaces' directories, and
 //!   nothing is written through a symlink: the decoder refuses a manifest with a path that is
@@ -33,7 +34,7 @@ pub(crate) use safe_dir::SafeDir;
 use crate::ranges;
 use crate::repo;
 use crate::store::Store;
-use crate::target::Target;
+use crate::target::Recovery;
 use anyhow::{anyhow, bail, Context, Result};
 use futures::{StreamExt, TryStreamExt};
 use std::os::unix::fs::{DirBuilderExt, FileExt};
@@ -50,7 +51,10 @@ const FILES_IN_FLIGHT: usize = 3;
 #[derive(Clone, Debug)]
 pub struct RestoreOptions {
     pub pgdata: PathBuf,
-    pub target: Target,
+    /// The target and its settings (inclusive, action, timeline).
+    pub recovery: Recovery,
+    /// `--backup ID`: restore this backup, refused if it cannot reach the target.
+    pub backup: Option<String>,
     /// The restore_command written into postgresql.auto.conf.
     pub restore_command: String,
     /// Tablespace locations to use instead of the original ones (oid, directory).
@@ -99,11 +103,17 @@ async fn load(store: &Store, id: &str) -> Result<Manifest> {
 pub async fn run(store: &Store, opts: &RestoreOptions) -> Result<RestoreReport> {
     prepare_target(&opts.pgdata)?;
     repo::require_config(store).await?;
-    let chosen = crate::archive::select(store, &opts.target).await?.chosen;
+    opts.recovery.check()?;
+    let want = crate::archive::Want {
+        target: opts.recovery.target.clone(),
+        timeline: opts.recovery.timeline,
+        backup: opts.backup.clone(),
+    };
+    let chosen = crate::archive::select(store, &want).await?.chosen;
     run_backup(store, &chosen, opts).await
 }
 
-/// Restores `chosen` (already selected for `opts.target`, e.g. by a drill) and writes the
+/// Restores `chosen` (already selected for `opts.recovery`, e.g. by a drill) and writes the
 /// recovery configuration.
 pub async fn run_backup(
     store: &Store,

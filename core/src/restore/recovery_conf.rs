@@ -59,15 +59,53 @@ fn settings(h: &ManifestHeader, opts: &RestoreOptions) -> String {
     );
     text += &format!("restore_command = {}\n", conf_quote(&opts.restore_command));
     // A backup of a server that was itself restored carries that restore's settings in its
-    // postgresql.auto.conf: clear every other target so none of them silently applies.
-    text += "recovery_target = ''\nrecovery_target_lsn = ''\nrecovery_target_name = ''\nrecovery_target_xid = ''\n";
-    match &opts.target {
-        Target::Time(t) => {
-            text += &format!("recovery_target_time = {}\n", conf_quote(&postgres_text(t)));
-        }
-        Target::Latest => text += "recovery_target_time = ''\n",
+    // postgresql.auto.conf: every recovery_target* is written, the unused ones cleared, so none
+    // of them silently applies.
+    let rec = &opts.recovery;
+    let (mut target, mut time, mut lsn, mut xid, mut name) = (
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+    );
+    match &rec.target {
+        Target::Latest => {}
+        Target::Immediate => target = "immediate".into(),
+        Target::Time(t) => time = postgres_text(t),
+        Target::Lsn(l) => lsn = l.to_string(),
+        Target::Xid(x) => xid = x.to_string(),
+        Target::Name(n) => name = n.clone(),
     }
-    text += "recovery_target_action = 'promote'\nrecovery_target_timeline = 'latest'\n";
+    let mut targets = [
+        ("recovery_target", target),
+        ("recovery_target_lsn", lsn),
+        ("recovery_target_name", name),
+        ("recovery_target_time", time),
+        ("recovery_target_xid", xid),
+    ];
+    // PostgreSQL refuses to start ("multiple recovery targets specified") when any other
+    // recovery_target* is assigned, even to '', after one is set: the one set comes last.
+    targets.sort_by_key(|(_, v)| !v.is_empty());
+    for (setting, value) in targets {
+        text += &format!("{setting} = {}\n", conf_quote(&value));
+    }
+    // Inclusive is PostgreSQL's default; written either way so a carried-over setting never
+    // applies. A target that is never reached ends recovery with FATAL "recovery ended before
+    // configured recovery target was reached" (PostgreSQL 13 and later): nothing is promoted.
+    text += &format!(
+        "recovery_target_inclusive = {}\n",
+        if rec.exclusive { "off" } else { "on" }
+    );
+    text += &format!(
+        "recovery_target_action = {}\nrecovery_target_timeline = {}\n",
+        conf_quote(rec.action.as_str()),
+        conf_quote(&rec.timeline.setting())
+    );
+    if rec.action == crate::target::Action::Pause {
+        // Pause needs hot_standby (without it PostgreSQL shuts down instead).
+        text += "hot_standby = on\n";
+    }
     match opts.archive_mode {
         ArchiveMode::Off => {
             text += "# --archive-mode off: this copy archives nothing (a copy must not push its WAL into the\n\
@@ -117,11 +155,13 @@ pub(super) fn write(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::target::{Action, Recovery, TimelineTarget};
 
     fn opts(mode: ArchiveMode) -> RestoreOptions {
         RestoreOptions {
             pgdata: "/x".into(),
-            target: Target::Latest,
+            recovery: Recovery::to(Target::Latest),
+            backup: None,
             restore_command: "tidemark-restore wal-fetch %f %p".into(),
             tablespace_map: Vec::new(),
             archive_mode: mode,
@@ -131,6 +171,118 @@ mod tests {
     #[test]
     fn quoting() {
         assert_eq!(conf_quote("it's"), "'it''s'");
+    }
+
+    fn last<'a>(text: &'a str, setting: &str) -> Option<&'a str> {
+        let prefix = format!("{setting} = ");
+        text.lines()
+            .rev()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+    }
+
+    #[test]
+    fn each_target_writes_its_setting_and_clears_the_others() {
+        let h = crate::test_support::hdr("b1", 1);
+        let all = [
+            "recovery_target",
+            "recovery_target_lsn",
+            "recovery_target_name",
+            "recovery_target_time",
+            "recovery_target_xid",
+        ];
+        let time = crate::target::parse_time("2026-11-21 20:40:12.5+00").unwrap();
+        for (target, setting, value) in [
+            (Target::Latest, "", ""),
+            (Target::Immediate, "recovery_target", "'immediate'"),
+            (
+                Target::Time(time),
+                "recovery_target_time",
+                "'2026-11-21 20:40:12.500000+00:00'",
+            ),
+            (
+                Target::Lsn(tidemark_format::Lsn(0x1_0300_0028)),
+                "recovery_target_lsn",
+                "'1/3000028'",
+            ),
+            (Target::Xid(742), "recovery_target_xid", "'742'"),
+            (
+                Target::Name("it's".into()),
+                "recovery_target_name",
+                "'it''s'",
+            ),
+        ] {
+            let mut o = opts(ArchiveMode::Off);
+            o.recovery = Recovery::to(target.clone());
+            let text = settings(&h, &o);
+            for s in all {
+                let want = if s == setting { value } else { "''" };
+                assert_eq!(last(&text, s), Some(want), "{target:?} {s}: {text}");
+            }
+            // The one set follows every cleared one (PostgreSQL refuses any other order).
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("recovery_target")
+                        && !l.starts_with("recovery_target_inclusive")
+                        && !l.starts_with("recovery_target_action")
+                        && !l.starts_with("recovery_target_timeline")
+                })
+                .collect();
+            assert_eq!(lines.len(), 5, "{text}");
+            assert!(lines[..4].iter().all(|l| l.ends_with(" = ''")), "{text}");
+            assert_eq!(
+                last(&text, "recovery_target_inclusive"),
+                Some("on"),
+                "{text}"
+            );
+            assert_eq!(
+                last(&text, "recovery_target_action"),
+                Some("'promote'"),
+                "{text}"
+            );
+            assert_eq!(
+                last(&text, "recovery_target_timeline"),
+                Some("'latest'"),
+                "{text}"
+            );
+        }
+        let mut o = opts(ArchiveMode::Off);
+        o.recovery = Recovery {
+            target: Target::Xid(742),
+            exclusive: true,
+            action: Action::Pause,
+            timeline: TimelineTarget::Id(3),
+        };
+        let text = settings(&h, &o);
+        assert_eq!(
+            last(&text, "recovery_target_inclusive"),
+            Some("off"),
+            "{text}"
+        );
+        assert_eq!(
+            last(&text, "recovery_target_action"),
+            Some("'pause'"),
+            "{text}"
+        );
+        assert_eq!(
+            last(&text, "recovery_target_timeline"),
+            Some("'3'"),
+            "{text}"
+        );
+        assert_eq!(last(&text, "hot_standby"), Some("on"), "{text}");
+        o.recovery.action = Action::Shutdown;
+        o.recovery.timeline = TimelineTarget::Current;
+        let text = settings(&h, &o);
+        assert_eq!(
+            last(&text, "recovery_target_action"),
+            Some("'shutdown'"),
+            "{text}"
+        );
+        assert_eq!(
+            last(&text, "recovery_target_timeline"),
+            Some("'current'"),
+            "{text}"
+        );
     }
 
     #[test]

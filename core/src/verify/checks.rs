@@ -85,6 +85,14 @@ pub(super) fn reached_target(
                 ),
             }
         }
+        other => r.check(
+            "reached_target",
+            false,
+            format!(
+                "a drill cannot judge target {} yet: only latest and a time",
+                other.describe()
+            ),
+        ),
     }
 }
 

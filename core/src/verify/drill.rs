@@ -77,7 +77,12 @@ async fn choose(
         r.target.time = Some(postgres_text(t));
     }
     // The same selection as restore (backups on the followed timeline history only).
-    let sel = crate::archive::select_among(store, backups, &target).await?;
+    let sel = crate::archive::select_among(
+        store,
+        backups,
+        &crate::archive::Want::target(target.clone()),
+    )
+    .await?;
     let chosen = &sel.chosen;
     let archive = &sel.archive;
     r.backup = Some(BackupUsed {
@@ -154,7 +159,8 @@ async fn restore_backup(
         chosen,
         &RestoreOptions {
             pgdata: pgdata.clone(),
-            target: target.clone(),
+            recovery: crate::target::Recovery::to(target.clone()),
+            backup: None,
             restore_command: opts.restore_command.clone(),
             // Tablespaces go to their recorded locations, which must be absent or empty there.
             tablespace_map: Vec::new(),

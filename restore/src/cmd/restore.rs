@@ -1,10 +1,70 @@
-//! `restore --pgdata DIR --target-time TIME | --target latest`.
+//! `restore --pgdata DIR` with one recovery target: `--target-time`, `--target-lsn`,
+//! `--target-xid`, `--target-name` or `--target immediate|latest`.
 
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 use tidemark_core::cli::{RepoArgs, SystemArgs};
 use tidemark_core::restore::{self, ArchiveMode, RestoreOptions};
-use tidemark_core::target::{self, Target};
+use tidemark_core::target::{self, Action, Recovery, Target, TimelineTarget};
+
+/// The recovery target options `restore` (and `verify`) take.
+#[derive(clap::Args, Clone, Debug)]
+pub struct TargetArgs {
+    /// Recover up to this time (RFC 3339, or PostgreSQL's timestamptz text such as '2026-11-21 20:40:12.5+00')
+    #[arg(long, group = "recovery_target")]
+    pub target_time: Option<String>,
+    /// Recover up to this WAL location (e.g. 0/3000028, as pg_current_wal_lsn() prints it)
+    #[arg(long, group = "recovery_target")]
+    pub target_lsn: Option<String>,
+    /// Recover up to the commit of this transaction id (txid_current())
+    #[arg(long, group = "recovery_target")]
+    pub target_xid: Option<String>,
+    /// Recover up to the restore point created with pg_create_restore_point(NAME)
+    #[arg(long, group = "recovery_target")]
+    pub target_name: Option<String>,
+    /// 'latest': replay all archived WAL; 'immediate': stop as soon as the backup is consistent
+    #[arg(long, group = "recovery_target", value_parser = ["latest", "immediate"])]
+    pub target: Option<String>,
+    /// Stop just before the target time, LSN or xid instead of just after it
+    #[arg(long)]
+    pub target_exclusive: bool,
+    /// What the server does at the target: promote (default), pause (stays in recovery,
+    /// read-only), shutdown
+    #[arg(long, value_enum, default_value_t = Action::Promote)]
+    pub target_action: Action,
+    /// The timeline recovery follows: latest (default), current (the backup's), or a number
+    #[arg(long, default_value = "latest", value_parser = target::parse_timeline)]
+    pub target_timeline: TimelineTarget,
+}
+
+impl TargetArgs {
+    /// The target and its settings, checked against each other.
+    pub fn recovery(&self) -> Result<Recovery> {
+        let target = if let Some(t) = &self.target_time {
+            Target::Time(target::parse_time(t)?)
+        } else if let Some(l) = &self.target_lsn {
+            Target::Lsn(target::parse_lsn(l)?)
+        } else if let Some(x) = &self.target_xid {
+            Target::Xid(target::parse_xid(x)?)
+        } else if let Some(n) = &self.target_name {
+            Target::Name(target::parse_name(n)?)
+        } else {
+            match self.target.as_deref() {
+                Some("latest") => Target::Latest,
+                Some("immediate") => Target::Immediate,
+                _ => bail!("give a recovery target\nhint: --target-time '2026-11-21 20:40:12+00', --target-lsn 0/3000028, --target-xid 742, --target-name NAME, --target immediate or --target latest"),
+            }
+        };
+        let r = Recovery {
+            target,
+            exclusive: self.target_exclusive,
+            action: self.target_action,
+            timeline: self.target_timeline,
+        };
+        r.check()?;
+        Ok(r)
+    }
+}
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -15,12 +75,12 @@ pub struct Args {
     /// Directory to restore into: must be absent or empty
     #[arg(long)]
     pgdata: PathBuf,
-    /// Recover up to this time (RFC 3339, or PostgreSQL's timestamptz text such as '2026-11-21 20:40:12.5+00')
-    #[arg(long, conflicts_with = "target")]
-    target_time: Option<String>,
-    /// 'latest': replay all archived WAL
-    #[arg(long, value_parser = ["latest"])]
-    target: Option<String>,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Restore this backup (an id from `tidemark-agent info`) instead of the one restore would
+    /// choose; refused if it cannot reach the target
+    #[arg(long, value_name = "ID")]
+    backup: Option<String>,
     /// Restore tablespace OID into DIR instead of its original location (repeatable)
     #[arg(long = "tablespace-map", value_name = "OID=DIR", value_parser = tidemark_core::tablespace::parse_remap)]
     tablespace_map: Vec<(String, PathBuf)>,
@@ -35,11 +95,8 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> Result<()> {
-    let target = match (&a.target_time, &a.target) {
-        (Some(t), None) => Target::Time(target::parse_time(t)?),
-        (None, Some(_)) => Target::Latest,
-        _ => bail!("give a recovery target\nhint: --target-time '2026-11-21 20:40:12+00' or --target latest"),
-    };
+    let recovery = a.target.recovery()?;
+    let target = recovery.target.clone();
     let root = a.repo.open()?;
     let system = a.system.select(&root).await?;
     let restore_command = a.repo.restore_command(&system, true)?;
@@ -52,7 +109,8 @@ pub async fn run(a: Args) -> Result<()> {
     let store = system.store;
     let opts = RestoreOptions {
         pgdata: a.pgdata.clone(),
-        target: target.clone(),
+        recovery: recovery.clone(),
+        backup: a.backup.clone(),
         restore_command,
         tablespace_map: a.tablespace_map.clone(),
         archive_mode: a.archive_mode,
@@ -86,7 +144,11 @@ pub async fn run(a: Args) -> Result<()> {
             "backup_stop_time": tidemark_core::repo::fmt_time(r.backup.stop_time_us),
             "system_id": system.system_id.0.to_string(),
             "pg_version": r.backup.pg_version,
-            "target": match &target { Target::Latest => "latest".to_string(), Target::Time(t) => target::postgres_text(t) },
+            "target": target.describe(),
+            "target_inclusive": !recovery.exclusive,
+            "target_action": recovery.action.as_str(),
+            "target_timeline": recovery.timeline.setting(),
+            "backup_stop_lsn": r.backup.stop_lsn.to_string(),
             "files": r.files,
             "bytes": r.bytes,
             "pgdata": a.pgdata,
@@ -101,8 +163,26 @@ pub async fn run(a: Args) -> Result<()> {
             r.files,
             r.bytes,
             a.pgdata.display(),
-            match &target { Target::Latest => "the end of the archive".to_string(), Target::Time(t) => target::postgres_text(t) }
+            match &target {
+                Target::Latest => "the end of the archive".to_string(),
+                Target::Immediate => "the backup's consistent state".to_string(),
+                t => format!(
+                    "{} ({}, then {})",
+                    t.describe(),
+                    if recovery.exclusive { "exclusive" } else { "inclusive" },
+                    recovery.action.as_str()
+                ),
+            }
         );
+        if matches!(target, Target::Xid(_) | Target::Name(_)) {
+            println!(
+                "backup {} stopped at {} (LSN {}): if the {} lies before that, PostgreSQL stops with FATAL \"recovery ended before configured recovery target was reached\" and promotes nothing; restore again into an empty directory with --backup <an older backup id>",
+                r.backup.backup_id,
+                tidemark_core::repo::fmt_time(r.backup.stop_time_us),
+                r.backup.stop_lsn,
+                if matches!(target, Target::Xid(_)) { "transaction's commit" } else { "restore point" }
+            );
+        }
         match a.archive_mode {
             ArchiveMode::Off => println!("archive_mode = off: this server archives no WAL (restore with --archive-mode preserve only when it replaces the original server)"),
             ArchiveMode::Preserve => println!("archive_mode preserved from the backup: this server archives WAL as the original did once it is promoted"),
