@@ -93,7 +93,12 @@ async fn restore_and_compare(
     let data = dir.mkdir(name)?.join("data");
     let d = data.to_string_lossy().into_owned();
     let k = key.to_string_lossy().into_owned();
-    restore_latest(&d, repo, Some(&k)).await?.ok()?;
+    let r = restore_latest(&d, repo, Some(&k)).await?.ok()?;
+    // Logs into a pipe (kubectl logs, a file) carry no colour escapes.
+    ensure!(
+        r.stderr.contains("restoring backup") && !r.stderr.contains('\x1b'),
+        "restore's log is missing or carries ANSI escapes:\n{r}"
+    );
     let auto = std::fs::read_to_string(data.join("postgresql.auto.conf"))?;
     ensure!(
         auto.contains("--key-file") && auto.contains(&k),

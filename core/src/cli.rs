@@ -164,11 +164,22 @@ pub fn init_tracing(args: &LogArgs) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .with_target(false);
     match args.log_format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),
     }
+}
+
+/// Colour (ANSI escapes) in text logs only on a terminal, and never when `NO_COLOR` is set to
+/// anything non-empty (no-color.org): a file, a pipe, `kubectl logs` or PostgreSQL's log (where
+/// archive_command's errors land) gets plain text.
+fn colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// Prints an error chain the way every tidemark command reports failure.
@@ -203,5 +214,18 @@ where
             report(prog, &e);
             std::process::ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some(std::ffi::OsStr::new(""))));
+        assert!(!colour(true, Some(std::ffi::OsStr::new("1"))));
+        assert!(!colour(false, None));
     }
 }
