@@ -234,6 +234,55 @@ async fn every_recovery_target_restores_exactly_its_rows() -> Result<()> {
         "recovery stopping after reaching consistency",
     )
     .await?;
+
+    // verify drills the same targets, with restore's selection: an xid, exclusive, and a name.
+    for (name, args, stop) in [
+        (
+            "verify-xid",
+            vec!["--target-xid", p.xid_5.as_str(), "--target-exclusive"],
+            format!("before commit of transaction {}", p.xid_5),
+        ),
+        (
+            "verify-name",
+            vec!["--target-name", "before-7"],
+            "at restore point \"before-7\"".to_string(),
+        ),
+    ] {
+        let scratch = dir.join(name).to_string_lossy().into_owned();
+        let pg_bin = tidemark_e2e::env::pg_bin_dir()?
+            .to_string_lossy()
+            .into_owned();
+        let mut a = vec![
+            "verify",
+            "--repo",
+            &repo.url,
+            "--scratch",
+            &scratch,
+            "--pg-bin",
+            &pg_bin,
+        ];
+        a.extend_from_slice(&args);
+        let r = tidemark_e2e::restore(&a).await?;
+        ensure!(r.success(), "verify {args:?} failed:\n{r}");
+        let v = r.json()?;
+        let reached = v["checks"]
+            .as_array()
+            .context("checks")?
+            .iter()
+            .find(|c| c["name"] == "reached_target")
+            .with_context(|| format!("no reached_target check: {v}"))?;
+        ensure!(
+            v["ok"] == true
+                && v["backup"]["id"] == p.backup_b.as_str()
+                && reached["outcome"] == "pass"
+                && reached["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains(&stop)),
+            "verify {args:?}: want a pass from backup {} stopping {stop}: {v}",
+            p.backup_b
+        );
+        eprintln!("targets: {name}: {}", reached["detail"]);
+    }
     Ok(())
 }
 

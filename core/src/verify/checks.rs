@@ -85,14 +85,41 @@ pub(super) fn reached_target(
                 ),
             }
         }
-        other => r.check(
-            "reached_target",
-            false,
-            format!(
-                "a drill cannot judge target {} yet: only latest and a time",
-                other.describe()
-            ),
-        ),
+        other => {
+            // The server's own account of where it stopped, for the target it was given.
+            let want: Vec<String> = match other {
+                Target::Lsn(l) => vec![
+                    format!("recovery stopping after WAL location (LSN) \"{l}\""),
+                    format!("recovery stopping before WAL location (LSN) \"{l}\""),
+                ],
+                Target::Xid(x) => [
+                    "after commit",
+                    "before commit",
+                    "after abort",
+                    "before abort",
+                ]
+                .iter()
+                .map(|k| format!("recovery stopping {k} of transaction {x},"))
+                .collect(),
+                Target::Name(n) => vec![format!("recovery stopping at restore point \"{n}\"")],
+                _ => vec!["recovery stopping after reaching consistency".to_string()],
+            };
+            match log.lines().find(|l| want.iter().any(|w| l.contains(w.as_str()))) {
+                Some(line) => r.check(
+                    "reached_target",
+                    true,
+                    format!(
+                        "replayed to {replayed}; server: {}",
+                        line.split("LOG:").nth(1).unwrap_or(line).trim()
+                    ),
+                ),
+                None => r.check(
+                    "reached_target",
+                    false,
+                    format!("the server promoted at {replayed} without reporting that it reached the target {}", other.describe()),
+                ),
+            }
+        }
     }
 }
 

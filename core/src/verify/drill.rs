@@ -72,6 +72,19 @@ async fn choose(
             r.target.window = Some([repo::fmt_time(lo), repo::fmt_time(hi)]);
             Target::Time(time_of(at)?)
         }
+        DrillTarget::Exact(rec) => {
+            rec.check()?;
+            r.target.kind = match &rec.target {
+                Target::Lsn(_) => "lsn",
+                Target::Xid(_) => "xid",
+                Target::Name(_) => "name",
+                Target::Immediate => "immediate",
+                Target::Time(_) => "time",
+                Target::Latest => "latest",
+            }
+            .into();
+            rec.target.clone()
+        }
     };
     if let Target::Time(t) = &target {
         r.target.time = Some(postgres_text(t));
@@ -159,7 +172,10 @@ async fn restore_backup(
         chosen,
         &RestoreOptions {
             pgdata: pgdata.clone(),
-            recovery: crate::target::Recovery::to(target.clone()),
+            recovery: match &opts.target {
+                DrillTarget::Exact(rec) => rec.clone(),
+                _ => crate::target::Recovery::to(target.clone()),
+            },
             backup: None,
             restore_command: opts.restore_command.clone(),
             // Tablespaces go to their recorded locations, which must be absent or empty there.

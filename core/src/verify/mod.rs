@@ -38,6 +38,9 @@ pub enum DrillTarget {
     Time(DateTime<FixedOffset>),
     /// A random time between the oldest and the newest backup's stop time.
     RandomInWindow,
+    /// An LSN, xid, restore point or immediate target (inclusive or not), as `restore` takes it;
+    /// the drill always promotes on the latest timeline.
+    Exact(crate::target::Recovery),
 }
 
 #[derive(Clone, Debug)]

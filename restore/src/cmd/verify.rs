@@ -7,22 +7,34 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tidemark_core::cli::{RepoArgs, SystemArgs, EXIT_FAILURE};
-use tidemark_core::target;
+use tidemark_core::target::{self, Recovery, Target};
 use tidemark_core::verify::{self, server, DrillTarget, VerifyOptions};
 
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("drill_target").required(true).args(["target", "target_time", "random_in_window"])))]
+#[command(group(clap::ArgGroup::new("drill_target").required(true).args(["target", "target_time", "target_lsn", "target_xid", "target_name", "random_in_window"])))]
 pub struct Args {
     #[command(flatten)]
     repo: RepoArgs,
     #[command(flatten)]
     system: SystemArgs,
-    /// 'latest': replay all archived WAL
-    #[arg(long, value_parser = ["latest"])]
+    /// 'latest': replay all archived WAL; 'immediate': stop as soon as the backup is consistent
+    #[arg(long, value_parser = ["latest", "immediate"])]
     target: Option<String>,
     /// Recover up to this time (RFC 3339 or PostgreSQL's timestamptz text)
     #[arg(long)]
     target_time: Option<String>,
+    /// Recover up to this WAL location (e.g. 0/3000028)
+    #[arg(long)]
+    target_lsn: Option<String>,
+    /// Recover up to the commit of this transaction id
+    #[arg(long)]
+    target_xid: Option<String>,
+    /// Recover up to the restore point created with pg_create_restore_point(NAME)
+    #[arg(long)]
+    target_name: Option<String>,
+    /// Stop just before the target LSN or xid instead of just after it
+    #[arg(long)]
+    target_exclusive: bool,
     /// A random time between the oldest and the newest backup's stop time
     #[arg(long)]
     random_in_window: bool,
@@ -68,11 +80,30 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> Result<ExitCode> {
-    let target = match (&a.target, &a.target_time, a.random_in_window) {
-        (Some(_), None, false) => DrillTarget::Latest,
-        (None, Some(t), false) => DrillTarget::Time(target::parse_time(t)?),
-        (None, None, true) => DrillTarget::RandomInWindow,
-        _ => bail!("give exactly one drill target\nhint: --target latest, --target-time '2026-11-21 20:40:12+00' or --random-in-window"),
+    let exact = if let Some(l) = &a.target_lsn {
+        Some(Target::Lsn(target::parse_lsn(l)?))
+    } else if let Some(x) = &a.target_xid {
+        Some(Target::Xid(target::parse_xid(x)?))
+    } else if let Some(n) = &a.target_name {
+        Some(Target::Name(target::parse_name(n)?))
+    } else if a.target.as_deref() == Some("immediate") {
+        Some(Target::Immediate)
+    } else {
+        None
+    };
+    if a.target_exclusive && !matches!(exact, Some(Target::Lsn(_) | Target::Xid(_))) {
+        bail!("--target-exclusive applies to a drill only with --target-lsn or --target-xid\nhint: leave it out");
+    }
+    let target = match (exact, &a.target, &a.target_time, a.random_in_window) {
+        (Some(t), _, _, _) => {
+            let mut rec = Recovery::to(t);
+            rec.exclusive = a.target_exclusive;
+            DrillTarget::Exact(rec)
+        }
+        (None, Some(_), None, false) => DrillTarget::Latest,
+        (None, None, Some(t), false) => DrillTarget::Time(target::parse_time(t)?),
+        (None, None, None, true) => DrillTarget::RandomInWindow,
+        _ => bail!("give exactly one drill target\nhint: --target latest|immediate, --target-time '2026-11-21 20:40:12+00', --target-lsn LSN, --target-xid XID, --target-name NAME or --random-in-window"),
     };
     let mut settings = Vec::new();
     for s in &a.pg_settings {
