@@ -328,6 +328,21 @@ async fn target_actions_pause_and_shutdown_and_unreachable_targets_are_refused()
         "a forced backup that cannot reach the target was not refused clearly:\n{r}"
     );
 
+    // A timeline without an archived history file cannot be followed: refused by name.
+    let r = repo
+        .restore(
+            &dir.join("no-such-timeline"),
+            &["--target", "immediate", "--target-timeline", "5"],
+        )
+        .await?;
+    ensure!(
+        r.code() == Some(1)
+            && r.stderr
+                .contains("00000005.history, the history of timeline 5")
+            && r.stderr.contains("hint:"),
+        "a restore following a timeline the archive does not hold was not refused clearly:\n{r}"
+    );
+
     // pause: the server reaches the target and stays in recovery, replay paused.
     let pgdata = dir.join("pause");
     repo.restore(
@@ -387,10 +402,18 @@ async fn target_actions_pause_and_shutdown_and_unreachable_targets_are_refused()
             &p.lsn_after_4,
             "--target-action",
             "shutdown",
+            "--target-timeline",
+            "1",
         ],
     )
     .await?
     .ok()?;
+    let auto = std::fs::read_to_string(pgdata.join("postgresql.auto.conf"))?;
+    ensure!(
+        auto.contains("recovery_target_timeline = '1'\n")
+            && auto.contains("recovery_target_action = 'shutdown'\n"),
+        "the recovery settings do not name timeline 1 and shutdown:\n{auto}"
+    );
     let (stopped, _started) = start_only(&dir, "shutdown-server", &pgdata).await?;
     let t0 = Instant::now();
     while stopped.log_lines("shutdown at recovery target").is_empty()

@@ -9,6 +9,9 @@
 //!   a backup could have put there.
 //! - The settings come last in the file, so they win over anything the backup's own
 //!   `postgresql.auto.conf` says (PostgreSQL applies the last occurrence of a setting).
+//! - Every `recovery_target*` is written: the target's own one last, after the others cleared
+//!   to `''` (PostgreSQL refuses to start when a target setting is assigned after another is
+//!   set), then `recovery_target_inclusive`, `_action` and `_timeline`.
 //! - With [`ArchiveMode::Off`] the settings include `archive_mode = off`: the restored server
 //!   archives nothing until an operator turns archiving back on.
 
