@@ -7,7 +7,6 @@
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::time::{Duration, Instant};
 use tidemark_e2e::data::{self, BATCH_ROWS};
 use tidemark_e2e::{start_restored, tidemark, PgCluster, Repo, TestDir, Tool};
@@ -43,37 +42,23 @@ async fn expire(repo: &Repo, args: &[&str]) -> Result<Value> {
     Ok(real)
 }
 
-/// Restores with `target` (which must choose backup `id`), then, when `immediate`, replaces the
-/// recovery target by `recovery_target = 'immediate'` (stop at the backup's consistency point);
-/// starts the server and returns its rows.
+/// Restores with `target` args (which must choose backup `id`), starts the server and returns
+/// its rows.
 async fn restore_rows(
     dir: &TestDir,
     repo: &Repo,
     name: &str,
-    target: &str,
+    target: &[&str],
     id: &str,
-    immediate: bool,
 ) -> Result<BTreeMap<i32, i64>> {
     let pgdata = dir.join(name);
-    let r = repo
-        .restore(&pgdata, &["--target-time", target])
-        .await?
-        .ok()?;
+    let r = repo.restore(&pgdata, target).await?.ok()?;
     let v = r.json_document()?;
     ensure!(
         v["backup_id"] == id,
-        "restore to {target} chose {} instead of {id}",
+        "restore {target:?} chose {} instead of {id}",
         v["backup_id"]
     );
-    if immediate {
-        // Later lines of postgresql.auto.conf win: the time target is unset, recovery stops at
-        // the end of the backup (its stop LSN), with only the backup's own WAL.
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(pgdata.join("postgresql.auto.conf"))
-            .context("cannot open the restored postgresql.auto.conf")?;
-        f.write_all(b"\nrecovery_target_time = ''\nrecovery_target = 'immediate'\n")?;
-    }
     let server = start_restored(dir, &format!("{name}-server"), &pgdata).await?;
     let db = server.client().await?;
     let rows = data::batch_counts(&db).await?;
@@ -208,15 +193,17 @@ async fn old_backups_outside_the_wal_window_keep_only_their_own_wal() -> Result<
         ensure!(b["reach"]["kind"] == want, "info reach of {id}: {info:#}");
     }
     // A moment inside the window: row for row.
-    let rows = restore_rows(&dir, &repo, "inside", &inside.0, &old[2].0, false).await?;
+    let target = ["--target-time", inside.0.as_str()];
+    let rows = restore_rows(&dir, &repo, "inside", &target, &old[2].0).await?;
     ensure!(
         rows == inside.1,
         "restore to {} inside the window: {rows:?}",
         inside.0
     );
     // Each old backup: its consistency point, with its own WAL only.
-    for (i, (id, after, rows_then)) in old.iter().enumerate().take(2) {
-        let rows = restore_rows(&dir, &repo, &format!("old{i}"), after, id, true).await?;
+    for (i, (id, _, rows_then)) in old.iter().enumerate().take(2) {
+        let target = ["--target", "immediate", "--backup", id.as_str()];
+        let rows = restore_rows(&dir, &repo, &format!("old{i}"), &target, id).await?;
         ensure!(
             &rows == rows_then,
             "backup {id} restored {rows:?}, want {rows_then:?}"
