@@ -400,20 +400,27 @@ mod tests {
         h
     }
 
+    /// Backups a and b on timeline 1, a failover to timeline 2 at 0/300, c on timeline 2, and
+    /// "split": the old primary's backup after the failover, newest by time, on the abandoned
+    /// branch.
+    fn failover() -> (Vec<ManifestHeader>, History) {
+        let bs = vec![
+            on("a", 1_000_000, 1, 0x100),
+            on("b", 2_000_000, 1, 0x200),
+            on("split", 4_000_000, 1, 0x500),
+            on("c", 3_000_000, 2, 0x400),
+        ];
+        let h = History::parse(2, "1\t0/300\tfailover\n").unwrap();
+        (bs, h)
+    }
+
     fn pick(bs: &[ManifestHeader], h: &History, t: &Target) -> Result<String> {
         choose(bs, Some(h), t, None).map(|b| b.backup_id.clone())
     }
 
     #[test]
     fn chooses_by_stop_time_among_backups_on_the_followed_history() {
-        let bs = vec![
-            on("a", 1_000_000, 1, 0x100),
-            on("b", 2_000_000, 1, 0x200),
-            // The old primary after the failover at 0x300: newest by time, abandoned branch.
-            on("split", 4_000_000, 1, 0x500),
-            on("c", 3_000_000, 2, 0x400),
-        ];
-        let h = History::parse(2, "1\t0/300\tfailover\n").unwrap();
+        let (bs, h) = failover();
         assert_eq!(pick(&bs, &h, &Target::Latest).unwrap(), "c");
         assert_eq!(pick(&bs, &h, &at(5_000_000)).unwrap(), "c");
         assert_eq!(pick(&bs, &h, &at(2_500_000)).unwrap(), "b");
@@ -437,13 +444,7 @@ mod tests {
 
     #[test]
     fn lsn_xid_name_and_immediate_targets() {
-        let bs = vec![
-            on("a", 1_000_000, 1, 0x100),
-            on("b", 2_000_000, 1, 0x200),
-            on("split", 4_000_000, 1, 0x500),
-            on("c", 3_000_000, 2, 0x400),
-        ];
-        let h = History::parse(2, "1\t0/300\tfailover\n").unwrap();
+        let (bs, h) = failover();
         let lsn = |l: u64| Target::Lsn(Lsn(l));
         // The newest backup that stopped at or before the LSN, on the followed history only
         // ("split" stopped at 0/500 on the abandoned branch).
