@@ -203,17 +203,20 @@ pub(crate) async fn prepare_create(store: &Store) -> Result<Option<String>> {
         store.set_data_keys(DataKeys::derive(&m));
         return Ok(None);
     }
+    let id = create_keyring(store, key).await?;
+    Ok(Some(keys::keyring_entry(&id).context("keyring entry id")?))
+}
+
+/// A new master key, wrapped under `key` in the repository's first keyring entry; the store
+/// seals with it from now on. Returns the entry's id.
+async fn create_keyring(store: &Store, key: &UserKey) -> Result<String> {
     let master = random::<32>()?;
-    let entry = new_entry(&master, key).await?;
-    let k = keys::keyring_entry(&entry.id_hex()).context("keyring entry id")?;
-    store
-        .keyring_store()
-        .put_create(&k, Bytes::from(entry.encode()))
+    let id = store_entry(store, &master, key)
         .await
         .with_context(|| format!("cannot create the keyring of repository {}", store.url()))?;
     store.set_data_keys(DataKeys::derive(&master));
-    tracing::info!(repo = %store.url(), key_id = %entry.id_hex(), "created an encrypted repository");
-    Ok(Some(k))
+    tracing::info!(repo = %store.url(), key_id = %id, "created an encrypted repository");
+    Ok(id)
 }
 
 /// After losing the race to create the config: forget the keys chosen and remove the keyring
@@ -235,11 +238,12 @@ fn random<const N: usize>() -> Result<[u8; N]> {
     Ok(b)
 }
 
-async fn new_entry(master: &[u8; 32], key: &UserKey) -> Result<KeyringEntry> {
+/// Wraps `master` under `key` in a new keyring entry, stored create-only; returns its id.
+async fn store_entry(store: &Store, master: &[u8; 32], key: &UserKey) -> Result<String> {
     let (id, salt) = (random::<16>()?, random::<16>()?);
     let (master, key) = (*master, key.clone());
     let now = chrono::Utc::now().timestamp_micros();
-    Ok(tokio::task::spawn_blocking(move || {
+    let entry = tokio::task::spawn_blocking(move || {
         KeyringEntry::wrap(
             &master,
             key.bytes(),
@@ -249,7 +253,13 @@ async fn new_entry(master: &[u8; 32], key: &UserKey) -> Result<KeyringEntry> {
             now,
         )
     })
-    .await?)
+    .await?;
+    let k = keys::keyring_entry(&entry.id_hex()).context("keyring entry id")?;
+    store
+        .keyring_store()
+        .put_create(&k, Bytes::from(entry.encode()))
+        .await?;
+    Ok(entry.id_hex())
 }
 
 /// `repo init --encryption`: a new encrypted repository, bound to no database system yet (the
@@ -266,11 +276,7 @@ pub async fn init(store: &Store) -> Result<String> {
             store.url()
         );
     }
-    let _ = key;
-    let created = prepare_create(store).await?;
-    created
-        .and_then(|k| keys::parse_keyring_entry(&k).map(str::to_string))
-        .context("no keyring entry was created")
+    create_keyring(store, key).await
 }
 
 /// The master key and the entry the store's key opens, checked against the config if there
@@ -307,14 +313,9 @@ pub async fn add_key(store: &Store, new: &UserKey) -> Result<String> {
     if find_master(store, new, &all, None).await?.is_some() {
         bail!("the new key opens this repository already\nhint: `tidemark-agent key list` shows the keyring");
     }
-    let entry = new_entry(&master, new).await?;
-    let k = keys::keyring_entry(&entry.id_hex()).context("keyring entry id")?;
-    store
-        .keyring_store()
-        .put_create(&k, Bytes::from(entry.encode()))
+    store_entry(store, &master, new)
         .await
-        .context("cannot write the new keyring entry")?;
-    Ok(entry.id_hex())
+        .context("cannot write the new keyring entry")
 }
 
 /// `key remove`: deletes the entry `id`. The key given must open another entry, so a working
