@@ -1,3 +1,6 @@
+//! Over 500 lines because each of the hostile repositories is built by hand next to the refusal it
+//! must cause.
+//!
 //! Issue 13: `restore` and `verify` against a hostile or corrupted repository, and
 //! `restore --archive-mode`.
 //!

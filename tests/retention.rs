@@ -1,3 +1,6 @@
+//! Over 500 lines because the random-history driver and its scenarios share one ledger and one set
+//! of checks.
+//!
 //! Retention and garbage collection end to end: random sequences of writes, backups and expires
 //! whose promised points in time all restore row for row; expire racing a running backup; expire
 //! killed at every step and rerun; a pack deleted out of band. Every expire here runs twice, as

@@ -1,3 +1,6 @@
+//! Over 500 lines because each sidecar fault scenario ends with the same restore proof; they share
+//! one file's helpers.
+//!
 //! The WAL archiving sidecar end to end: archive_command hands segments to `tidemark-agent
 //! sidecar` over its socket while a real PostgreSQL 15 writes; the sidecar is killed, stopped,
 //! starved of disk and fed conflicting WAL, and every scenario ends with a restore proving that

@@ -1,3 +1,6 @@
+//! Over 500 lines because it is the one read-side view on purpose (issue 12): listing, gaps,
+//! timeline history and backup choice used to drift as separate copies.
+//!
 //! The read side's one view of an archive: the archived WAL per timeline, the segment size, the
 //! gaps, the timeline history recovery will follow, and the choice of the backup for a target.
 //! `restore`, `verify`, `info`, `check` and `prefetch` all read the archive through this module,

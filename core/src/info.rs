@@ -1,3 +1,6 @@
+//! Over 500 lines because the text and JSON overviews print the same facts (systems, backups,
+//! reach, WAL per timeline) and must not drift apart.
+//!
 //! The repository overview an on-call engineer needs: backups and the archived WAL per timeline.
 
 use crate::repo;

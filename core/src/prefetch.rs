@@ -1,3 +1,6 @@
+//! Over 500 lines because the spool's safety rules (binding, verification, cleanup) and the fetch-
+//! ahead logic must be read together.
+//!
 //! WAL prefetch for `wal-fetch` (restore_command): when PostgreSQL asks for segment N and the spool
 //! does not have it, segments N..N+depth are fetched in parallel; N goes to PostgreSQL and the rest
 //! wait in a local spool, so the next `depth` requests cost no round trip to the object store.

@@ -1,3 +1,6 @@
+//! Over 500 lines because every lease scenario runs on both backends through one macro and one set
+//! of helpers.
+//!
 //! Repository leases (FORMAT.md section 16) on every storage backend: the local `file://`
 //! directory and a real S3-compatible server (moto, see `common`). Each scenario runs once per
 //! backend (`<scenario>::file`, `<scenario>::s3`) in its own repository, and only through the

@@ -1,3 +1,6 @@
+//! Over 500 lines because the manifest's encoder, decoder and limits are one wire format and belong
+//! in one place with its header prefix reader.
+//!
 //! Backup manifests (key `backups/<backup id>.manifest`): everything needed to rebuild a data
 //! directory. A backup exists only once its manifest does; the manifest is written last.
 //!

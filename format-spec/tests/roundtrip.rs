@@ -1,3 +1,5 @@
+//! Over 500 lines because every format type has its generator and damage cases beside the others.
+//!
 //! Round-trip property tests driven by a small deterministic pseudo-random generator: for many
 //! generated values, `decode(encode(v)) == v`, and damaged encodings are refused with an error
 //! rather than a panic. The seed is fixed, so a failure reproduces exactly.

@@ -1,3 +1,5 @@
+//! Over 500 lines because each golden vector is checked field by field.
+//!
 //! Golden vectors: every file in `format-spec/vectors/` decodes to the values documented in
 //! `vectors/README.md`, and encoding the decoded value gives the file back byte for byte.
 //!

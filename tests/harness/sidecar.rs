@@ -1,3 +1,6 @@
+//! Over 500 lines because it carries the sidecar process, the source cluster and the moto server
+//! that the sidecar tests drive together.
+//!
 //! The WAL archiving sidecar for the tests: a `tidemark-agent sidecar` process that can be killed
 //! and restarted, a source cluster whose archive_command hands segments to it over the socket,
 //! plain HTTP GETs of `/healthz` and `/metrics`, and an S3-compatible server (moto) on loopback.

@@ -1,3 +1,6 @@
+//! Over 500 lines because it is one pure decision: the retention rules, the WAL needs and the GC
+//! choice read the same facts and must be checked together.
+//!
 //! The expire planner: repository facts and `now` in, the plan out (FORMAT.md 16.3 X1, X2 and
 //! 16.4). Pure: no I/O and no clock, so every decision is table-tested (`planner/tests.rs`).
 //!

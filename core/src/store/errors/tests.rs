@@ -1,3 +1,5 @@
+//! Over 500 lines because it holds the providers' real error documents verbatim.
+//!
 //! The summariser on errors shaped exactly as object_store 0.12 prints them (client/retry.rs,
 //! lib.rs, aws/client.rs) around the providers' real error documents.
 
