@@ -61,6 +61,8 @@ pub struct RestoreOptions {
     pub tablespace_map: Vec<(String, PathBuf)>,
     /// Whether the recovery settings turn WAL archiving off.
     pub archive_mode: ArchiveMode,
+    /// `--standby`: restore as a standby (`recovery` then holds no target).
+    pub standby: Option<crate::target::Standby>,
 }
 
 #[derive(Clone, Debug)]

@@ -184,6 +184,14 @@ impl Recovery {
     }
 }
 
+/// A restore as a standby (`restore --standby`): `standby.signal` instead of `recovery.signal`,
+/// no recovery target, and the primary to stream from when one is given.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Standby {
+    /// `primary_conninfo`; it may hold a password, so it prints redacted.
+    pub primary_conninfo: Option<crate::pg::ConnString>,
+}
+
 /// Parses `2026-11-21T20:40:12.5Z`, `2026-11-21 20:40:12.123456+00`, `... +05:30` and similar.
 /// A time without a zone is refused: it would mean different instants on different machines.
 pub fn parse_time(s: &str) -> Result<DateTime<FixedOffset>> {

@@ -364,20 +364,42 @@ impl Drop for PgCluster {
 /// The harness's settings are appended to postgresql.auto.conf after the recovery settings the
 /// restore appended: a fresh port and socket directory, fsync back on, and archiving off.
 pub async fn start_restored(dir: &TestDir, name: &str, data: &Path) -> Result<PgCluster> {
-    let mut c = PgCluster::adopt(dir, name, data)?;
-    c.append_conf(
-        "postgresql.auto.conf",
-        &format!(
-            "\n# appended by the tidemark e2e harness after tidemark-restore\n\
-             listen_addresses = '127.0.0.1'\n\
-             unix_socket_directories = {}\n\
-             archive_mode = off\n\
-             archive_command = ''\n\
-             fsync = on\n",
-            conf_quote(&c.sock.to_string_lossy())
-        ),
-    )?;
-    c.start().await?;
+    let c = start_restored_in_recovery(dir, name, data).await?;
+    wait_promoted(&c).await?;
+    Ok(c)
+}
+
+/// Starts a server on a data directory that `tidemark-restore restore --standby` wrote (the
+/// harness's settings appended as for [`start_restored`]) and waits until it accepts read-only
+/// connections while in recovery (`pg_is_in_recovery()` is true).
+pub async fn start_restored_standby(dir: &TestDir, name: &str, data: &Path) -> Result<PgCluster> {
+    let c = start_restored_in_recovery(dir, name, data).await?;
+    let started = Instant::now();
+    loop {
+        if let Ok(db) = c.client().await {
+            if let Ok(r) = db.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                if r.get::<_, bool>(0) {
+                    return Ok(c);
+                }
+                bail!(
+                    "restored standby {name} is not in recovery\n{}",
+                    c.log_tail()
+                );
+            }
+        }
+        if started.elapsed() > START_TIMEOUT {
+            bail!(
+                "restored standby {name} did not accept connections within {START_TIMEOUT:?}\n{}",
+                c.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until `c` has finished recovery and is promoted (`pg_is_in_recovery()` is false).
+pub async fn wait_promoted(c: &PgCluster) -> Result<()> {
+    let (name, data) = (&c.name, &c.data);
     let started = Instant::now();
     loop {
         let state = match c.client().await {
@@ -413,6 +435,25 @@ pub async fn start_restored(dir: &TestDir, name: &str, data: &Path) -> Result<Pg
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(())
+}
+
+/// A restored data directory adopted, the harness's settings appended, and started.
+async fn start_restored_in_recovery(dir: &TestDir, name: &str, data: &Path) -> Result<PgCluster> {
+    let mut c = PgCluster::adopt(dir, name, data)?;
+    c.append_conf(
+        "postgresql.auto.conf",
+        &format!(
+            "\n# appended by the tidemark e2e harness after tidemark-restore\n\
+             listen_addresses = '127.0.0.1'\n\
+             unix_socket_directories = {}\n\
+             archive_mode = off\n\
+             archive_command = ''\n\
+             fsync = on\n",
+            conf_quote(&c.sock.to_string_lossy())
+        ),
+    )?;
+    c.start().await?;
     Ok(c)
 }
 

@@ -15,6 +15,6 @@ pub mod repo;
 pub mod s3echo;
 pub mod sidecar;
 
-pub use cluster::{start_restored, PgCluster};
+pub use cluster::{start_restored, start_restored_standby, PgCluster};
 pub use env::{agent, restore, tidemark, Run, TestDir, Tool};
 pub use repo::Repo;

@@ -1,6 +1,6 @@
 //! The files a restore writes itself once the backup's files are in place: `backup_label` and
-//! `tablespace_map` from the manifest, `recovery.signal`, and the recovery settings at the end of
-//! `postgresql.auto.conf`.
+//! `tablespace_map` from the manifest, `recovery.signal` (`standby.signal` for a standby), and
+//! the recovery settings at the end of `postgresql.auto.conf`.
 //!
 //! Invariants:
 //! - Every one of them is a new file (`O_CREAT | O_EXCL | O_NOFOLLOW` below the target's open
@@ -14,6 +14,12 @@
 //!   set), then `recovery_target_inclusive`, `_action` and `_timeline`.
 //! - With [`ArchiveMode::Off`] the settings include `archive_mode = off`: the restored server
 //!   archives nothing until an operator turns archiving back on.
+//! - A standby gets `standby.signal` and no `recovery.signal`, every `recovery_target*` cleared,
+//!   and `primary_conninfo` (and `primary_slot_name`) written either way: the one given, else
+//!   `''`, so a standby never streams from a primary the backup's own settings named. The
+//!   conninfo is written quoted and never logged.
+//! - Values are quoted as postgresql.conf reads them: `'` doubled, `\` doubled, line breaks
+//!   escaped, so no value can end its string early or start another setting.
 
 use super::layout::{Layout, AUTO_CONF};
 use super::{RestoreOptions, SafeDir};
@@ -49,9 +55,23 @@ impl std::fmt::Display for ArchiveMode {
     }
 }
 
-/// Quotes a string for postgresql.conf: single quotes, embedded quotes doubled.
+/// Quotes a string for postgresql.conf: single quotes, embedded quotes and backslashes doubled
+/// and line breaks escaped (the configuration lexer reads `\\`, `\n` and `\r` escapes inside a
+/// quoted value and allows no raw line break there).
 pub(super) fn conf_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
 }
 
 /// The recovery settings appended to postgresql.auto.conf.
@@ -109,6 +129,25 @@ fn settings(h: &ManifestHeader, opts: &RestoreOptions) -> String {
         // Pause needs hot_standby (without it PostgreSQL shuts down instead).
         text += "hot_standby = on\n";
     }
+    if let Some(standby) = &opts.standby {
+        // Written either way, so a primary_conninfo or slot the backup carried (a backup of a
+        // standby made with pg_basebackup -R) never applies.
+        let conninfo = standby
+            .primary_conninfo
+            .as_ref()
+            .map(|c| c.expose())
+            .unwrap_or("");
+        text += &format!(
+            "# --standby: stays in recovery, read-only, following the archive{}\n\
+             primary_conninfo = {}\nprimary_slot_name = ''\nhot_standby = on\n",
+            if conninfo.is_empty() {
+                ""
+            } else {
+                " and streaming from primary_conninfo"
+            },
+            conf_quote(conninfo)
+        );
+    }
     match opts.archive_mode {
         ArchiveMode::Off => {
             text += "# --archive-mode off: this copy archives nothing (a copy must not push its WAL into the\n\
@@ -129,8 +168,8 @@ pub(super) fn write_new(root: &SafeDir, name: &str, data: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot write {name} in {}", root.path().display()))
 }
 
-/// Writes backup_label, tablespace_map (when given), recovery.signal and postgresql.auto.conf
-/// with the recovery settings.
+/// Writes backup_label, tablespace_map (when given), recovery.signal (standby.signal for a
+/// standby) and postgresql.auto.conf with the recovery settings.
 pub(super) fn write(
     root: &SafeDir,
     h: &ManifestHeader,
@@ -142,7 +181,12 @@ pub(super) fn write(
     if let Some(map) = tablespace_map {
         write_new(root, "tablespace_map", &map)?;
     }
-    write_new(root, "recovery.signal", b"")?;
+    let signal = if opts.standby.is_some() {
+        "standby.signal"
+    } else {
+        "recovery.signal"
+    };
+    write_new(root, signal, b"")?;
     let mut text = if layout.auto_conf {
         root.read_file(AUTO_CONF, MAX_AUTO_CONF)
             .with_context(|| format!("backup {}'s {AUTO_CONF}", h.backup_id))?
@@ -168,12 +212,14 @@ mod tests {
             restore_command: "tidemark-restore wal-fetch %f %p".into(),
             tablespace_map: Vec::new(),
             archive_mode: mode,
+            standby: None,
         }
     }
 
     #[test]
     fn quoting() {
         assert_eq!(conf_quote("it's"), "'it''s'");
+        assert_eq!(conf_quote("a\\b\nport=1' x"), "'a\\\\b\\nport=1'' x'");
     }
 
     fn last<'a>(text: &'a str, setting: &str) -> Option<&'a str> {
@@ -297,6 +343,43 @@ mod tests {
         let keep = settings(&h, &opts(ArchiveMode::Preserve));
         assert!(!keep.contains("archive_mode ="), "{keep}");
         assert!(!keep.contains("archive_command"), "{keep}");
+    }
+
+    #[test]
+    fn a_standby_gets_standby_signal_no_target_and_its_primary_conninfo() {
+        let h = crate::test_support::hdr("b1", 1);
+        let mut o = opts(ArchiveMode::Off);
+        o.standby = Some(crate::target::Standby {
+            primary_conninfo: Some(r"host=h user=rep password='it\'s\\x'".to_string().into()),
+        });
+        let text = settings(&h, &o);
+        assert_eq!(
+            last(&text, "primary_conninfo"),
+            Some(r"'host=h user=rep password=''it\\''s\\\\x'''"),
+            "{text}"
+        );
+        assert_eq!(last(&text, "primary_slot_name"), Some("''"), "{text}");
+        assert_eq!(last(&text, "recovery_target_timeline"), Some("'latest'"));
+        assert_eq!(last(&text, "recovery_target_time"), Some("''"));
+        assert_eq!(last(&text, "hot_standby"), Some("on"));
+        // Without a conninfo, a carried-over one is cleared.
+        o.standby = Some(crate::target::Standby::default());
+        assert_eq!(last(&settings(&h, &o), "primary_conninfo"), Some("''"));
+        // The options print the password redacted.
+        o.standby = Some(crate::target::Standby {
+            primary_conninfo: Some("host=h password=secret".to_string().into()),
+        });
+        assert!(!format!("{o:?}").contains("secret"), "{o:?}");
+        let tmp = tempfile::tempdir().unwrap();
+        let root = SafeDir::open(tmp.path()).unwrap();
+        let layout = Layout {
+            pg_control: 0,
+            auto_conf: false,
+            skipped_links: Vec::new(),
+        };
+        write(&root, &h, &o, &layout, None).unwrap();
+        assert!(tmp.path().join("standby.signal").is_file());
+        assert!(!tmp.path().join("recovery.signal").exists());
     }
 
     #[test]

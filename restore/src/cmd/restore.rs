@@ -1,5 +1,6 @@
 //! `restore --pgdata DIR` with one recovery target: `--target-time`, `--target-lsn`,
-//! `--target-xid`, `--target-name` or `--target immediate|latest`.
+//! `--target-xid`, `--target-name` or `--target immediate|latest`; or `--standby` (no target:
+//! the newest backup, kept in recovery following the archive and `--primary-conninfo`).
 
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -92,10 +93,63 @@ pub struct Args {
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    standby: StandbyArgs,
+}
+
+/// `--standby [--primary-conninfo STR]`.
+#[derive(clap::Args)]
+struct StandbyArgs {
+    /// Restore the newest backup as a standby (standby.signal): it stays in recovery, read-only,
+    /// replaying the archive (and streaming from --primary-conninfo); takes no --target*
+    #[arg(long, env = "TIDEMARK_STANDBY")]
+    standby: bool,
+    /// The standby's primary_conninfo (libpq key=value or postgresql:// URL) to stream from;
+    /// never printed (its password is redacted)
+    #[arg(
+        long,
+        requires = "standby",
+        env = "TIDEMARK_PRIMARY_CONNINFO",
+        hide_env_values = true,
+        value_name = "CONNINFO"
+    )]
+    primary_conninfo: Option<String>,
+}
+
+impl StandbyArgs {
+    /// The recovery settings of a standby: no target (it never ends recovery by itself), the
+    /// timeline given (latest by default). Any target option is refused, not ignored.
+    fn recovery(&self, t: &TargetArgs) -> Result<Recovery> {
+        let given = [
+            ("--target-time", t.target_time.is_some()),
+            ("--target-lsn", t.target_lsn.is_some()),
+            ("--target-xid", t.target_xid.is_some()),
+            ("--target-name", t.target_name.is_some()),
+            ("--target", t.target.is_some()),
+            ("--target-exclusive", t.target_exclusive),
+            ("--target-action", t.target_action != Action::Promote),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+            bail!("{flag} does not apply to --standby: a standby has no recovery target, it stays in recovery following the archive (and its primary) until it is promoted\nhint: leave out {flag} for a standby, or leave out --standby to restore to a target and promote");
+        }
+        let mut r = Recovery::to(Target::Latest);
+        r.timeline = t.target_timeline;
+        Ok(r)
+    }
+
+    fn settings(&self) -> Option<target::Standby> {
+        self.standby.then(|| target::Standby {
+            primary_conninfo: self.primary_conninfo.clone().map(Into::into),
+        })
+    }
 }
 
 pub async fn run(a: Args) -> Result<()> {
-    let recovery = a.target.recovery()?;
+    let recovery = if a.standby.standby {
+        a.standby.recovery(&a.target)?
+    } else {
+        a.target.recovery()?
+    };
     let target = recovery.target.clone();
     let root = a.repo.open()?;
     let system = a.system.select(&root).await?;
@@ -114,6 +168,7 @@ pub async fn run(a: Args) -> Result<()> {
         restore_command,
         tablespace_map: a.tablespace_map.clone(),
         archive_mode: a.archive_mode,
+        standby: a.standby.settings(),
     };
     let r = restore::run(&store, &opts).await;
     let r = match r {
@@ -153,6 +208,8 @@ pub async fn run(a: Args) -> Result<()> {
             "bytes": r.bytes,
             "pgdata": a.pgdata,
             "archive_mode": a.archive_mode.as_str(),
+            "standby": a.standby.standby,
+            "primary_conninfo": a.standby.primary_conninfo.as_deref().map(tidemark_core::pg::redact_conninfo),
             "skipped_symlinks": r.skipped_links.iter().map(|(p, t)| serde_json::json!({"path": p, "target": t})).collect::<Vec<_>>(),
         });
         println!("{v}");
@@ -164,6 +221,7 @@ pub async fn run(a: Args) -> Result<()> {
             r.bytes,
             a.pgdata.display(),
             match &target {
+                _ if a.standby.standby => "the end of the archive and stay a standby (read-only, in recovery, following the archive and primary_conninfo) until promoted".to_string(),
                 Target::Latest => "the end of the archive".to_string(),
                 Target::Immediate => "the backup's consistent state".to_string(),
                 t => format!(
