@@ -36,6 +36,8 @@ enum Command {
     Key(cmd::key::Args),
     /// Create an encrypted repository ahead of its first writer
     Repo(cmd::repo::Args),
+    /// Serve the repository's health gauges for Prometheus (without a sidecar)
+    Exporter(cmd::exporter::Args),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
             Command::Expire(a) => cmd::expire::run(a).await,
             Command::Key(a) => cmd::key::run(a).await,
             Command::Repo(a) => cmd::repo::run(a).await,
+            Command::Exporter(a) => cmd::exporter::run(a).await,
         };
         r.map(|()| ExitCode::SUCCESS)
     })

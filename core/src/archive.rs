@@ -35,6 +35,9 @@ pub struct Archive {
     pub files: BTreeMap<u32, BTreeMap<WalFileName, u64>>,
     /// From the first stored segment's header; `None` when the archive holds no segment.
     pub seg_size: Option<u64>,
+    /// When each segment was stored, where the store says (for reports: the time a recoverable
+    /// window's last segment was archived); never used to choose anything.
+    pub archived_us: BTreeMap<WalFileName, i64>,
 }
 
 /// A run of missing segments on one timeline, between two present ones.
@@ -60,6 +63,9 @@ impl Archive {
             };
             if matches!(n, WalFileName::Segment { .. }) {
                 first_segment.get_or_insert((l.key.clone(), l.size));
+                if let Some(us) = l.modified_us {
+                    a.archived_us.insert(n.clone(), us);
+                }
             }
             a.files.entry(n.timeline().0).or_default().insert(n, l.size);
         }

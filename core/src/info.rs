@@ -27,6 +27,8 @@ pub struct Info {
     pub space: Space,
     /// The newest restore drill recorded by `tidemark-restore verify --record`.
     pub last_verified_restore: Option<crate::verify::RecordSummary>,
+    /// The newest run of `expire` recorded in the repository (FORMAT.md 8.8).
+    pub last_expire: Option<crate::expire::ExpireSummary>,
     /// The repository's other database systems (before a major upgrade), oldest first, each
     /// described the same way; restore them with `--system-id`.
     pub other_systems: Vec<Info>,
@@ -41,6 +43,21 @@ pub struct Window {
     pub from_backup: String,
     /// The last archived segment reachable without a gap (targets up to the last commit in it).
     pub to_segment: String,
+    /// When `to_segment` was archived (the store's time of the object), if the store says: the
+    /// window reaches no later than this.
+    pub to_archived_at: Option<String>,
+}
+
+/// How much of the repository [`collect_with`] reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Depth {
+    /// Listings, manifest headers and the newest drill and expire records only (what the
+    /// metrics refresh reads every few minutes): the pack accounting that needs every manifest's
+    /// pack table (`unreferenced_*`, `garbage_in_referenced_pack_bytes`,
+    /// `mostly_garbage_packs`) is left at 0.
+    Headers,
+    /// Everything, reading every manifest fully (`info`).
+    Full,
 }
 
 #[derive(Serialize, Default)]
@@ -75,6 +92,8 @@ pub struct BackupInfo {
     pub pg_version: u32,
     pub parent: Option<String>,
     pub logical_bytes: u64,
+    /// From its start to its stop time (the WAL wait after the stop not included).
+    pub duration_seconds: f64,
     pub new_chunk_bytes: u64,
     pub new_stored_bytes: u64,
     pub new_objects: u64,
@@ -185,25 +204,38 @@ pub struct Gap {
 /// Every database system of the repository: the newest one at the top level, the others in
 /// `other_systems`.
 pub async fn collect_all(root: &Store) -> Result<Info> {
+    collect_all_with(root, Depth::Full).await
+}
+
+/// [`collect_all`], reading as much as `depth` says.
+pub async fn collect_all_with(root: &Store, depth: Depth) -> Result<Info> {
     let systems = repo::systems(root).await?;
     let newest = repo::select_system(root, None).await?;
-    let mut top = collect(&newest.store, newest.pg_major).await?;
+    let mut top = collect_with(&newest.store, newest.pg_major, depth).await?;
     for s in systems.iter().filter(|s| s.system_id != newest.system_id) {
-        top.other_systems.push(collect(&s.store, s.pg_major).await?);
+        top.other_systems
+            .push(collect_with(&s.store, s.pg_major, depth).await?);
     }
     Ok(top)
 }
 
 /// One database system (one top-level or nested repository); `pg_major` from its cluster record.
 pub async fn collect(store: &Store, pg_major: Option<u32>) -> Result<Info> {
+    collect_with(store, pg_major, Depth::Full).await
+}
+
+/// [`collect`], reading as much as `depth` says.
+pub async fn collect_with(store: &Store, pg_major: Option<u32>, depth: Depth) -> Result<Info> {
     let cfg = repo::require_config(store).await?;
     let headers = repo::list_backups(store).await?;
     let mut referenced = std::collections::HashSet::new();
     let mut live = crate::repack::LiveSet::default();
-    for h in &headers {
-        let m = repo::load_manifest(store, &h.backup_id).await?;
-        live.add(&m);
-        referenced.extend(m.packs);
+    if depth == Depth::Full {
+        for h in &headers {
+            let m = repo::load_manifest(store, &h.backup_id).await?;
+            live.add(&m);
+            referenced.extend(m.packs);
+        }
     }
     let live = live.live_bytes();
     let mut space = Space::default();
@@ -213,6 +245,9 @@ pub async fn collect(store: &Store, pg_major: Option<u32>) -> Result<Info> {
         };
         space.packs += 1;
         space.pack_bytes += l.size;
+        if depth == Depth::Headers {
+            continue;
+        }
         if !referenced.contains(&p) {
             space.unreferenced_packs += 1;
             space.unreferenced_pack_bytes += l.size;
@@ -255,6 +290,7 @@ pub async fn collect(store: &Store, pg_major: Option<u32>) -> Result<Info> {
             pg_version: h.pg_version,
             parent: h.parent,
             logical_bytes: h.stats.logical_bytes,
+            duration_seconds: (h.stop_time_us - h.start_time_us).max(0) as f64 / 1e6,
             new_chunk_bytes: h.stats.new_chunk_bytes,
             new_stored_bytes: h.stats.new_stored_bytes,
             new_objects: h.stats.new_objects,
@@ -282,7 +318,7 @@ pub async fn collect(store: &Store, pg_major: Option<u32>) -> Result<Info> {
         let segs: Vec<&WalFileName> = archive.segments(tl).map(|(n, _)| n).collect();
         let mut gaps = Vec::new();
         if let Some(ss) = archive.seg_size {
-            recoverable.extend(windows(tl, &segs, &starts, ss));
+            recoverable.extend(windows(tl, &segs, &starts, ss, &archive.archived_us));
             gaps = archive
                 .gaps(tl, ss)
                 .into_iter()
@@ -322,6 +358,7 @@ pub async fn collect(store: &Store, pg_major: Option<u32>) -> Result<Info> {
         recoverable,
         space,
         last_verified_restore: crate::verify::last_recorded(store).await?,
+        last_expire: crate::expire::last_recorded(store).await?,
         other_systems: Vec::new(),
     })
 }
@@ -334,18 +371,19 @@ fn windows(
     segs: &[&WalFileName],
     backups: &[(u32, u64, i64, String)],
     seg_size: u64,
+    archived_us: &std::collections::BTreeMap<WalFileName, i64>,
 ) -> Vec<Window> {
-    let mut runs: Vec<(u64, u64, String)> = Vec::new();
-    for n in segs {
+    let mut runs: Vec<(u64, u64, WalFileName)> = Vec::new();
+    for &&n in segs {
         let Some(no) = n.segment_number(seg_size) else {
             continue;
         };
         match runs.last_mut() {
             Some(r) if no == r.1 + 1 => {
                 r.1 = no;
-                r.2 = n.to_string();
+                r.2 = n;
             }
-            _ => runs.push((no, no, n.to_string())),
+            _ => runs.push((no, no, n)),
         }
     }
     let mut out = Vec::new();
@@ -359,7 +397,8 @@ fn windows(
                 timeline: tl,
                 from: repo::fmt_time(*stop),
                 from_backup: id.clone(),
-                to_segment: last_name,
+                to_segment: last_name.to_string(),
+                to_archived_at: archived_us.get(&last_name).map(|&us| repo::fmt_time(us)),
             });
         }
     }
@@ -434,8 +473,15 @@ fn render_system(info: &Info) -> String {
     }
     for w in &info.recoverable {
         s += &format!(
-            "  timeline {}: any time from {} (backup {}) to the last commit in segment {}\n",
-            w.timeline, w.from, w.from_backup, w.to_segment
+            "  timeline {}: any time from {} (backup {}) to the last commit in segment {}{}\n",
+            w.timeline,
+            w.from,
+            w.from_backup,
+            w.to_segment,
+            w.to_archived_at
+                .as_ref()
+                .map(|t| format!(" (archived {t})"))
+                .unwrap_or_default()
         );
     }
     let sp = &info.space;
@@ -479,6 +525,7 @@ fn render_system(info: &Info) -> String {
         }
     }
     s += &crate::verify::render_recorded(&info.last_verified_restore);
+    s += &crate::expire::render_recorded(&info.last_expire);
     s
 }
 

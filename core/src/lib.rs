@@ -8,6 +8,7 @@ pub mod cli;
 pub mod encryption;
 pub mod expire;
 pub mod gc;
+pub mod health;
 pub mod info;
 pub mod lease;
 pub mod metrics;

@@ -70,6 +70,9 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub struct Listed {
     pub key: String,
     pub size: u64,
+    /// When the object was stored (microseconds since the epoch), if the store says; for
+    /// reports only (metrics, `info`), never for a decision about what to keep or restore.
+    pub modified_us: Option<i64>,
 }
 
 #[derive(Clone)]
@@ -405,6 +408,7 @@ impl Store {
                         Some(Listed {
                             key: k,
                             size: m.size,
+                            modified_us: Some(m.last_modified.timestamp_micros()),
                         })
                     })
                     .collect()

@@ -8,6 +8,7 @@
 //! locks/<backup|expire>-<nonce>
 //! gc/<nonce>
 //! verify/<record id>.json
+//! expire/<record id>.json
 //! clusters/<system id>                       (format 1.1)
 //! systems/<system id>/<any key above but clusters/ and systems/>   (format 1.1)
 //! keyring/<key id>                          (format 1.2, encrypted repositories)
@@ -23,6 +24,7 @@ pub const WAL: &str = "wal/";
 pub const LOCKS: &str = "locks/";
 pub const GC: &str = "gc/";
 pub const VERIFY: &str = "verify/";
+pub const EXPIRE: &str = "expire/";
 pub const CLUSTERS: &str = "clusters/";
 pub const SYSTEMS: &str = "systems/";
 pub const KEYRING: &str = "keyring/";
@@ -163,6 +165,18 @@ pub fn parse_verify_record(key: &str) -> Option<&str> {
     valid_verify_id(id).then_some(id)
 }
 
+/// The key of an expire record (FORMAT.md 8.8; ids as for restore-drill records); `None` when
+/// `id` is not a valid record id.
+pub fn expire_record(id: &str) -> Option<String> {
+    valid_verify_id(id).then(|| format!("{EXPIRE}{id}{VERIFY_SUFFIX}"))
+}
+
+/// The record id of an expire record key, or `None` for any other key.
+pub fn parse_expire_record(key: &str) -> Option<&str> {
+    let id = key.strip_prefix(EXPIRE)?.strip_suffix(VERIFY_SUFFIX)?;
+    valid_verify_id(id).then_some(id)
+}
+
 /// `clusters/<system id>`, the id in decimal as PostgreSQL prints it.
 pub fn cluster(system_id: crate::SystemId) -> String {
     format!("{CLUSTERS}{}", system_id.0)
@@ -230,6 +244,11 @@ mod tests {
             assert_eq!(verify_record(bad), None, "{bad}");
         }
         assert_eq!(parse_verify_record("verify/x.json"), None);
+        let e = expire_record("20261121T204012Z-0a1b2c3d").unwrap();
+        assert_eq!(e, "expire/20261121T204012Z-0a1b2c3d.json");
+        assert_eq!(parse_expire_record(&e), Some("20261121T204012Z-0a1b2c3d"));
+        assert_eq!(parse_expire_record(&v), None);
+        assert_eq!(expire_record("20261121T204012Z-0A1B2C3D"), None);
         let sid = crate::SystemId(7_300_000_000_000_000_001);
         assert_eq!(cluster(sid), "clusters/7300000000000000001");
         assert_eq!(parse_cluster(&cluster(sid)), Some(sid));

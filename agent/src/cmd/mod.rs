@@ -1,5 +1,6 @@
 pub mod backup;
 pub mod expire;
+pub mod exporter;
 pub mod info;
 pub mod key;
 pub mod repo;

@@ -42,10 +42,15 @@ pub struct Args {
     /// (needed only when it is not a major upgrade, which is recognised by itself)
     #[arg(long, env = "TIDEMARK_ACCEPT_NEW_SYSTEM")]
     accept_new_system: bool,
+    /// How often /metrics re-reads the repository's health gauges (listings and manifest
+    /// headers only), e.g. 5m; 0s turns them off (units s, m, h, d, w)
+    #[arg(long, env = "TIDEMARK_HEALTH_INTERVAL", default_value = "5m")]
+    health_interval: String,
 }
 
 pub async fn run(a: Args) -> Result<()> {
     let store = a.repo.open()?;
+    let health_interval = super::exporter::interval("--health-interval", &a.health_interval)?;
     let opts = SidecarOptions {
         pgdata: a.pgdata,
         socket_dir: a.socket_dir,
@@ -57,6 +62,7 @@ pub async fn run(a: Args) -> Result<()> {
         compress_level: a.compress_level,
         allow_overwriting_store: a.allow_overwriting_store,
         accept_new_system: a.accept_new_system,
+        health_interval: (!health_interval.is_zero()).then_some(health_interval),
     };
     sidecar::run(store, opts).await
 }

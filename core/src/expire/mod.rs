@@ -10,7 +10,8 @@
 //! 6. delete WAL older than the oldest retained backup's start segment (never `.history`); with
 //!    a WAL window, older than the window's anchor backup except each older retained backup's
 //!    own start..stop WAL;
-//! 7. rewrite or delete GC state objects so they list only packs still condemned; release.
+//! 7. rewrite or delete GC state objects so they list only packs still condemned; release;
+//! 8. store what the run did (or why it failed) as an expire record (`record`, FORMAT.md 8.8).
 //!
 //! The decisions are `planner`'s, a pure function of the repository's facts and `now`; the
 //! `executor` gathers those facts and carries the plan out.
@@ -22,9 +23,11 @@
 mod executor;
 mod plan;
 mod planner;
+mod record;
 
 pub use plan::{render, BackupPlan, PackPlan, Plan, WalPlan, WalRangePlan, SCHEMA_VERSION};
 pub use planner::ExpireOptions;
+pub use record::{last_recorded, render as render_recorded, ExpireRecord, ExpireSummary};
 
 use crate::lease::{self, LeaseHandle};
 use crate::repo;
@@ -32,13 +35,29 @@ use crate::store::Store;
 use anyhow::Result;
 use tidemark_format::lock::LeaseKind;
 
-/// Plans (and unless `dry_run`, executes) an expire. Returns the plan.
+/// Plans (and unless `dry_run`, executes) an expire. Returns the plan. A real run stores an
+/// expire record of its outcome, success or failure (a failure to store it is only logged: the
+/// record is informational).
 pub async fn run(store: &Store, opts: &ExpireOptions) -> Result<Plan> {
     if opts.dry_run {
         let now = lease::now_us();
         let leases = planner::judge_leases(&executor::other_leases(store, None, now).await?)?;
         return Ok(executor::plan_now(store, opts, now, leases).await?.0);
     }
+    let started = lease::now_us();
+    let outcome = execute(store, opts).await;
+    // Never create an object in what is not a repository (a wrong --repo).
+    if !matches!(repo::load_config(store).await, Ok(Some(_))) {
+        return outcome;
+    }
+    let rec = ExpireRecord::of(started, &outcome);
+    if let Err(e) = record::record(store, &rec).await {
+        tracing::warn!(repo = store.url(), error = %format!("{e:#}"), hint = "the record only feeds info and the metrics; check that the repository is writable", "cannot store the expire record");
+    }
+    outcome
+}
+
+async fn execute(store: &Store, opts: &ExpireOptions) -> Result<Plan> {
     let config = repo::require_config(store).await?;
     let held = LeaseHandle::acquire(store, LeaseKind::Expire).await?;
     let r = executor::execute(store, opts, &held, u64::from(config.pack_target)).await;

@@ -1,4 +1,4 @@
-//! The sidecar's HTTP endpoints: `GET /healthz` (200 `ok`, or 503 `unhealthy` when the daemon's
+//! The HTTP endpoints of the sidecar and the exporter: `GET /healthz` (200 `ok`, or 503 `unhealthy` when the daemon's
 //! scan loop has stalled or it is stopping) and `GET /metrics` (OpenMetrics text). Every other
 //! path is 404. Nothing here changes the daemon's state.
 
@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// What the endpoints ask of the daemon.
-pub(super) trait Status: Send + Sync + 'static {
+pub(crate) trait Status: Send + Sync + 'static {
     /// The metrics, encoded as OpenMetrics text.
     fn metrics_text(&self) -> String;
     /// False once the scan loop has stalled or the daemon is stopping.
@@ -18,7 +18,7 @@ pub(super) trait Status: Send + Sync + 'static {
 }
 
 /// Listens on `addr` and serves the endpoints in the background.
-pub(super) async fn serve<S: Status>(status: Arc<S>, addr: SocketAddr) -> Result<()> {
+pub(crate) async fn serve<S: Status>(status: Arc<S>, addr: SocketAddr) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;

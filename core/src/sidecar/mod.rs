@@ -1,6 +1,7 @@
 //! The WAL archiving sidecar: a long-running daemon that uploads `.ready` WAL files ahead of
 //! PostgreSQL's archive_command, answers archive_command (`wal-push`) over a Unix socket
-//! (`socket`), and serves `/healthz` and `/metrics` (`http`). This module is the daemon: the scan
+//! (`socket`), and serves `/healthz` and `/metrics` (`http`; the repository gauges of
+//! `crate::health` next to its own WAL figures, refreshed every `health_interval`). This module is the daemon: the scan
 //! loop and the uploads; what it has stored survives restarts in `state`.
 //!
 //! Invariants:
@@ -16,7 +17,7 @@
 //!   itself), waits up to the grace period for uploads in flight, and exits. Puts are atomic, so
 //!   nothing is left half written.
 
-mod http;
+pub(crate) mod http;
 mod socket;
 mod state;
 
@@ -53,6 +54,9 @@ pub struct SidecarOptions {
     pub allow_overwriting_store: bool,
     /// Register this cluster as a new database system of the repository (wal-push's flag).
     pub accept_new_system: bool,
+    /// How often `/metrics` re-reads the repository's health gauges (`crate::health`);
+    /// `None`: not served.
+    pub health_interval: Option<Duration>,
 }
 
 struct Inner {
@@ -68,6 +72,7 @@ struct Inner {
     stopping: AtomicBool,
     last_loop: AtomicI64,
     metrics: Metrics,
+    repo_gauges: Arc<crate::health::RepoGauges>,
 }
 
 fn now_secs() -> i64 {
@@ -134,6 +139,7 @@ pub async fn run_until(
         stopping: AtomicBool::new(false),
         last_loop: AtomicI64::new(now_secs()),
         metrics: Metrics::default(),
+        repo_gauges: Arc::default(),
     });
 
     // inotify is a wake-up signal only; the listing below is the truth.
@@ -165,6 +171,9 @@ pub async fn run_until(
     };
     if let Some(addr) = opts.listen {
         http::serve(inner.clone(), addr).await?;
+        if let Some(every) = opts.health_interval {
+            inner.repo_gauges.spawn(inner.store.clone(), every);
+        }
     }
     tracing::info!(pgdata = %opts.pgdata.display(), repo = inner.store.url(), "sidecar started");
 
@@ -414,7 +423,7 @@ impl socket::Archiver for Inner {
 
 impl http::Status for Inner {
     fn metrics_text(&self) -> String {
-        self.metrics.render()
+        crate::health::append(&self.metrics.render(), &self.repo_gauges.text())
     }
 
     fn healthy(&self) -> bool {

@@ -35,6 +35,7 @@ fn options(
         compress_level: 1,
         allow_overwriting_store: false,
         accept_new_system: false,
+        health_interval: None,
     }
 }
 

@@ -181,14 +181,20 @@ impl LocalDir {
                         continue;
                     };
                     let Some(key) = rel.to_str() else { continue };
-                    let size = match ent.metadata() {
-                        Ok(m) => m.len(),
+                    let meta = match ent.metadata() {
+                        Ok(m) => m,
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                         Err(e) => return Err(io_err(prefix, e)),
                     };
+                    let modified_us = meta
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .and_then(|d| i64::try_from(d.as_micros()).ok());
                     out.push(Listed {
                         key: key.to_string(),
-                        size,
+                        size: meta.len(),
+                        modified_us,
                     });
                 }
             }

@@ -153,7 +153,7 @@ impl VerifyResult {
 }
 
 /// A random u64 from the standard library's randomly seeded hasher (no extra dependency).
-pub(super) fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

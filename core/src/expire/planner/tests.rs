@@ -239,6 +239,7 @@ fn run(f: &Fixture) -> Result<(Plan, Work)> {
             .map(|(key, size)| Listed {
                 key: key.to_string(),
                 size: *size,
+                modified_us: None,
             })
             .collect(),
         seg_size: f.seg_size,
