@@ -24,6 +24,7 @@
 //!   parent's packs with new ones page by page; reading in file order made one request per page.
 //! - `global/pg_control` is written last, so an interrupted restore is visibly unstartable.
 
+mod delta;
 mod layout;
 mod recovery_conf;
 pub(crate) mod safe_dir;
@@ -61,6 +62,9 @@ pub struct RestoreOptions {
     pub tablespace_map: Vec<(String, PathBuf)>,
     /// Whether the recovery settings turn WAL archiving off.
     pub archive_mode: ArchiveMode,
+    /// `--delta`: restore over an existing data directory of the same system, writing only
+    /// what differs (an absent or empty directory is restored as usual).
+    pub delta: bool,
     /// `--standby`: restore as a standby (`recovery` then holds no target).
     pub standby: Option<crate::target::Standby>,
 }
@@ -72,6 +76,23 @@ pub struct RestoreReport {
     pub bytes: u64,
     /// Symlink entries of the backup left out: (path, target as recorded).
     pub skipped_links: Vec<(String, String)>,
+    /// What a delta restore kept, wrote and removed (`None`: a restore into an empty directory).
+    pub delta: Option<DeltaReport>,
+}
+
+/// What a delta restore did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct DeltaReport {
+    /// Files already there whose every chunk matched.
+    pub files_kept: u64,
+    /// Files already there that differed in some chunks (patched in place).
+    pub files_patched: u64,
+    /// Files the directory lacked (written whole).
+    pub files_created: u64,
+    /// Entries the backup does not hold, removed (a directory counts once).
+    pub entries_removed: u64,
+    /// File bytes written: the differing chunks and the created files.
+    pub bytes_written: u64,
 }
 
 /// Where a restore writes: the target directory and the tablespaces' directories, open.
@@ -103,7 +124,7 @@ async fn load(store: &Store, id: &str) -> Result<Manifest> {
 /// Restores the backup `archive::select` chooses for the target and writes the recovery
 /// configuration.
 pub async fn run(store: &Store, opts: &RestoreOptions) -> Result<RestoreReport> {
-    prepare_target(&opts.pgdata)?;
+    prepare_target(&opts.pgdata, opts.delta)?;
     repo::require_config(store).await?;
     opts.recovery.check()?;
     let want = crate::archive::Want {
@@ -122,7 +143,7 @@ pub async fn run_backup(
     chosen: &ManifestHeader,
     opts: &RestoreOptions,
 ) -> Result<RestoreReport> {
-    prepare_target(&opts.pgdata)?;
+    let delta = prepare_target(&opts.pgdata, opts.delta)?;
     let major = crate::pgversion::major_of_version_num(chosen.pg_version);
     if !crate::pgversion::is_supported(major) {
         tracing::warn!(
@@ -138,6 +159,10 @@ pub async fn run_backup(
     let root = SafeDir::open(&opts.pgdata)?;
     let tablespaces = crate::tablespace::prepare(&opts.pgdata, &m, &opts.tablespace_map)?;
     let dest = Dest { root, tablespaces };
+    let mut found = match delta {
+        true => Some(delta::begin(&dest.root, &m)?),
+        false => None,
+    };
     for (path, target) in &layout.skipped_links {
         tracing::warn!(
             backup = %m.header.backup_id,
@@ -149,12 +174,18 @@ pub async fn run_backup(
     }
 
     for e in &m.entries {
-        if matches!(e.kind, EntryKind::Dir) {
+        if matches!(e.kind, EntryKind::Dir)
+            && !found.as_ref().is_some_and(|f| f.dirs.contains(&e.path))
+        {
             if let Some((dir, rel)) = dest.place(&e.path) {
                 dir.mkdir(rel, 0o700)?;
             }
         }
     }
+    let mut report = found.as_ref().map(|f| DeltaReport {
+        entries_removed: f.removed,
+        ..DeltaReport::default()
+    });
     let files: Vec<usize> = m
         .entries
         .iter()
@@ -173,16 +204,39 @@ pub async fn run_backup(
         .sum();
     // A bar on a terminal, a log line every 10 s otherwise (a CronJob's or kubectl's log).
     let mut progress = crate::progress::Progress::new("restore", Some(total));
-    let mut written = futures::stream::iter(
-        files
-            .into_iter()
-            .map(|i| restore_entry(store, &m, &dest, i)),
-    )
+    let existing = found.take().map(|f| f.files).unwrap_or_default();
+    let mut written = futures::stream::iter(files.into_iter().map(|i| {
+        let (m, dest, existing) = (&m, &dest, &existing);
+        async move {
+            let size = match &m.entries[i].kind {
+                EntryKind::File(f) => f.size,
+                _ => 0,
+            };
+            if existing.contains(&m.entries[i].path) {
+                Ok::<_, anyhow::Error>((size, Some(delta::patch(store, m, dest, i).await?)))
+            } else {
+                Ok((restore_entry(store, m, dest, i).await?, None))
+            }
+        }
+    }))
     .buffer_unordered(FILES_IN_FLIGHT);
-    while let Some(b) = written.try_next().await? {
+    while let Some((b, patched)) = written.try_next().await? {
         bytes += b;
         count += 1;
         progress.add(b);
+        if let Some(r) = report.as_mut() {
+            match patched {
+                Some(0) => r.files_kept += 1,
+                Some(w) => {
+                    r.files_patched += 1;
+                    r.bytes_written += w;
+                }
+                None => {
+                    r.files_created += 1;
+                    r.bytes_written += b;
+                }
+            }
+        }
     }
     drop(written);
     progress.finish();
@@ -192,26 +246,35 @@ pub async fn run_backup(
         .tablespaces
         .tablespace_map(m.header.tablespace_map.as_deref())?;
     recovery_conf::write(&dest.root, &m.header, opts, &layout, map)?;
-    bytes += restore_entry(store, &m, &dest, layout.pg_control).await?;
+    let control = restore_entry(store, &m, &dest, layout.pg_control).await?;
+    bytes += control;
     count += 1;
+    if let Some(r) = report.as_mut() {
+        r.bytes_written += control;
+        delta::finish(&dest.root)?;
+    }
     sync_dirs(&dest, &m)?;
     Ok(RestoreReport {
         backup: chosen.clone(),
         files: count,
         bytes,
         skipped_links: layout.skipped_links,
+        delta: report,
     })
 }
 
-/// The target must be absent or an empty directory; it ends up existing with mode 0700.
-fn prepare_target(dir: &Path) -> Result<()> {
+/// The target must be absent or an empty directory, or with `delta` any directory; it ends up
+/// existing with mode 0700. Returns whether it holds anything (a delta restore then).
+fn prepare_target(dir: &Path, delta: bool) -> Result<bool> {
     match std::fs::read_dir(dir) {
         Ok(mut rd) => {
-            if rd.next().is_some() {
-                bail!("target directory {} is not empty\nhint: restore into a new or empty directory; tidemark never overwrites a data directory", dir.display());
+            let full = rd.next().is_some();
+            if full && !delta {
+                bail!("target directory {} is not empty\nhint: restore into a new or empty directory, or restore over a stopped data directory of the same cluster with --delta (only what differs is written)", dir.display());
             }
             std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
                 .with_context(|| format!("cannot chmod {}", dir.display()))?;
+            return Ok(full);
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::DirBuilder::new()
@@ -224,7 +287,7 @@ fn prepare_target(dir: &Path) -> Result<()> {
                 .with_context(|| format!("cannot read target directory {}", dir.display()))
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 /// One range read of a pack and the chunks it serves, each with its offset in the file.
@@ -240,7 +303,40 @@ fn plan_reads(f: &FileEntry) -> Vec<Read> {
         placed.push((*c, at));
         at += c.ulen as u64;
     }
+    coalesce(placed)
+}
+
+/// Range reads for chunks placed at their file offsets.
+fn coalesce(placed: Vec<(ChunkRef, u64)>) -> Vec<Read> {
     ranges::coalesce(placed, |(c, _)| (c.pack, c.offset, c.clen))
+}
+
+/// Fetches, verifies and writes `placed` chunks of file `path` at their offsets.
+async fn write_chunks(
+    store: &Store,
+    m: &Arc<Manifest>,
+    path: &str,
+    file: &Arc<std::fs::File>,
+    placed: Vec<(ChunkRef, u64)>,
+) -> Result<()> {
+    write_chunks_planned(store, m, path, file, coalesce(placed)).await
+}
+
+async fn write_chunks_planned(
+    store: &Store,
+    m: &Arc<Manifest>,
+    path: &str,
+    file: &Arc<std::fs::File>,
+    reads: Vec<Read>,
+) -> Result<()> {
+    futures::stream::iter(
+        reads
+            .into_iter()
+            .map(|r| read_and_write(store, m, r, path, file)),
+    )
+    .buffer_unordered(READS_IN_FLIGHT)
+    .try_collect::<()>()
+    .await
 }
 
 async fn restore_entry(store: &Store, m: &Arc<Manifest>, dest: &Dest, i: usize) -> Result<u64> {
@@ -252,14 +348,7 @@ async fn restore_entry(store: &Store, m: &Arc<Manifest>, dest: &Dest, i: usize) 
         .place(&e.path)
         .with_context(|| format!("file {} has no place in the restore", e.path))?;
     let file = Arc::new(dir.create_file(rel)?);
-    futures::stream::iter(
-        plan_reads(f)
-            .into_iter()
-            .map(|r| read_and_write(store, m, r, &e.path, &file)),
-    )
-    .buffer_unordered(READS_IN_FLIGHT)
-    .try_collect::<()>()
-    .await?;
+    write_chunks_planned(store, m, &e.path, &file, plan_reads(f)).await?;
     let p = e.path.clone();
     tokio::task::spawn_blocking(move || file.sync_all())
         .await?

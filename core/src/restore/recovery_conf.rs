@@ -212,6 +212,7 @@ mod tests {
             restore_command: "tidemark-restore wal-fetch %f %p".into(),
             tablespace_map: Vec::new(),
             archive_mode: mode,
+            delta: false,
             standby: None,
         }
     }

@@ -28,6 +28,16 @@ const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC);
 
+/// What an entry is, as `lstat` sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+    /// A device, socket or fifo.
+    Other,
+}
+
 /// An open directory and the name it is shown by in messages.
 #[derive(Debug)]
 pub struct SafeDir {
@@ -243,6 +253,71 @@ impl SafeDir {
             })
     }
 
+    /// Opens the existing regular file `rel` for reading and writing (never through a
+    /// symlink): a delta restore patches it in place.
+    pub fn open_rw(&self, rel: &str) -> Result<File> {
+        self.open_file(rel, OFlags::RDWR)
+    }
+
+    /// The entries of this directory (never `.` or `..`), each with its kind as `lstat` sees
+    /// it: a symlink is [`Kind::Symlink`], whatever it points to.
+    pub fn list(&self) -> Result<Vec<(String, Kind)>> {
+        let mut dir = rustix::fs::Dir::read_from(&self.fd)
+            .map_err(io)
+            .with_context(|| format!("cannot list directory {}", self.shown.display()))?;
+        let mut out = Vec::new();
+        while let Some(e) = dir.read() {
+            let e = e
+                .map_err(io)
+                .with_context(|| format!("cannot list directory {}", self.shown.display()))?;
+            let raw = e.file_name().to_bytes();
+            if raw == b"." || raw == b".." {
+                continue;
+            }
+            let Ok(name) = std::str::from_utf8(raw) else {
+                bail!(
+                    "{} holds an entry whose name is not UTF-8 ({:?})\nhint: PostgreSQL never creates one; move it out of the data directory and run the restore again",
+                    self.shown.display(),
+                    String::from_utf8_lossy(raw)
+                );
+            };
+            let st = rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(io)
+                .with_context(|| format!("cannot stat {name} in {}", self.shown.display()))?;
+            let kind = match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+                rustix::fs::FileType::Directory => Kind::Dir,
+                rustix::fs::FileType::RegularFile => Kind::File,
+                rustix::fs::FileType::Symlink => Kind::Symlink,
+                _ => Kind::Other,
+            };
+            out.push((name.to_string(), kind));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes `rel` whatever it is: a directory with everything below it (walked through
+    /// open descriptors, never following a symlink), or any other entry itself.
+    pub fn remove_all(&self, rel: &str) -> Result<()> {
+        let (p, leaf) = self.parent(rel)?;
+        match rustix::fs::unlinkat(p.fd(), leaf, AtFlags::empty()) {
+            Ok(()) => return Ok(()),
+            Err(e) if e == Errno::NOENT => return Ok(()),
+            Err(e) if e == Errno::ISDIR || e == Errno::PERM => {}
+            Err(e) => {
+                return Err(io(e))
+                    .with_context(|| format!("cannot remove {rel} in {}", self.shown.display()))
+            }
+        }
+        let dir = self.open_dir(rel)?;
+        for (name, _) in dir.list()? {
+            dir.remove_all(&name)?;
+        }
+        rustix::fs::unlinkat(p.fd(), leaf, AtFlags::REMOVEDIR)
+            .map_err(io)
+            .with_context(|| format!("cannot remove directory {rel} in {}", self.shown.display()))
+    }
+
     /// fsyncs the directory (its entries become durable).
     pub fn sync(&self) -> Result<()> {
         rustix::fs::fsync(&self.fd)
@@ -334,5 +409,34 @@ mod tests {
             assert!(d.create_file(p).is_err(), "{p:?}");
             assert!(d.mkdir(p, 0o700).is_err(), "{p:?}");
         }
+    }
+
+    #[test]
+    fn lists_and_removes_without_following_symlinks() {
+        let (_tmp, d, outside) = setup();
+        let before = listing(&outside);
+        d.mkdir("a", 0o700).unwrap();
+        d.mkdir("a/b", 0o700).unwrap();
+        d.create_file("a/b/f").unwrap().write_all(b"x").unwrap();
+        d.create_file("g").unwrap().write_all(b"old").unwrap();
+        std::os::unix::fs::symlink(&outside, d.path().join("a/out")).unwrap();
+        std::os::unix::fs::symlink(&outside, d.path().join("l")).unwrap();
+        assert_eq!(
+            d.list().unwrap(),
+            vec![
+                ("a".to_string(), Kind::Dir),
+                ("g".to_string(), Kind::File),
+                ("l".to_string(), Kind::Symlink)
+            ]
+        );
+        let mut f = d.open_rw("g").unwrap();
+        f.write_all(b"new").unwrap();
+        assert_eq!(d.read_file("g", 10).unwrap(), b"new");
+        assert!(d.open_rw("l").is_err());
+        d.remove_all("a").unwrap();
+        d.remove_all("l").unwrap();
+        d.remove_all("missing").unwrap();
+        assert_eq!(d.list().unwrap(), vec![("g".to_string(), Kind::File)]);
+        assert_eq!(listing(&outside), before);
     }
 }

@@ -182,6 +182,7 @@ async fn restore_backup(
             tablespace_map: Vec::new(),
             // A drill never archives (the drill settings say so again).
             archive_mode: restore::ArchiveMode::Off,
+            delta: false,
             standby: None,
         },
     )

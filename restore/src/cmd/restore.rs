@@ -90,6 +90,10 @@ pub struct Args {
     /// the original, e.g. the primary after a disaster)
     #[arg(long, value_enum, env = "TIDEMARK_ARCHIVE_MODE", default_value_t = ArchiveMode::Off)]
     archive_mode: ArchiveMode,
+    /// Restore over an existing, stopped data directory of the same cluster: files that match
+    /// are kept, only differing chunks are written, files the backup lacks are removed
+    #[arg(long)]
+    delta: bool,
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -168,6 +172,7 @@ pub async fn run(a: Args) -> Result<()> {
         restore_command,
         tablespace_map: a.tablespace_map.clone(),
         archive_mode: a.archive_mode,
+        delta: a.delta,
         standby: a.standby.settings(),
     };
     let r = restore::run(&store, &opts).await;
@@ -210,6 +215,7 @@ pub async fn run(a: Args) -> Result<()> {
             "archive_mode": a.archive_mode.as_str(),
             "standby": a.standby.standby,
             "primary_conninfo": a.standby.primary_conninfo.as_deref().map(tidemark_core::pg::redact_conninfo),
+            "delta": r.delta,
             "skipped_symlinks": r.skipped_links.iter().map(|(p, t)| serde_json::json!({"path": p, "target": t})).collect::<Vec<_>>(),
         });
         println!("{v}");
@@ -232,6 +238,12 @@ pub async fn run(a: Args) -> Result<()> {
                 ),
             }
         );
+        if let Some(d) = &r.delta {
+            println!(
+                "delta: {} files kept as they were, {} patched, {} created, {} entries removed; {} bytes written",
+                d.files_kept, d.files_patched, d.files_created, d.entries_removed, d.bytes_written
+            );
+        }
         if matches!(target, Target::Xid(_) | Target::Name(_)) {
             println!(
                 "backup {} stopped at {} (LSN {}): if the {} lies before that, PostgreSQL stops with FATAL \"recovery ended before configured recovery target was reached\" and promotes nothing; restore again into an empty directory with --backup <an older backup id>",
