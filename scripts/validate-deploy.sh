@@ -2,7 +2,8 @@
 # Validates deploy/ offline: builds the kustomization, checks every resource against the Kubernetes
 # OpenAPI schemas (kubernetes-validate --strict, from PyPI), then checks the rules the schemas
 # cannot: Pod Security Standards "restricted" on every pod, secrets only from Secrets, the CronJob
-# safety settings. No cluster is needed.
+# safety settings; then the alert rules (promtool check and unit tests, deploy/alerts/) and the
+# Grafana dashboard's shape. No cluster is needed.
 #
 # kubectl (for 'kubectl kustomize') is used when installed; otherwise Debian's kubernetes-client
 # is tried. If neither is available, each file listed in deploy/kustomization.yaml is validated
@@ -105,4 +106,59 @@ if problems:
     print("validate-deploy: FAILED", *problems, sep="\n  ", file=sys.stderr)
     sys.exit(1)
 print(f"validate-deploy: {len(docs)} resources pass the schemas and the restricted/secret/CronJob rules")
+PY
+
+# Alerts: the plain rule file passes promtool's checks and unit tests (every alert fires on a
+# series that should fire it and not on its neighbour), and the PrometheusRule carries exactly
+# its groups. The PrometheusRule is not in kustomization.yaml (its CRD is not part of Kubernetes'
+# schemas), so it is checked here on its own.
+if ! command -v promtool >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+command -v promtool >/dev/null || { echo "validate-deploy: promtool is missing (Debian: apt-get install prometheus; scripts/install-deps.sh)" >&2; exit 1; }
+promtool check rules deploy/alerts/rules.yaml
+promtool test rules deploy/alerts/tests.yaml
+python3 - <<'PY'
+import json, sys, yaml
+plain = yaml.safe_load(open("deploy/alerts/rules.yaml"))
+crd = yaml.safe_load(open("deploy/prometheus-rules.yaml"))
+problems = []
+if crd.get("apiVersion") != "monitoring.coreos.com/v1" or crd.get("kind") != "PrometheusRule":
+    problems.append("deploy/prometheus-rules.yaml is not a monitoring.coreos.com/v1 PrometheusRule")
+if crd.get("spec", {}).get("groups") != plain["groups"]:
+    problems.append("deploy/prometheus-rules.yaml's groups differ from deploy/alerts/rules.yaml")
+tests = yaml.safe_load(open("deploy/alerts/tests.yaml"))
+alerts = {r["alert"] for g in plain["groups"] for r in g["rules"] if "alert" in r}
+tested = {c["alertname"] for t in tests["tests"] for c in t.get("alert_rule_test", [])}
+for a in sorted(alerts - tested):
+    problems.append(f"alert {a} has no promtool unit test")
+fires = {c["alertname"] for t in tests["tests"] for c in t.get("alert_rule_test", []) if c.get("exp_alerts")}
+quiet = {c["alertname"] for t in tests["tests"] for c in t.get("alert_rule_test", []) if not c.get("exp_alerts")}
+for a in sorted(alerts - fires):
+    problems.append(f"alert {a} is never shown firing")
+for a in sorted(alerts - quiet):
+    problems.append(f"alert {a} is never shown quiet")
+# The Grafana dashboard: JSON a Grafana can import (title, uid, schemaVersion, panels with a
+# type, a position and Prometheus queries). tests/metrics.rs checks its metric names exist.
+d = json.load(open("deploy/grafana-dashboard.json"))
+for k in ("title", "uid", "schemaVersion", "panels"):
+    if k not in d:
+        problems.append(f"grafana-dashboard.json has no {k}")
+ids = set()
+for p in d.get("panels", []):
+    where = f"grafana-dashboard.json panel {p.get('title')!r}"
+    if not isinstance(p.get("id"), int) or p["id"] in ids:
+        problems.append(f"{where}: id missing or repeated")
+    ids.add(p.get("id"))
+    if not p.get("type") or not p.get("title"):
+        problems.append(f"{where}: no type or title")
+    g = p.get("gridPos", {})
+    if not all(isinstance(g.get(k), int) for k in ("x", "y", "w", "h")) or g.get("x", 0) + g.get("w", 0) > 24:
+        problems.append(f"{where}: bad gridPos {g}")
+    if not p.get("targets") or not all(t.get("expr") and t.get("refId") for t in p["targets"]):
+        problems.append(f"{where}: a target without expr or refId")
+if problems:
+    print("validate-deploy: FAILED", *problems, sep="\n  ", file=sys.stderr)
+    sys.exit(1)
+print(f"validate-deploy: {len(alerts)} alerts unit-tested, the PrometheusRule matches, the dashboard has {len(ids)} panels")
 PY
