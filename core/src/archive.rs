@@ -64,7 +64,7 @@ impl Archive {
             if matches!(n, WalFileName::Segment { .. }) {
                 first_segment.get_or_insert((l.key.clone(), l.size));
                 if let Some(us) = l.modified_us {
-                    a.archived_us.insert(n.clone(), us);
+                    a.archived_us.insert(n, us);
                 }
             }
             a.files.entry(n.timeline().0).or_default().insert(n, l.size);

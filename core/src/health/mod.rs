@@ -365,9 +365,11 @@ impl RepoGauges {
         t.gauge(
             "tidemark_repository_refresh_timestamp_seconds",
             "Unix time of the last successful read of the repository for these gauges",
-            (succeeded > 0)
-                .then(|| vec![(vec![], succeeded as f64)])
-                .unwrap_or_default(),
+            if succeeded > 0 {
+                vec![(vec![], succeeded as f64)]
+            } else {
+                Vec::new()
+            },
         );
         t.gauge(
             "tidemark_repository_refresh_duration_seconds",
