@@ -2,7 +2,9 @@
 //! a pause, then a newer backup; an expire whose window opens in the pause keeps continuous WAL
 //! only from the newest backup before the window. The two oldest backups lose the WAL between
 //! them yet still restore to their consistency point row for row, and a moment inside the window
-//! still restores row for row. `info` says what each backup reaches.
+//! still restores row for row. `info` says what each backup reaches; `check` passes (the WAL left
+//! out is no problem) until a segment the window promises is deleted; `verify
+//! --random-in-window` draws its moment from the window's first backup on.
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
@@ -192,6 +194,47 @@ async fn old_backups_outside_the_wal_window_keep_only_their_own_wal() -> Result<
         };
         ensure!(b["reach"]["kind"] == want, "info reach of {id}: {info:#}");
     }
+    // check holds the repository to what the backups and the window promise: the WAL the
+    // window left out between the old backups is no problem.
+    let (ok, report) = check(&repo).await?;
+    ensure!(ok, "check fails after the windowed expire: {report:#}");
+    // verify --random-in-window draws from the window's first backup's stop (old[2]), not from
+    // the oldest backup's, which restores to its consistency point only.
+    let stop_of = |id: &str| {
+        info["backups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["id"] == id)
+            .and_then(|b| b["stop_time"].as_str())
+            .map(str::to_string)
+    };
+    let scratch = dir.join("drill").to_string_lossy().into_owned();
+    let pg_bin = tidemark_e2e::env::pg_bin_dir()?
+        .to_string_lossy()
+        .into_owned();
+    let r = tidemark_e2e::restore(&[
+        "verify",
+        "--repo",
+        &repo.url,
+        "--scratch",
+        &scratch,
+        "--pg-bin",
+        &pg_bin,
+        "--random-in-window",
+    ])
+    .await?;
+    ensure!(r.success(), "the random drill failed:\n{r}");
+    let v = r.json()?;
+    ensure!(
+        v["target"]["window"][0].as_str() == stop_of(&old[2].0).as_deref()
+            && v["target"]["window"][1].as_str() == stop_of(&newest).as_deref(),
+        "the random drill's window is not old[2]'s stop to the newest stop: {v}\n{info:#}"
+    );
+    ensure!(
+        v["backup"]["id"] == old[2].0.as_str() || v["backup"]["id"] == newest.as_str(),
+        "the random drill restored a backup outside the window: {v}"
+    );
     // A moment inside the window: row for row.
     let target = ["--target-time", inside.0.as_str()];
     let rows = restore_rows(&dir, &repo, "inside", &target, &old[2].0).await?;
@@ -210,5 +253,26 @@ async fn old_backups_outside_the_wal_window_keep_only_their_own_wal() -> Result<
         );
     }
     ensure!(!newest.is_empty());
+    // WAL the window promises is missing: check fails and names the segment.
+    let lost = &between[2][1];
+    std::fs::remove_file(repo.wal_object(lost)?)?;
+    let (ok, report) = check(&repo).await?;
+    let problems = report["problems"].to_string();
+    ensure!(
+        !ok && problems.contains(lost.as_str()) && problems.contains(old[2].0.as_str()),
+        "check does not report segment {lost} the window promises: {report:#}"
+    );
     Ok(())
+}
+
+/// `tidemark-restore check --json`: (passed, report).
+async fn check(repo: &Repo) -> Result<(bool, Value)> {
+    let r = tidemark(
+        Tool::Restore,
+        &["check", "--repo", &repo.url, "--json"],
+        &[],
+    )
+    .await?;
+    let v = r.json_document().with_context(|| format!("{r}"))?;
+    Ok((r.success(), v))
 }

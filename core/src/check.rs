@@ -1,7 +1,9 @@
 //! Repository consistency check (`tidemark-restore check`): every chunk a manifest references is
 //! in its pack's index at the recorded place (with `read_data`, also decompresses to its id), every
 //! backup has its WAL from start to stop, and the archive has no gap from each backup's start to the
-//! end of its timeline. Problems name the backups and the points in time they affect.
+//! end of its timeline but the gaps a WAL window leaves on purpose (`window::narrowed`: from a
+//! backup's stop segment to a later backup's start segment). Problems name the backups and the
+//! points in time they affect.
 
 use crate::repo;
 use crate::store::Store;
@@ -170,19 +172,15 @@ async fn check_wal(
         let present = archive.segment_numbers(tl, seg_size);
         let first = h.start_lsn.0 / seg_size;
         let stop = h.stop_lsn.0.saturating_sub(1).max(h.start_lsn.0) / seg_size;
-        let last_present = present.iter().copied().max().unwrap_or(0);
-        let mut missing_in_backup = Vec::new();
-        let mut first_gap_after = None;
-        for s in first..=last_present.max(stop) {
-            if !present.contains(&s) {
-                let name = crate::archive::name_of(tl, s, seg_size).to_string();
-                if s <= stop {
-                    missing_in_backup.push(name);
-                } else if first_gap_after.is_none() {
-                    first_gap_after = Some(name);
-                }
-            }
-        }
+        let missing_in_backup: Vec<String> = (first..=stop)
+            .filter(|s| !present.contains(s))
+            .map(|s| crate::archive::name_of(tl, s, seg_size).to_string())
+            .collect();
+        // A gap a WAL window left on purpose ends this backup's reach without being a problem.
+        let first_gap_after = crate::window::first_gap_after(&archive, h, seg_size)
+            .filter(|g| !crate::window::narrowed(g, tl, headers, seg_size))
+            .and_then(|g| g.after.segment_number(seg_size))
+            .map(|a| crate::archive::name_of(tl, a + 1, seg_size).to_string());
         if !missing_in_backup.is_empty() {
             report.problems.push(Problem {
                 backups: vec![h.backup_id.clone()],

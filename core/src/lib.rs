@@ -32,3 +32,4 @@ mod testhooks;
 pub mod timeline;
 pub mod verify;
 pub mod wal;
+pub mod window;

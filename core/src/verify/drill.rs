@@ -60,7 +60,8 @@ async fn choose(
             Target::Time(*t)
         }
         DrillTarget::RandomInWindow => {
-            let (lo, hi) = window(&backups)?;
+            let archive = crate::archive::Archive::list(store).await?;
+            let (lo, hi) = window(&backups, &archive)?;
             let span = (hi - lo) as u64;
             let at = lo
                 + if span == 0 {

@@ -36,7 +36,8 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub enum DrillTarget {
     Latest,
     Time(DateTime<FixedOffset>),
-    /// A random time between the oldest and the newest backup's stop time.
+    /// A random time in the recoverable window ([`window`]): from the stop of its first backup
+    /// to the newest backup's stop.
     RandomInWindow,
     /// An LSN, xid, restore point or immediate target (inclusive or not), as `restore` takes it;
     /// the drill always promotes on the latest timeline.
@@ -165,11 +166,15 @@ pub(crate) fn random_u64() -> u64 {
     h.finish()
 }
 
-/// The window random-in-window draws from: the oldest to the newest backup's stop time. Every
-/// point in it is recoverable by the repository's own account (a backup completes only once the
-/// WAL up to its stop point is archived).
-pub fn window(backups: &[ManifestHeader]) -> Result<(i64, i64)> {
-    let lo = backups.iter().map(|b| b.stop_time_us).min();
+/// The window random-in-window draws from: from the stop time the recoverable window opens at
+/// (`window::pitr_from`: after `expire --retain-wal-window`, the first backup of the WAL window,
+/// not an older one restorable only to its consistency point) to the newest backup's stop time.
+/// Every point in it is recoverable by the repository's own account (a backup completes only
+/// once the WAL up to its stop point is archived). When no backup's WAL is continuous to the end
+/// of the archive, from the oldest backup's stop (the drill then reports the gap).
+pub fn window(backups: &[ManifestHeader], archive: &crate::archive::Archive) -> Result<(i64, i64)> {
+    let lo = crate::window::pitr_from(archive, backups)
+        .or_else(|| backups.iter().map(|b| b.stop_time_us).min());
     let hi = backups.iter().map(|b| b.stop_time_us).max();
     match (lo, hi) {
         (Some(lo), Some(hi)) => Ok((lo, hi)),

@@ -35,7 +35,9 @@ pub struct Args {
     /// Stop just before the target LSN or xid instead of just after it
     #[arg(long)]
     target_exclusive: bool,
-    /// A random time between the oldest and the newest backup's stop time
+    /// A random time in the recoverable window: from the stop of the oldest backup restorable to
+    /// any point in time (after `expire --retain-wal-window`, the window's first backup) to the
+    /// newest backup's stop
     #[arg(long)]
     random_in_window: bool,
     /// Scratch directory for the restore (absent or empty; removed afterwards unless --keep)
