@@ -5,7 +5,8 @@
 //! of the same number (neither replacing the other), and timeline 2's segments; a restore to the
 //! latest point follows timeline 2 and holds none of the old primary's late rows, even though the
 //! old primary took the newest backup (on its abandoned branch), and `verify` drills the very
-//! backup `restore` chose.
+//! backup `restore` chose. `--target-timeline 1` ends on timeline 1's data (the old primary's
+//! rows after the fork, none of timeline 2's), `--target-timeline 2` on timeline 2's.
 
 use anyhow::{ensure, Context, Result};
 use std::time::{Duration, Instant};
@@ -75,7 +76,10 @@ async fn promoted_standby_archives_a_new_timeline_beside_the_old_one() -> Result
     let pdb = primary.client().await?;
     data::create_table(&pdb).await?;
     data::write_batch(&pdb, 1).await?;
-    primary.backup(&repo).await?;
+    let first = primary.backup(&repo).await?["backup_id"]
+        .as_str()
+        .context("backup id")?
+        .to_string();
     data::write_batch(&pdb, 2).await?;
     let seg = switch_wal(&pdb).await?;
     repo.wait_for_wal(&seg, Duration::from_secs(60)).await?;
@@ -209,6 +213,61 @@ async fn promoted_standby_archives_a_new_timeline_beside_the_old_one() -> Result
         data::checkpoint_timeline(&rdb).await? >= 3,
         "the restore should have promoted to a timeline after 2"
     );
+    drop(rdb);
+    drop(restored);
+
+    // --target-timeline 1 from the backup before the fork: timeline 1 to its end, so the old
+    // primary's batch 99 (written after the fork, archived on timeline 1) is replayed from WAL
+    // and timeline 2's batch 4 is absent.
+    let tl1 = timeline_rows(
+        &dir,
+        &repo,
+        "tl1",
+        &["--target-timeline", "1", "--backup", &first],
+    )
+    .await?;
+    let want: std::collections::BTreeMap<i32, i64> =
+        [1, 2, 3, 99].into_iter().map(|b| (b, BATCH_ROWS)).collect();
+    ensure!(
+        tl1 == want,
+        "--target-timeline 1 restored {tl1:?}, want batches 1-3 and the old primary's 99"
+    );
+    // Without --backup, timeline 1's newest backup (the old primary's split-brain one) is
+    // admitted, and it ends the same.
+    let tl1 = timeline_rows(&dir, &repo, "tl1-newest", &["--target-timeline", "1"]).await?;
+    ensure!(
+        tl1 == want,
+        "--target-timeline 1 (newest backup) restored {tl1:?}"
+    );
+    // --target-timeline 2: timeline 2's rows, as latest.
+    let tl2 = timeline_rows(&dir, &repo, "tl2", &["--target-timeline", "2"]).await?;
+    let want: std::collections::BTreeMap<i32, i64> = (1..=4).map(|b| (b, BATCH_ROWS)).collect();
+    ensure!(
+        tl2 == want,
+        "--target-timeline 2 restored {tl2:?}, want batches 1-4"
+    );
     eprintln!("timeline: switch segment {switch_seg}, old primary finished {tl1_switch}, timeline 2 archived through {new_seg}");
     Ok(())
+}
+
+/// Restores to the end of the archive (`--target latest`) with `args`, starts the server and
+/// returns its rows per batch.
+async fn timeline_rows(
+    dir: &TestDir,
+    repo: &Repo,
+    name: &str,
+    args: &[&str],
+) -> Result<std::collections::BTreeMap<i32, i64>> {
+    let pgdata = dir.join(name);
+    let mut a = vec!["--target", "latest"];
+    a.extend_from_slice(args);
+    repo.restore(&pgdata, &a).await?.ok()?;
+    let server = start_restored(dir, &format!("{name}-server"), &pgdata).await?;
+    let db = server.client().await?;
+    let rows = data::batch_counts(&db).await?;
+    ensure!(
+        data::checkpoint_timeline(&db).await? >= 3,
+        "{name}: the restore should have promoted to a timeline after 2"
+    );
+    Ok(rows)
 }
