@@ -26,6 +26,7 @@
 
 mod delta;
 mod layout;
+pub mod plan;
 mod recovery_conf;
 pub(crate) mod safe_dir;
 
@@ -134,6 +135,30 @@ pub async fn run(store: &Store, opts: &RestoreOptions) -> Result<RestoreReport> 
     };
     let chosen = crate::archive::select(store, &want).await?.chosen;
     run_backup(store, &chosen, opts).await
+}
+
+/// The plan of `run` with these options ([`plan::make`]), plus what the target directory
+/// would refuse; writes nothing.
+pub async fn plan(store: &Store, opts: &RestoreOptions) -> Result<plan::Plan> {
+    let want = crate::archive::Want {
+        target: opts.recovery.target.clone(),
+        timeline: opts.recovery.timeline,
+        backup: opts.backup.clone(),
+    };
+    let mut p = plan::make(store, &want).await?;
+    let full = std::fs::read_dir(&opts.pgdata).is_ok_and(|mut d| d.next().is_some());
+    match (full, opts.delta) {
+        (true, false) => p.problems.push(format!(
+            "target directory {} is not empty\nhint: restore into a new or empty directory, or over a stopped data directory of the same cluster with --delta",
+            opts.pgdata.display()
+        )),
+        (true, true) => p.notes.push(format!(
+            "--delta: {} is compared file by file; only differing chunks are fetched, so the restore reads and writes at most the figures above",
+            opts.pgdata.display()
+        )),
+        _ => {}
+    }
+    Ok(p)
 }
 
 /// Restores `chosen` (already selected for `opts.recovery`, e.g. by a drill) and writes the

@@ -40,6 +40,11 @@ pub struct RecordSummary {
     pub backup: Option<String>,
     /// Seconds from the drill's start to a promoted server (only for a passed drill).
     pub rto_seconds: Option<f64>,
+    /// File bytes the drill's restore wrote per second (only for a passed drill).
+    pub restore_bytes_per_second: Option<f64>,
+    /// Stored WAL bytes the drill's server fetched per second from its start to promotion
+    /// (only for a passed drill that fetched WAL).
+    pub replay_bytes_per_second: Option<f64>,
 }
 
 /// The newest record under `verify/`, if any.
@@ -76,7 +81,16 @@ pub async fn last_recorded(store: &Store) -> Result<Option<RecordSummary>> {
             .pointer("/seconds/rto")
             .and_then(|x| x.as_f64())
             .filter(|_| ok),
+        restore_bytes_per_second: rate(&v, "/restore_bytes", "/seconds/restore").filter(|_| ok),
+        replay_bytes_per_second: rate(&v, "/wal_bytes_fetched", "/seconds/promote").filter(|_| ok),
     }))
+}
+
+/// `bytes / seconds` of a record, when both are there and positive.
+fn rate(v: &serde_json::Value, bytes: &str, seconds: &str) -> Option<f64> {
+    let b = v.pointer(bytes)?.as_f64()?;
+    let s = v.pointer(seconds)?.as_f64()?;
+    Some(b / s).filter(|r| b > 0.0 && s > 0.0 && r.is_finite())
 }
 
 /// One line for `info`'s text output.

@@ -94,6 +94,10 @@ pub struct Args {
     /// are kept, only differing chunks are written, files the backup lacks are removed
     #[arg(long)]
     delta: bool,
+    /// Print the plan (backup and why, timelines, WAL, bytes, an estimate, problems) and
+    /// write nothing; exit 1 when it finds a problem
+    #[arg(long)]
+    dry_run: bool,
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -175,6 +179,22 @@ pub async fn run(a: Args) -> Result<()> {
         delta: a.delta,
         standby: a.standby.settings(),
     };
+    if a.dry_run {
+        let p = restore::plan(&store, &opts).await?;
+        if a.json {
+            println!("{}", serde_json::to_string(&p)?);
+        } else {
+            print!("{}", restore::plan::render(&p));
+        }
+        if !p.problems.is_empty() {
+            bail!(
+                "the plan found {} problem(s); nothing was written\nhint: {}",
+                p.problems.len(),
+                "see PROBLEM above (or \"problems\" in the JSON)"
+            );
+        }
+        return Ok(());
+    }
     let r = restore::run(&store, &opts).await;
     let r = match r {
         Err(e) if a.system.system_id.is_none() => {
