@@ -14,6 +14,8 @@
 #   TM_ENC_LEVELS=""     tidemark into an encrypted repository (--key-file) at these zstd levels:
 #                        the cost of encryption, side by side with tidemark-zN
 #   PITR=1               0: skip the restore/PITR step (backups only)
+#   DELTA=1              after each PITR, change 1% of the copy's rows and restore over it with
+#                        --delta (pgBackRest: --delta), replay, check (0 = skip)
 #   PGBR_ZST_LEVEL=1     also run pgBackRest with compress-type=zst at this level ("" = only gz-6)
 #   PGBR_PROCESS_MAX=2   pgBackRest process-max (tidemark uses one worker per core)
 #   WORK=/tmp/tidemark-bench   work directory (clusters, repositories, logs); wiped per dataset
@@ -48,6 +50,7 @@ TM_LEVELS=${TM_LEVELS:-1}
 TM_REPL_LEVELS=${TM_REPL_LEVELS-1}
 TM_ENC_LEVELS=${TM_ENC_LEVELS-}
 PITR=${PITR:-1}
+DELTA=${DELTA:-1}
 PGBR_ZST_LEVEL=${PGBR_ZST_LEVEL-1}
 PGBR_PROCESS_MAX=${PGBR_PROCESS_MAX:-2}
 WORK=${WORK:-/tmp/tidemark-bench}
@@ -473,11 +476,28 @@ pitr() {
       echo '{}' >>"$D/m/pitr-$v.out" ;;
   esac
   t1=$(now)
+  start_until_promoted "$v" "$target"
+  t2=$(now)
+  local ok
+  ok=$(check_restored "$v")
+  record "$v" pitr --measure "$D/m/pitr-$v.json" --tool "$D/m/pitr-$v.out" \
+    restore_s="$(jget "$D/m/pitr-$v.json" wall_s)" pitr_s="$(elapsed "$t0" "$t2")" \
+    recovery_s="$(elapsed "$t1" "$t2")" verified="\"$ok\"" busy_before="$BUSY"
+  if [[ $DELTA == 1 ]]; then
+    delta "$v"
+  else
+    stop_pg "$target"
+  fi
+  rm -rf "$target"
+}
+
+# Starts the restored cluster of variant $1 in $2 and waits until it is promoted.
+start_until_promoted() {
+  local v=$1 target=$2 n=0
   # archive_mode=off: the promoted copy must not archive into the repositories under test.
   "${PRIO[@]}" runuser -u postgres -- "$PGBIN/pg_ctl" -D "$target" -l "$D/logs/postgresql-restore-$v.log" -W \
     -o "-c port=$RPORT -c unix_socket_directories='$D/sock-r' -c listen_addresses='' -c archive_mode=off" start >/dev/null
   boost_pg "$target"
-  local n=0
   until [[ $(rsql "SELECT pg_is_in_recovery()" 2>/dev/null || true) == f ]]; do
     sleep 0.1
     n=$((n + 1))
@@ -488,15 +508,56 @@ pitr() {
       die "restored cluster of $v did not reach promotion"
     fi
   done
-  t2=$(now)
+}
+
+# "yes" when the running restored cluster holds the expected rows, else what it holds.
+check_restored() {
+  local got
   got=$(rsql "SELECT count(*) || ':' || sum(abalance) FROM pgbench_accounts")
-  local ok=yes
-  [[ $got == "$EXPECTED" ]] || { ok="NO (got $got, want $EXPECTED)"; log "[$DS] $v restored WRONG data: $got, want $EXPECTED"; }
+  if [[ $got == "$EXPECTED" ]]; then
+    echo yes
+  else
+    log "[$DS] $1 restored WRONG data: $got, want $EXPECTED"
+    echo "NO (got $got, want $EXPECTED)"
+  fi
+}
+
+# Delta restore: the promoted copy of variant $1 changes 1% of pgbench_accounts (random rows,
+# seeded), stops, and the same restore runs again over it with --delta (pgBackRest: --delta,
+# which compares whole files by checksum), then replays to promotion and is checked.
+delta() {
+  local v=$1 target=$D/restore-$1 t0 t1 t2
+  rsql "SELECT setseed(0.77); UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE random() < 0.01" >/dev/null
+  rsql "CHECKPOINT" >/dev/null
   stop_pg "$target"
-  record "$v" pitr --measure "$D/m/pitr-$v.json" --tool "$D/m/pitr-$v.out" \
-    restore_s="$(jget "$D/m/pitr-$v.json" wall_s)" pitr_s="$(elapsed "$t0" "$t2")" \
-    recovery_s="$(elapsed "$t1" "$t2")" verified="\"$ok\"" busy_before="$BUSY"
-  rm -rf "$target"
+  drop_caches
+  BUSY=$(wait_quiet)
+  log "[$DS] delta restore + PITR over the changed copy: $v"
+  t0=$(now)
+  case $v in
+    tidemark-*)
+      measure "delta-$v" runuser -u postgres -- "$BIN/tidemark-restore" restore --pgdata "$target" \
+        --repo "file://$D/repo-$v" $(tm_key "$v") --target latest --delta --json ;;
+    pgbackrest-*)
+      measure "delta-$v" runuser -u postgres -- pgbackrest --config="$D/pgbackrest.conf" --stanza="$(stanza "$v")" \
+        --pg1-path="$target" --delta restore
+      echo '{}' >>"$D/m/delta-$v.out" ;;
+  esac
+  t1=$(now)
+  start_until_promoted "$v" "$target"
+  t2=$(now)
+  local ok written
+  ok=$(check_restored "$v")
+  written=$(python3 -c 'import json,sys
+for l in reversed(open(sys.argv[1]).read().splitlines()):
+    if l.startswith("{"):
+        d = json.loads(l).get("delta") or {}
+        print(d.get("bytes_written", "null")); break
+else: print("null")' "$D/m/delta-$v.out")
+  stop_pg "$target"
+  record "$v" delta --measure "$D/m/delta-$v.json" \
+    delta_s="$(jget "$D/m/delta-$v.json" wall_s)" delta_pitr_s="$(elapsed "$t0" "$t2")" \
+    delta_written_bytes="$written" verified="\"$ok\"" busy_before="$BUSY"
 }
 
 wal_stats() {
