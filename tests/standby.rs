@@ -104,6 +104,7 @@ async fn standby_follows_the_archive_then_promotes() -> Result<()> {
         &["--standby", "--target-time", "2026-11-21 20:40:12+00"][..],
         &["--standby", "--target", "latest"][..],
         &["--standby", "--target-action", "pause"][..],
+        &["--standby", "--target-action", "promote"][..],
         &["--standby", "--target-exclusive"][..],
     ] {
         let r = repo.restore(&refused, args).await?;

@@ -31,8 +31,8 @@ pub struct TargetArgs {
     pub target_exclusive: bool,
     /// What the server does at the target: promote (default), pause (stays in recovery,
     /// read-only), shutdown
-    #[arg(long, value_enum, default_value_t = Action::Promote)]
-    pub target_action: Action,
+    #[arg(long, value_enum)]
+    pub target_action: Option<Action>,
     /// The timeline recovery follows: latest (default), current (the backup's), or a number
     #[arg(long, default_value = "latest", value_parser = target::parse_timeline)]
     pub target_timeline: TimelineTarget,
@@ -59,7 +59,7 @@ impl TargetArgs {
         let r = Recovery {
             target,
             exclusive: self.target_exclusive,
-            action: self.target_action,
+            action: self.target_action.unwrap_or_default(),
             timeline: self.target_timeline,
         };
         r.check()?;
@@ -135,7 +135,7 @@ impl StandbyArgs {
             ("--target-name", t.target_name.is_some()),
             ("--target", t.target.is_some()),
             ("--target-exclusive", t.target_exclusive),
-            ("--target-action", t.target_action != Action::Promote),
+            ("--target-action", t.target_action.is_some()),
         ];
         if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
             bail!("{flag} does not apply to --standby: a standby has no recovery target, it stays in recovery following the archive (and its primary) until it is promoted\nhint: leave out {flag} for a standby, or leave out --standby to restore to a target and promote");
