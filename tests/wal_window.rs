@@ -194,6 +194,16 @@ async fn old_backups_outside_the_wal_window_keep_only_their_own_wal() -> Result<
         };
         ensure!(b["reach"]["kind"] == want, "info reach of {id}: {info:#}");
     }
+    let gaps: Vec<&Value> = info["wal"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|t| t["gaps"].as_array().into_iter().flatten())
+        .collect();
+    ensure!(
+        !gaps.is_empty() && gaps.iter().all(|g| g["narrowed"] == true),
+        "info does not mark the window's gaps as narrowed: {info:#}"
+    );
     // check holds the repository to what the backups and the window promise: the WAL the
     // window left out between the old backups is no problem.
     let (ok, report) = check(&repo).await?;
@@ -261,6 +271,17 @@ async fn old_backups_outside_the_wal_window_keep_only_their_own_wal() -> Result<
     ensure!(
         !ok && problems.contains(lost.as_str()) && problems.contains(old[2].0.as_str()),
         "check does not report segment {lost} the window promises: {report:#}"
+    );
+    let info = repo.info().await?;
+    let lost_gap = info["wal"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|t| t["gaps"].as_array().into_iter().flatten())
+        .find(|g| g["after"] == between[2][0].as_str());
+    ensure!(
+        lost_gap.is_some_and(|g| g["narrowed"] == false && g["missing_segments"] == 1),
+        "info does not show the lost segment {lost} as a gap the window did not leave: {info:#}"
     );
     Ok(())
 }

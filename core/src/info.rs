@@ -199,6 +199,9 @@ pub struct Gap {
     /// First segment present after the gap.
     pub before: String,
     pub missing_segments: u64,
+    /// Left out on purpose by `expire --retain-wal-window` (from a backup's stop segment to a
+    /// backup's start segment, `window::narrowed`); `check` reports only the other gaps.
+    pub narrowed: bool,
 }
 
 /// Every database system of the repository: the newest one at the top level, the others in
@@ -278,7 +281,8 @@ pub async fn collect_with(store: &Store, pg_major: Option<u32>, depth: Depth) ->
     let backup_major = headers.iter().map(|h| h.pg_version / 10000).max();
     let archive = crate::archive::Archive::list(store).await?;
     let backups = headers
-        .into_iter()
+        .iter()
+        .cloned()
         .map(|h| BackupInfo {
             reach: reach(&archive, h.timeline.0, h.start_lsn.0, h.stop_lsn.0),
             id: h.backup_id,
@@ -323,6 +327,7 @@ pub async fn collect_with(store: &Store, pg_major: Option<u32>, depth: Depth) ->
                 .gaps(tl, ss)
                 .into_iter()
                 .map(|g| Gap {
+                    narrowed: crate::window::narrowed(&g, tl, &headers, ss),
                     after: g.after.to_string(),
                     before: g.before.to_string(),
                     missing_segments: g.missing,
@@ -519,8 +524,15 @@ fn render_system(info: &Info) -> String {
         );
         for g in &t.gaps {
             s += &format!(
-                "    GAP: {} segments missing between {} and {}\n",
-                g.missing_segments, g.after, g.before
+                "    GAP: {} segments missing between {} and {}{}\n",
+                g.missing_segments,
+                g.after,
+                g.before,
+                if g.narrowed {
+                    " (left out by the WAL window: the older backup restores to its consistency point)"
+                } else {
+                    ""
+                }
             );
         }
     }

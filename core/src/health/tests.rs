@@ -67,6 +67,7 @@ fn info() -> Info {
                 after: "x".into(),
                 before: "y".into(),
                 missing_segments: 3,
+                narrowed: false,
             }],
             history_file: false,
             partial: Vec::new(),
