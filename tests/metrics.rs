@@ -469,18 +469,26 @@ async fn metrics_of_exporter_and_sidecar_agree_with_info() -> Result<()> {
     let port = env::free_port()?;
     let listen = format!("127.0.0.1:{port}");
     let exporter_log = dir.join("exporter.log");
-    let mut cmd = env::db_command(env::bins()?.agent)?;
-    cmd.args([
-        "exporter",
-        "--repo",
-        &repo.url,
-        "--listen",
-        &listen,
-        "--interval",
-        "1h",
-    ])
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(&exporter_log)?);
+    // Run directly as the database user (no runuser in between), so killing it kills the exporter.
+    let mut cmd = tokio::process::Command::new(env::bins()?.agent);
+    let user = env::db_user()?;
+    if user.switch {
+        cmd.uid(user.uid).gid(user.gid);
+    }
+    cmd.env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .kill_on_drop(true)
+        .args([
+            "exporter",
+            "--repo",
+            &repo.url,
+            "--listen",
+            &listen,
+            "--interval",
+            "1h",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&exporter_log)?);
     let mut exporter = cmd.spawn().context("cannot start the exporter")?;
     let read_log = || std::fs::read_to_string(&exporter_log).unwrap_or_default();
     let body = scrape_after_refresh(port, "the exporter", &read_log).await?;
@@ -489,6 +497,7 @@ async fn metrics_of_exporter_and_sidecar_agree_with_info() -> Result<()> {
     let from_exporter = Scrape::parse(&dir, "exporter.txt", body)?;
     agrees_with_info(&from_exporter, &info).context("exporter")?;
     exporter.kill().await?;
+    exporter.wait().await?;
 
     // A sidecar next to an idle data directory (nothing .ready: it archives nothing), with the
     // same gauges after its own.
@@ -682,8 +691,8 @@ async fn no_command_writes_an_escape_byte_into_a_file() -> Result<()> {
     .await?;
     ensure!(!r.success(), "wal-push of a missing file succeeded:\n{r}");
     ensure!(
-        r.stderr.contains("000000010000000000000042"),
-        "the wal-push failure does not name the segment:\n{r}"
+        r.stderr.contains("000000010000000000000042") && r.stderr.contains("hint:"),
+        "the wal-push failure does not name the segment with a hint:\n{r}"
     );
     let r = run_logged(
         Tool::Restore,
@@ -714,6 +723,32 @@ async fn no_command_writes_an_escape_byte_into_a_file() -> Result<()> {
         "info's failure does not name the repository with a hint:\n{r}"
     );
 
+    // With JSON logs (the Kubernetes manifests' setting) the failure is one JSON line carrying
+    // the object in `error` and what to do in `hint`.
+    let r = run_logged(
+        Tool::Agent,
+        &["--log-format", "json", "info", "--repo", &empty.url],
+        &log("info-empty-json"),
+    )
+    .await?;
+    ensure!(!r.success(), "info on an empty repository succeeded:\n{r}");
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let last: Value = serde_json::from_str(lines.last().copied().unwrap_or(""))
+        .with_context(|| format!("the JSON log's last line is not JSON:\n{r}"))?;
+    ensure!(
+        lines
+            .iter()
+            .all(|l| serde_json::from_str::<Value>(l).is_ok())
+            && last["level"] == "ERROR"
+            && last["fields"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(&empty.url))
+            && last["fields"]["hint"]
+                .as_str()
+                .is_some_and(|h| h.contains("--repo")),
+        "the JSON log does not end in one error line naming the repository with a hint:\n{r}"
+    );
+
     for name in [
         "backup1",
         "backup2",
@@ -725,6 +760,7 @@ async fn no_command_writes_an_escape_byte_into_a_file() -> Result<()> {
         "wal-push",
         "restore-again",
         "info-empty",
+        "info-empty-json",
     ] {
         no_escape(&log(name))?;
     }

@@ -170,9 +170,32 @@ pub fn init_tracing(args: &LogArgs) {
         ))
         .with_target(false);
     match args.log_format {
-        LogFormat::Json => b.json().init(),
+        LogFormat::Json => {
+            JSON_LOGS.store(true, std::sync::atomic::Ordering::Relaxed);
+            b.json().init()
+        }
         LogFormat::Text => b.init(),
     }
+}
+
+/// Set once the logs are JSON: then a command's final error is one JSON log line too.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// An error chain as one message (`outer: cause: ...`) and its `hint:` lines apart.
+fn split_hints(e: &anyhow::Error) -> (String, Vec<String>) {
+    let mut parts = Vec::new();
+    let mut hints = Vec::new();
+    for cause in e.chain() {
+        let mut text = Vec::new();
+        for line in cause.to_string().lines() {
+            match line.trim_start().strip_prefix("hint:") {
+                Some(h) => hints.push(h.trim().to_string()),
+                None => text.push(line.to_string()),
+            }
+        }
+        parts.push(text.join(" "));
+    }
+    (parts.join(": "), hints)
 }
 
 /// Colour (ANSI escapes) in text logs only on a terminal, and never when `NO_COLOR` is set to
@@ -184,6 +207,13 @@ fn colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool 
 
 /// Prints an error chain the way every tidemark command reports failure.
 pub fn report(prog: &str, e: &anyhow::Error) {
+    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        // One JSON line that log collectors keep whole: the object in `error`, what to do in
+        // `hint` (a multi-line text report would arrive as unparsable fragments).
+        let (error, hints) = split_hints(e);
+        tracing::error!(command = prog, error = %error, hint = %hints.join("; "), "{prog} failed");
+        return;
+    }
     let mut msg = format!("{prog}: error: {e}");
     for cause in e.chain().skip(1) {
         msg.push_str(&format!("\n  caused by: {cause}"));
@@ -220,6 +250,19 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_splits_into_its_message_and_hints() {
+        let e =
+            anyhow::anyhow!("wal segment 000000010000000000000042 is missing\nhint: check pg_wal")
+                .context("cannot archive 000000010000000000000042");
+        let (msg, hints) = split_hints(&e);
+        assert_eq!(
+            msg,
+            "cannot archive 000000010000000000000042: wal segment 000000010000000000000042 is missing"
+        );
+        assert_eq!(hints, vec!["check pg_wal".to_string()]);
+    }
 
     #[test]
     fn colour_only_on_a_terminal_without_no_color() {

@@ -301,7 +301,7 @@ async fn heartbeat(
                 return;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot confirm the lease; retrying");
+                tracing::warn!(key = %old, error = %e, hint = "retried until the lease expires; the run stops before its next delete or manifest write if it cannot renew", "cannot confirm the lease; retrying");
                 continue;
             }
         }
@@ -317,10 +317,12 @@ async fn heartbeat(
                     s.expires_us = expires_us;
                 }
                 if let Err(e) = store.delete(&old).await {
-                    tracing::warn!(error = %e, key = %old, "cannot delete the previous lease object");
+                    tracing::warn!(error = %e, key = %old, hint = "harmless: a leftover lease object expires and the next expire removes it", "cannot delete the previous lease object");
                 }
             }
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot renew the lease; retrying"),
+            Err(e) => {
+                tracing::warn!(key = %old, error = %format!("{e:#}"), hint = "retried until the lease expires; the run stops before its next delete or manifest write if it cannot renew", "cannot renew the lease; retrying")
+            }
         }
     }
 }

@@ -167,8 +167,9 @@ fn encode_file(
     walfmt::WalObjectHeader,
     Option<walfmt::LongPageHeader>,
 )> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut f = std::fs::File::open(path).with_context(|| {
+        format!("cannot read wal file {}\nhint: archive_command must pass %p (PostgreSQL runs it in the data directory); check that the file exists and this user can read it", path.display())
+    })?;
     let len = f
         .metadata()
         .with_context(|| format!("cannot read {}", path.display()))?

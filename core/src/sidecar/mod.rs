@@ -190,7 +190,7 @@ pub async fn run_until(
         while uploads.try_join_next().is_some() {}
         inner.last_loop.store(now_secs(), Ordering::Relaxed);
         if let Err(e) = dispatch(&inner, &status_dir, &mut uploads) {
-            tracing::warn!(error = %format!("{e:#}"), "cannot scan archive_status");
+            tracing::warn!(dir = %status_dir.display(), error = %format!("{e:#}"), hint = "the sidecar must be able to list PostgreSQL's pg_wal/archive_status (the same volume and a user that can read it)", "cannot scan archive_status");
         }
     }
 
@@ -343,7 +343,7 @@ async fn upload(inner: Arc<Inner>, name: String) {
             Ok((outcome, sha)) => {
                 if let Err(e) = inner.state.record(&name, &sha) {
                     inner.metrics.upload_failures.inc();
-                    tracing::error!(file = %name, error = %format!("{e:#}"), "stored, but cannot record it in the state directory; not acknowledging");
+                    tracing::error!(file = %name, state_dir = %inner.opts.state_dir.display(), error = %format!("{e:#}"), hint = "free space in or fix the permissions of the state directory (--state-dir); the upload is retried", "stored, but cannot record it in the state directory; not acknowledging");
                     resolve(
                         &inner,
                         &name,
@@ -373,7 +373,7 @@ async fn upload(inner: Arc<Inner>, name: String) {
                 ) =>
             {
                 inner.metrics.conflicts.inc();
-                tracing::error!(file = %name, error = %format!("{e:#}"), "refusing to archive a conflicting wal file");
+                tracing::error!(file = %name, error = %format!("{e:#}"), hint = "another cluster archives into this repository, or this one was re-initialised: point each cluster at its own repository; the archived copy is untouched", "refusing to archive a conflicting wal file");
                 lock(&inner.refused).insert(name.clone(), Instant::now());
                 resolve(&inner, &name, Err(format!("{e:#}")));
                 break;
@@ -381,7 +381,7 @@ async fn upload(inner: Arc<Inner>, name: String) {
             Err(e) => {
                 inner.metrics.upload_failures.inc();
                 let vanished = !path.exists();
-                tracing::warn!(file = %name, error = %format!("{e:#}"), vanished, "upload failed");
+                tracing::warn!(file = %name, repo = inner.store.url(), error = %format!("{e:#}"), vanished, hint = "retried with backoff until it succeeds; check the storage error (credentials, bucket, network) if this repeats", "upload failed");
                 resolve(&inner, &name, Err(format!("{e:#}")));
                 if vanished || inner.stopping.load(Ordering::Relaxed) {
                     break;

@@ -142,7 +142,7 @@ pub async fn run(a: Args) -> ExitCode {
                 return ExitCode::from(cli::EXIT_ABORT_RECOVERY);
             }
             e if attempt < a.attempts && !hopeless(&e) => {
-                tracing::warn!(file = %a.file, attempt, error = %format!("{e:#}"), "fetch failed; retrying");
+                tracing::warn!(file = %a.file, repo = %store.url(), attempt, error = %format!("{e:#}"), hint = "retried with backoff; recovery is aborted, never ended early, if every attempt fails", "fetch failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
