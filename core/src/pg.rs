@@ -187,9 +187,35 @@ pub async fn connect(url: Option<&str>) -> Result<Client> {
     Ok(client)
 }
 
+/// Quotes a string for postgresql.conf: single quotes, embedded quotes and backslashes doubled
+/// and line breaks escaped (the configuration lexer reads `\\`, `\n` and `\r` escapes inside a
+/// quoted value and allows no raw line break there).
+pub fn conf_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conf_values_cannot_end_their_string_or_add_a_line() {
+        assert_eq!(conf_quote("it's"), "'it''s'");
+        assert_eq!(conf_quote("a\\b\nport=1' x\r"), "'a\\\\b\\nport=1'' x\\r'");
+        assert!(!conf_quote("x\narchive_command = 'evil'").contains('\n'));
+    }
 
     #[test]
     fn passwords_are_redacted_in_every_form() {

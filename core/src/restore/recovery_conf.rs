@@ -23,6 +23,7 @@
 
 use super::layout::{Layout, AUTO_CONF};
 use super::{RestoreOptions, SafeDir};
+use crate::pg::conf_quote;
 use crate::target::{postgres_text, Target};
 use anyhow::{Context, Result};
 use std::io::Write;
@@ -53,25 +54,6 @@ impl std::fmt::Display for ArchiveMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-/// Quotes a string for postgresql.conf: single quotes, embedded quotes and backslashes doubled
-/// and line breaks escaped (the configuration lexer reads `\\`, `\n` and `\r` escapes inside a
-/// quoted value and allows no raw line break there).
-pub(super) fn conf_quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('\'');
-    for c in s.chars() {
-        match c {
-            '\'' => out.push_str("''"),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
-        }
-    }
-    out.push('\'');
-    out
 }
 
 /// The recovery settings appended to postgresql.auto.conf.
@@ -215,12 +197,6 @@ mod tests {
             delta: false,
             standby: None,
         }
-    }
-
-    #[test]
-    fn quoting() {
-        assert_eq!(conf_quote("it's"), "'it''s'");
-        assert_eq!(conf_quote("a\\b\nport=1' x"), "'a\\\\b\\nport=1'' x'");
     }
 
     fn last<'a>(text: &'a str, setting: &str) -> Option<&'a str> {

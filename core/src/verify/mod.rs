@@ -256,4 +256,18 @@ mod tests {
         assert_eq!(s[2].1, "SELECT true");
         assert!(parse_check_sql("-- nothing\n\n").is_empty());
     }
+
+    #[test]
+    fn a_pg_setting_value_cannot_add_another_setting() {
+        let extra = [(
+            "work_mem".to_string(),
+            "1MB'\narchive_command = 'evil".to_string(),
+        )];
+        let text = server::drill_settings("/s".as_ref(), "/h".as_ref(), 5432, &extra);
+        assert!(
+            text.ends_with("work_mem = '1MB''\\narchive_command = ''evil'\n"),
+            "{text}"
+        );
+        assert!(!text.contains("\narchive_command = 'evil"), "{text}");
+    }
 }

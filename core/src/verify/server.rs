@@ -282,7 +282,7 @@ pub fn check_extra_setting(name: &str) -> Result<()> {
 
 /// Settings the drill appends to postgresql.auto.conf (after the restore's recovery settings).
 pub fn drill_settings(sock: &Path, hba: &Path, port: u16, extra: &[(String, String)]) -> String {
-    let q = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let q = crate::pg::conf_quote;
     let mut s = format!(
         "\n# appended by tidemark-restore verify (a restore drill; this server is thrown away)\n\
          port = {port}\n\
