@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Restore a base backup into an empty directory and configure recovery to a target
+    /// Restore a base backup into an empty directory (or over one with --delta) and configure
+    /// recovery to a target, or as a standby (--standby)
     Restore(cmd::restore::Args),
     /// Check that every backup's chunks and WAL are present (and, with --read-data, sound)
     Check(cmd::check::Args),
