@@ -42,11 +42,33 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
         schema_version: 1,
         ..Default::default()
     };
-    let headers = repo::list_backups(store).await?;
+    let all = repo::all_backups(store).await?;
+    for (id, why) in &all.unreadable {
+        report.problems.push(Problem {
+            backups: vec![id.clone()],
+            what: format!("the manifest of backup {id} cannot be read: {why}; restore and backup leave it out, expire refuses to run\nhint: restore backups/{id}.manifest from a copy, or move it out of backups/ if the backup is lost"),
+        });
+    }
+    let headers = all.readable;
     // pack id -> (chunk id, offset, clen, ulen) -> backups referencing it
     let mut refs: PackRefs = HashMap::new();
     for h in &headers {
-        let m = repo::load_manifest(store, &h.backup_id).await?;
+        let m = match repo::load_manifest(store, &h.backup_id).await {
+            Ok(m) => m,
+            Err(e)
+                if e.chain()
+                    .any(|c| c.downcast_ref::<crate::store::StoreError>().is_some()) =>
+            {
+                return Err(e)
+            }
+            Err(e) => {
+                report.problems.push(Problem {
+                    backups: vec![h.backup_id.clone()],
+                    what: format!("{e:#}\nhint: the backup cannot be restored; restore backups/{}.manifest from a copy, or move it out of backups/ if the backup is lost", h.backup_id),
+                });
+                continue;
+            }
+        };
         report.backups_checked += 1;
         for e in &m.entries {
             if let EntryKind::File(f) = &e.kind {

@@ -87,21 +87,52 @@ pub async fn require_config(store: &Store) -> Result<RepoConfig> {
     })
 }
 
-/// Headers of every backup in the repository, oldest stop time first.
-pub async fn list_backups(store: &Store) -> Result<Vec<ManifestHeader>> {
+/// Every backup of the repository: the headers that decode, oldest stop time first, and the
+/// manifests that do not.
+#[derive(Clone, Debug, Default)]
+pub struct Backups {
+    pub readable: Vec<ManifestHeader>,
+    /// (backup id, why), by id.
+    pub unreadable: Vec<(String, String)>,
+}
+
+/// Lists every backup. A manifest whose header does not decode (damaged, truncated, foreign,
+/// or written by a newer release) is listed as unreadable; a storage error is an error, never
+/// "unreadable" (a transient failure must not change what a reader decides).
+pub async fn all_backups(store: &Store) -> Result<Backups> {
     let listed = store
         .list(keys::BACKUPS)
         .await
         .context("cannot list backups")?;
-    let mut out = Vec::new();
+    let mut out = Backups::default();
     for l in listed {
         let Some(id) = keys::parse_manifest(&l.key) else {
             continue;
         };
-        out.push(load_header(store, id, l.size).await?);
+        match load_header(store, id, l.size).await {
+            Ok(h) => out.readable.push(h),
+            Err(e) if e.chain().any(|c| c.downcast_ref::<StoreError>().is_some()) => return Err(e),
+            Err(e) => out.unreadable.push((id.to_string(), format!("{e:#}"))),
+        }
     }
-    out.sort_by_key(|h| (h.stop_time_us, h.stop_lsn));
+    out.readable.sort_by_key(|h| (h.stop_time_us, h.stop_lsn));
+    out.unreadable.sort();
     Ok(out)
+}
+
+/// Headers of every readable backup, oldest stop time first. An unreadable manifest is left
+/// out with a warning naming it: a reader that only chooses among backups (restore, verify,
+/// backup's parent, info) goes on without it. Writers that must know every backup's references
+/// (expire) use [`all_backups`] and refuse instead.
+pub async fn list_backups(store: &Store) -> Result<Vec<ManifestHeader>> {
+    let all = all_backups(store).await?;
+    for (id, why) in &all.unreadable {
+        tracing::warn!(
+            backup = %id,
+            "backup {id} is left out: its manifest cannot be read ({why})\nhint: run 'tidemark-restore check' (it names every unreadable manifest); expire refuses to run until it is repaired or moved out of backups/"
+        );
+    }
+    Ok(all.readable)
 }
 
 async fn load_header(store: &Store, id: &str, size: u64) -> Result<ManifestHeader> {

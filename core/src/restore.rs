@@ -113,13 +113,19 @@ impl Dest {
 /// Reads a manifest fully; a manifest that does not decode gets a hint (it was checksummed, so
 /// a writer made it so or someone crafted it).
 async fn load(store: &Store, id: &str) -> Result<Manifest> {
-    repo::load_manifest(store, id).await.map_err(|e| {
-        if e.chain().any(|c| c.downcast_ref::<FormatError>().is_some()) {
-            anyhow!("{e:#}\nhint: nothing was restored; the repository is damaged or was tampered with: restore another backup (an earlier --target-time) and run 'tidemark-restore check'")
-        } else {
-            e
-        }
-    })
+    repo::load_manifest(store, id).await.map_err(hinted)
+}
+
+fn undecodable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<FormatError>().is_some())
+}
+
+fn hinted(e: anyhow::Error) -> anyhow::Error {
+    if undecodable(&e) {
+        anyhow!("{e:#}\nhint: nothing was restored; the repository is damaged or was tampered with: restore another backup (an earlier --target-time) and run 'tidemark-restore check'")
+    } else {
+        e
+    }
 }
 
 /// Restores the backup `archive::select` chooses for the target and writes the recovery
@@ -133,8 +139,34 @@ pub async fn run(store: &Store, opts: &RestoreOptions) -> Result<RestoreReport> 
         timeline: opts.recovery.timeline,
         backup: opts.backup.clone(),
     };
-    let chosen = crate::archive::select(store, &want).await?.chosen;
-    run_backup(store, &chosen, opts).await
+    let (sel, m) = select_loaded(store, &want).await?;
+    run_loaded(store, &sel.chosen, Arc::new(m), opts).await
+}
+
+/// Chooses the backup for `want` and reads its whole manifest. A chosen backup whose manifest
+/// does not decode is left out with a warning and the choice made again among the others (the
+/// result is as exact, only older: more WAL to replay); a backup named by `--backup` is never
+/// replaced, and a storage error is an error.
+pub(crate) async fn select_loaded(
+    store: &Store,
+    want: &crate::archive::Want,
+) -> Result<(crate::archive::Selection, Manifest)> {
+    let mut backups = repo::list_backups(store).await?;
+    loop {
+        let sel = crate::archive::select_among(store, backups.clone(), want).await?;
+        match repo::load_manifest(store, &sel.chosen.backup_id).await {
+            Ok(m) => return Ok((sel, m)),
+            Err(e) if want.backup.is_none() && undecodable(&e) => {
+                tracing::warn!(
+                    backup = %sel.chosen.backup_id,
+                    "backup {} is left out: {e:#}; choosing again among the other backups",
+                    sel.chosen.backup_id
+                );
+                backups.retain(|b| b.backup_id != sel.chosen.backup_id);
+            }
+            Err(e) => return Err(hinted(e)),
+        }
+    }
 }
 
 /// The plan of `run` with these options ([`plan::make`]), plus what the target directory
@@ -168,6 +200,18 @@ pub async fn run_backup(
     chosen: &ManifestHeader,
     opts: &RestoreOptions,
 ) -> Result<RestoreReport> {
+    prepare_target(&opts.pgdata, opts.delta)?;
+    let m = Arc::new(load(store, &chosen.backup_id).await?);
+    run_loaded(store, chosen, m, opts).await
+}
+
+/// Restores `chosen`, whose manifest `m` is, and writes the recovery configuration.
+async fn run_loaded(
+    store: &Store,
+    chosen: &ManifestHeader,
+    m: Arc<Manifest>,
+    opts: &RestoreOptions,
+) -> Result<RestoreReport> {
     let delta = prepare_target(&opts.pgdata, opts.delta)?;
     let major = crate::pgversion::major_of_version_num(chosen.pg_version);
     if !crate::pgversion::is_supported(major) {
@@ -178,7 +222,6 @@ pub async fn run_backup(
         );
     }
     tracing::info!(backup = %chosen.backup_id, pg_major = major, stop_time = %repo::fmt_time(chosen.stop_time_us), "restoring backup");
-    let m = Arc::new(load(store, &chosen.backup_id).await?);
     // Everything a restore refuses is refused here, before anything is written.
     let layout = layout::check(&m)?;
     let root = SafeDir::open(&opts.pgdata)?;

@@ -100,6 +100,7 @@ pub async fn run(a: Args) -> Result<()> {
         let v = serde_json::json!({
             "schema_version": 1,
             "backup_id": h.backup_id,
+            "parent": h.parent,
             "start_lsn": h.start_lsn.to_string(),
             "stop_lsn": h.stop_lsn.to_string(),
             "logical_bytes": h.stats.logical_bytes,

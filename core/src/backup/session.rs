@@ -245,15 +245,29 @@ async fn commit(
 
 /// The newest backup's manifest, to deduplicate against, without chunks in packs that are gone
 /// (deleted out of band or by GC).
+/// The newest backup whose manifest reads whole: a damaged one is passed over with a warning
+/// (the new backup then stores more chunks anew, never references a chunk it cannot vouch for).
 async fn load_parent(store: &Store, backups: &[ManifestHeader]) -> Result<Option<Arc<Manifest>>> {
-    match backups.last() {
-        Some(h) => {
-            let mut m = repo::load_manifest(store, &h.backup_id).await?;
-            crate::gc::drop_missing_packs(store, &mut m).await?;
-            Ok(Some(Arc::new(m)))
+    for h in backups.iter().rev() {
+        match repo::load_manifest(store, &h.backup_id).await {
+            Ok(mut m) => {
+                crate::gc::drop_missing_packs(store, &mut m).await?;
+                return Ok(Some(Arc::new(m)));
+            }
+            Err(e)
+                if e.chain()
+                    .any(|c| c.downcast_ref::<tidemark_format::FormatError>().is_some()) =>
+            {
+                tracing::warn!(
+                    backup = %h.backup_id,
+                    "backup {} cannot be the parent: {e:#}\nhint: run 'tidemark-restore check'",
+                    h.backup_id
+                );
+            }
+            Err(e) => return Err(e),
         }
-        None => Ok(None),
     }
+    Ok(None)
 }
 
 /// The `START TIMELINE:` of a backup_label.

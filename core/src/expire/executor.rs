@@ -14,7 +14,7 @@ use crate::repack::{self, LiveSet};
 use crate::repo;
 use crate::store::Store;
 use crate::testhooks::crash_point;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use std::collections::{BTreeSet, HashMap};
 use tidemark_format::lock::GcState;
@@ -51,7 +51,19 @@ pub(super) async fn plan_now(
     leases: LeaseVerdict,
 ) -> Result<(Plan, Work)> {
     repo::require_config(store).await?;
-    let headers = repo::list_backups(store).await?;
+    let all = repo::all_backups(store).await?;
+    if !all.unreadable.is_empty() {
+        let names: Vec<String> = all
+            .unreadable
+            .iter()
+            .map(|(id, why)| format!("{id} ({why})"))
+            .collect();
+        bail!(
+            "expire deletes nothing while a backup's manifest cannot be read: {}\nhint: the packs and WAL such a backup needs are unknown, so nothing can safely be collected; restore the manifest object from a copy, or, if that backup is lost, move backups/<id>.manifest out of the repository (e.g. to a quarantine/ prefix) and run expire again; 'tidemark-restore check' lists them",
+            names.join("; ")
+        );
+    }
+    let headers = all.readable;
     let ids: Vec<String> = headers.iter().map(|h| h.backup_id.clone()).collect();
     let retained = planner::retain(opts, now, leases, headers)?;
     // Full reads: a damaged manifest stops expire here, before anything is deleted (its pack table

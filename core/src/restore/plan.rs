@@ -155,8 +155,7 @@ pub async fn make(store: &Store, want: &Want) -> Result<Plan> {
         target: want.target.describe(),
         ..Plan::default()
     };
-    let backups = crate::repo::list_backups(store).await?;
-    let sel = match archive::select_among(store, backups.clone(), want).await {
+    let (sel, m) = match super::select_loaded(store, want).await {
         Ok(s) => s,
         Err(e) => {
             p.why = "no backup can be used".into();
@@ -168,7 +167,7 @@ pub async fn make(store: &Store, want: &Want) -> Result<Plan> {
         archive,
         history,
         chosen: b,
-        ..
+        backups,
     } = sel;
     p.why = why(&b, &backups, history.as_ref(), want);
     p.backup = Some(PlannedBackup {
@@ -190,7 +189,6 @@ pub async fn make(store: &Store, want: &Want) -> Result<Plan> {
         .collect();
 
     // The files.
-    let m = crate::repo::load_manifest(store, &b.backup_id).await?;
     let mut reads = std::collections::BTreeSet::new();
     for e in &m.entries {
         if let EntryKind::File(f) = &e.kind {
