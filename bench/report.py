@@ -170,11 +170,11 @@ def table(args):
         ("CPU s used meanwhile by PostgreSQL and others (full / nightly / restore)", lambda v: " / ".join(
             fmt_num(others(v, s)) for s in ("full", "incr", "pitr"))),
         ("restored data verified", lambda v: get(v, "pitr", "verified") or "–"),
-        ("delta restore over the copy after a 1% change: time (s)", lambda v: fmt_num(get(v, "delta", "delta_s"))),
-        ("delta: restore + replay + promotion (s)", lambda v: fmt_num(get(v, "delta", "delta_pitr_s"))),
+        ("restore of the nightly to its consistency point: time (s)", lambda v: fmt_num(get(v, "delta", "full_immediate_s"))),
+        ("the same over the copy after a 1% change, --delta: time (s)", lambda v: fmt_num(get(v, "delta", "delta_s"))),
         ("delta: MiB written (tidemark's report)", lambda v: fmt_num(mib(get(v, "delta", "delta_written_bytes")))),
         ("delta: peak RSS MiB (largest / tree)", lambda v: rss(v, "delta")),
-        ("delta: restored data verified", lambda v: get(v, "delta", "verified") or "–"),
+        ("delta: restored data verified (full / delta)", lambda v: get(v, "delta", "verified") or "–"),
         ("WAL archive: MiB stored / objects", lambda v: (
             f"{fmt_num(mib(get(v, 'wal', 'stored_bytes')))} / {fmt_num(get(v, 'wal', 'objects'), 0)}"
             if get(v, "wal", "stored_bytes") is not None else "–")),

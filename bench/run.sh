@@ -14,8 +14,9 @@
 #   TM_ENC_LEVELS=""     tidemark into an encrypted repository (--key-file) at these zstd levels:
 #                        the cost of encryption, side by side with tidemark-zN
 #   PITR=1               0: skip the restore/PITR step (backups only)
-#   DELTA=1              after each PITR, change 1% of the copy's rows and restore over it with
-#                        --delta (pgBackRest: --delta), replay, check (0 = skip)
+#   DELTA=1              restore the nightly to its consistency point, change 1% of the copy's
+#                        rows (one range), restore over it with --delta (pgBackRest: --delta),
+#                        start and check both (0 = skip)
 #   PGBR_ZST_LEVEL=1     also run pgBackRest with compress-type=zst at this level ("" = only gz-6)
 #   PGBR_PROCESS_MAX=2   pgBackRest process-max (tidemark uses one worker per core)
 #   WORK=/tmp/tidemark-bench   work directory (clusters, repositories, logs); wiped per dataset
@@ -479,15 +480,11 @@ pitr() {
   start_until_promoted "$v" "$target"
   t2=$(now)
   local ok
-  ok=$(check_restored "$v")
+  ok=$(check_restored "$v" "$EXPECTED")
   record "$v" pitr --measure "$D/m/pitr-$v.json" --tool "$D/m/pitr-$v.out" \
     restore_s="$(jget "$D/m/pitr-$v.json" wall_s)" pitr_s="$(elapsed "$t0" "$t2")" \
     recovery_s="$(elapsed "$t1" "$t2")" verified="\"$ok\"" busy_before="$BUSY"
-  if [[ $DELTA == 1 ]]; then
-    delta "$v"
-  else
-    stop_pg "$target"
-  fi
+  stop_pg "$target"
   rm -rf "$target"
 }
 
@@ -510,44 +507,58 @@ start_until_promoted() {
   done
 }
 
-# "yes" when the running restored cluster holds the expected rows, else what it holds.
+# "yes" when the running restored cluster of variant $1 holds the rows $2 says, else what it holds.
 check_restored() {
   local got
   got=$(rsql "SELECT count(*) || ':' || sum(abalance) FROM pgbench_accounts")
-  if [[ $got == "$EXPECTED" ]]; then
+  if [[ $got == "$2" ]]; then
     echo yes
   else
-    log "[$DS] $1 restored WRONG data: $got, want $EXPECTED"
-    echo "NO (got $got, want $EXPECTED)"
+    log "[$DS] $1 restored WRONG data: $got, want $2"
+    echo "NO (got $got, want $2)"
   fi
 }
 
-# Delta restore: the promoted copy of variant $1 changes 1% of pgbench_accounts (random rows,
-# seeded), stops, and the same restore runs again over it with --delta (pgBackRest: --delta,
-# which compares whole files by checksum), then replays to promotion and is checked.
+# Restores variant $1's newest backup to its consistency point into $2 (measured as $3), with
+# the further restore options given after.
+restore_immediate() {
+  local v=$1 target=$2 name=$3
+  shift 3
+  case $v in
+    tidemark-*)
+      measure "$name" runuser -u postgres -- "$BIN/tidemark-restore" restore --pgdata "$target" \
+        --repo "file://$D/repo-$v" $(tm_key "$v") --target immediate --json "$@" ;;
+    pgbackrest-*)
+      measure "$name" runuser -u postgres -- pgbackrest --config="$D/pgbackrest.conf" --stanza="$(stanza "$v")" \
+        --pg1-path="$target" --type=immediate --target-action=promote "$@" restore
+      echo '{}' >>"$D/m/$name.out" ;;
+  esac
+}
+
+# Delta restore: the nightly backup restored to its consistency point (full restore, measured),
+# promoted, then 1% of pgbench_accounts changed as one range of rows (aid <= 1%: about 1% of the
+# table's pages, as when a day's writes go to recent rows), stopped, and restored over with
+# --delta (pgBackRest --delta, which compares whole files by checksum); both restores are
+# started, promoted and checked against the rows at the nightly backup.
 delta() {
-  local v=$1 target=$D/restore-$1 t0 t1 t2
-  rsql "SELECT setseed(0.77); UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE random() < 0.01" >/dev/null
+  local v=$1 target=$D/delta-$1 ok1 ok2 written
+  rm -rf "$target"
+  install -d -m 0700 -o postgres -g postgres "$target"
+  drop_caches
+  BUSY=$(wait_quiet)
+  log "[$DS] full restore to the nightly's consistency point: $v"
+  restore_immediate "$v" "$target" "full-imm-$v"
+  start_until_promoted "$v" "$target"
+  ok1=$(check_restored "$v" "$EXPECTED_NIGHTLY")
+  rsql "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= $((SCALE * 1000))" >/dev/null
   rsql "CHECKPOINT" >/dev/null
   stop_pg "$target"
   drop_caches
   BUSY=$(wait_quiet)
-  log "[$DS] delta restore + PITR over the changed copy: $v"
-  t0=$(now)
-  case $v in
-    tidemark-*)
-      measure "delta-$v" runuser -u postgres -- "$BIN/tidemark-restore" restore --pgdata "$target" \
-        --repo "file://$D/repo-$v" $(tm_key "$v") --target latest --delta --json ;;
-    pgbackrest-*)
-      measure "delta-$v" runuser -u postgres -- pgbackrest --config="$D/pgbackrest.conf" --stanza="$(stanza "$v")" \
-        --pg1-path="$target" --delta restore
-      echo '{}' >>"$D/m/delta-$v.out" ;;
-  esac
-  t1=$(now)
+  log "[$DS] delta restore over the copy after a 1% change: $v"
+  restore_immediate "$v" "$target" "delta-$v" --delta
   start_until_promoted "$v" "$target"
-  t2=$(now)
-  local ok written
-  ok=$(check_restored "$v")
+  ok2=$(check_restored "$v" "$EXPECTED_NIGHTLY")
   written=$(python3 -c 'import json,sys
 for l in reversed(open(sys.argv[1]).read().splitlines()):
     if l.startswith("{"):
@@ -556,8 +567,9 @@ for l in reversed(open(sys.argv[1]).read().splitlines()):
 else: print("null")' "$D/m/delta-$v.out")
   stop_pg "$target"
   record "$v" delta --measure "$D/m/delta-$v.json" \
-    delta_s="$(jget "$D/m/delta-$v.json" wall_s)" delta_pitr_s="$(elapsed "$t0" "$t2")" \
-    delta_written_bytes="$written" verified="\"$ok\"" busy_before="$BUSY"
+    full_immediate_s="$(jget "$D/m/full-imm-$v.json" wall_s)" delta_s="$(jget "$D/m/delta-$v.json" wall_s)" \
+    delta_written_bytes="$written" verified="\"$ok1 / $ok2\"" busy_before="$BUSY"
+  rm -rf "$target"
 }
 
 wal_stats() {
@@ -640,6 +652,7 @@ run_dataset() {
   fi
 
   backups incr
+  EXPECTED_NIGHTLY=$(sql "SELECT count(*) || ':' || sum(abalance) FROM pgbench_accounts")
 
   # WAL written after the nightly backup, so that PITR has something to replay.
   lsn=$(sql "SELECT pg_current_wal_lsn()")
@@ -653,6 +666,9 @@ run_dataset() {
 
   if [[ $PITR == 1 ]]; then
     for v in "${VARIANTS[@]}"; do pitr "$v"; done
+  fi
+  if [[ $DELTA == 1 ]]; then
+    for v in "${VARIANTS[@]}"; do delta "$v"; done
   fi
   for v in "${VARIANTS[@]}"; do wal_stats "$v"; done
 
