@@ -206,15 +206,22 @@ pub fn render(i: &Info) -> String {
         "WAL segments in the repository, by timeline",
         per_tl(&|w| w.segments as f64),
     );
+    // Gaps a WAL window left out on purpose (`narrowed`) are no loss: not counted.
     t.gauge(
         "tidemark_wal_gaps",
-        "Runs of missing WAL segments between archived ones, by timeline",
-        per_tl(&|w| w.gaps.len() as f64),
+        "Runs of missing WAL segments between archived ones, by timeline (not those expire --retain-wal-window left out)",
+        per_tl(&|w| w.gaps.iter().filter(|g| !g.narrowed).count() as f64),
     );
     t.gauge(
         "tidemark_wal_gap_missing_segments",
-        "WAL segments missing inside gaps, by timeline",
-        per_tl(&|w| w.gaps.iter().map(|g| g.missing_segments).sum::<u64>() as f64),
+        "WAL segments missing inside those gaps, by timeline",
+        per_tl(&|w| {
+            w.gaps
+                .iter()
+                .filter(|g| !g.narrowed)
+                .map(|g| g.missing_segments)
+                .sum::<u64>() as f64
+        }),
     );
 
     let drill = i.last_verified_restore.as_ref();

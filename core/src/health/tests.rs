@@ -63,12 +63,20 @@ fn info() -> Info {
             first_segment: None,
             last_segment: None,
             segments: 9,
-            gaps: vec![Gap {
-                after: "x".into(),
-                before: "y".into(),
-                missing_segments: 3,
-                narrowed: false,
-            }],
+            gaps: vec![
+                Gap {
+                    after: "x".into(),
+                    before: "y".into(),
+                    missing_segments: 3,
+                    narrowed: false,
+                },
+                Gap {
+                    after: "z".into(),
+                    before: "w".into(),
+                    missing_segments: 5,
+                    narrowed: true,
+                },
+            ],
             history_file: false,
             partial: Vec::new(),
             stored_bytes: 1000,
