@@ -164,3 +164,40 @@ pub fn render(s: &Option<ExpireSummary>) -> String {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_run_is_recorded_with_its_cause_and_reads_back() {
+        let e: Result<Plan> = Err(anyhow::anyhow!(
+            "backup 20261121T204012Z has an unreadable manifest"
+        )
+        .context("expire of database system 7"));
+        let r = ExpireRecord::of(1_764_000_000_000_000, &e);
+        assert!(!r.ok);
+        assert_eq!(r.bytes_freed, 0);
+        assert_eq!(
+            r.failure.as_deref(),
+            Some("expire of database system 7: backup 20261121T204012Z has an unreadable manifest")
+        );
+        let back: ExpireRecord = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        let shown = render(&Some(ExpireSummary {
+            key: "expire/x.json".into(),
+            ok: false,
+            record: Some(r),
+        }));
+        assert!(
+            shown.contains("FAILED") && shown.contains("20261121T204012Z"),
+            "{shown}"
+        );
+        let unreadable = render(&Some(ExpireSummary {
+            key: "expire/20261121T204012Z-0a1b2c3d.json".into(),
+            ok: false,
+            record: None,
+        }));
+        assert!(unreadable.contains("unreadable"), "{unreadable}");
+    }
+}
