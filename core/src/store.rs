@@ -137,8 +137,11 @@ impl Store {
                 let prefix = parsed.path().trim_matches('/').to_string();
                 let store: Arc<dyn ObjectStore> = match scheme {
                     "s3" => {
-                        let mut b =
-                            object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                        // Every PUT carries the body's SHA-256 (x-amz-checksum-sha256): S3
+                        // refuses a body that arrives short or altered instead of storing it.
+                        let mut b = object_store::aws::AmazonS3Builder::from_env()
+                            .with_bucket_name(bucket)
+                            .with_checksum_algorithm(object_store::aws::Checksum::SHA256);
                         if let Ok(ep) = std::env::var("AWS_ENDPOINT_URL") {
                             b = b.with_endpoint(ep);
                         }
@@ -212,11 +215,30 @@ impl Store {
                     mode: PutMode::Create,
                     ..Default::default()
                 };
+                let len = data.len() as u64;
+                let path = obj_path(prefix, key);
                 store
-                    .put_opts(&obj_path(prefix, key), PutPayload::from_bytes(data), opts)
+                    .put_opts(&path, PutPayload::from_bytes(data), opts)
                     .await
-                    .map(|_| ())
-                    .map_err(|e| map_os_err(key, e))
+                    .map_err(|e| map_os_err(key, e))?;
+                // A PUT answered 200 is not trusted by itself (a proxy or a store can lie, or
+                // store a short body): the stored size must be the size sent, or the write
+                // fails and is never acknowledged (the body's SHA-256 travelled with it).
+                let stored = store
+                    .head(&path)
+                    .await
+                    .map_err(|e| map_os_err(key, e))?
+                    .size;
+                if stored != len {
+                    return Err(StoreError::Io {
+                        key: key.to_string(),
+                        message: format!(
+                            "the store answered the upload with success but holds {stored} of the {len} bytes sent"
+                        ),
+                        retryable: false,
+                    });
+                }
+                Ok(())
             }
         }
     }
