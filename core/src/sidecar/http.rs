@@ -1,6 +1,6 @@
-//! The HTTP endpoints of the sidecar and the exporter: `GET /healthz` (200 `ok`, or 503 `unhealthy` when the daemon's
-//! scan loop has stalled or it is stopping) and `GET /metrics` (OpenMetrics text). Every other
-//! path is 404. Nothing here changes the daemon's state.
+//! The HTTP endpoints of the sidecar and of `exporter` (`crate::health`): `GET /healthz` (200
+//! `ok`, or 503 `unhealthy` when the daemon has stalled or is stopping) and `GET /metrics`
+//! (OpenMetrics text). Every other path is 404. Nothing here changes the daemon's state.
 
 use anyhow::{Context, Result};
 use http_body_util::Full;
