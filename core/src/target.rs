@@ -10,7 +10,7 @@
 //! - Times keep their zone: a time without one is refused.
 
 use anyhow::{bail, Context, Result};
-use chrono::{DateTime, FixedOffset};
+use chrono::{DateTime, FixedOffset, Timelike};
 use tidemark_format::Lsn;
 
 /// A parsed recovery target.
@@ -194,7 +194,22 @@ pub struct Standby {
 
 /// Parses `2026-11-21T20:40:12.5Z`, `2026-11-21 20:40:12.123456+00`, `... +05:30` and similar.
 /// A time without a zone is refused: it would mean different instants on different machines.
+/// So is a time between two microseconds (`20:40:12.1234565Z`): PostgreSQL keeps commit times
+/// and `recovery_target_time` in microseconds, and no one rounding of it keeps both the
+/// inclusive and the exclusive meaning (a commit at `.123456` is before the target, yet
+/// `.123456` exclusive would leave it out; `.123457` inclusive would take in a later one).
 pub fn parse_time(s: &str) -> Result<DateTime<FixedOffset>> {
+    let t = parse_time_any_precision(s)?;
+    if t.timestamp_subsec_nanos() % 1000 != 0 {
+        let floor = t
+            .with_nanosecond(t.timestamp_subsec_nanos() / 1000 * 1000)
+            .context("a whole microsecond is a valid time")?;
+        bail!("target time {s:?} lies between two microseconds; PostgreSQL's commit times and recovery targets are whole microseconds\nhint: give at most 6 fractional digits, e.g. {} (commits up to and including that microsecond)", postgres_text(&floor));
+    }
+    Ok(t)
+}
+
+fn parse_time_any_precision(s: &str) -> Result<DateTime<FixedOffset>> {
     let t = s.trim();
     if let Ok(d) = DateTime::parse_from_rfc3339(t) {
         return Ok(d);
@@ -255,6 +270,34 @@ mod tests {
             assert!(parse_time(s).is_err(), "{s}");
         }
         assert_eq!(postgres_text(&want), "2026-11-21 20:40:12.123456+00:00");
+    }
+
+    #[test]
+    fn a_time_between_two_microseconds_is_refused() {
+        let want = parse_time("2026-11-21T20:40:12.123456Z").unwrap();
+        for s in [
+            "2026-11-21T20:40:12.123456000Z",
+            "2026-11-21 20:40:12.1234560+00",
+        ] {
+            assert_eq!(parse_time(s).unwrap(), want, "{s}");
+        }
+        for s in [
+            "2026-11-21T20:40:12.1234565Z",
+            "2026-11-21 20:40:12.123456001+00",
+            "2026-11-21 20:40:12.000000999 UTC",
+        ] {
+            let e = parse_time(s).unwrap_err().to_string();
+            assert!(e.contains("between two microseconds"), "{s}: {e}");
+        }
+        let e = parse_time("2026-11-21T20:40:12.1234565Z")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "hint: give at most 6 fractional digits, e.g. 2026-11-21 20:40:12.123456+00:00"
+            ),
+            "{e}"
+        );
     }
 
     #[test]
