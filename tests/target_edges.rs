@@ -357,6 +357,34 @@ async fn time_targets_at_and_one_microsecond_around_a_commit_and_a_backup_stop()
         },
     )
     .await?;
+    // The plan (--dry-run) chooses the same way, and B forced 1 µs before its stop is refused.
+    for (target, want) in [(b_stop, &b_id), (b_stop_minus.as_str(), &a)] {
+        let pgdata = dir.join("plan");
+        let r = repo
+            .restore(&pgdata, &["--target-time", target, "--dry-run"])
+            .await?
+            .ok()?;
+        let plan = r.json()?;
+        ensure!(
+            plan["backup"]["id"] == want.as_str(),
+            "the plan for {target} chose {} instead of {want}:\n{r}",
+            plan["backup"]["id"]
+        );
+    }
+    let pgdata = dir.join("forced-b");
+    let r = repo
+        .restore(
+            &pgdata,
+            &["--target-time", &b_stop_minus, "--backup", &b_id],
+        )
+        .await?;
+    ensure!(
+        !r.success() && r.stderr.contains("after the target time"),
+        "backup {b_id} forced for a target 1 µs before its stop ({b_stop_minus}) must be refused:\n{r}"
+    );
+    eprintln!(
+        "target-edges: plans at {b_stop} and {b_stop_minus} chose {b_id} and {a}; --backup {b_id} at {b_stop_minus} refused"
+    );
     Ok(())
 }
 
