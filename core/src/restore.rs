@@ -29,9 +29,13 @@ mod layout;
 pub mod plan;
 mod recovery_conf;
 pub(crate) mod safe_dir;
+mod select;
 
+pub use delta::DeltaReport;
 pub use recovery_conf::ArchiveMode;
 pub(crate) use safe_dir::SafeDir;
+use select::load;
+pub(crate) use select::select_loaded;
 
 use crate::ranges;
 use crate::repo;
@@ -43,7 +47,7 @@ use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tidemark_format::manifest::{ChunkRef, EntryKind, FileEntry, Manifest, ManifestHeader};
-use tidemark_format::{chunk, keys, FormatError};
+use tidemark_format::{chunk, keys};
 
 /// Range reads of one file in flight.
 const READS_IN_FLIGHT: usize = 4;
@@ -81,21 +85,6 @@ pub struct RestoreReport {
     pub delta: Option<DeltaReport>,
 }
 
-/// What a delta restore did.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct DeltaReport {
-    /// Files already there whose every chunk matched.
-    pub files_kept: u64,
-    /// Files already there that differed in some chunks (patched in place).
-    pub files_patched: u64,
-    /// Files the directory lacked (written whole).
-    pub files_created: u64,
-    /// Entries the backup does not hold, removed (a directory counts once).
-    pub entries_removed: u64,
-    /// File bytes written: the differing chunks and the created files.
-    pub bytes_written: u64,
-}
-
 /// Where a restore writes: the target directory and the tablespaces' directories, open.
 struct Dest {
     root: SafeDir,
@@ -107,24 +96,6 @@ impl Dest {
     /// `pg_tblspc/<oid>`, linked at the end).
     fn place<'a>(&'a self, path: &'a str) -> Option<(&'a SafeDir, &'a str)> {
         self.tablespaces.place(&self.root, path)
-    }
-}
-
-/// Reads a manifest fully; a manifest that does not decode gets a hint (it was checksummed, so
-/// a writer made it so or someone crafted it).
-async fn load(store: &Store, id: &str) -> Result<Manifest> {
-    repo::load_manifest(store, id).await.map_err(hinted)
-}
-
-fn undecodable(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<FormatError>().is_some())
-}
-
-fn hinted(e: anyhow::Error) -> anyhow::Error {
-    if undecodable(&e) {
-        anyhow!("{e:#}\nhint: nothing was restored; the repository is damaged or was tampered with: restore another backup (an earlier --target-time) and run 'tidemark-restore check'")
-    } else {
-        e
     }
 }
 
@@ -141,56 +112,6 @@ pub async fn run(store: &Store, opts: &RestoreOptions) -> Result<RestoreReport> 
     };
     let (sel, m) = select_loaded(store, &want).await?;
     run_loaded(store, &sel.chosen, Arc::new(m), opts).await
-}
-
-/// Chooses the backup for `want` and reads its whole manifest. A chosen backup whose manifest
-/// does not decode is left out with a warning and the choice made again among the others (the
-/// result is as exact, only older: more WAL to replay); a backup named by `--backup` is never
-/// replaced, and a storage error is an error.
-pub(crate) async fn select_loaded(
-    store: &Store,
-    want: &crate::archive::Want,
-) -> Result<(crate::archive::Selection, Manifest)> {
-    let mut backups = repo::list_backups(store).await?;
-    loop {
-        let sel = crate::archive::select_among(store, backups.clone(), want).await?;
-        match repo::load_manifest(store, &sel.chosen.backup_id).await {
-            Ok(m) => return Ok((sel, m)),
-            Err(e) if want.backup.is_none() && undecodable(&e) => {
-                tracing::warn!(
-                    backup = %sel.chosen.backup_id,
-                    "backup {} is left out: {e:#}; choosing again among the other backups",
-                    sel.chosen.backup_id
-                );
-                backups.retain(|b| b.backup_id != sel.chosen.backup_id);
-            }
-            Err(e) => return Err(hinted(e)),
-        }
-    }
-}
-
-/// The plan of `run` with these options ([`plan::make`]), plus what the target directory
-/// would refuse; writes nothing.
-pub async fn plan(store: &Store, opts: &RestoreOptions) -> Result<plan::Plan> {
-    let want = crate::archive::Want {
-        target: opts.recovery.target.clone(),
-        timeline: opts.recovery.timeline,
-        backup: opts.backup.clone(),
-    };
-    let mut p = plan::make(store, &want).await?;
-    let full = std::fs::read_dir(&opts.pgdata).is_ok_and(|mut d| d.next().is_some());
-    match (full, opts.delta) {
-        (true, false) => p.problems.push(format!(
-            "target directory {} is not empty\nhint: restore into a new or empty directory, or over a stopped data directory of the same cluster with --delta",
-            opts.pgdata.display()
-        )),
-        (true, true) => p.notes.push(format!(
-            "--delta: {} is compared file by file; only differing chunks are fetched, so the restore reads and writes at most the figures above",
-            opts.pgdata.display()
-        )),
-        _ => {}
-    }
-    Ok(p)
 }
 
 /// Restores `chosen` (already selected for `opts.recovery`, e.g. by a drill) and writes the

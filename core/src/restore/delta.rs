@@ -25,6 +25,21 @@ use std::os::unix::fs::FileExt;
 use tidemark_format::manifest::{ChunkRef, EntryKind, FileEntry, Manifest};
 use tidemark_format::seal::ChunkIds;
 
+/// What a delta restore did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct DeltaReport {
+    /// Files already there whose every chunk matched.
+    pub files_kept: u64,
+    /// Files already there that differed in some chunks (patched in place).
+    pub files_patched: u64,
+    /// Files the directory lacked (written whole).
+    pub files_created: u64,
+    /// Entries the backup does not hold, removed (a directory counts once).
+    pub entries_removed: u64,
+    /// File bytes written: the differing chunks and the created files.
+    pub bytes_written: u64,
+}
+
 /// Left in the data directory while a delta restore runs; holds the system identifier.
 pub const MARKER: &str = ".tidemark-delta-restore";
 /// Largest read while comparing a file.

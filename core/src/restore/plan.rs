@@ -148,8 +148,46 @@ fn legs(b: &ManifestHeader, history: Option<&History>) -> Vec<(u32, Lsn, Option<
     out
 }
 
+/// The plan of `restore::run` with these options ([`make`]), plus what the target directory
+/// would refuse; writes nothing.
+pub async fn for_restore(
+    store: &Store,
+    opts: &super::RestoreOptions,
+    rates: Option<Rates>,
+) -> Result<Plan> {
+    let want = Want {
+        target: opts.recovery.target.clone(),
+        timeline: opts.recovery.timeline,
+        backup: opts.backup.clone(),
+    };
+    let mut p = make(store, &want, rates).await?;
+    let full = std::fs::read_dir(&opts.pgdata).is_ok_and(|mut d| d.next().is_some());
+    match (full, opts.delta) {
+        (true, false) => p.problems.push(format!(
+            "target directory {} is not empty\nhint: restore into a new or empty directory, or over a stopped data directory of the same cluster with --delta",
+            opts.pgdata.display()
+        )),
+        (true, true) => p.notes.push(format!(
+            "--delta: {} is compared file by file; only differing chunks are fetched, so the restore reads and writes at most the figures above",
+            opts.pgdata.display()
+        )),
+        _ => {}
+    }
+    Ok(p)
+}
+
+/// The restore and WAL rates an estimate is made from (the last passed drill's, which the
+/// caller reads: the plan does not depend on how drills are recorded).
+#[derive(Clone, Debug)]
+pub struct Rates {
+    pub restore_bytes_per_second: f64,
+    pub replay_bytes_per_second: Option<f64>,
+    /// Where the rates come from, e.g. the drill record's key.
+    pub basis: String,
+}
+
 /// Makes the plan of a restore for `want`; never writes.
-pub async fn make(store: &Store, want: &Want) -> Result<Plan> {
+pub async fn make(store: &Store, want: &Want, rates: Option<Rates>) -> Result<Plan> {
     let mut p = Plan {
         schema_version: 1,
         target: want.target.describe(),
@@ -275,27 +313,25 @@ pub async fn make(store: &Store, want: &Want) -> Result<Plan> {
         _ => {}
     }
 
-    // The estimate, from the last passed drill.
-    if let Some(r) = crate::verify::last_recorded(store).await.ok().flatten() {
-        if let Some(rate) = r.restore_bytes_per_second {
-            let restore_seconds = p.restore.bytes as f64 / rate;
-            let replay_seconds = r
-                .replay_bytes_per_second
-                .map(|w| p.wal.stored_bytes as f64 / w);
-            p.estimate = Some(Estimate {
-                seconds: restore_seconds + replay_seconds.unwrap_or(0.0),
-                restore_seconds,
-                replay_seconds,
-                basis: format!(
-                    "drill {} ({:.1} MB/s restore{})",
-                    r.key,
-                    rate / 1e6,
-                    r.replay_bytes_per_second
-                        .map(|w| format!(", {:.1} MB/s WAL", w / 1e6))
-                        .unwrap_or_default()
-                ),
-            });
-        }
+    // The estimate, from the last passed drill's rates.
+    if let Some(r) = rates {
+        let restore_seconds = p.restore.bytes as f64 / r.restore_bytes_per_second;
+        let replay_seconds = r
+            .replay_bytes_per_second
+            .map(|w| p.wal.stored_bytes as f64 / w);
+        p.estimate = Some(Estimate {
+            seconds: restore_seconds + replay_seconds.unwrap_or(0.0),
+            restore_seconds,
+            replay_seconds,
+            basis: format!(
+                "{} ({:.1} MB/s restore{})",
+                r.basis,
+                r.restore_bytes_per_second / 1e6,
+                r.replay_bytes_per_second
+                    .map(|w| format!(", {:.1} MB/s WAL", w / 1e6))
+                    .unwrap_or_default()
+            ),
+        });
     }
     if p.estimate.is_none() {
         p.notes.push(

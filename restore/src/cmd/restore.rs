@@ -180,7 +180,18 @@ pub async fn run(a: Args) -> Result<()> {
         standby: a.standby.settings(),
     };
     if a.dry_run {
-        let p = restore::plan(&store, &opts).await?;
+        let rates = tidemark_core::verify::last_recorded(&store)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|r| {
+                Some(restore::plan::Rates {
+                    restore_bytes_per_second: r.restore_bytes_per_second?,
+                    replay_bytes_per_second: r.replay_bytes_per_second,
+                    basis: format!("drill {}", r.key),
+                })
+            });
+        let p = restore::plan::for_restore(&store, &opts, rates).await?;
         if a.json {
             println!("{}", serde_json::to_string(&p)?);
         } else {
