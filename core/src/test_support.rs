@@ -23,3 +23,21 @@ pub fn hdr(id: &str, stop: i64) -> ManifestHeader {
         stats: BackupStats::default(),
     }
 }
+
+/// 16 MiB, the default WAL segment size.
+pub const SEG: u64 = 16 << 20;
+
+/// An archive holding full segments `(timeline, segment number)` of [`SEG`] bytes.
+pub fn archive(segs: &[(u32, u64)]) -> crate::archive::Archive {
+    let mut a = crate::archive::Archive {
+        seg_size: Some(SEG),
+        ..Default::default()
+    };
+    for (tli, n) in segs {
+        a.files
+            .entry(*tli)
+            .or_default()
+            .insert(crate::archive::name_of(*tli, *n, SEG), SEG);
+    }
+    a
+}

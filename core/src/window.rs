@@ -85,21 +85,7 @@ mod tests {
     use super::*;
     use tidemark_format::{Lsn, TimelineId};
 
-    const SEG: u64 = 16 << 20;
-
-    fn archive(segs: &[(u32, u64)]) -> Archive {
-        let mut a = Archive {
-            seg_size: Some(SEG),
-            ..Default::default()
-        };
-        for (tli, n) in segs {
-            a.files
-                .entry(*tli)
-                .or_default()
-                .insert(crate::archive::name_of(*tli, *n, SEG), SEG);
-        }
-        a
-    }
+    use crate::test_support::{archive, SEG};
 
     /// A backup on `tli` from segment `start` to the middle of segment `stop`, stopped at `t`.
     fn backup(id: &str, tli: u32, start: u64, stop: u64, t: i64) -> ManifestHeader {

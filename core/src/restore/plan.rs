@@ -449,21 +449,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    const SEG: u64 = 16 << 20;
-
-    fn archive(segs: &[(u32, u64)]) -> Archive {
-        let mut a = Archive {
-            seg_size: Some(SEG),
-            ..Archive::default()
-        };
-        for (t, n) in segs {
-            a.files
-                .entry(*t)
-                .or_default()
-                .insert(archive::name_of(*t, *n, SEG), SEG);
-        }
-        a
-    }
+    use crate::test_support::{archive, SEG};
 
     fn names(v: &[(WalFileName, Option<u64>)]) -> Vec<(String, bool)> {
         v.iter()
