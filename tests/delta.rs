@@ -9,7 +9,7 @@ use anyhow::{ensure, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tidemark_e2e::data;
-use tidemark_e2e::{start_restored, PgCluster, Repo, TestDir};
+use tidemark_e2e::{start_restored, PgCluster, Repo};
 use tokio_postgres::Client;
 
 /// Rows of the `big` table; 1% of them (the first 2,000: a contiguous range of pages, as a
@@ -95,11 +95,7 @@ async fn restore(repo: &Repo, pgdata: &Path, args: &[&str]) -> Result<tidemark_e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delta_restore_writes_only_what_differs_and_restores_exactly() -> Result<()> {
-    let dir = TestDir::new("delta")?;
-    let repo = Repo::create(&dir, "repo")?;
-    let src = PgCluster::start_archiving(&dir, "src", &repo).await?;
-    let db = src.client().await?;
-    data::create_table(&db).await?;
+    let (dir, repo, src, db) = tidemark_e2e::archiving_source("delta").await?;
     for b in 1..=3 {
         data::write_batch(&db, b).await?;
     }
@@ -109,8 +105,7 @@ async fn delta_restore_writes_only_what_differs_and_restores_exactly() -> Result
     .await?;
     let want_digest = digest(&db).await?;
     let want_batches = data::batch_counts(&db).await?;
-    let b = src.backup(&repo).await?;
-    let backup = b["backup_id"].as_str().context("backup_id")?.to_string();
+    let backup = src.backup_id(&repo).await?;
     src.switch_wal_and_wait(&repo).await?;
 
     // A full restore with --delta into a directory that does not exist: a plain restore.

@@ -6,7 +6,7 @@
 use anyhow::{ensure, Context, Result};
 use std::path::Path;
 use tidemark_e2e::data;
-use tidemark_e2e::{start_restored, PgCluster, Repo, TestDir};
+use tidemark_e2e::{start_restored, Repo};
 
 async fn plan(repo: &Repo, pgdata: &Path, args: &[&str]) -> Result<(bool, serde_json::Value)> {
     let mut a = args.to_vec();
@@ -34,14 +34,9 @@ fn position(name: &str) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_plan_matches_the_restore_and_finds_the_problems() -> Result<()> {
-    let dir = TestDir::new("dry-run")?;
-    let repo = Repo::create(&dir, "repo")?;
-    let src = PgCluster::start_archiving(&dir, "src", &repo).await?;
-    let db = src.client().await?;
-    data::create_table(&db).await?;
+    let (dir, repo, src, db) = tidemark_e2e::archiving_source("dry-run").await?;
     data::write_batch(&db, 1).await?;
-    let b = src.backup(&repo).await?;
-    let backup = b["backup_id"].as_str().context("backup_id")?.to_string();
+    let backup = src.backup_id(&repo).await?;
     data::write_batch(&db, 2).await?;
     src.switch_wal_and_wait(&repo).await?;
     let between = data::target_time_between(&db).await?;

@@ -8,7 +8,7 @@ use anyhow::{ensure, Context, Result};
 use std::path::Path;
 use tidemark_e2e::data;
 use tidemark_e2e::env::{self, flip_bytes};
-use tidemark_e2e::{start_restored, PgCluster, Repo, TestDir};
+use tidemark_e2e::{start_restored, Repo, TestDir};
 
 fn manifest(repo: &Repo, id: &str) -> std::path::PathBuf {
     repo.path.join("backups").join(format!("{id}.manifest"))
@@ -50,21 +50,11 @@ async fn restore_around(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_manifest_is_reported_and_passed_over() -> Result<()> {
-    let dir = TestDir::new("unreadable-manifest")?;
-    let repo = Repo::create(&dir, "repo")?;
-    let src = PgCluster::start_archiving(&dir, "src", &repo).await?;
-    let db = src.client().await?;
-    data::create_table(&db).await?;
+    let (dir, repo, src, db) = tidemark_e2e::archiving_source("unreadable-manifest").await?;
     data::write_batch(&db, 1).await?;
-    let a = src.backup(&repo).await?["backup_id"]
-        .as_str()
-        .context("id")?
-        .to_string();
+    let a = src.backup_id(&repo).await?;
     data::write_batch(&db, 2).await?;
-    let b = src.backup(&repo).await?["backup_id"]
-        .as_str()
-        .context("id")?
-        .to_string();
+    let b = src.backup_id(&repo).await?;
     data::write_batch(&db, 3).await?;
     src.switch_wal_and_wait(&repo).await?;
     let want = data::batch_counts(&db).await?;

@@ -277,6 +277,15 @@ impl PgCluster {
             .collect()
     }
 
+    /// [`PgCluster::backup`], returning only the new backup's id.
+    pub async fn backup_id(&self, repo: &Repo) -> Result<String> {
+        let b = self.backup(repo).await?;
+        Ok(b["backup_id"]
+            .as_str()
+            .context("backup --json printed no backup_id")?
+            .to_string())
+    }
+
     /// `tidemark-agent backup --json` of this server into `repo`; returns the JSON report.
     pub async fn backup(&self, repo: &Repo) -> Result<serde_json::Value> {
         let data = self.data.to_string_lossy().into_owned();

@@ -18,3 +18,16 @@ pub mod sidecar;
 pub use cluster::{start_restored, start_restored_standby, PgCluster};
 pub use env::{agent, restore, tidemark, Run, TestDir, Tool};
 pub use repo::Repo;
+
+/// The usual start of a scenario: a scratch directory for `test`, an empty `file://` repository,
+/// a source server archiving into it and a client with the `batches` table created.
+pub async fn archiving_source(
+    test: &str,
+) -> anyhow::Result<(TestDir, Repo, PgCluster, tokio_postgres::Client)> {
+    let dir = TestDir::new(test)?;
+    let repo = Repo::create(&dir, "repo")?;
+    let src = PgCluster::start_archiving(&dir, "src", &repo).await?;
+    let db = src.client().await?;
+    data::create_table(&db).await?;
+    Ok((dir, repo, src, db))
+}
