@@ -201,8 +201,8 @@ async fn check_wal(
         // A gap a WAL window left on purpose ends this backup's reach without being a problem.
         let first_gap_after = crate::window::first_gap_after(&archive, h, seg_size)
             .filter(|g| !crate::window::narrowed(g, tl, headers, seg_size))
-            .and_then(|g| g.after.segment_number(seg_size))
-            .map(|a| crate::archive::name_of(tl, a + 1, seg_size).to_string());
+            .and_then(|g| crate::window::first_missing_after(&g, h, seg_size))
+            .map(|n| crate::archive::name_of(tl, n, seg_size).to_string());
         if !missing_in_backup.is_empty() {
             report.problems.push(Problem {
                 backups: vec![h.backup_id.clone()],

@@ -47,13 +47,20 @@ pub fn narrowed(gap: &Gap, tli: u32, backups: &[ManifestHeader], seg_size: u64) 
     ends_own_wal && starts_kept_wal
 }
 
-/// The first gap on `h`'s timeline after its stop segment, if any.
+/// The first gap on `h`'s timeline that misses a segment after its stop segment (a gap that
+/// begins inside the backup's own WAL and runs past it included), if any.
 pub fn first_gap_after(archive: &Archive, h: &ManifestHeader, seg_size: u64) -> Option<Gap> {
     let stop = start_stop(h, seg_size).1;
     archive
         .gaps(h.timeline.0, seg_size)
         .into_iter()
-        .find(|g| g.after.segment_number(seg_size).is_some_and(|a| a >= stop))
+        .find(|g| g.before.segment_number(seg_size).is_some_and(|b| b > stop + 1))
+}
+
+/// The first segment after `h`'s stop segment that `gap` misses.
+pub fn first_missing_after(gap: &Gap, h: &ManifestHeader, seg_size: u64) -> Option<u64> {
+    let stop = start_stop(h, seg_size).1;
+    Some(gap.after.segment_number(seg_size)?.max(stop) + 1)
 }
 
 /// Whether `h`'s timeline holds every segment from its start segment to that timeline's last
