@@ -333,6 +333,22 @@ impl Store {
         Ok(bytes)
     }
 
+    /// Removes what dead writers left of `file://` uploads (temporary files last modified
+    /// before `older_than`); object stores keep nothing of a failed single PUT. Returns how many.
+    pub async fn sweep_temporaries(&self, older_than: std::time::SystemTime) -> Result<u64> {
+        match &self.backend {
+            Backend::Local(l) => {
+                let l = l.clone();
+                blocking(move || {
+                    l.sweep_temporaries(older_than)
+                        .map_err(|e| local::io_err("", e))
+                })
+                .await
+            }
+            Backend::Object { .. } => Ok(0),
+        }
+    }
+
     /// Size of an object, or `None` when it does not exist.
     async fn raw_head(&self, key: &str) -> Result<Option<u64>> {
         let r = match &self.backend {

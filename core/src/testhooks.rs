@@ -3,7 +3,8 @@
 //! between two steps, a slow store). Unset, each hook does nothing and costs one lookup.
 //!
 //! - `TIDEMARK_TEST_CRASH_AT=<step>`: [`crash_point`] exits the process abruptly (code 99) at
-//!   that named step of expire or repack, as a kill -9 would.
+//!   that named step of expire, repack or a backup (`backup-after-start`, `backup-mid-copy`
+//!   after a pack is stored, `backup-after-stop`, `backup-before-manifest`), as a kill -9 would.
 //! - `TIDEMARK_TEST_GET_DELAY_MS=<ms>`: [`get_delay`] sleeps before each WAL object read, so a
 //!   test can observe prefetch racing a slow store.
 

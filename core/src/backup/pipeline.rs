@@ -439,7 +439,10 @@ async fn upload_packs(
                 .await
             {
                 // Same key means same content: pack ids are the sha256 of the pack bytes.
-                Ok(()) | Err(StoreError::AlreadyExists { .. }) => Ok(()),
+                Ok(()) | Err(StoreError::AlreadyExists { .. }) => {
+                    crate::testhooks::crash_point("backup-mid-copy");
+                    Ok(())
+                }
                 Err(e) => Err(anyhow::Error::new(e).context(format!("cannot store pack {}", p.id))),
             }
         });

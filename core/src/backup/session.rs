@@ -148,6 +148,7 @@ impl Session<'_> {
         let backups = repo::list_backups(self.store).await?;
         let parent = load_parent(self.store, &backups).await?;
         let start_time_us = source.start(major).await?;
+        crate::testhooks::crash_point("backup-after-start");
         let backup_id = backup_id(start_time_us, |id| {
             backups.iter().any(|b| b.backup_id == id)
         })?;
@@ -159,6 +160,7 @@ impl Session<'_> {
         };
         async {
             let copied = source.copy(self.server, pipeline).await?;
+            crate::testhooks::crash_point("backup-after-stop");
             if copied.from_standby {
                 tracing::info!("a standby backup's last WAL segment is archived by the primary when it switches segments (archive_timeout)");
             }
@@ -230,6 +232,7 @@ async fn commit(
         entries,
     };
     lease.check().await?;
+    crate::testhooks::crash_point("backup-before-manifest");
     store
         .put_create(&keys::manifest(&backup_id), Bytes::from(m.encode()))
         .await
@@ -243,10 +246,9 @@ async fn commit(
     Ok(m.header)
 }
 
-/// The newest backup's manifest, to deduplicate against, without chunks in packs that are gone
-/// (deleted out of band or by GC).
-/// The newest backup whose manifest reads whole: a damaged one is passed over with a warning
-/// (the new backup then stores more chunks anew, never references a chunk it cannot vouch for).
+/// The newest backup whose manifest reads whole, to deduplicate against, without chunks in packs
+/// that are gone (deleted out of band or by GC): a damaged one is passed over with a warning (the
+/// new backup then stores more chunks anew, never references a chunk it cannot vouch for).
 async fn load_parent(store: &Store, backups: &[ManifestHeader]) -> Result<Option<Arc<Manifest>>> {
     for h in backups.iter().rev() {
         match repo::load_manifest(store, &h.backup_id).await {

@@ -244,6 +244,21 @@ pub(super) async fn execute(
             .with_context(|| format!("cannot delete gc state {}", s.key))?;
     }
     crash_point("states");
+    // Temporary files of writers that died (a killed backup's half-written pack on file://):
+    // collected after the same grace period as unreferenced packs.
+    let cutoff = std::time::SystemTime::now()
+        .checked_sub(opts.gc_grace)
+        .unwrap_or(std::time::UNIX_EPOCH);
+    let swept = store
+        .sweep_temporaries(cutoff)
+        .await
+        .context("cannot remove temporary files of dead writers")?;
+    if swept > 0 {
+        tracing::info!(
+            files = swept,
+            "removed temporary files left by writers that died"
+        );
+    }
     Ok(plan)
 }
 

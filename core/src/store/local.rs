@@ -87,6 +87,52 @@ impl LocalDir {
         result.map_err(|e| io_err(key, e))
     }
 
+    /// Removes the temporary files (`.tmp.<pid>.<n>`) writers that died left below the root:
+    /// those last modified before `older_than` whose writer process is not alive on this host.
+    /// Returns how many it removed. (A writer only ever holds its temporary for one object's
+    /// write, so the grace period before `older_than` is ample.)
+    pub fn sweep_temporaries(&self, older_than: std::time::SystemTime) -> std::io::Result<u64> {
+        let mut n = 0;
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let rd = match std::fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for ent in rd {
+                let ent = ent?;
+                let Ok(ft) = ent.file_type() else { continue };
+                let name = ent.file_name();
+                let name = name.to_string_lossy();
+                if ft.is_dir() {
+                    stack.push(ent.path());
+                    continue;
+                }
+                let Some(pid) = name
+                    .strip_prefix(".tmp.")
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|p| p.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let alive = Path::new(&format!("/proc/{pid}")).exists();
+                let old = ent
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < older_than);
+                if !alive && old {
+                    match std::fs::remove_file(ent.path()) {
+                        Ok(()) => n += 1,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
     /// Creates missing directories (the root included) and fsyncs each new entry's parent, so a
     /// stored object's path survives a crash.
     fn create_dirs(&self, dir: &Path) -> std::io::Result<()> {
