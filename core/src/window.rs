@@ -51,10 +51,11 @@ pub fn narrowed(gap: &Gap, tli: u32, backups: &[ManifestHeader], seg_size: u64) 
 /// begins inside the backup's own WAL and runs past it included), if any.
 pub fn first_gap_after(archive: &Archive, h: &ManifestHeader, seg_size: u64) -> Option<Gap> {
     let stop = start_stop(h, seg_size).1;
-    archive
-        .gaps(h.timeline.0, seg_size)
-        .into_iter()
-        .find(|g| g.before.segment_number(seg_size).is_some_and(|b| b > stop + 1))
+    archive.gaps(h.timeline.0, seg_size).into_iter().find(|g| {
+        g.before
+            .segment_number(seg_size)
+            .is_some_and(|b| b > stop + 1)
+    })
 }
 
 /// The first segment after `h`'s stop segment that `gap` misses.
