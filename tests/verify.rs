@@ -225,7 +225,8 @@ async fn a_healthy_repository_passes_every_drill() -> Result<()> {
     );
 
     // A target after the last archived commit cannot be reached: the drill fails and says why.
-    let later = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let later = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let r = verify(&dir, &repo, "unreachable", &["--target-time", &later]).await?;
     let v = failed(&r)?;
     let f = v["failure"].as_str().unwrap_or("");
