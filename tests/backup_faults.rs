@@ -8,7 +8,7 @@
 use anyhow::{ensure, Result};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use tidemark_e2e::env::{self, Run, Tool};
+use tidemark_e2e::env::{self, Run};
 use tidemark_e2e::{data, replication, start_restored, PgCluster, Repo};
 
 const STAGES: [&str; 4] = [
@@ -27,27 +27,7 @@ enum Source {
 async fn backup(src: &PgCluster, repo: &Repo, source: Source, env: &[(&str, &str)]) -> Result<Run> {
     match source {
         Source::Replication => replication::backup(src, repo, env).await,
-        Source::Pgdata => {
-            let data = src.data.to_string_lossy().into_owned();
-            let conninfo = src.conninfo();
-            env::tidemark(
-                Tool::Agent,
-                &[
-                    "backup",
-                    "--pgdata",
-                    &data,
-                    "--repo",
-                    &repo.url,
-                    "--pg-url",
-                    &conninfo,
-                    "--archive-timeout",
-                    "120",
-                    "--json",
-                ],
-                env,
-            )
-            .await
-        }
+        Source::Pgdata => src.backup_run(repo, env).await,
     }
 }
 

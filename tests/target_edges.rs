@@ -83,30 +83,6 @@ fn skewed(offset: &str) -> [(&'static str, &str); 2] {
     [("LD_PRELOAD", FAKETIME_LIB), ("FAKETIME", offset)]
 }
 
-/// `tidemark-agent backup --json` of `src` with extra environment `envs`; the report.
-async fn backup_with(src: &PgCluster, repo: &Repo, envs: &[(&str, &str)]) -> Result<env::Run> {
-    let data = src.data.to_string_lossy().into_owned();
-    let conninfo = src.conninfo();
-    env::tidemark(
-        Tool::Agent,
-        &[
-            "backup",
-            "--pgdata",
-            &data,
-            "--repo",
-            &repo.url,
-            "--pg-url",
-            &conninfo,
-            "--archive-timeout",
-            "120",
-            "--json",
-        ],
-        envs,
-    )
-    .await?
-    .ok()
-}
-
 /// The backup `id` as `info --json` lists it.
 async fn info_backup(repo: &Repo, id: &str) -> Result<serde_json::Value> {
     let info = repo.info().await?;
@@ -417,7 +393,7 @@ async fn skewed_backup(
     sign: i64,
 ) -> Result<String> {
     let t0 = server_now_us(db).await?;
-    let r = backup_with(src, repo, &skewed(offset)).await?;
+    let r = src.backup_run(repo, &skewed(offset)).await?;
     let t1 = server_now_us(db).await?;
     let id = r.json()?["backup_id"]
         .as_str()

@@ -102,7 +102,7 @@ impl Dest {
 /// Restores the backup `archive::select` chooses for the target and writes the recovery
 /// configuration.
 pub async fn run(store: &Store, opts: &RestoreOptions) -> Result<RestoreReport> {
-    prepare_target(&opts.pgdata, opts.delta)?;
+    let delta = prepare_target(&opts.pgdata, opts.delta)?;
     repo::require_config(store).await?;
     opts.recovery.check()?;
     let want = crate::archive::Want {
@@ -111,7 +111,7 @@ pub async fn run(store: &Store, opts: &RestoreOptions) -> Result<RestoreReport> 
         backup: opts.backup.clone(),
     };
     let (sel, m) = select_loaded(store, &want).await?;
-    run_loaded(store, &sel.chosen, Arc::new(m), opts).await
+    run_loaded(store, &sel.chosen, Arc::new(m), opts, delta).await
 }
 
 /// Restores `chosen` (already selected for `opts.recovery`, e.g. by a drill) and writes the
@@ -121,19 +121,20 @@ pub async fn run_backup(
     chosen: &ManifestHeader,
     opts: &RestoreOptions,
 ) -> Result<RestoreReport> {
-    prepare_target(&opts.pgdata, opts.delta)?;
+    let delta = prepare_target(&opts.pgdata, opts.delta)?;
     let m = Arc::new(load(store, &chosen.backup_id).await?);
-    run_loaded(store, chosen, m, opts).await
+    run_loaded(store, chosen, m, opts, delta).await
 }
 
-/// Restores `chosen`, whose manifest `m` is, and writes the recovery configuration.
+/// Restores `chosen`, whose manifest `m` is, into the target `prepare_target` checked (`delta`:
+/// it holds a data directory to restore over), and writes the recovery configuration.
 async fn run_loaded(
     store: &Store,
     chosen: &ManifestHeader,
     m: Arc<Manifest>,
     opts: &RestoreOptions,
+    delta: bool,
 ) -> Result<RestoreReport> {
-    let delta = prepare_target(&opts.pgdata, opts.delta)?;
     let major = crate::pgversion::major_of_version_num(chosen.pg_version);
     if !crate::pgversion::is_supported(major) {
         tracing::warn!(

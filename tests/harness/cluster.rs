@@ -286,23 +286,33 @@ impl PgCluster {
             .to_string())
     }
 
-    /// `tidemark-agent backup --json` of this server into `repo`; returns the JSON report.
-    pub async fn backup(&self, repo: &Repo) -> Result<serde_json::Value> {
+    /// `tidemark-agent backup --pgdata --json` of this server into `repo` with extra
+    /// environment `envs`, not checked.
+    pub async fn backup_run(&self, repo: &Repo, envs: &[(&str, &str)]) -> Result<env::Run> {
         let data = self.data.to_string_lossy().into_owned();
         let conninfo = self.conninfo();
-        let r = env::agent(&[
-            "backup",
-            "--pgdata",
-            &data,
-            "--repo",
-            &repo.url,
-            "--pg-url",
-            &conninfo,
-            "--archive-timeout",
-            "120",
-            "--json",
-        ])
-        .await?;
+        env::tidemark(
+            env::Tool::Agent,
+            &[
+                "backup",
+                "--pgdata",
+                &data,
+                "--repo",
+                &repo.url,
+                "--pg-url",
+                &conninfo,
+                "--archive-timeout",
+                "120",
+                "--json",
+            ],
+            envs,
+        )
+        .await
+    }
+
+    /// `tidemark-agent backup --json` of this server into `repo`; returns the JSON report.
+    pub async fn backup(&self, repo: &Repo) -> Result<serde_json::Value> {
+        let r = self.backup_run(repo, &[]).await?;
         if !r.success() {
             bail!("backup failed:\n{r}\n{}", self.log_tail());
         }
