@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod data;
 pub mod env;
 pub mod faults;
+pub mod lying;
 pub mod replication;
 pub mod repo;
 pub mod s3echo;
