@@ -327,7 +327,17 @@ fn indent(s: &str) -> String {
 }
 
 /// Runs a prepared command to completion (with a timeout) and captures its output.
-pub async fn run(mut cmd: tokio::process::Command) -> Result<Run> {
+pub async fn run(cmd: tokio::process::Command) -> Result<Run> {
+    run_killed_after(cmd, None).await
+}
+
+/// As [`run`], but when `kill_after` is given and the command is still running then, SIGKILLs
+/// its whole process group (the tidemark process, not only `runuser` in front of it) and
+/// returns the killed run (`code()` is `None`). A command that finished earlier is returned as is.
+pub async fn run_killed_after(
+    mut cmd: tokio::process::Command,
+    kill_after: Option<Duration>,
+) -> Result<Run> {
     let std = cmd.as_std();
     let mut cmdline = std.get_program().to_string_lossy().into_owned();
     for a in std.get_args() {
@@ -336,13 +346,35 @@ pub async fn run(mut cmd: tokio::process::Command) -> Result<Run> {
     }
     let started = Instant::now();
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    if kill_after.is_some() {
+        cmd.process_group(0);
+    }
     let child = cmd
         .spawn()
         .with_context(|| format!("cannot start {cmdline}"))?;
-    let out = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
-        .await
-        .with_context(|| format!("{cmdline} did not finish within {COMMAND_TIMEOUT:?}"))?
-        .with_context(|| format!("cannot wait for {cmdline}"))?;
+    let pid = child.id();
+    let wait = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output());
+    tokio::pin!(wait);
+    let mut finished = None;
+    if let (Some(after), Some(pid)) = (kill_after, pid) {
+        tokio::select! {
+            out = &mut wait => finished = Some(out),
+            _ = tokio::time::sleep(after) => {
+                // The group may have exited between the sleep and the kill: not checked.
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{pid}")])
+                    .stderr(Stdio::null())
+                    .status()
+                    .context("cannot run kill")?;
+            }
+        }
+    }
+    let out = match finished {
+        Some(out) => out,
+        None => wait.await,
+    }
+    .with_context(|| format!("{cmdline} did not finish within {COMMAND_TIMEOUT:?}"))?
+    .with_context(|| format!("cannot wait for {cmdline}"))?;
     Ok(Run {
         cmdline,
         status: out.status,
@@ -362,6 +394,16 @@ pub enum Tool {
 /// Runs a tidemark binary as the database user with `args` and extra environment `env`
 /// (TIDEMARK_REPO and every other TIDEMARK_* variable stay unset unless given here).
 pub async fn tidemark(tool: Tool, args: &[&str], env: &[(&str, &str)]) -> Result<Run> {
+    tidemark_killed_after(tool, args, env, None).await
+}
+
+/// As [`tidemark`], SIGKILLed after `kill_after` if it still runs then ([`run_killed_after`]).
+pub async fn tidemark_killed_after(
+    tool: Tool,
+    args: &[&str],
+    env: &[(&str, &str)],
+    kill_after: Option<Duration>,
+) -> Result<Run> {
     let b = bins()?;
     let exe = match tool {
         Tool::Agent => b.agent,
@@ -372,7 +414,7 @@ pub async fn tidemark(tool: Tool, args: &[&str], env: &[(&str, &str)]) -> Result
     for (k, v) in env {
         cmd.env(k, v);
     }
-    run(cmd).await
+    run_killed_after(cmd, kill_after).await
 }
 
 /// `tidemark-agent <args>`.
