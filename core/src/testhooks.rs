@@ -5,6 +5,12 @@
 //! - `TIDEMARK_TEST_CRASH_AT=<step>`: [`crash_point`] exits the process abruptly (code 99) at
 //!   that named step of expire, repack or a backup (`backup-after-start`, `backup-mid-copy`
 //!   after a pack is stored, `backup-after-stop`, `backup-before-manifest`), as a kill -9 would.
+//! - `TIDEMARK_TEST_PAUSE_AT=<step>:<path>`: [`pause_point`] / [`pause_point_async`] wait at
+//!   that named step for as long as the file `<path>` exists, after creating `<path>.paused` to
+//!   say the step is reached; the test removes `<path>` to let the process go on. Steps:
+//!   `backup-mid-copy` (a `--pgdata` backup once half its files are taken, every worker waiting
+//!   before its next file; a replication backup once half the server's size estimate has been
+//!   streamed, the stream left unread meanwhile, so the server waits too).
 //! - `TIDEMARK_TEST_GET_DELAY_MS=<ms>`: [`get_delay`] sleeps before each WAL object read, so a
 //!   test can observe prefetch racing a slow store.
 
@@ -23,5 +29,38 @@ pub(crate) async fn get_delay() {
         .and_then(|v| v.parse::<u64>().ok())
     {
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
+/// The flag file of `TIDEMARK_TEST_PAUSE_AT` when it names `step` and exists, after creating
+/// its `.paused` marker.
+fn pause_flag(step: &str) -> Option<std::path::PathBuf> {
+    let v = std::env::var("TIDEMARK_TEST_PAUSE_AT").ok()?;
+    let (s, path) = v.split_once(':')?;
+    if s != step || !std::path::Path::new(path).exists() {
+        return None;
+    }
+    let marker = format!("{path}.paused");
+    if let Err(e) = std::fs::write(&marker, b"") {
+        eprintln!("tidemark: TIDEMARK_TEST_PAUSE_AT={v}: cannot create {marker}: {e}");
+    }
+    Some(std::path::PathBuf::from(path))
+}
+
+/// Blocks the thread while `TIDEMARK_TEST_PAUSE_AT` names `step` and its file exists.
+pub(crate) fn pause_point(step: &str) {
+    if let Some(flag) = pause_flag(step) {
+        while flag.exists() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+/// As [`pause_point`], for async code.
+pub(crate) async fn pause_point_async(step: &str) {
+    if let Some(flag) = pause_flag(step) {
+        while flag.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 }

@@ -222,6 +222,9 @@ fn copy_files(p: &mut Packer<'_>, q: &FileQueue) -> Result<Vec<(usize, FileDone)
     loop {
         s.check_running()?;
         let i = q.next.fetch_add(1, Ordering::Relaxed);
+        if i >= q.files.len() / 2 {
+            crate::testhooks::pause_point("backup-mid-copy");
+        }
         let Some((idx, abs, rel)) = q.files.get(i) else {
             break;
         };

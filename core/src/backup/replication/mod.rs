@@ -309,6 +309,7 @@ async fn stream_backup(
     total: u64,
 ) -> Result<bool> {
     let mut progress = Progress::new("backup", Some(total));
+    let (mut streamed, mut paused) = (0u64, false);
     while let Some(d) = conn.next_backup_data(&mut backup_stream).await? {
         let piece = match d {
             BackupData::NewArchive { name, tablespace } => {
@@ -323,6 +324,11 @@ async fn stream_backup(
             }
             BackupData::Data(b) => {
                 progress.add(b.len() as u64);
+                streamed += b.len() as u64;
+                if !paused && streamed >= total / 2 {
+                    paused = true;
+                    crate::testhooks::pause_point_async("backup-mid-copy").await;
+                }
                 Piece::Data(b)
             }
             BackupData::Manifest => Piece::Manifest,
