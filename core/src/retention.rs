@@ -7,6 +7,11 @@
 //!   backup that stopped before `now - W`, so every point from `now - W` on stays restorable.
 //! - Grandfather-father-son keeps, for each of the newest N days / ISO weeks / months (UTC) that
 //!   hold a backup, the newest backup of that period.
+//! - After a failover or a PITR fork some backups lie on an abandoned branch: a restore of the
+//!   latest timeline cannot start from them. The rules are applied to all backups *and* to the
+//!   usable ones alone (union), so a rule never keeps only abandoned backups: the newest usable
+//!   backup is always kept, `--retain-last N` keeps N usable ones, a window keeps the usable
+//!   backup that covers its start.
 
 use chrono::{DateTime, Datelike, Utc};
 use serde::Serialize;
@@ -39,6 +44,9 @@ pub struct BackupFacts {
     pub id: String,
     pub stop_time_us: i64,
     pub stop_lsn: u64,
+    /// Whether it lies on the history of the timeline a restore follows (`latest`): a backup
+    /// of an abandoned branch cannot start that recovery (`crate::timeline`).
+    pub usable: bool,
 }
 
 /// The decision for one backup.
@@ -105,8 +113,58 @@ fn period_keys(us: i64) -> (String, String, String) {
     )
 }
 
-/// Decides every backup; the result is ordered newest first.
+/// Decides every backup; the result is ordered newest first. The rules run over every backup
+/// and over the usable ones alone; a backup either run keeps is kept.
 pub fn plan(backups: &[BackupFacts], policy: &Policy, now_us: i64) -> Vec<Decision> {
+    let all = rules(backups, policy, now_us);
+    if backups.iter().all(|b| b.usable) {
+        return all;
+    }
+    let usable: Vec<BackupFacts> = backups.iter().filter(|b| b.usable).cloned().collect();
+    let by_usable: BTreeMap<String, Decision> = rules(&usable, policy, now_us)
+        .into_iter()
+        .map(|d| (d.id.clone(), d))
+        .collect();
+    let usable_ids: std::collections::BTreeSet<&str> =
+        usable.iter().map(|b| b.id.as_str()).collect();
+    all.into_iter()
+        .map(|d| {
+            if !usable_ids.contains(d.id.as_str()) {
+                if !d.keep {
+                    return d;
+                }
+                let mut reasons = d.reasons;
+                reasons.push(
+                    "on an abandoned timeline branch: a restore of the latest timeline cannot use it"
+                        .into(),
+                );
+                return Decision { reasons, ..d };
+            }
+            let u = by_usable.get(&d.id).filter(|u| u.keep);
+            match u {
+                None => d,
+                Some(u) => {
+                    let mut reasons = if d.keep { d.reasons } else { Vec::new() };
+                    for r in &u.reasons {
+                        if !reasons.contains(r) {
+                            reasons.push(format!(
+                                "{r} among the backups the latest timeline can use"
+                            ));
+                        }
+                    }
+                    Decision {
+                        id: d.id,
+                        keep: true,
+                        reasons,
+                    }
+                }
+            }
+        })
+        .collect()
+}
+
+/// The rules over `backups`, newest first.
+fn rules(backups: &[BackupFacts], policy: &Policy, now_us: i64) -> Vec<Decision> {
     let mut order: Vec<&BackupFacts> = backups.iter().collect();
     order.sort_by_key(|b| std::cmp::Reverse((b.stop_time_us, b.stop_lsn)));
     let mut reasons: Vec<Vec<String>> = vec![Vec::new(); order.len()];
@@ -185,6 +243,7 @@ mod tests {
             id: id.into(),
             stop_time_us: stop,
             stop_lsn: stop as u64,
+            usable: true,
         }
     }
 
@@ -375,11 +434,13 @@ mod tests {
                 id: "b".into(),
                 stop_time_us: T0,
                 stop_lsn: 10,
+                usable: true,
             },
             BackupFacts {
                 id: "a".into(),
                 stop_time_us: T0,
                 stop_lsn: 20,
+                usable: true,
             },
         ];
         let d = plan(
@@ -391,6 +452,46 @@ mod tests {
             T0,
         );
         assert_eq!(kept(&d), vec!["a"]);
+    }
+
+    #[test]
+    fn abandoned_backups_never_satisfy_a_rule_alone() {
+        // a and b usable; c and d newer but on an abandoned branch (a fork older than them).
+        let mut bs: Vec<BackupFacts> = [("a", 0), ("b", HOUR), ("c", 2 * HOUR), ("d", 3 * HOUR)]
+            .iter()
+            .map(|(id, s)| b(id, T0 + s))
+            .collect();
+        bs[2].usable = false;
+        bs[3].usable = false;
+        let keep = |p: Policy| kept(&plan(&bs, &p, T0 + 4 * HOUR)).join(",");
+        let last = |n| Policy {
+            retain_last: Some(n),
+            ..Default::default()
+        };
+        assert_eq!(keep(last(1)), "b,d");
+        assert_eq!(keep(last(2)), "a,b,c,d");
+        let window = |h| Policy {
+            retain_window_us: Some(h * HOUR),
+            ..Default::default()
+        };
+        // The window starts at T0 + 3 h: d inside and c covering it among all, b covering it
+        // among the usable.
+        assert_eq!(keep(window(1)), "b,c,d");
+        let d = plan(&bs, &last(1), T0 + 4 * HOUR);
+        assert_eq!(d[0].id, "d");
+        assert!(
+            d[0].reasons.iter().any(|r| r.contains("abandoned")),
+            "{d:?}"
+        );
+        assert_eq!(
+            d[2].reasons[0],
+            "newest backup among the backups the latest timeline can use"
+        );
+        // No backup usable: the rules over all backups alone.
+        for x in &mut bs {
+            x.usable = false;
+        }
+        assert_eq!(kept(&plan(&bs, &last(1), T0 + 4 * HOUR)), vec!["d"]);
     }
 
     #[test]

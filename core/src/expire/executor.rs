@@ -65,7 +65,10 @@ pub(super) async fn plan_now(
     }
     let headers = all.readable;
     let ids: Vec<String> = headers.iter().map(|h| h.backup_id.clone()).collect();
-    let retained = planner::retain(opts, now, leases, headers)?;
+    // The history a restore of `latest` follows: backups off it are on abandoned branches.
+    let archive = crate::archive::Archive::list(store).await?;
+    let followed = crate::archive::history(store, &archive, &headers).await?;
+    let retained = planner::retain(opts, now, leases, headers, &followed)?;
     // Full reads: a damaged manifest stops expire here, before anything is deleted (its pack table
     // could under-report what it references).
     let mut pack_tables = HashMap::new();

@@ -70,7 +70,8 @@ pub struct Plan {
     pub backups: Vec<BackupPlan>,
     /// The earliest point in time restorable after this run: the stop time of the oldest retained
     /// backup (WAL is kept from its start on every timeline); with a WAL window, of the newest
-    /// retained backup that stopped at or before its start (the oldest if none did).
+    /// retained backup that stopped at or before its start (the oldest if none did). Only
+    /// backups on the history of the latest timeline count; `null` when none is retained.
     pub recoverable_from: Option<String>,
     /// Why packs and WAL are left alone by this run, if they are.
     pub deferred: Option<String>,
@@ -126,6 +127,12 @@ pub fn render(p: &Plan) -> String {
             let _ = writeln!(
                 s,
                 "recoverable after this run: any time from {t} to the newest archived WAL"
+            );
+        }
+        None if p.backups.iter().any(|b| b.action == "keep") => {
+            let _ = writeln!(
+                s,
+                "no retained backup lies on the history of the latest timeline: a restore of it is not possible (only --target-timeline current)"
             );
         }
         None => {

@@ -20,6 +20,10 @@
 //! - A live backup lease leaves packs, WAL and repacking alone: only stale leases and manifests go.
 //! - WAL below the start segment of the oldest retained backup (from its `backup_label`) is
 //!   deleted on every timeline, `.history` files never; with no backup retained, no WAL.
+//! - Timelines: the retention rules also run over the backups on the history a restore of
+//!   `latest` follows alone, so after a fork older than some backups (a PITR, a failover) a
+//!   usable backup and its WAL are always kept; the promised window (`recoverable_from`) opens
+//!   at a retained backup on that history, never at one of an abandoned branch.
 //! - With a WAL window (`--retain-wal-window`), continuous WAL is kept only from the *anchor*: the
 //!   newest retained backup that stopped at or before `now - window` (the oldest retained one if
 //!   none did), so every moment of the window stays recoverable. A retained backup older than the
@@ -34,6 +38,7 @@ use crate::repack::{self, Chosen, LiveSet, RepackOptions, RepackPlan};
 use crate::repo::fmt_time;
 use crate::retention::{self, BackupFacts, Decision, Policy};
 use crate::store::Listed;
+use crate::timeline::History;
 use anyhow::{anyhow, bail, Result};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -110,14 +115,19 @@ pub struct Retained {
     headers: HashMap<String, ManifestHeader>,
     /// Newest first.
     decisions: Vec<Decision>,
+    /// The backups on the history a restore of `latest` follows.
+    usable: BTreeSet<String>,
 }
 
-/// Stage 2: applies the retention policy to the backup headers.
+/// Stage 2: applies the retention policy to the backup headers. `followed` is the history a
+/// restore of `latest` follows (`crate::archive::history`): backups off it are on abandoned
+/// branches and satisfy no rule alone (`crate::retention`).
 pub fn retain(
     opts: &ExpireOptions,
     now: i64,
     leases: LeaseVerdict,
     headers: Vec<ManifestHeader>,
+    followed: &History,
 ) -> Result<Retained> {
     if opts.policy.is_empty() {
         bail!("no retention rule given\nhint: pass at least one of --retain-last, --retain-window, --retain-daily, --retain-weekly, --retain-monthly");
@@ -128,7 +138,13 @@ pub fn retain(
             id: h.backup_id.clone(),
             stop_time_us: h.stop_time_us,
             stop_lsn: h.stop_lsn.0,
+            usable: followed.contains(h.timeline.0, h.stop_lsn),
         })
+        .collect();
+    let usable = facts
+        .iter()
+        .filter(|f| f.usable)
+        .map(|f| f.id.clone())
         .collect();
     let decisions = retention::plan(&facts, &opts.policy, now);
     Ok(Retained {
@@ -139,6 +155,7 @@ pub fn retain(
             .map(|h| (h.backup_id.clone(), h))
             .collect(),
         decisions,
+        usable,
     })
 }
 
@@ -238,7 +255,7 @@ pub fn plan(r: Retained, opts: &ExpireOptions, stored: Stored) -> Result<(Plan, 
         gc_grace_seconds: opts.gc_grace.as_secs(),
         wal_window_seconds: opts.wal_window_us.map(|w| (w / 1_000_000) as u64),
         backups,
-        recoverable_from: keep.as_ref().map(|k| fmt_time(k.recoverable_from)),
+        recoverable_from: keep.as_ref().and_then(|k| k.recoverable_from).map(fmt_time),
         deferred: r.leases.deferred,
         wal,
         packs,
@@ -279,6 +296,8 @@ struct RetainedWal {
     start: (u32, u32),
     stop_lsn: u64,
     stop_us: i64,
+    /// On the history a restore of `latest` follows.
+    usable: bool,
 }
 
 /// Which WAL a run keeps: everything from `from` on every timeline, plus each range.
@@ -286,8 +305,9 @@ struct RetainedWal {
 struct WalKeep {
     from: (u32, u32),
     ranges: Vec<WalRange>,
-    /// The earliest point in time restorable after the run.
-    recoverable_from: i64,
+    /// The earliest point in time restorable (on the latest timeline) after the run; `None`
+    /// when no retained backup lies on its history.
+    recoverable_from: Option<i64>,
 }
 
 fn kept_backups(r: &Retained, pack_tables: &HashMap<String, Vec<PackId>>) -> Result<Kept> {
@@ -316,6 +336,7 @@ fn kept_backups(r: &Retained, pack_tables: &HashMap<String, Vec<PackId>>) -> Res
                 start: label_start_segment(h)?,
                 stop_lsn: h.stop_lsn.0,
                 stop_us: h.stop_time_us,
+                usable: r.usable.contains(&d.id),
             });
         } else {
             k.remove.push(d.id.clone());
@@ -408,7 +429,10 @@ fn pack_steps(
 /// X6's decision: the WAL the retained backups need. Without a window (or a segment size), every
 /// timeline from the oldest retained backup's start; with one, from the anchor's start (see the
 /// module invariants) and each older retained backup's own start..stop range on its timeline.
-/// `None` when no backup is retained.
+/// Only a backup on the history of the latest timeline can open the recoverable window or be
+/// the anchor (one of an abandoned branch cannot start that recovery); when none is retained,
+/// the rules fall back to every retained backup and nothing is promised. `None` when no backup
+/// is retained.
 fn wal_keep(
     retained: &[RetainedWal],
     window: Option<i64>,
@@ -416,17 +440,19 @@ fn wal_keep(
     now: i64,
 ) -> Option<WalKeep> {
     let order = |b: &&RetainedWal| (b.stop_us, b.stop_lsn);
-    let oldest = retained.iter().min_by_key(order)?;
+    let any_usable = retained.iter().any(|b| b.usable);
+    let candidates = || retained.iter().filter(move |b| b.usable || !any_usable);
+    let oldest = candidates().min_by_key(order)?;
+    let promise = |b: &RetainedWal| any_usable.then_some(b.stop_us);
     let (Some(window), Some(seg_size)) = (window, seg_size) else {
         return Some(WalKeep {
             from: retained.iter().map(|b| b.start).min()?,
             ranges: Vec::new(),
-            recoverable_from: oldest.stop_us,
+            recoverable_from: promise(oldest),
         });
     };
     let edge = now.saturating_sub(window);
-    let anchor = retained
-        .iter()
+    let anchor = candidates()
         .filter(|b| b.stop_us <= edge)
         .max_by_key(order)
         .unwrap_or(oldest);
@@ -457,7 +483,7 @@ fn wal_keep(
     Some(WalKeep {
         from,
         ranges,
-        recoverable_from: anchor.stop_us,
+        recoverable_from: promise(anchor),
     })
 }
 

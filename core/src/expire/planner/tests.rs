@@ -101,6 +101,8 @@ struct Fixture {
     seg_size: Option<u64>,
     /// Backups whose stop LSN is given (else it is the stop time, far beyond any segment).
     stop_lsns: Vec<(&'static str, u64)>,
+    /// The history a restore of `latest` follows; `None`: one on which every backup lies.
+    history: Option<History>,
 }
 
 fn last(n: u32) -> Policy {
@@ -167,6 +169,7 @@ fn base() -> Fixture {
         wal_window_h: None,
         seg_size: None,
         stop_lsns: vec![],
+        history: None,
     }
 }
 
@@ -212,11 +215,26 @@ fn run(f: &Fixture) -> Result<(Plan, Work)> {
             m.header.stop_lsn = Lsn(*lsn);
         }
     }
+    let top = manifests
+        .iter()
+        .map(|m| m.header.timeline.0)
+        .max()
+        .unwrap_or(1);
+    let history = f.history.clone().unwrap_or_else(|| History {
+        tli: top,
+        ancestors: (1..top)
+            .map(|tli| crate::timeline::Ancestor {
+                tli,
+                switch: Lsn(u64::MAX),
+            })
+            .collect(),
+    });
     let r = retain(
         &opts,
         NOW,
         judge_leases(&leases)?,
         manifests.iter().map(|m| m.header.clone()).collect(),
+        &history,
     )?;
     let mut stored = Stored {
         packs: f.packs.iter().map(|(p, size)| (pack(p), *size)).collect(),
@@ -583,6 +601,7 @@ fn the_printed_plan() {
     assert!(render(&p).contains("bytes freed: 1710"));
 }
 
+mod forks;
 mod window;
 
 #[test]

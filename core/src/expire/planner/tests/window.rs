@@ -53,6 +53,7 @@ fn monthly(window_h: Option<i64>) -> Fixture {
             ("m3", 11 * SEG + 0x28),
             ("n", 16 * SEG + 0x100),
         ],
+        history: None,
     }
 }
 
