@@ -21,6 +21,8 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tidemark_e2e::env::{tidemark, tidemark_killed_after, Run, Tool};
 use tidemark_e2e::sidecar::{start_handoff_archiving, Sidecar, SidecarConfig};
@@ -132,6 +134,49 @@ fn parse_seed(s: &str) -> Option<u64> {
     }
 }
 
+/// One committed transaction on the ledger chosen by `rng`; returns its SQL (shortened) and the
+/// acknowledged moment after it: the server clock read after the commit returned, with the
+/// ledger's digest then. The caller makes sure no other session writes the ledger meanwhile.
+async fn ledger_write(db: &Client, rng: &mut Rng) -> Result<(String, Point)> {
+    let next: i64 = db
+        .query_one("SELECT coalesce(max(id), 0) + 1 FROM ledger", &[])
+        .await?
+        .get(0);
+    let sql = match rng.below(10) {
+        0..=4 => {
+            let n = 1 + rng.below(200) as i64;
+            format!("INSERT INTO ledger (id, v, pad) SELECT g, 0, md5(g::text) FROM generate_series({next}, {}) g", next + n - 1)
+        }
+        5 => {
+            // A bulk insert: several WAL segments at once.
+            let n = 20_000 + rng.below(20_000) as i64;
+            format!("INSERT INTO ledger (id, v, pad) SELECT g, 0, repeat(md5(g::text), 4) FROM generate_series({next}, {}) g", next + n - 1)
+        }
+        6 | 7 => {
+            let from = 1 + rng.below(next as u64) as i64;
+            let n = 1 + rng.below(500) as i64;
+            format!(
+                "UPDATE ledger SET v = v + 1, committed_at = now() WHERE id BETWEEN {from} AND {}",
+                from + n
+            )
+        }
+        8 => {
+            let from = 1 + rng.below(next as u64) as i64;
+            let n = 1 + rng.below(100) as i64;
+            format!("DELETE FROM ledger WHERE id BETWEEN {from} AND {}", from + n)
+        }
+        // A rewrite: every file of the table is replaced; or a truncated side table.
+        _ if rng.chance(50) => "VACUUM FULL ledger".to_string(),
+        _ => "INSERT INTO churn (pad) SELECT repeat('x', 500) FROM generate_series(1, 2000); TRUNCATE churn".to_string(),
+    };
+    db.batch_execute(&sql)
+        .await
+        .with_context(|| format!("cannot run {sql}"))?;
+    let digest = Engine::digest(db).await?;
+    let at = tidemark_e2e::data::server_time_rfc3339(db).await?;
+    Ok((sql.chars().take(60).collect(), Point { at, digest }))
+}
+
 impl Engine {
     async fn start(seed: u64) -> Result<Engine> {
         let dir = TestDir::new(&format!("robustness-{seed:x}"))?;
@@ -224,63 +269,11 @@ impl Engine {
 
     /// One committed transaction on the ledger, then the acknowledged moment after it.
     async fn write(&mut self) -> Result<()> {
-        let next: i64 = self
-            .db
-            .query_one("SELECT coalesce(max(id), 0) + 1 FROM ledger", &[])
-            .await?
-            .get(0);
-        let sql = match self.rng.below(10) {
-            0..=4 => {
-                let n = 1 + self.rng.below(200) as i64;
-                format!("INSERT INTO ledger (id, v, pad) SELECT g, 0, md5(g::text) FROM generate_series({next}, {}) g", next + n - 1)
-            }
-            5 => {
-                // A bulk insert: several WAL segments at once.
-                let n = 20_000 + self.rng.below(20_000) as i64;
-                format!("INSERT INTO ledger (id, v, pad) SELECT g, 0, repeat(md5(g::text), 4) FROM generate_series({next}, {}) g", next + n - 1)
-            }
-            6 | 7 => {
-                let from = 1 + self.rng.below(next as u64) as i64;
-                let n = 1 + self.rng.below(500) as i64;
-                format!(
-                    "UPDATE ledger SET v = v + 1, committed_at = now() WHERE id BETWEEN {from} AND {}",
-                    from + n
-                )
-            }
-            8 => {
-                let from = 1 + self.rng.below(next as u64) as i64;
-                let n = 1 + self.rng.below(100) as i64;
-                format!(
-                    "DELETE FROM ledger WHERE id BETWEEN {from} AND {}",
-                    from + n
-                )
-            }
-            _ => {
-                // A rewrite: every relation of the table gets a new file.
-                if self.rng.chance(50) {
-                    "VACUUM FULL ledger".to_string()
-                } else {
-                    "INSERT INTO churn (pad) SELECT repeat('x', 500) FROM generate_series(1, 2000); TRUNCATE churn".to_string()
-                }
-            }
-        };
-        self.db
-            .batch_execute(&sql)
-            .await
-            .with_context(|| format!("cannot run {sql}"))?;
+        let (sql, point) = ledger_write(&self.db, &mut self.rng).await?;
         self.stats.writes += 1;
-        self.acknowledge().await?;
-        let short: String = sql.chars().take(60).collect();
-        let rows = self.points.last().map_or(0, |p| p.digest.rows);
-        self.note(format!("write: {short} → {rows} rows"));
-        Ok(())
-    }
-
-    /// Records the moment after the last commit returned, with the ledger as it is then.
-    async fn acknowledge(&mut self) -> Result<()> {
-        let digest = Engine::digest(&self.db).await?;
-        let at = tidemark_e2e::data::server_time_rfc3339(&self.db).await?;
-        self.points.push(Point { at, digest });
+        let rows = point.digest.rows;
+        self.points.push(point);
+        self.note(format!("write: {sql} → {rows} rows"));
         Ok(())
     }
 
@@ -311,7 +304,28 @@ impl Engine {
             args.extend(["--pgdata", &data, "--pg-url", &conninfo]);
         }
         let before = self.listed().await?;
-        let run = tidemark_killed_after(Tool::Agent, &args, &env, kill_after).await?;
+        // Ledger writes go on while the backup copies (torn pages, files replaced under it).
+        let writer = self.src.client().await?;
+        let mut wrng = Rng(self.rng.next() | 1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let load = tokio::spawn(async move {
+            let mut points = Vec::new();
+            while !stopped.load(Ordering::SeqCst) {
+                points.push(ledger_write(&writer, &mut wrng).await?.1);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            Ok::<_, anyhow::Error>(points)
+        });
+        let run = tidemark_killed_after(Tool::Agent, &args, &env, kill_after).await;
+        stop.store(true, Ordering::SeqCst);
+        let during = load
+            .await?
+            .context("the ledger writes during the backup failed")?;
+        let run = run?;
+        let writes = during.len();
+        self.stats.writes += writes as u64;
+        self.points.extend(during);
         let after = self.listed().await?;
         let new: Vec<String> = after.difference(&before).cloned().collect();
         let source = if replication { "replication" } else { "pgdata" };
@@ -327,7 +341,9 @@ impl Engine {
                 );
                 self.acknowledged.insert(id.clone());
                 self.stats.backups += 1;
-                self.note(format!("backup ({source}) {id}"));
+                self.note(format!(
+                    "backup ({source}) {id}, {writes} ledger writes during it"
+                ));
             }
             None => {
                 ensure!(
@@ -335,7 +351,9 @@ impl Engine {
                     "a backup killed after {kill_after:?} is listed: {new:?}\n{run}"
                 );
                 self.stats.backups_killed += 1;
-                self.note(format!("backup ({source}) killed after {kill_after:?}"));
+                self.note(format!(
+                    "backup ({source}) killed after {kill_after:?}, {writes} ledger writes during it"
+                ));
             }
             Some(_) => bail!("backup ({source}) failed:\n{run}"),
         }
