@@ -1,1 +1,270 @@
-//! (placeholder: filled in by issue 15 work)
+//! Retention across timeline forks, end to end on PostgreSQL 15 (issue 15.3): a PITR to a
+//! moment older than the newest backup archives a new timeline into the same repository, so the
+//! newest backups lie on an abandoned branch; a second PITR forks again. `expire` with
+//! `--retain-last 1` or a window must keep a backup the latest timeline can use and the WAL it
+//! needs, and every moment the plan promises (`recoverable_from` on) restores row for row. An
+//! old primary rewound after a failover and archiving as a standby must not disturb the stored
+//! WAL of either timeline.
+
+use anyhow::{ensure, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tidemark_e2e::data::{self, BATCH_ROWS};
+use tidemark_e2e::{archiving_source, start_restored, tidemark, PgCluster, Repo, TestDir, Tool};
+
+const GAP: Duration = Duration::from_millis(150);
+
+/// Writes batch `b` and returns a moment after its commit and before the next one (server clock,
+/// RFC 3339 UTC).
+async fn write_and_mark(db: &tokio_postgres::Client, b: i32) -> Result<String> {
+    data::write_batch(db, b).await?;
+    tokio::time::sleep(GAP).await;
+    let t = data::server_time_rfc3339(db).await?;
+    tokio::time::sleep(GAP).await;
+    Ok(t)
+}
+
+fn rows(batches: &[i32]) -> BTreeMap<i32, i64> {
+    batches.iter().map(|b| (*b, BATCH_ROWS)).collect()
+}
+
+/// `expire --dry-run` then `expire` with `policy`: the plans must agree. Returns the plan.
+async fn expire(repo: &Repo, policy: &[&str]) -> Result<Value> {
+    let mut args: Vec<&str> = vec!["expire", "--repo", &repo.url, "--json", "--gc-grace", "0s"];
+    args.extend_from_slice(policy);
+    let mut dry_args = args.clone();
+    dry_args.push("--dry-run");
+    let mut dry = tidemark(Tool::Agent, &dry_args, &[])
+        .await?
+        .ok()?
+        .json_document()?;
+    let mut real = tidemark(Tool::Agent, &args, &[])
+        .await?
+        .ok()?
+        .json_document()?;
+    for p in [&mut dry, &mut real] {
+        if let Some(o) = p.as_object_mut() {
+            o.remove("now");
+            o.remove("dry_run");
+        }
+    }
+    ensure!(
+        dry == real,
+        "expire --dry-run and expire disagree on {policy:?}:\n{dry:#}\n{real:#}"
+    );
+    Ok(real)
+}
+
+fn kept_ids(plan: &Value) -> Vec<String> {
+    plan["backups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["action"] == "keep")
+        .filter_map(|b| b["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn stop_time_of(plan: &Value, id: &str) -> Option<String> {
+    plan["backups"].as_array()?.iter().find(|b| b["id"] == id)?["stop_time"]
+        .as_str()
+        .map(str::to_string)
+}
+
+async fn check_ok(repo: &Repo, when: &str) -> Result<()> {
+    let r = tidemark(
+        Tool::Restore,
+        &["check", "--repo", &repo.url, "--json"],
+        &[],
+    )
+    .await?;
+    ensure!(r.success(), "check failed {when}:\n{r}");
+    Ok(())
+}
+
+/// Restores `repo` with `target` args and returns the per-batch row counts of the result.
+async fn restore_counts(
+    dir: &TestDir,
+    repo: &Repo,
+    name: &str,
+    target: &[&str],
+) -> Result<BTreeMap<i32, i64>> {
+    let pgdata = dir.join(name);
+    repo.restore(&pgdata, target).await?.ok()?;
+    let server = start_restored(dir, &format!("{name}-server"), &pgdata).await?;
+    let db = server.client().await?;
+    let counts = data::batch_counts(&db).await?;
+    drop(db);
+    drop(server);
+    std::fs::remove_dir_all(&pgdata).ok();
+    Ok(counts)
+}
+
+/// A PITR to `t` that becomes the new primary: restored, promoted (a new timeline), archiving
+/// into the same repository, its `.history` pushed (promotion happened with archiving off).
+async fn fork_at(dir: &TestDir, repo: &Repo, name: &str, t: &str) -> Result<PgCluster> {
+    let pgdata = dir.join(name);
+    repo.restore(&pgdata, &["--target-time", t]).await?.ok()?;
+    let mut next = start_restored(dir, &format!("{name}-server"), &pgdata).await?;
+    let db = next.client().await?;
+    let agent = tidemark_e2e::env::bins()?.agent;
+    let cmd = format!("{} wal-push --repo {} %p", agent.display(), repo.url);
+    db.batch_execute("ALTER SYSTEM SET archive_mode = 'on'")
+        .await?;
+    db.batch_execute(&format!(
+        "ALTER SYSTEM SET archive_command = '{}'",
+        cmd.replace('\'', "''")
+    ))
+    .await?;
+    drop(db);
+    next.stop().await?;
+    next.start().await?;
+    for e in std::fs::read_dir(pgdata.join("pg_wal"))? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "history") {
+            repo.wal_push(&p).await?.ok()?;
+        }
+    }
+    Ok(next)
+}
+
+/// The timeline a server is on now.
+async fn timeline(db: &tokio_postgres::Client) -> Result<i32> {
+    data::checkpoint_timeline(db).await
+}
+
+/// (a) backup B1, writes, backup B2, writes, PITR to a moment between B1 and B2: timeline 2
+/// forks before B2, which now lies on the abandoned branch. (b) a backup B3 on timeline 2, then a
+/// second PITR to a moment of timeline 2 before B3: timeline 3. After each fork, `expire
+/// --retain-window 1s` and `--retain-last 1` keep B1 (the only backup the latest timeline can
+/// use), promise from its stop, and `latest` and promised moments restore row for row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pitr_forks_older_than_the_newest_backup_keep_a_usable_backup_and_its_wal() -> Result<()> {
+    let (dir, repo, mut src, db) = archiving_source("retention-forks-pitr").await?;
+    data::write_batch(&db, 1).await?;
+    let b1 = src.backup_id(&repo).await?;
+    let t2 = write_and_mark(&db, 2).await?;
+    data::write_batch(&db, 3).await?;
+    let b2 = src.backup_id(&repo).await?;
+    data::write_batch(&db, 4).await?;
+    src.switch_wal_and_wait(&repo).await?;
+    drop(db);
+
+    // (a) Timeline 2 forks at t2, before B2 (which holds batch 3).
+    let tl2 = fork_at(&dir, &repo, "tl2", &t2).await?;
+    src.stop().await?;
+    let db = tl2.client().await?;
+    ensure!(
+        timeline(&db).await? == 2,
+        "the first PITR is not on timeline 2"
+    );
+    ensure!(
+        data::batch_counts(&db).await? == rows(&[1, 2]),
+        "the PITR to {t2} does not hold batches 1 and 2"
+    );
+    let t5 = write_and_mark(&db, 5).await?;
+    data::write_batch(&db, 6).await?;
+    tl2.switch_wal_and_wait(&repo).await?;
+
+    for policy in [&["--retain-window", "1s"][..], &["--retain-last", "1"][..]] {
+        let plan = expire(&repo, policy).await?;
+        let kept = kept_ids(&plan);
+        ensure!(
+            kept.contains(&b1),
+            "{policy:?} did not keep {b1}, the only backup timeline 2 can use: {plan:#}"
+        );
+        ensure!(
+            plan["recoverable_from"].as_str() == stop_time_of(&plan, &b1).as_deref(),
+            "{policy:?} promises from {} rather than from {b1}'s stop: {plan:#}",
+            plan["recoverable_from"]
+        );
+        check_ok(&repo, &format!("after expire {policy:?}")).await?;
+    }
+    // Every promised moment of timeline 2's history: before the fork (on timeline 1), after it,
+    // and the end.
+    for (name, target, want) in [
+        ("a-t2", vec!["--target-time", &t2], rows(&[1, 2])),
+        ("a-t5", vec!["--target-time", &t5], rows(&[1, 2, 5])),
+        ("a-latest", vec!["--target", "latest"], rows(&[1, 2, 5, 6])),
+    ] {
+        let got = restore_counts(&dir, &repo, name, &target).await?;
+        ensure!(
+            got == want,
+            "restore {target:?} after the first fork gave {got:?}, want {want:?}"
+        );
+    }
+
+    // (b) B3 on timeline 2, then a second PITR to t5 (before B3): timeline 3.
+    let b3 = tl2.backup_id(&repo).await?;
+    data::write_batch(&db, 7).await?;
+    tl2.switch_wal_and_wait(&repo).await?;
+    drop(db);
+    let tl3 = fork_at(&dir, &repo, "tl3", &t5).await?;
+    let mut tl2 = tl2;
+    tl2.stop().await?;
+    let db = tl3.client().await?;
+    ensure!(
+        timeline(&db).await? == 3,
+        "the second PITR is not on timeline 3"
+    );
+    ensure!(
+        data::batch_counts(&db).await? == rows(&[1, 2, 5]),
+        "the PITR to {t5} does not hold batches 1, 2 and 5"
+    );
+    let t8 = write_and_mark(&db, 8).await?;
+    data::write_batch(&db, 9).await?;
+    tl3.switch_wal_and_wait(&repo).await?;
+    for policy in [&["--retain-window", "1s"][..], &["--retain-last", "1"][..]] {
+        let plan = expire(&repo, policy).await?;
+        let kept = kept_ids(&plan);
+        ensure!(
+            kept.contains(&b1),
+            "{policy:?} did not keep {b1}, the only backup timeline 3 can use: {plan:#}"
+        );
+        ensure!(
+            plan["recoverable_from"].as_str() == stop_time_of(&plan, &b1).as_deref(),
+            "{policy:?} promises from {} rather than from {b1}'s stop: {plan:#}",
+            plan["recoverable_from"]
+        );
+        check_ok(&repo, &format!("after the second fork, expire {policy:?}")).await?;
+    }
+    for (name, target, want) in [
+        ("b-t2", vec!["--target-time", &t2], rows(&[1, 2])),
+        ("b-t5", vec!["--target-time", &t5], rows(&[1, 2, 5])),
+        ("b-t8", vec!["--target-time", &t8], rows(&[1, 2, 5, 8])),
+        (
+            "b-latest",
+            vec!["--target", "latest"],
+            rows(&[1, 2, 5, 8, 9]),
+        ),
+    ] {
+        let got = restore_counts(&dir, &repo, name, &target).await?;
+        ensure!(
+            got == want,
+            "restore {target:?} after the second fork gave {got:?}, want {want:?}"
+        );
+    }
+    // A backup of the new primary becomes the one `--retain-last 1` keeps for timeline 3; B2 and
+    // B3 (abandoned) are no rule's only choice.
+    let b4 = tl3.backup_id(&repo).await?;
+    data::write_batch(&db, 10).await?;
+    tl3.switch_wal_and_wait(&repo).await?;
+    let plan = expire(&repo, &["--retain-last", "1"]).await?;
+    let kept = kept_ids(&plan);
+    ensure!(
+        kept.contains(&b4) && !kept.contains(&b1),
+        "with {b4} on timeline 3, --retain-last 1 should keep it and drop {b1}: {plan:#}"
+    );
+    ensure!(
+        !kept.contains(&b2) || !kept.contains(&b3),
+        "both abandoned backups kept by --retain-last 1: {plan:#}"
+    );
+    check_ok(&repo, "after the new backup's expire").await?;
+    let got = restore_counts(&dir, &repo, "c-latest", &["--target", "latest"]).await?;
+    ensure!(
+        got == rows(&[1, 2, 5, 8, 9, 10]),
+        "restore latest from {b4} gave {got:?}"
+    );
+    Ok(())
+}
