@@ -1,1 +1,530 @@
-//! (placeholder: filled in by issue 15 work)
+//! Stores that lie (issue 15.2), end to end against a real S3-compatible server (moto) behind
+//! the lying proxy (`tidemark_e2e::lying`) and a real PostgreSQL 15:
+//! - a PUT answered 200 but never stored, or stored short, is never acknowledged (wal-push,
+//!   backup), and what a retry stores is whole, even over a short copy a dead writer left;
+//! - a short or empty GET never leaves a partial file at %p nor a restore that looks done, and
+//!   `check --read-data` names the backups a pack cut behind tidemark's back breaks, while the
+//!   next backup stores that pack's chunks again instead of trusting it for existing;
+//! - a versioned bucket (delete markers) and a LIST lagging behind PUT, with a non-zero
+//!   `--gc-grace`: nothing younger than the grace is deleted and the catalog stays consistent;
+//! - an expire stopped (SIGSTOP) past its lease TTL deletes nothing once it runs again, and a
+//!   backup that started meanwhile is whole.
+
+use anyhow::{bail, ensure, Context, Result};
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tidemark_e2e::cluster::shell_word;
+use tidemark_e2e::data::{self, BATCH_ROWS};
+use tidemark_e2e::env::{self, give_to_db_user};
+use tidemark_e2e::lying::{LyingProxy, PutLie};
+use tidemark_e2e::sidecar::{
+    archiver_stats, env_prefix, prefix_restore_command, switch_wal, tidemark_with_env,
+    wait_archived, Moto,
+};
+use tidemark_e2e::{start_restored, PgCluster, TestDir, Tool};
+use tokio::io::AsyncWriteExt;
+
+const PREFIX: &str = "repo";
+
+/// moto, the lying proxy in front of it, and the environments that reach the repository
+/// through the proxy (`lying`) or straight (`direct`, the truth).
+struct Lab {
+    dir: TestDir,
+    moto: Moto,
+    proxy: LyingProxy,
+    bucket: String,
+    url: String,
+    lying: Vec<(String, String)>,
+    direct: Vec<(String, String)>,
+}
+
+impl Lab {
+    async fn start(test: &str) -> Result<Lab> {
+        let dir = TestDir::new(test)?;
+        let bucket = format!("tidemark-{test}");
+        let moto = Moto::start(&bucket).await?;
+        let proxy = LyingProxy::start(moto.endpoint.trim_start_matches("http://")).await?;
+        let direct = moto.aws_env();
+        let mut lying: Vec<(String, String)> = direct
+            .iter()
+            .filter(|(k, _)| k != "AWS_ENDPOINT_URL")
+            .cloned()
+            .collect();
+        lying.push(("AWS_ENDPOINT_URL".into(), proxy.endpoint.clone()));
+        Ok(Lab {
+            url: format!("s3://{bucket}/{PREFIX}"),
+            dir,
+            moto,
+            proxy,
+            bucket,
+            lying,
+            direct,
+        })
+    }
+
+    /// A source server whose archive_command is `wal-push` through the proxy, with the
+    /// `batches` table.
+    async fn source(&self, name: &str) -> Result<(PgCluster, tokio_postgres::Client)> {
+        let mut c = PgCluster::initdb(&self.dir, name).await?;
+        let agent = env::bins()?.agent;
+        let archive_command = format!(
+            "{}{} wal-push --repo {} %p",
+            env_prefix(&self.lying),
+            shell_word(&agent.to_string_lossy()),
+            shell_word(&self.url)
+        );
+        c.start_with_archive_command(&archive_command).await?;
+        let db = c.client().await?;
+        data::create_table(&db).await?;
+        Ok((c, db))
+    }
+
+    /// Runs a tidemark binary through the proxy (`lying`) or straight to moto, with `extra`
+    /// environment.
+    async fn run(
+        &self,
+        tool: Tool,
+        args: &[&str],
+        through_proxy: bool,
+        extra: &[(&str, &str)],
+    ) -> Result<env::Run> {
+        let mut e = if through_proxy {
+            self.lying.clone()
+        } else {
+            self.direct.clone()
+        };
+        e.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        tidemark_with_env(tool, args, &e).await
+    }
+
+    /// `backup --pgdata --json` of `src` through the proxy, not checked.
+    async fn backup(&self, src: &PgCluster, extra: &[(&str, &str)]) -> Result<env::Run> {
+        let data = src.data.to_string_lossy().into_owned();
+        let conninfo = src.conninfo();
+        self.run(
+            Tool::Agent,
+            &[
+                "backup",
+                "--pgdata",
+                &data,
+                "--repo",
+                &self.url,
+                "--pg-url",
+                &conninfo,
+                "--archive-timeout",
+                "120",
+                "--json",
+            ],
+            true,
+            extra,
+        )
+        .await
+    }
+
+    /// A backup that must succeed; returns its id.
+    async fn backup_ok(&self, src: &PgCluster) -> Result<String> {
+        let r = self.backup(src, &[]).await?;
+        ensure!(r.success(), "backup failed:\n{r}\n{}", src.log_tail());
+        Ok(r.json()?["backup_id"]
+            .as_str()
+            .context("backup --json printed no backup_id")?
+            .to_string())
+    }
+
+    /// One S3 call straight to moto through boto3: `list` (lines `key size`, below `key`),
+    /// `get` (the body), `put` (body from `body`), `versioning` (turns it on),
+    /// `versions` (lines `key version-id` of every version and delete marker below `key`).
+    /// Keys are relative to the repository prefix.
+    async fn s3(&self, op: &str, key: &str, body: &[u8]) -> Result<Vec<u8>> {
+        const SCRIPT: &str = r#"
+import boto3, sys
+c = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test',
+                 aws_secret_access_key='test', region_name='us-east-1')
+op, bucket, key = sys.argv[2:5]
+out = sys.stdout.buffer
+if op == 'put':
+    c.put_object(Bucket=bucket, Key=key, Body=sys.stdin.buffer.read())
+elif op == 'get':
+    out.write(c.get_object(Bucket=bucket, Key=key)['Body'].read())
+elif op == 'versioning':
+    c.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={'Status': 'Enabled'})
+elif op == 'versions':
+    for page in c.get_paginator('list_object_versions').paginate(Bucket=bucket, Prefix=key):
+        for v in page.get('Versions', []):
+            out.write(f"{v['Key']} version\n".encode())
+        for m in page.get('DeleteMarkers', []):
+            out.write(f"{m['Key']} marker\n".encode())
+else:
+    for page in c.get_paginator('list_objects_v2').paginate(Bucket=bucket, Prefix=key):
+        for o in page.get('Contents', []):
+            out.write(f"{o['Key']} {o['Size']}\n".encode())
+"#;
+        let full = format!("{PREFIX}/{key}");
+        let mut child = tokio::process::Command::new("python3")
+            .args(["-c", SCRIPT, &self.moto.endpoint, op, &self.bucket, &full])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("python3 with boto3 (installed with moto) is needed\nhint: run scripts/install-deps.sh")?;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        stdin.write_all(body).await?;
+        drop(stdin);
+        let out = child.wait_with_output().await?;
+        ensure!(
+            out.status.success(),
+            "s3 {op} {full} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(out.stdout)
+    }
+
+    /// The objects below `prefix` as moto holds them: key (relative to the repository) → size.
+    async fn objects(&self, prefix: &str) -> Result<BTreeMap<String, u64>> {
+        let out = self.s3("list", prefix, b"").await?;
+        let mut m = BTreeMap::new();
+        for l in String::from_utf8_lossy(&out).lines() {
+            let (k, s) = l.rsplit_once(' ').context("bad list line")?;
+            let k = k.strip_prefix(&format!("{PREFIX}/")).unwrap_or(k);
+            m.insert(k.to_string(), s.parse()?);
+        }
+        Ok(m)
+    }
+
+    /// Replaces the stored object `key` by its first `keep` bytes, behind tidemark's back.
+    async fn cut(&self, key: &str, keep: usize) -> Result<()> {
+        let whole = self.s3("get", key, b"").await?;
+        ensure!(whole.len() > keep, "{key} is only {} bytes", whole.len());
+        self.s3("put", key, &whole[..keep]).await?;
+        Ok(())
+    }
+
+    /// Restores into `<dir>/<name>` (straight to moto), starts the server with restore_command
+    /// through the same environment and returns it.
+    async fn restore_and_start(&self, name: &str, args: &[&str]) -> Result<PgCluster> {
+        let pgdata = self.dir.join(name);
+        let p = pgdata.to_string_lossy().into_owned();
+        let mut a = vec!["restore", "--pgdata", &p, "--repo", &self.url];
+        a.extend_from_slice(args);
+        let r = self.run(Tool::Restore, &a, false, &[]).await?;
+        ensure!(r.success(), "restore {args:?} failed:\n{r}");
+        prefix_restore_command(&pgdata, &self.direct)?;
+        start_restored(&self.dir, &format!("{name}-server"), &pgdata).await
+    }
+}
+
+fn expected(batches: std::ops::RangeInclusive<i32>) -> BTreeMap<i32, i64> {
+    batches.map(|b| (b, BATCH_ROWS)).collect()
+}
+
+async fn assert_rows(server: &PgCluster, batches: std::ops::RangeInclusive<i32>) -> Result<()> {
+    let db = server.client().await?;
+    let counts = data::batch_counts(&db).await?;
+    ensure!(
+        counts == expected(batches.clone()),
+        "restored server {}: rows per batch {counts:?}, want batches {batches:?}\n{}",
+        server.name,
+        server.log_tail()
+    );
+    Ok(())
+}
+
+/// Waits until PostgreSQL reports a failed archive_command run for `seg` after `failed_before`
+/// failures.
+async fn wait_archive_failure(
+    db: &tokio_postgres::Client,
+    seg: &str,
+    failed_before: i64,
+) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let (_, _, failed, last_failed) = archiver_stats(db).await?;
+        if failed > failed_before && last_failed.as_deref() == Some(seg) {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("PostgreSQL saw no failed archiving of {seg}: failures {failed}, last failed {last_failed:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Copies `pg_wal/<seg>` of `src` into the scratch directory (readable by the database user).
+fn keep_segment(lab: &Lab, src: &PgCluster, seg: &str) -> Result<std::path::PathBuf> {
+    let to = lab.dir.mkdir(&format!("kept-{seg}"))?.join(seg);
+    std::fs::copy(src.data.join("pg_wal").join(seg), &to)
+        .with_context(|| format!("cannot copy {seg} out of pg_wal"))?;
+    give_to_db_user(&to)?;
+    Ok(to)
+}
+
+/// `wal-fetch seg` straight from moto into a fresh file: the fetched bytes must be `want`.
+async fn fetch_is(lab: &Lab, seg: &str, want: &[u8]) -> Result<()> {
+    let dest = lab.dir.join(&format!("fetched-{seg}-{}", want.len()));
+    let d = dest.to_string_lossy().into_owned();
+    let r = lab
+        .run(
+            Tool::Restore,
+            &["wal-fetch", seg, &d, "--repo", &lab.url, "--prefetch", "0"],
+            false,
+            &[],
+        )
+        .await?;
+    ensure!(
+        r.success(),
+        "wal-fetch {seg} of what was archived failed:\n{r}"
+    );
+    let got = std::fs::read(&dest)?;
+    ensure!(
+        got == want,
+        "wal-fetch {seg} returned other bytes than the segment"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lying_puts_are_never_acknowledged_and_retries_store_whole_objects() -> Result<()> {
+    let lab = Lab::start("lying-puts").await?;
+    let (src, db) = lab.source("src").await?;
+    data::write_batch(&db, 1).await?;
+    let first = switch_wal(&db).await?;
+    wait_archived(&db, &first, Duration::from_secs(60)).await?;
+
+    // wal-push under each lie: PostgreSQL's archiver is never told the segment is stored.
+    let mut batch = 1;
+    for lie in [PutLie::Drop, PutLie::Truncate { keep: 100 }] {
+        let before = lab.proxy.counts();
+        let (_, _, failed_before, _) = archiver_stats(&db).await?;
+        lab.proxy.lie_to_puts(lie, "/wal/", u64::MAX);
+        batch += 1;
+        data::write_batch(&db, batch).await?;
+        let seg = switch_wal(&db).await?;
+        let kept = keep_segment(&lab, &src, &seg)?;
+        wait_archive_failure(&db, &seg, failed_before).await?;
+        let (_, last, _, _) = archiver_stats(&db).await?;
+        ensure!(
+            last.as_deref().is_some_and(|l| l < seg.as_str()),
+            "{lie:?}: PostgreSQL was told {seg} is archived (last archived {last:?})"
+        );
+        let after = lab.proxy.counts();
+        ensure!(
+            after != before,
+            "{lie:?}: the proxy told no lie ({after:?})"
+        );
+        let stored = lab.objects("wal/").await?;
+        ensure!(
+            !stored.keys().any(|k| k.contains(&seg)),
+            "{lie:?}: a copy of {seg} stays in the store after the failed upload: {stored:?}"
+        );
+        lab.proxy.truth();
+        // A new segment wakes the archiver, which retries and stores the truth.
+        let next = switch_wal(&db).await?;
+        wait_archived(&db, &next, Duration::from_secs(120))
+            .await
+            .with_context(|| src.log_tail())?;
+        fetch_is(&lab, &seg, &std::fs::read(&kept)?).await?;
+    }
+
+    // A short copy a writer left behind (it died before removing it): the header is intact and
+    // names the segment's sha256. A wal-push of the segment must not take it for the segment.
+    batch += 1;
+    data::write_batch(&db, batch).await?;
+    let seg = switch_wal(&db).await?;
+    let kept = keep_segment(&lab, &src, &seg)?;
+    wait_archived(&db, &seg, Duration::from_secs(60)).await?;
+    let stored_key = lab
+        .objects("wal/")
+        .await?
+        .into_keys()
+        .find(|k| k.ends_with(&format!("/{seg}")))
+        .with_context(|| format!("{seg} is not in the store"))?;
+    lab.cut(&stored_key, 200).await?;
+    let k = kept.to_string_lossy().into_owned();
+    let r = lab
+        .run(
+            Tool::Agent,
+            &["wal-push", &k, "--repo", &lab.url],
+            true,
+            &[],
+        )
+        .await?;
+    ensure!(r.success(), "wal-push over a short copy failed:\n{r}");
+    ensure!(
+        r.stderr.contains("damaged"),
+        "wal-push did not say the stored copy was damaged:\n{r}"
+    );
+    fetch_is(&lab, &seg, &std::fs::read(&kept)?).await?;
+
+    // Backups under each lie on their packs: the backup fails, no manifest is written, and no
+    // short pack is left behind.
+    for lie in [PutLie::Truncate { keep: 1000 }, PutLie::Drop] {
+        let before = lab.proxy.counts();
+        lab.proxy.lie_to_puts(lie, "/packs/", 1);
+        let r = lab.backup(&src, &[]).await?;
+        lab.proxy.truth();
+        ensure!(
+            lab.proxy.counts() != before,
+            "{lie:?}: the proxy told no lie to the backup"
+        );
+        ensure!(
+            !r.success(),
+            "{lie:?}: a backup over a lying store succeeded:\n{r}"
+        );
+        let manifests = lab.objects("backups/").await?;
+        ensure!(
+            manifests.is_empty(),
+            "{lie:?}: the failed backup wrote a manifest: {manifests:?}"
+        );
+        let packs = lab.objects("packs/").await?;
+        ensure!(
+            !packs.values().any(|s| *s == 1000),
+            "{lie:?}: a short pack stays in the store: {packs:?}"
+        );
+    }
+    let b1 = lab.backup_ok(&src).await?;
+    batch += 1;
+    data::write_batch(&db, batch).await?;
+    let last = switch_wal(&db).await?;
+    wait_archived(&db, &last, Duration::from_secs(60)).await?;
+    let server = lab
+        .restore_and_start("restored", &["--target", "latest"])
+        .await?;
+    assert_rows(&server, 1..=batch).await?;
+    let r = lab
+        .run(
+            Tool::Restore,
+            &["check", "--repo", &lab.url, "--read-data"],
+            false,
+            &[],
+        )
+        .await?;
+    ensure!(r.success(), "check after the lies failed:\n{r}");
+    eprintln!(
+        "lying-puts: backup {b1}; lies told {:?}",
+        lab.proxy.counts()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_gets_never_reach_pg_wal_or_a_restore_and_check_names_a_cut_pack() -> Result<()> {
+    let lab = Lab::start("lying-gets").await?;
+    let (src, db) = lab.source("src").await?;
+    data::write_batch(&db, 1).await?;
+    let b1 = lab.backup_ok(&src).await?;
+    data::write_batch(&db, 2).await?;
+    let seg = switch_wal(&db).await?;
+    let kept = keep_segment(&lab, &src, &seg)?;
+    wait_archived(&db, &seg, Duration::from_secs(60)).await?;
+
+    // wal-fetch of a short or empty answer: never 0 (a partial file) nor 1 (recovery would end
+    // early, taking it for the end of the archive), and nothing at %p.
+    for keep in [0usize, 100] {
+        let before = lab.proxy.counts();
+        lab.proxy.cut_gets(keep, &format!("/{seg}"), u64::MAX);
+        let dest = lab.dir.join(&format!("fetch-cut-{keep}"));
+        let d = dest.to_string_lossy().into_owned();
+        let r = lab
+            .run(
+                Tool::Restore,
+                &["wal-fetch", &seg, &d, "--repo", &lab.url],
+                true,
+                &[("TIDEMARK_FETCH_ATTEMPTS", "2")],
+            )
+            .await?;
+        lab.proxy.truth();
+        ensure!(
+            lab.proxy.counts().gets_cut > before.gets_cut,
+            "no GET was cut"
+        );
+        ensure!(
+            !r.success() && r.code() != Some(1),
+            "wal-fetch of a {keep}-byte answer exited {:?} (must be neither 0 nor 1):\n{r}",
+            r.code()
+        );
+        ensure!(
+            !dest.exists(),
+            "wal-fetch left a file at %p after a short read"
+        );
+    }
+    fetch_is(&lab, &seg, &std::fs::read(&kept)?).await?;
+
+    // A restore whose pack reads come back short fails and says so.
+    for keep in [0usize, 50] {
+        let before = lab.proxy.counts();
+        lab.proxy.cut_gets(keep, "/packs/", u64::MAX);
+        let pgdata = lab.dir.join(&format!("restore-cut-{keep}"));
+        let p = pgdata.to_string_lossy().into_owned();
+        let r = lab
+            .run(
+                Tool::Restore,
+                &[
+                    "restore", "--pgdata", &p, "--repo", &lab.url, "--target", "latest",
+                ],
+                true,
+                &[],
+            )
+            .await?;
+        lab.proxy.truth();
+        ensure!(
+            lab.proxy.counts().gets_cut > before.gets_cut,
+            "no pack read was cut"
+        );
+        ensure!(
+            !r.success(),
+            "a restore from short pack reads succeeded:\n{r}"
+        );
+        ensure!(
+            !pgdata.join("global/pg_control").exists(),
+            "a failed restore left pg_control (it must arrive last)"
+        );
+    }
+
+    // A pack of b1 cut behind tidemark's back: the next backup does not trust it for existing
+    // (it stores those chunks again), check --read-data names b1 and only b1.
+    let packs = lab.objects("packs/").await?;
+    let (victim, size) = packs
+        .iter()
+        .max_by_key(|(_, s)| **s)
+        .map(|(k, s)| (k.clone(), *s))
+        .context("b1 stored no pack")?;
+    lab.cut(&victim, (size / 2) as usize).await?;
+    data::write_batch(&db, 3).await?;
+    let b2 = lab.backup_ok(&src).await?;
+    let r = lab
+        .run(
+            Tool::Restore,
+            &["check", "--repo", &lab.url, "--read-data", "--json"],
+            false,
+            &[],
+        )
+        .await?;
+    ensure!(!r.success(), "check passed over a cut pack:\n{r}");
+    let report = r.json_document()?;
+    let problems = report["problems"]
+        .as_array()
+        .context("check --json printed no problems list")?;
+    let named: BTreeSet<String> = problems
+        .iter()
+        .flat_map(|p| p["backups"].as_array().cloned().unwrap_or_default())
+        .filter_map(|b| b.as_str().map(String::from))
+        .collect();
+    ensure!(
+        named == BTreeSet::from([b1.clone()]),
+        "check named {named:?}, want only {b1} (the backup using the cut pack; {b2} stored its chunks again): {report}"
+    );
+    ensure!(
+        problems.iter().any(|p| p["what"]
+            .as_str()
+            .is_some_and(|w| w.contains(victim.rsplit('/').next().unwrap_or("?")))),
+        "check did not name the cut pack {victim}: {report}"
+    );
+    let last = switch_wal(&db).await?;
+    wait_archived(&db, &last, Duration::from_secs(60)).await?;
+    let server = lab
+        .restore_and_start("restored-b2", &["--target", "latest", "--backup", &b2])
+        .await?;
+    assert_rows(&server, 1..=3).await?;
+    Ok(())
+}

@@ -1,5 +1,5 @@
 //! What a backup must know about garbage collection: a parent manifest is only trusted for
-//! deduplication where its packs still exist.
+//! deduplication where its packs still exist, at least as long as its chunks need.
 //!
 //! Invariant: a new backup never references a pack that was absent when it checked (a pack
 //! deleted out of band, or by an expire that ran before this backup's lease existed). The lease
@@ -12,17 +12,36 @@ use tidemark_format::manifest::{EntryKind, Manifest};
 use tidemark_format::{keys, PackId};
 
 /// Heads every pack of `parent`'s pack table and empties the chunk lists of files that name a
-/// missing one, so their chunks are read, compressed and stored again. Returns the missing packs.
+/// missing one, or one too short to hold the chunks the parent places in it (cut by the store:
+/// existence alone is not trusted), so their chunks are read, compressed and stored again.
+/// Returns the missing and short packs.
 pub async fn drop_missing_packs(store: &Store, parent: &mut Manifest) -> Result<Vec<PackId>> {
+    // The end of the last chunk the parent places in each pack: a pack is at least that long.
+    let mut needed = vec![0u64; parent.packs.len()];
+    for e in &parent.entries {
+        if let EntryKind::File(f) = &e.kind {
+            for c in &f.chunks {
+                if let Some(n) = needed.get_mut(c.pack as usize) {
+                    *n = (*n).max(c.offset + c.clen as u64);
+                }
+            }
+        }
+    }
     let mut missing = HashSet::new();
     for (i, p) in parent.packs.iter().enumerate() {
-        if store
+        let size = store
             .head(&keys::pack(p))
             .await
-            .with_context(|| format!("cannot check pack {p} of the parent backup"))?
-            .is_none()
-        {
-            missing.insert(i as u32);
+            .with_context(|| format!("cannot check pack {p} of the parent backup"))?;
+        match size {
+            None => {
+                missing.insert(i as u32);
+            }
+            Some(s) if s < needed[i] => {
+                tracing::warn!(pack = %p, size = s, needed = needed[i], parent = %parent.header.backup_id, "pack {p} of the parent backup is {s} bytes, too short for the {} its chunks need: it is damaged; its chunks are stored again\nhint: run 'tidemark-restore check --read-data' to see which backups it breaks", needed[i]);
+                missing.insert(i as u32);
+            }
+            Some(_) => {}
         }
     }
     if missing.is_empty() {

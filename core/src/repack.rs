@@ -18,7 +18,7 @@
 
 use crate::check::read_index;
 use crate::ranges;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use crate::testhooks::crash_point;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
@@ -285,8 +285,8 @@ async fn fetch_verified(
     .await?
 }
 
-/// Finishes a pack, stores it create-only ("already exists" is the same bytes) and records where
-/// each of its chunks came from.
+/// Finishes a pack, stores it create-only (an existing pack of that id is compared, and replaced
+/// when damaged) and records where each of its chunks came from.
 async fn seal(
     store: &Store,
     builder: PackBuilder,
@@ -294,8 +294,11 @@ async fn seal(
     out: &mut Relocation,
 ) -> Result<()> {
     let (id, bytes) = builder.finish();
-    match store.put_create(&keys::pack(&id), Bytes::from(bytes)).await {
-        Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+    match store
+        .put_content_addressed(&keys::pack(&id), Bytes::from(bytes))
+        .await
+    {
+        Ok(()) => {}
         Err(e) => return Err(anyhow!(e).context(format!("cannot store repacked pack {id}"))),
     }
     tracing::info!(pack = %id, chunks = filling.len(), "repacked pack stored");

@@ -3,6 +3,10 @@
 //! Invariants:
 //! - `put_create` returns `Ok` only once the object is durably stored, and fails with
 //!   [`StoreError::AlreadyExists`] (leaving the stored object untouched) when the key exists.
+//! - An object store's answer to a PUT is not trusted alone: a HEAD must show the size sent, and
+//!   a short object a create-only PUT made is removed before the write fails.
+//! - A content-addressed object found already stored is read back and compared, never trusted
+//!   for existing ([`Store::put_content_addressed`]).
 //! - Keys come from `tidemark_format::keys` only.
 //! - `file://` is served by [`LocalDir`], which writes temp → fsync → link (fails if the name
 //!   exists) → fsync directory, because object_store's LocalFileSystem does not fsync.
@@ -224,21 +228,26 @@ impl Store {
                 // A PUT answered 200 is not trusted by itself (a proxy or a store can lie, or
                 // store a short body): the stored size must be the size sent, or the write
                 // fails and is never acknowledged (the body's SHA-256 travelled with it).
-                let stored = store
-                    .head(&path)
-                    .await
-                    .map_err(|e| map_os_err(key, e))?
-                    .size;
-                if stored != len {
-                    return Err(StoreError::Io {
-                        key: key.to_string(),
-                        message: format!(
-                            "the store answered the upload with success but holds {stored} of the {len} bytes sent"
-                        ),
-                        retryable: false,
-                    });
+                match stored_size(store, &path, key).await? {
+                    Some(stored) if stored == len => Ok(()),
+                    Some(stored) => {
+                        // The create-only PUT succeeded, so the short object is this write's
+                        // own: remove it, or a retry would meet it and take it for the data.
+                        let removed = store.delete(&path).await.is_ok();
+                        Err(lied(
+                            key,
+                            &format!(
+                                "holds {stored} of the {len} bytes sent{}",
+                                if removed {
+                                    " (the short object was removed)"
+                                } else {
+                                    "; the short object could not be removed"
+                                }
+                            ),
+                        ))
+                    }
+                    None => Err(lied(key, "does not hold it")),
                 }
-                Ok(())
             }
         }
     }
@@ -253,15 +262,22 @@ impl Store {
                 let key = key.to_string();
                 blocking(move || l.put_replace(&key, &data)).await
             }
-            Backend::Object { store, prefix } => store
-                .put_opts(
-                    &obj_path(prefix, key),
-                    PutPayload::from_bytes(data),
-                    PutOptions::default(),
-                )
-                .await
-                .map(|_| ())
-                .map_err(|e| map_os_err(key, e)),
+            Backend::Object { store, prefix } => {
+                let len = data.len() as u64;
+                let path = obj_path(prefix, key);
+                store
+                    .put_opts(&path, PutPayload::from_bytes(data), PutOptions::default())
+                    .await
+                    .map_err(|e| map_os_err(key, e))?;
+                match stored_size(store, &path, key).await? {
+                    Some(stored) if stored == len => Ok(()),
+                    Some(stored) => Err(lied(
+                        key,
+                        &format!("holds {stored} of the {len} bytes sent"),
+                    )),
+                    None => Err(lied(key, "does not hold it")),
+                }
+            }
         }
     }
 
@@ -389,6 +405,33 @@ impl Store {
         }
     }
 
+    /// Stores a content-addressed object (its key names the hash of `data`, as a pack's does)
+    /// create-only. An object already under the key is never trusted for existing: it is read
+    /// back whole and compared with `data`, and one that differs (cut short or damaged by the
+    /// store, or left by a write that was never acknowledged) is replaced by `data`, which is
+    /// right by construction. `Ok` means the key holds exactly `data`, durably.
+    pub async fn put_content_addressed(&self, key: &str, data: Bytes) -> Result<()> {
+        match self.put_create(key, data.clone()).await {
+            Err(StoreError::AlreadyExists { .. }) => {}
+            r => return r,
+        }
+        let stored = match self.get(key, data.len() as u64).await {
+            Ok(b) if b == data => return Ok(()),
+            Ok(b) => format!(
+                "holds {} bytes that differ from the {} expected",
+                b.len(),
+                data.len()
+            ),
+            // Larger than the object it names, or not openable: damaged either way.
+            Err(e @ (StoreError::TooLarge { .. } | StoreError::Sealed { .. })) => e.to_string(),
+            // Deleted since (by an expire that condemned it): store it anew.
+            Err(e) if e.is_not_found() => return self.put_create(key, data).await,
+            Err(e) => return Err(e),
+        };
+        tracing::warn!(key, stored = %stored, hint = "the store lost or cut an earlier upload of this object, or it was altered; it is stored again whole; run 'tidemark-restore check --read-data' to find other damage", "stored object {key} is damaged; replacing it");
+        self.put_replace(key, data).await
+    }
+
     /// Checks that the store honours create-only writes: some S3-compatible servers silently
     /// overwrite instead, which would let a conflicting WAL segment replace an archived one.
     pub async fn probe_create_only(&self) -> Result<bool> {
@@ -457,6 +500,29 @@ impl Store {
     }
 }
 
+/// The size of the object at `path` as the store reports it now, `None` when it does not exist.
+async fn stored_size(
+    store: &Arc<dyn ObjectStore>,
+    path: &ObjPath,
+    key: &str,
+) -> Result<Option<u64>> {
+    match store.head(path).await.map_err(|e| map_os_err(key, e)) {
+        Ok(m) => Ok(Some(m.size)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A PUT answered with success that the store does not hold as sent: never acknowledged, and
+/// worth retrying (the object was not stored, or its short copy was removed).
+fn lied(key: &str, what: &str) -> StoreError {
+    StoreError::Io {
+        key: key.to_string(),
+        message: format!("the store answered the upload with success but {what}\nhint: the object store or a proxy in front of it lost or cut the upload; the write was not acknowledged and is safe to retry"),
+        retryable: true,
+    }
+}
+
 fn obj_path(prefix: &str, key: &str) -> ObjPath {
     if prefix.is_empty() {
         ObjPath::from(key)
@@ -505,6 +571,39 @@ mod tests {
         let l = store.list("a/").await.unwrap();
         assert_eq!(l.len(), 1);
         assert_eq!(l[0].key, "a/b/c");
+    }
+
+    #[tokio::test]
+    async fn a_content_addressed_object_is_compared_never_trusted_for_existing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("file://{}", dir.path().display())).unwrap();
+        let data = Bytes::from_static(b"the whole pack");
+        // A short copy left by an upload the store cut: replaced, not reused.
+        store
+            .put_create("packs/ab/x", data.slice(..4))
+            .await
+            .unwrap();
+        store
+            .put_content_addressed("packs/ab/x", data.clone())
+            .await
+            .unwrap();
+        assert_eq!(store.get("packs/ab/x", 100).await.unwrap(), data);
+        // The same bytes again: left as they are.
+        store
+            .put_content_addressed("packs/ab/x", data.clone())
+            .await
+            .unwrap();
+        assert_eq!(store.get("packs/ab/x", 100).await.unwrap(), data);
+        // A longer object under the key is damaged too.
+        store
+            .put_replace("packs/ab/y", Bytes::from_static(b"the whole pack and more"))
+            .await
+            .unwrap();
+        store
+            .put_content_addressed("packs/ab/y", data.clone())
+            .await
+            .unwrap();
+        assert_eq!(store.get("packs/ab/y", 100).await.unwrap(), data);
     }
 
     #[test]

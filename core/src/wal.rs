@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use tidemark_format::wal::{self as walfmt, WalFileName};
-use tidemark_format::{keys, ChunkId};
+use tidemark_format::{keys, ChunkId, FormatError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
@@ -37,8 +37,6 @@ pub enum PushOutcome {
 }
 
 /// Largest WAL object read back (a 1 GiB segment that did not compress, plus its header).
-/// Bytes read to get a stored WAL object's header (it is at most 8 + 1 + 4 + 64 + 8 + 32).
-const HEADER_READ: u64 = 128;
 pub const MAX_OBJECT: u64 = walfmt::MAX_WAL_FILE + (1 << 20);
 
 /// How `wal-push` tells which database system a file belongs to and whether a new one may join.
@@ -126,30 +124,69 @@ pub async fn push_file(
     let key = keys::wal(&name);
     let sha = header.sha256;
     let size = obj.len() as u64;
-    match store.put_create(&key, Bytes::from(obj)).await {
+    let obj = Bytes::from(obj);
+    match store.put_create(&key, obj.clone()).await {
         Ok(()) => Ok((PushOutcome::Stored(size), sha)),
         Err(StoreError::AlreadyExists { .. }) => {
-            // The header (with the sha256) sits in the first bytes of the object.
-            let stored_size = store.head(&key).await?.unwrap_or(0);
+            // The stored copy is read back whole and verified, never trusted for existing: an
+            // upload the store answered with success may have been stored short.
             let existing = store
-                .get_range(&key, 0..stored_size.min(HEADER_READ))
+                .get(&key, MAX_OBJECT)
                 .await
                 .with_context(|| format!("cannot read the stored copy of {name}"))?;
-            let (h, _) = walfmt::decode_header(&existing)
-                .with_context(|| format!("the stored copy of {name} is unreadable"))?;
-            if h.sha256 == sha {
-                Ok((PushOutcome::AlreadyArchived, sha))
-            } else {
-                Err(WalError::Conflict {
-                    name: name.to_string(),
-                    stored: h.sha256.to_string(),
-                    offered: sha.to_string(),
+            let stored = tokio::task::spawn_blocking(move || {
+                let full = walfmt::decode(&existing).map(|(h, _)| h.sha256);
+                (
+                    walfmt::decode_header(&existing).map(|(h, _)| h.sha256),
+                    full,
+                )
+            })
+            .await?;
+            match stored {
+                (_, Ok(s)) if s == sha => Ok(PushOutcome::AlreadyArchived),
+                (_, Ok(s)) => Err(conflict(&name, s, sha)),
+                // Damaged, and it claims this very content (its header names our sha256), or
+                // it is too short to claim anything: the copy given now is stored in its place.
+                (Ok(s), Err(e)) if s == sha => replace_damaged(store, &key, &name, obj, &e).await,
+                (Err(FormatError::Truncated { .. }), Err(e)) => {
+                    replace_damaged(store, &key, &name, obj, &e).await
                 }
-                .into())
+                (Ok(s), Err(_)) => Err(conflict(&name, s, sha)),
+                (Err(e), _) => Err(anyhow::Error::new(e)
+                    .context(format!("the stored copy of {name} is unreadable"))),
             }
+            .map(|o| (o, sha))
         }
         Err(e) => Err(e).with_context(|| format!("cannot store wal file {name}")),
     }
+}
+
+fn conflict(name: &WalFileName, stored: ChunkId, offered: ChunkId) -> anyhow::Error {
+    WalError::Conflict {
+        name: name.to_string(),
+        stored: stored.to_string(),
+        offered: offered.to_string(),
+    }
+    .into()
+}
+
+/// Replaces a stored copy of `name` that fails verification (`why`) but holds no other content
+/// than `obj`'s (its header names the same sha256, or it is too short to have a header): such a
+/// copy can serve no recovery, and `obj` is the file PostgreSQL gave now.
+async fn replace_damaged(
+    store: &Store,
+    key: &str,
+    name: &WalFileName,
+    obj: Bytes,
+    why: &FormatError,
+) -> Result<PushOutcome> {
+    tracing::warn!(wal = %name, error = %why, hint = "the store lost or cut an earlier upload of this file, or it was altered; it is stored again whole; run 'tidemark-restore check --read-data' to find other damage", "the stored copy of wal file {name} is damaged; replacing it");
+    let size = obj.len() as u64;
+    store
+        .put_replace(key, obj)
+        .await
+        .with_context(|| format!("cannot replace the damaged stored copy of {name}"))?;
+    Ok(PushOutcome::Stored(size))
 }
 
 /// Bytes of a WAL file read at a time while hashing and compressing it.

@@ -9,10 +9,10 @@
 //! - Every chunk is hashed and compared: nothing is trusted from file sizes or times.
 //! - A chunk is reused from the parent only at the same position of the same path, with the same
 //!   hash, and only from a pack that still exists (the session drops missing packs first).
-//! - Packs are stored create-only under the sha256 of their bytes, so a pack that already exists
-//!   holds the same bytes.
+//! - Packs are stored create-only under the sha256 of their bytes; a pack that already exists is
+//!   read back and compared, and replaced when it differs (`Store::put_content_addressed`).
 
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -434,12 +434,13 @@ async fn upload_packs(
         ids.insert(p.seq, (p.id, p.bytes.len() as u64));
         let store = store.clone();
         inflight.spawn(async move {
+            // A pack already stored under this id is read back and compared, never trusted
+            // for existing (an earlier upload may have been cut short).
             match store
-                .put_create(&keys::pack(&p.id), Bytes::from(p.bytes))
+                .put_content_addressed(&keys::pack(&p.id), Bytes::from(p.bytes))
                 .await
             {
-                // Same key means same content: pack ids are the sha256 of the pack bytes.
-                Ok(()) | Err(StoreError::AlreadyExists { .. }) => {
+                Ok(()) => {
                     crate::testhooks::crash_point("backup-mid-copy");
                     Ok(())
                 }
