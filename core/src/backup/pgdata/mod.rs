@@ -58,6 +58,9 @@ struct Pgdata<'a> {
     start_lsn: Lsn,
 }
 
+/// Why a backup whose SQL session ended before pg_backup_stop fails.
+const SESSION_LOST: &str = "the postgresql session that started the backup (pg_backup_start) was closed during the copy, so the server ended the backup\nhint: see the server log for why the session ended (pg_terminate_backend, a restart, a network cut), then rerun the backup";
+
 /// The non-exclusive start and stop calls of a major: PostgreSQL 15 renamed
 /// `pg_start_backup(label, fast, exclusive)` / `pg_stop_backup(exclusive, wait_for_archive)` to
 /// `pg_backup_start(label, fast)` / `pg_backup_stop(wait_for_archive)` and removed exclusive
@@ -139,7 +142,13 @@ impl Source for Pgdata<'_> {
         let _ = progress.await;
         let (parts, stored) = r?;
 
-        let row = self.client
+        // The server ends a non-exclusive backup with the session that started it: a session
+        // lost during the copy (terminated, server restarted, network cut) leaves nothing to
+        // stop, and the files copied are not a backup.
+        if self.client.is_closed() {
+            bail!(SESSION_LOST);
+        }
+        let stopped = self.client
             .query_one(
                 &format!(
                     "SELECT lsn::text, labelfile, spcmapfile, (extract(epoch from clock_timestamp()) * 1000000)::int8 FROM {}",
@@ -147,8 +156,12 @@ impl Source for Pgdata<'_> {
                 ),
                 &[],
             )
-            .await
-            .context("pg_backup_stop failed")?;
+            .await;
+        let row = match stopped {
+            Ok(row) => row,
+            Err(e) if e.is_closed() || self.client.is_closed() => bail!(SESSION_LOST),
+            Err(e) => return Err(e).context("pg_backup_stop failed"),
+        };
         let stop_lsn: Lsn = row.get::<_, String>(0).parse()?;
         let backup_label: String = row.get(1);
         let spcmap: Option<String> = row.get(2);
