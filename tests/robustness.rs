@@ -21,7 +21,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark_e2e::env::{tidemark, tidemark_killed_after, Run, Tool};
@@ -79,6 +79,7 @@ struct Stats {
     wal_push_kills: u64,
     restores_checked: u64,
     restores_killed: u64,
+    wal_fetch_kills: u64,
 }
 
 struct Engine {
@@ -592,8 +593,48 @@ impl Engine {
             std::fs::remove_dir_all(&killed_dir).ok();
         }
         self.restore_run(&pgdata, target, None).await?.ok()?;
-        let name = format!("restored-{}", self.restores);
-        let server = start_restored(&self.dir, &name, &pgdata).await?;
+        // Sometimes restore_command (wal-fetch, with its prefetch spool) is SIGKILLed during
+        // recovery: PostgreSQL stops (a signalled restore_command is fatal) and is started again.
+        let fetch_kills = Arc::new(AtomicU64::new(0));
+        let killer = self.rng.chance(30).then(|| {
+            let hits = fetch_kills.clone();
+            let pattern = format!("wal-fetch .*--repo {}", self.repo.url);
+            let pause = Duration::from_millis(100 + self.rng.below(700));
+            tokio::spawn(async move {
+                for _ in 0..40 {
+                    tokio::time::sleep(pause / 4).await;
+                    let hit = std::process::Command::new("pkill")
+                        .args(["-KILL", "-f", &pattern])
+                        .status()
+                        .is_ok_and(|st| st.success());
+                    if hit {
+                        if hits.fetch_add(1, Ordering::SeqCst) == 1 {
+                            break;
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            })
+        });
+        let mut attempt = 0;
+        let server = loop {
+            attempt += 1;
+            let name = format!("restored-{}-{attempt}", self.restores);
+            match start_restored(&self.dir, &name, &pgdata).await {
+                Ok(server) => break server,
+                Err(e) if killer.is_some() && attempt < 6 => {
+                    self.note(format!(
+                        "restored server stopped (wal-fetch killed), started again: {:.80}",
+                        format!("{e:#}").lines().next().unwrap_or("")
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if let Some(k) = killer {
+            k.abort();
+        }
+        self.stats.wal_fetch_kills += fetch_kills.load(Ordering::SeqCst);
         let db = server.client().await?;
         let got = Engine::digest(&db).await?;
         drop(db);
