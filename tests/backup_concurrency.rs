@@ -648,6 +648,12 @@ async fn standby_promoted_during_its_backup_is_not_finalized() -> Result<()> {
     replication::exec(&standby, "SELECT pg_reload_conf()").await?;
     data::write_batch(&db, 2).await?;
     replication::wait_caught_up(&src, &standby).await?;
+    // A standby is backed up over replication only: --pgdata refuses it.
+    let r = standby.backup_run(&repo, &[]).await?;
+    ensure!(
+        !r.success() && r.stderr.contains("the server is a standby"),
+        "backup --pgdata of a standby was not refused:\n{r}"
+    );
 
     let pause = Pause::new(&dir, "pause")?;
     let mut task = spawn_backup(
@@ -677,14 +683,7 @@ async fn standby_promoted_during_its_backup_is_not_finalized() -> Result<()> {
         replication::manifests(&repo)?.is_empty(),
         "a standby backup across a promotion was listed"
     );
-    eprintln!(
-        "standby backup across a promotion refused: {}",
-        run.stderr
-            .lines()
-            .rev()
-            .find(|l| !l.is_empty())
-            .unwrap_or("")
-    );
+    eprintln!("standby backup across a promotion refused:\n{}", run.stderr);
 
     // The promoted server is a primary now: backed up again, it restores row for row.
     let run = replication::backup(&standby, &repo, &[]).await?;
@@ -751,14 +750,7 @@ async fn terminated_session_leaves_no_backup_and_the_rerun_succeeds() -> Result<
         replication::manifests(&repo)?.is_empty(),
         "a backup whose session was terminated was listed"
     );
-    eprintln!(
-        "terminated session: {}",
-        run.stderr
-            .lines()
-            .rev()
-            .find(|l| !l.is_empty())
-            .unwrap_or("")
-    );
+    eprintln!("terminated session:\n{}", run.stderr);
     // The server ended the backup with the session: the rerun succeeds.
     let run = src.backup_run(&repo, &[]).await?;
     ensure!(
