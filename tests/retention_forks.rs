@@ -268,3 +268,174 @@ async fn pitr_forks_older_than_the_newest_backup_keep_a_usable_backup_and_its_wa
     );
     Ok(())
 }
+
+/// The archived WAL objects (key → bytes) of the repository, `.history` files included.
+fn wal_objects(repo: &Repo) -> Result<BTreeMap<String, Vec<u8>>> {
+    Ok(repo
+        .snapshot()?
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("wal/"))
+        .collect())
+}
+
+/// (c) A failover: the standby of a primary is promoted (timeline 2) and archives into the same
+/// repository; the old primary writes on (one batch archived on timeline 1, one left unarchived
+/// in its pg_wal) and is backed up there (the newest backup, on the abandoned branch). It is
+/// then rewound with pg_rewind onto the new primary and started as its standby with
+/// `archive_mode = always` into the same repository. Nothing it pushes changes a stored object
+/// of either timeline; `expire --retain-last 1` keeps B1 (timeline 1 before the switch, the
+/// only backup timeline 2 can use) and the WAL it needs; `latest` restores the new primary's rows
+/// and a promised moment of timeline 2 restores row for row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_primary_rewound_after_failover_disturbs_no_stored_wal() -> Result<()> {
+    use tidemark_e2e::cluster::{conf_quote, shell_word};
+    use tidemark_e2e::{env, replication, sidecar};
+
+    let (dir, repo, mut old, odb) = archiving_source("retention-forks-rewind").await?;
+    data::write_batch(&odb, 1).await?;
+    let b1 = old.backup_id(&repo).await?;
+    let mut new = replication::start_standby(&dir, "standby", &old).await?;
+    let agent = env::bins()?.agent;
+    let push = format!(
+        "{} wal-push --repo {} %p",
+        shell_word(&agent.to_string_lossy()),
+        shell_word(&repo.url)
+    );
+    new.append_conf(
+        "postgresql.conf",
+        &format!(
+            "\n# archives into the repository once promoted\narchive_command = {}\n",
+            conf_quote(&push)
+        ),
+    )?;
+    new.stop().await?;
+    new.start().await?;
+    data::write_batch(&odb, 2).await?;
+    replication::wait_caught_up(&old, &new).await?;
+
+    // Failover: the standby becomes the primary of timeline 2; the old primary writes on.
+    let ndb = new.client().await?;
+    ndb.execute("SELECT pg_promote(true, 60)", &[]).await?;
+    ensure!(
+        timeline(&ndb).await? == 2,
+        "the promoted standby is not on timeline 2"
+    );
+    repo.wait_for_wal("00000002.history", Duration::from_secs(60))
+        .await?;
+    data::write_batch(&odb, 90).await?;
+    old.switch_wal_and_wait(&repo).await?;
+    let b_old = old.backup_id(&repo).await?;
+    data::write_batch(&odb, 91).await?; // never archived: only in the old primary's pg_wal
+    let t3 = write_and_mark(&ndb, 3).await?;
+    data::write_batch(&ndb, 4).await?;
+    new.switch_wal_and_wait(&repo).await?;
+    drop(odb);
+    old.stop().await?;
+    let before = wal_objects(&repo)?;
+    ensure!(
+        before.keys().any(|k| k.starts_with("wal/00000001/"))
+            && before.keys().any(|k| k.starts_with("wal/00000002/")),
+        "the archive should hold both timelines: {:?}",
+        before.keys().collect::<Vec<_>>()
+    );
+
+    // pg_rewind the old primary onto the new one (the WAL it recycled fetched from the
+    // repository) and run it as a standby that archives too. Without prefetch: pg_rewind
+    // walks pg_wal while it runs the restore_command, and the default spool
+    // (pg_wal/.tidemark-prefetch) changes under it ("could not remove file").
+    let fetch = format!(
+        "{} wal-fetch %f %p --prefetch 0 --repo {}",
+        shell_word(&env::bins()?.restore.to_string_lossy()),
+        shell_word(&repo.url)
+    );
+    let restore_command = format!("\nrestore_command = {}\n", conf_quote(&fetch));
+    old.append_conf("postgresql.auto.conf", &restore_command)?;
+    let mut cmd = env::db_command(env::pg_bin("pg_rewind")?)?;
+    cmd.arg("--target-pgdata")
+        .arg(&old.data)
+        .arg(format!("--source-server={}", new.conninfo()))
+        .arg("--restore-target-wal")
+        .arg("--write-recovery-conf");
+    let r = env::run(cmd).await?;
+    ensure!(r.success(), "pg_rewind failed:\n{r}");
+    old.append_conf(
+        "postgresql.auto.conf",
+        &format!(
+            "\n# the rewound old primary: a standby of the new one, archiving too\n\
+             archive_mode = always\n\
+             archive_command = {}\n\
+             recovery_target_timeline = 'latest'\n",
+            conf_quote(&push)
+        ),
+    )?;
+    old.append_conf("postgresql.auto.conf", &restore_command)?;
+    old.start().await?;
+    data::write_batch(&ndb, 5).await?;
+    replication::wait_caught_up(&new, &old).await?;
+    let sdb = old.client().await?;
+    ensure!(
+        data::batch_counts(&sdb).await? == rows(&[1, 2, 3, 4, 5]),
+        "the rewound old primary does not follow the new primary"
+    );
+    // Segments the rewound server completes are archived by it as well as by the new primary.
+    let seg = new.switch_wal_and_wait(&repo).await?;
+    let mut archived = (0, None, 0, None);
+    for _ in 0..300 {
+        archived = sidecar::archiver_stats(&sdb).await?;
+        if archived.1.as_deref() >= Some(seg.as_str()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("the rewound old primary's archiver: {archived:?}");
+    ensure!(
+        archived.0 > 0,
+        "the rewound old primary archived nothing: {archived:?}\n{}",
+        old.log_tail()
+    );
+    let after = wal_objects(&repo)?;
+    for (k, v) in &before {
+        ensure!(
+            after.get(k) == Some(v),
+            "{k} was changed or removed while the rewound old primary archived"
+        );
+    }
+    eprintln!(
+        "objects added while the rewound old primary archived: {:?}",
+        after
+            .keys()
+            .filter(|k| !before.contains_key(*k))
+            .collect::<Vec<_>>()
+    );
+    drop(sdb);
+    old.stop().await?;
+
+    // Retention: B_old (the newest, on the abandoned branch) never stands alone.
+    data::write_batch(&ndb, 6).await?;
+    new.switch_wal_and_wait(&repo).await?;
+    let plan = expire(&repo, &["--retain-last", "1"]).await?;
+    let kept = kept_ids(&plan);
+    ensure!(
+        kept.contains(&b1),
+        "--retain-last 1 did not keep {b1}, the only backup timeline 2 can use (newest: {b_old}): {plan:#}"
+    );
+    ensure!(
+        plan["recoverable_from"].as_str() == stop_time_of(&plan, &b1).as_deref(),
+        "expire promises from {} rather than from {b1}'s stop: {plan:#}",
+        plan["recoverable_from"]
+    );
+    check_ok(&repo, "after expire --retain-last 1").await?;
+    let want = data::batch_counts(&ndb).await?;
+    ensure!(
+        want == rows(&[1, 2, 3, 4, 5, 6]),
+        "new primary rows: {want:?}"
+    );
+    let got = restore_counts(&dir, &repo, "r-latest", &["--target", "latest"]).await?;
+    ensure!(
+        got == want,
+        "restore latest gave {got:?}, want the new primary's {want:?}"
+    );
+    let got = restore_counts(&dir, &repo, "r-t3", &["--target-time", &t3]).await?;
+    ensure!(got == rows(&[1, 2, 3]), "restore to {t3} gave {got:?}");
+    Ok(())
+}
