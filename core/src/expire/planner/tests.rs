@@ -601,6 +601,66 @@ fn the_printed_plan() {
     assert!(render(&p).contains("bytes freed: 1710"));
 }
 
+/// Timeline 2 left timeline 1 between b1's and b2's stop (a PITR to a moment before b2): b2
+/// lies on the abandoned branch. Keeping the last 2 keeps b3 and b2 by the rule over all
+/// backups and b1 by the rule over the usable ones: b1's WAL stays and the window opens at its
+/// stop, not at b2's.
+#[test]
+fn a_fork_older_than_a_backup() {
+    let f = Fixture {
+        history: Some(History {
+            tli: 2,
+            ancestors: vec![crate::timeline::Ancestor {
+                tli: 1,
+                switch: Lsn((NOW - 40 * HOUR) as u64),
+            }],
+        }),
+        ..base()
+    };
+    let (p, w) = run(&f).expect("plan");
+    assert_eq!(
+        outcome(&f, &p, &w),
+        Outcome {
+            condemn: vec!["p5"],
+            waiting: 1,
+            keep_from: Some("0000000000000002"),
+            wal: vec!["000000010000000000000001"],
+            ..Default::default()
+        }
+    );
+    assert_eq!(
+        p.recoverable_from.as_deref(),
+        Some("2026-11-18T22:00:00.000000Z"),
+        "b1's stop"
+    );
+    let reasons = |id: &str| {
+        p.backups
+            .iter()
+            .find(|b| b.id == id)
+            .map(|b| b.reasons.join("; "))
+            .unwrap_or_default()
+    };
+    assert!(reasons("b2").contains("abandoned"), "{}", reasons("b2"));
+    assert!(
+        reasons("b1").contains("one of the last 2 among the backups the latest timeline can use"),
+        "{}",
+        reasons("b1")
+    );
+    // Only abandoned backups left: nothing is promised, and the plan says why.
+    let f = Fixture {
+        policy: last(1),
+        history: Some(History::root(3)),
+        ..base()
+    };
+    let (p, _) = run(&f).expect("plan");
+    assert_eq!(p.recoverable_from, None);
+    assert!(
+        render(&p).contains("no retained backup lies on the history of the latest timeline"),
+        "{}",
+        render(&p)
+    );
+}
+
 mod forks;
 mod window;
 
