@@ -371,6 +371,13 @@ fn spawn_pgbench(
     })
 }
 
+async fn history_rows(db: &Client) -> Result<i64> {
+    Ok(db
+        .query_one("SELECT count(*) FROM pgbench_history", &[])
+        .await?
+        .get(0))
+}
+
 async fn pgbench_across_the_backup(name: &str, source: Source) -> Result<()> {
     let (dir, repo, src, db) = tidemark_e2e::archiving_source(name).await?;
     pgbench(&src, &["-i", "-q", "-s", "2"]).await?;
@@ -378,10 +385,7 @@ async fn pgbench_across_the_backup(name: &str, source: Source) -> Result<()> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let bench = spawn_pgbench(&src, stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before: i64 = db
-        .query_one("SELECT count(*) FROM pgbench_history", &[])
-        .await?
-        .get(0);
+    let before = history_rows(&db).await?;
     let pause = Pause::new(&dir, "pause")?;
     let mut task = spawn_backup(
         &src,
@@ -393,7 +397,14 @@ async fn pgbench_across_the_backup(name: &str, source: Source) -> Result<()> {
     pause.reached(&mut task).await?;
     // Half the files are copied; pgbench rewrites pages of the other half meanwhile, and of the
     // first half after they were read.
+    let at_pause = history_rows(&db).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let at_release = history_rows(&db).await?;
+    ensure!(
+        at_release > at_pause + 100,
+        "pgbench committed only {} transactions while the backup was held mid-copy",
+        at_release - at_pause
+    );
     pause.release()?;
     let run = task.await??;
     let bench_alive = !bench.is_finished();
@@ -406,10 +417,7 @@ async fn pgbench_across_the_backup(name: &str, source: Source) -> Result<()> {
     );
     ensure!(bench_alive, "pgbench stopped before the backup finished");
     let id = backup_id(&run)?;
-    let during: i64 = db
-        .query_one("SELECT count(*) FROM pgbench_history", &[])
-        .await?
-        .get(0);
+    let during = history_rows(&db).await?;
     ensure!(
         during > before + 100,
         "pgbench wrote only {} transactions across the backup",
@@ -512,11 +520,12 @@ async fn failed_count(src: &PgCluster) -> Result<i64> {
         .get(0))
 }
 
-/// Wakes the archiver (it retries a failed segment only every minute by itself): a new segment
-/// to archive.
-async fn nudge_archiver(db: &Client, batch: i32) -> Result<()> {
-    data::write_batch(db, batch).await?;
-    db.batch_execute("SELECT pg_switch_wal()").await?;
+/// Wakes the archiver (it retries a failed segment only every minute by itself) with a new
+/// segment to archive, and waits until that segment, and so every one before it, is stored.
+async fn nudge_archiver(src: &PgCluster, repo: &Repo, batch: i32) -> Result<()> {
+    let db = src.client().await?;
+    data::write_batch(&db, batch).await?;
+    src.switch_wal_and_wait(repo).await?;
     Ok(())
 }
 
@@ -570,7 +579,7 @@ async fn archiving_blocked_at_stop_holds_the_manifest_back() -> Result<()> {
         "{stuck} is in the repository although archive_command failed"
     );
     std::fs::remove_file(&blocked)?;
-    nudge_archiver(&db, 3).await?;
+    nudge_archiver(&src, &repo, 3).await?;
     let run = task.await??;
     ensure!(
         run.success(),
@@ -609,7 +618,7 @@ async fn archiving_blocked_at_stop_holds_the_manifest_back() -> Result<()> {
         "a backup that timed out waiting for {stuck} was listed"
     );
     std::fs::remove_file(&blocked)?;
-    nudge_archiver(&db, 4).await?;
+    nudge_archiver(&src, &repo, 4).await?;
     let want = digest(&db, BATCH_DIGEST).await?;
     src.switch_wal_and_wait(&repo).await?;
     restore_exact(

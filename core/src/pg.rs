@@ -181,7 +181,14 @@ pub async fn connect(url: Option<&str>) -> Result<Client> {
     )?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
-            tracing::warn!(error = %e, "postgresql connection ended");
+            // tokio-postgres prints only "db error"; the server's message is in the source.
+            let mut why = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                why = format!("{why}: {c}");
+                cause = c.source();
+            }
+            tracing::warn!(error = %why, "postgresql connection ended");
         }
     });
     Ok(client)
