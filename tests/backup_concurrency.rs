@@ -752,7 +752,14 @@ async fn terminated_session_leaves_no_backup_and_the_rerun_succeeds() -> Result<
     pause.release()?;
     let run = task.await??;
     ensure!(
-        !run.success() && run.stderr.contains("session") && run.stderr.contains("hint:"),
+        !run.success()
+            && run
+                .stderr
+                .contains("session that started the backup (pg_backup_start) was closed")
+            && run
+                .stderr
+                .contains("terminating connection due to administrator command")
+            && run.stderr.contains("hint:"),
         "a backup whose session was terminated did not fail naming it:\n{run}"
     );
     ensure!(
