@@ -149,8 +149,8 @@ async fn ledger_write(db: &Client, rng: &mut Rng) -> Result<(String, Point)> {
             format!("INSERT INTO ledger (id, v, pad) SELECT g, 0, md5(g::text) FROM generate_series({next}, {}) g", next + n - 1)
         }
         5 => {
-            // A bulk insert: several WAL segments at once.
-            let n = 20_000 + rng.below(20_000) as i64;
+            // A bulk insert: megabytes of WAL in one commit.
+            let n = 5_000 + rng.below(10_000) as i64;
             format!("INSERT INTO ledger (id, v, pad) SELECT g, 0, repeat(md5(g::text), 4) FROM generate_series({next}, {}) g", next + n - 1)
         }
         6 | 7 => {
@@ -163,7 +163,7 @@ async fn ledger_write(db: &Client, rng: &mut Rng) -> Result<(String, Point)> {
         }
         8 => {
             let from = 1 + rng.below(next as u64) as i64;
-            let n = 1 + rng.below(100) as i64;
+            let n = 1 + rng.below(2_000) as i64;
             format!("DELETE FROM ledger WHERE id BETWEEN {from} AND {}", from + n)
         }
         // A rewrite: every file of the table is replaced; or a truncated side table.
@@ -396,7 +396,7 @@ impl Engine {
             grace,
         ];
         args.extend(policy.iter().map(String::as_str));
-        let kill_after = kill.then(|| Duration::from_millis(20 + self.rng.below(800)));
+        let kill_after = kill.then(|| Duration::from_millis(5 + self.rng.below(200)));
         let before = self.listed().await?;
         let run = tidemark_killed_after(Tool::Agent, &args, &[], kill_after).await?;
         let after = self.listed().await?;
