@@ -528,3 +528,161 @@ async fn short_gets_never_reach_pg_wal_or_a_restore_and_check_names_a_cut_pack()
     assert_rows(&server, 1..=3).await?;
     Ok(())
 }
+
+/// Sends `signal` (e.g. `STOP`, `CONT`) to the process group `pgid`.
+fn signal_group(signal: &str, pgid: u32) -> Result<()> {
+    let st = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), "--", &format!("-{pgid}")])
+        .status()
+        .context("cannot run kill")?;
+    ensure!(st.success(), "kill -{signal} -{pgid} failed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expire_stopped_past_its_lease_deletes_nothing_and_a_backup_meanwhile_is_whole(
+) -> Result<()> {
+    const TTL: &str = "3";
+    let lab = Lab::start("lying-sigstop").await?;
+    let (src, db) = lab.source("src").await?;
+    data::write_batch(&db, 1).await?;
+    let a = lab.backup_ok(&src).await?;
+    data::write_batch(&db, 2).await?;
+    let b = lab.backup_ok(&src).await?;
+
+    // The expire (keep the newest backup: a's manifest and packs are its work) stops at the
+    // hook before its first delete; there it is frozen with SIGSTOP, heartbeat and all.
+    let flag = lab.dir.write("expire-pause", b"")?;
+    let pause = format!("expire-before-delete:{}", flag.display());
+    // Started as the database user directly (not through runuser, which stops itself when its
+    // child stops and may miss the SIGCONT), in its own process group.
+    let mut cmd = tokio::process::Command::new(env::bins()?.agent);
+    let user = env::db_user()?;
+    if user.switch {
+        cmd.uid(user.uid).gid(user.gid);
+    }
+    cmd.env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd.args([
+        "expire",
+        "--repo",
+        &lab.url,
+        "--retain-last",
+        "1",
+        "--gc-grace",
+        "0s",
+    ]);
+    for (k, v) in &lab.direct {
+        cmd.env(k, v);
+    }
+    cmd.env("TIDEMARK_LEASE_TTL_SECS", TTL)
+        .env("TIDEMARK_TEST_PAUSE_AT", &pause)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(lab.dir.join("expire.stderr"))?)
+        .process_group(0);
+    let mut expire = cmd.spawn().context("cannot start expire")?;
+    let pgid = expire.id().context("expire has no pid")?;
+    let marker = std::path::PathBuf::from(format!("{}.paused", flag.display()));
+    let started = Instant::now();
+    while !marker.exists() {
+        ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "expire did not reach expire-before-delete"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal_group("STOP", pgid)?;
+    std::fs::remove_file(&flag)?;
+    let before = lab.objects("").await?;
+    ensure!(
+        before.contains_key(&format!("backups/{a}.manifest")),
+        "backup {a} has no manifest: {before:?}"
+    );
+
+    // Meanwhile a backup: it waits until the frozen expire's lease is stale, then runs whole.
+    data::write_batch(&db, 3).await?;
+    let backup_started = Instant::now();
+    let c = lab.backup_ok(&src).await;
+    let waited = backup_started.elapsed();
+    signal_group("CONT", pgid)?;
+    let status = tokio::time::timeout(Duration::from_secs(60), expire.wait()).await;
+    let stderr = std::fs::read_to_string(lab.dir.join("expire.stderr"))?;
+    let status = match status {
+        Ok(s) => s?,
+        Err(_) => {
+            let _ = signal_group("KILL", pgid);
+            bail!("the expire did not end within 60 s of SIGCONT:\n{stderr}");
+        }
+    };
+    let c = c?;
+    ensure!(
+        !status.success(),
+        "an expire frozen past its lease TTL went on (after a backup waited {waited:?}):\n{stderr}"
+    );
+    ensure!(
+        stderr.contains("lease") && stderr.contains("hint:"),
+        "the expire did not say it lost its lease:\n{stderr}"
+    );
+    eprintln!("lying-sigstop: the backup waited {waited:?} for the frozen expire's lease; the expire said:\n{stderr}");
+
+    // Nothing was deleted: every object of before is still there, bytes for bytes in size
+    // (lease objects aside: the backup's came and went).
+    let after = lab.objects("").await?;
+    let gone: Vec<&String> = before
+        .iter()
+        .filter(|(k, s)| !k.starts_with("locks/") && after.get(*k) != Some(*s))
+        .map(|(k, _)| k)
+        .collect();
+    ensure!(
+        gone.is_empty(),
+        "the frozen expire deleted or changed {gone:?}"
+    );
+    for id in [&a, &b, &c] {
+        ensure!(
+            after.contains_key(&format!("backups/{id}.manifest")),
+            "backup {id} has no manifest after the frozen expire"
+        );
+    }
+    let r = lab
+        .run(
+            Tool::Restore,
+            &["check", "--repo", &lab.url, "--read-data"],
+            false,
+            &[],
+        )
+        .await?;
+    ensure!(r.success(), "check after the frozen expire failed:\n{r}");
+    let last = switch_wal(&db).await?;
+    wait_archived(&db, &last, Duration::from_secs(60)).await?;
+    let server = lab
+        .restore_and_start("restored-c", &["--target", "latest", "--backup", &c])
+        .await?;
+    assert_rows(&server, 1..=3).await?;
+
+    // The frozen run had work: a rerun does it (a's manifest goes).
+    let r = lab
+        .run(
+            Tool::Agent,
+            &[
+                "expire",
+                "--repo",
+                &lab.url,
+                "--retain-last",
+                "1",
+                "--gc-grace",
+                "0s",
+            ],
+            false,
+            &[("TIDEMARK_LEASE_TTL_SECS", TTL)],
+        )
+        .await?;
+    ensure!(r.success(), "expire after the frozen one failed:\n{r}");
+    let left = lab.objects("backups/").await?;
+    ensure!(
+        !left.contains_key(&format!("backups/{a}.manifest")),
+        "the rerun kept {a}: the frozen expire had nothing to delete, so the test proved nothing"
+    );
+    Ok(())
+}

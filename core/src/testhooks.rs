@@ -10,7 +10,9 @@
 //!   say the step is reached; the test removes `<path>` to let the process go on. Steps:
 //!   `backup-mid-copy` (a `--pgdata` backup once half its files are taken, every worker waiting
 //!   before its next file; a replication backup once half the server's size estimate has been
-//!   streamed, the stream left unread meanwhile, so the server waits too).
+//!   streamed, the stream left unread meanwhile, so the server waits too); `expire-before-delete`
+//!   (an expire holding its lease, its plan made, before its first delete: a test stops it there
+//!   with SIGSTOP past the lease TTL).
 //! - `TIDEMARK_TEST_GET_DELAY_MS=<ms>`: [`get_delay`] sleeps before each WAL object read, so a
 //!   test can observe prefetch racing a slow store.
 

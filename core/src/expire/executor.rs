@@ -176,6 +176,7 @@ pub(super) async fn execute(
     let leases = planner::judge_leases(&other_leases(store, Some(&own), now).await?)?;
     crash_point("leased");
     let (plan, work) = plan_now(store, opts, now, leases).await?;
+    crate::testhooks::pause_point_async("expire-before-delete").await;
     let mut g = Guard {
         lease: held,
         since_confirm: 0,
