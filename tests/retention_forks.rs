@@ -137,8 +137,9 @@ async fn timeline(db: &tokio_postgres::Client) -> Result<i32> {
 /// (a) backup B1, writes, backup B2, writes, PITR to a moment between B1 and B2: timeline 2
 /// forks before B2, which now lies on the abandoned branch. (b) a backup B3 on timeline 2, then a
 /// second PITR to a moment of timeline 2 before B3: timeline 3. After each fork, `expire
-/// --retain-window 1s` and `--retain-last 1` keep B1 (the only backup the latest timeline can
-/// use), promise from its stop, and `latest` and promised moments restore row for row.
+/// --retain-window 1s`, `--retain-last 2 --retain-wal-window 1s` and `--retain-last 1` keep B1
+/// (the only backup the latest timeline can use), promise from its stop, and `latest` and
+/// promised moments restore row for row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pitr_forks_older_than_the_newest_backup_keep_a_usable_backup_and_its_wal() -> Result<()> {
     let (dir, repo, mut src, db) = archiving_source("retention-forks-pitr").await?;
@@ -167,7 +168,13 @@ async fn pitr_forks_older_than_the_newest_backup_keep_a_usable_backup_and_its_wa
     data::write_batch(&db, 6).await?;
     tl2.switch_wal_and_wait(&repo).await?;
 
-    for policy in [&["--retain-window", "1s"][..], &["--retain-last", "1"][..]] {
+    for policy in [
+        &["--retain-window", "1s"][..],
+        // A WAL window's anchor: B1, never the abandoned B2 (its start would cut the WAL B1
+        // needs to reach the fork).
+        &["--retain-last", "2", "--retain-wal-window", "1s"][..],
+        &["--retain-last", "1"][..],
+    ] {
         let plan = expire(&repo, policy).await?;
         let kept = kept_ids(&plan);
         ensure!(
@@ -215,7 +222,13 @@ async fn pitr_forks_older_than_the_newest_backup_keep_a_usable_backup_and_its_wa
     let t8 = write_and_mark(&db, 8).await?;
     data::write_batch(&db, 9).await?;
     tl3.switch_wal_and_wait(&repo).await?;
-    for policy in [&["--retain-window", "1s"][..], &["--retain-last", "1"][..]] {
+    for policy in [
+        &["--retain-window", "1s"][..],
+        // A WAL window's anchor: B1, never the abandoned B2 (its start would cut the WAL B1
+        // needs to reach the fork).
+        &["--retain-last", "2", "--retain-wal-window", "1s"][..],
+        &["--retain-last", "1"][..],
+    ] {
         let plan = expire(&repo, policy).await?;
         let kept = kept_ids(&plan);
         ensure!(
