@@ -686,3 +686,165 @@ async fn expire_stopped_past_its_lease_deletes_nothing_and_a_backup_meanwhile_is
     );
     Ok(())
 }
+
+/// The pack keys moto holds.
+async fn packs(lab: &Lab) -> Result<BTreeSet<String>> {
+    Ok(lab.objects("packs/").await?.into_keys().collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versioned_bucket_and_lagging_list_delete_nothing_younger_than_the_grace() -> Result<()> {
+    const LAG: Duration = Duration::from_secs(10);
+    const GRACE: Duration = Duration::from_secs(30);
+    let lab = Lab::start("lying-lag").await?;
+    lab.s3("versioning", "", b"").await?;
+    let (src, db) = lab.source("src").await?;
+    let expire = |tag: &'static str| {
+        let lab = &lab;
+        async move {
+            let r = lab
+                .run(
+                    Tool::Agent,
+                    &[
+                        "expire",
+                        "--repo",
+                        &lab.url,
+                        "--retain-last",
+                        "1",
+                        "--gc-grace",
+                        "30s",
+                    ],
+                    true,
+                    &[],
+                )
+                .await?;
+            ensure!(r.success(), "expire {tag} failed:\n{r}");
+            Ok::<_, anyhow::Error>(r)
+        }
+    };
+    data::write_batch(&db, 1).await?;
+    let a = lab.backup_ok(&src).await?;
+    data::write_batch(&db, 2).await?;
+    let b = lab.backup_ok(&src).await?;
+    // A backup killed after its first pack: orphans nothing references.
+    let before_c = packs(&lab).await?;
+    let r = lab
+        .backup(&src, &[("TIDEMARK_TEST_CRASH_AT", "backup-mid-copy")])
+        .await?;
+    ensure!(
+        r.code() == Some(99),
+        "the backup was not killed mid-copy:\n{r}"
+    );
+    let orphans: BTreeSet<String> = packs(&lab).await?.difference(&before_c).cloned().collect();
+    ensure!(!orphans.is_empty(), "the killed backup left no pack");
+
+    // LIST now lags 10 s behind PUT. An expire right away: nothing is deleted (the orphans are
+    // hidden or younger than the grace).
+    lab.proxy.lag_lists(Some(LAG));
+    let all = packs(&lab).await?;
+    expire("right after the killed backup").await?;
+    ensure!(
+        lab.proxy.counts().list_hidden > 0,
+        "the lagging LIST hid nothing"
+    );
+    let now = packs(&lab).await?;
+    ensure!(
+        now == all,
+        "an expire right after the writes deleted packs: {:?}",
+        all.difference(&now).collect::<Vec<_>>()
+    );
+    // Once the lag has passed: a is removed, its packs and the orphans condemned, none deleted.
+    tokio::time::sleep(LAG + Duration::from_secs(1)).await;
+    expire("after the lag").await?;
+    let condemned_at = Instant::now();
+    let now = packs(&lab).await?;
+    ensure!(
+        now == all,
+        "packs younger than the {GRACE:?} grace were deleted: {:?}",
+        all.difference(&now).collect::<Vec<_>>()
+    );
+    let manifests = lab.objects("backups/").await?;
+    ensure!(
+        !manifests.contains_key(&format!("backups/{a}.manifest"))
+            && manifests.contains_key(&format!("backups/{b}.manifest")),
+        "retain-last 1 should keep {b} only: {manifests:?}"
+    );
+    let versions = String::from_utf8(lab.s3("versions", "backups/", b"").await?)?;
+    ensure!(
+        versions
+            .lines()
+            .any(|l| l == format!("{PREFIX}/backups/{a}.manifest marker")),
+        "the versioned bucket holds no delete marker for {a}'s manifest:\n{versions}"
+    );
+    // A new backup d, and right after it (d hidden by the lag) an expire past the grace: the
+    // condemned packs go, d's are not even seen.
+    if let Some(left) = GRACE.checked_sub(condemned_at.elapsed()) {
+        tokio::time::sleep(left + Duration::from_secs(1)).await;
+    }
+    data::write_batch(&db, 3).await?;
+    let d = lab.backup_ok(&src).await?;
+    let with_d = packs(&lab).await?;
+    let d_new: BTreeSet<String> = with_d.difference(&all).cloned().collect();
+    let hidden_before = lab.proxy.counts().list_hidden;
+    expire("past the grace, right after a backup").await?;
+    let after = packs(&lab).await?;
+    let deleted: BTreeSet<String> = with_d.difference(&after).cloned().collect();
+    ensure!(
+        orphans.is_subset(&deleted),
+        "orphans of the killed backup still there past the grace: {:?}",
+        orphans.difference(&deleted).collect::<Vec<_>>()
+    );
+    ensure!(
+        d_new.is_subset(&after),
+        "packs of {d}, written {:?} ago at most, were deleted",
+        LAG
+    );
+    let versions = String::from_utf8(lab.s3("versions", "packs/", b"").await?)?;
+    for p in &orphans {
+        ensure!(
+            versions
+                .lines()
+                .any(|l| l == format!("{PREFIX}/{p} marker")),
+            "no delete marker for the collected pack {p}"
+        );
+    }
+    eprintln!(
+        "lying-lag: {} packs collected ({} orphans), LIST hid {} objects (+{} in the last expire)",
+        deleted.len(),
+        orphans.len(),
+        lab.proxy.counts().list_hidden,
+        lab.proxy.counts().list_hidden - hidden_before
+    );
+
+    // The catalog is consistent and every kept backup restores row for row.
+    tokio::time::sleep(LAG).await;
+    let r = lab
+        .run(
+            Tool::Restore,
+            &["check", "--repo", &lab.url, "--read-data"],
+            true,
+            &[],
+        )
+        .await?;
+    ensure!(r.success(), "check after the expires failed:\n{r}");
+    let kept: BTreeSet<String> = lab.objects("backups/").await?.into_keys().collect();
+    ensure!(
+        kept == BTreeSet::from([
+            format!("backups/{b}.manifest"),
+            format!("backups/{d}.manifest")
+        ]),
+        "kept manifests {kept:?}, want {b} and {d}"
+    );
+    let server = lab
+        .restore_and_start("restored-b", &["--target", "immediate", "--backup", &b])
+        .await?;
+    assert_rows(&server, 1..=2).await?;
+    drop(server);
+    let last = switch_wal(&db).await?;
+    wait_archived(&db, &last, Duration::from_secs(60)).await?;
+    let server = lab
+        .restore_and_start("restored-d", &["--target", "latest", "--backup", &d])
+        .await?;
+    assert_rows(&server, 1..=3).await?;
+    Ok(())
+}
