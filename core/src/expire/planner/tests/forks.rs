@@ -356,10 +356,22 @@ fn random_histories_with_forks_keep_every_promised_point_restorable() {
         Err(_) => (1..=600).collect(),
     };
     let (mut forks_before_a_backup, mut windows) = (0, 0);
+    let (mut twice_from_one_parent, mut from_an_abandoned_branch) = (0, 0);
     for seed in &seeds {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let h = generate(&mut rng);
         let followed = h.history();
+        let parents: Vec<u32> = h.tls.iter().filter_map(|t| t.parent).collect();
+        if parents
+            .iter()
+            .any(|p| parents.iter().filter(|q| *q == p).count() > 1)
+        {
+            twice_from_one_parent += 1;
+        }
+        let path: Vec<u32> = h.path().iter().map(|t| t.tli).collect();
+        if parents.iter().any(|p| !path.contains(p)) {
+            from_an_abandoned_branch += 1;
+        }
         if h.backups
             .iter()
             .any(|b| !followed.contains(b.tli, Lsn(b.stop)))
@@ -383,6 +395,10 @@ fn random_histories_with_forks_keep_every_promised_point_restorable() {
             }
         }
     }
+    eprintln!(
+        "{} histories: {forks_before_a_backup} with a fork older than a backup, {twice_from_one_parent} forked twice from one parent, {from_an_abandoned_branch} forked from an abandoned branch; {windows} plans with a WAL window",
+        seeds.len()
+    );
     // The property is not vacuous: many histories have backups on abandoned branches.
     if seeds.len() > 1 {
         assert!(
@@ -390,5 +406,13 @@ fn random_histories_with_forks_keep_every_promised_point_restorable() {
             "{forks_before_a_backup}"
         );
         assert!(windows > seeds.len() / 2, "{windows}");
+        assert!(
+            twice_from_one_parent > seeds.len() / 10,
+            "{twice_from_one_parent}"
+        );
+        assert!(
+            from_an_abandoned_branch > seeds.len() / 20,
+            "{from_an_abandoned_branch}"
+        );
     }
 }
