@@ -526,6 +526,44 @@ async fn short_gets_never_reach_pg_wal_or_a_restore_and_check_names_a_cut_pack()
         .restore_and_start("restored-b2", &["--target", "latest", "--backup", &b2])
         .await?;
     assert_rows(&server, 1..=3).await?;
+
+    // A WAL object cut behind tidemark's back (the segment after b1, before b2): check
+    // --read-data finds it and names b1 (its recovery replays it), not b2.
+    let wal_key = lab
+        .objects("wal/")
+        .await?
+        .into_keys()
+        .find(|k| k.ends_with(&format!("/{seg}")))
+        .with_context(|| format!("{seg} is not in the store"))?;
+    lab.cut(&wal_key, 300).await?;
+    let r = lab
+        .run(
+            Tool::Restore,
+            &["check", "--repo", &lab.url, "--read-data", "--json"],
+            false,
+            &[],
+        )
+        .await?;
+    ensure!(!r.success(), "check passed over a cut wal object:\n{r}");
+    let report = r.json_document()?;
+    let found = report["problems"]
+        .as_array()
+        .context("check --json printed no problems list")?
+        .iter()
+        .find(|p| {
+            p["what"]
+                .as_str()
+                .is_some_and(|w| w.contains(seg.as_str()) && w.contains("damaged"))
+        })
+        .with_context(|| format!("check did not report the cut wal object {seg}: {report}"))?;
+    let named: BTreeSet<&str> = found["backups"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|b| b.as_str()).collect())
+        .unwrap_or_default();
+    ensure!(
+        named.contains(b1.as_str()) && !named.contains(b2.as_str()),
+        "the cut wal object {seg} should name {b1} and not {b2}: {found}"
+    );
     Ok(())
 }
 

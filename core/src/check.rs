@@ -1,9 +1,9 @@
 //! Repository consistency check (`tidemark-restore check`): every chunk a manifest references is
-//! in its pack's index at the recorded place (with `read_data`, also decompresses to its id), every
-//! backup has its WAL from start to stop, and the archive has no gap from each backup's start to the
-//! end of its timeline but the gaps a WAL window leaves on purpose (`window::narrowed`: from a
-//! backup's stop segment to a later backup's start segment). Problems name the backups and the
-//! points in time they affect.
+//! in its pack's index at the recorded place (with `read_data`, also decompresses to its id, and
+//! every archived WAL object is read and verified), every backup has its WAL from start to stop,
+//! and the archive has no gap from each backup's start to the end of its timeline but the gaps a
+//! WAL window leaves on purpose (`window::narrowed`: from a backup's stop segment to a later
+//! backup's start segment). Problems name the backups and the points in time they affect.
 
 use crate::repo;
 use crate::store::Store;
@@ -144,7 +144,7 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
             }
         }
     }
-    check_wal(store, &headers, &mut report).await?;
+    check_wal(store, &headers, &mut report, read_data).await?;
     Ok(report)
 }
 
@@ -179,8 +179,12 @@ async fn check_wal(
     store: &Store,
     headers: &[tidemark_format::manifest::ManifestHeader],
     report: &mut CheckReport,
+    read_data: bool,
 ) -> Result<()> {
-    let archive = crate::archive::Archive::list(store).await?;
+    let mut archive = crate::archive::Archive::list(store).await?;
+    if read_data {
+        read_wal(store, headers, &mut archive, report).await?;
+    }
     report.wal_segments = archive
         .files
         .keys()
@@ -218,6 +222,58 @@ async fn check_wal(
                 backups: vec![h.backup_id.clone()],
                 what: format!("timeline {tl} has a gap at wal segment {g}: backup {} recovers only to points before that segment", h.backup_id),
             });
+        }
+    }
+    Ok(())
+}
+
+/// With `--read-data`: reads every archived WAL object whole and verifies it (size and sha256
+/// against its header). A damaged one is reported, naming the backups whose recovery would replay
+/// it (same timeline, starting at or before it), and left out of `archive`, so the checks that
+/// follow see it as missing.
+async fn read_wal(
+    store: &Store,
+    headers: &[tidemark_format::manifest::ManifestHeader],
+    archive: &mut crate::archive::Archive,
+    report: &mut CheckReport,
+) -> Result<()> {
+    let seg_size = archive.seg_size.unwrap_or(16 << 20);
+    let mut damaged = Vec::new();
+    for (&tl, files) in &archive.files {
+        for name in files.keys() {
+            let verdict = match crate::wal::get_object(store, name).await {
+                Ok(obj) => {
+                    let n = *name;
+                    tokio::task::spawn_blocking(move || {
+                        tidemark_format::wal::decode(&obj)
+                            .map_err(anyhow::Error::from)
+                            .and_then(|(h, _)| {
+                                anyhow::ensure!(h.name == n, "the object holds {}", h.name);
+                                Ok(())
+                            })
+                    })
+                    .await?
+                }
+                Err(e) => Err(e),
+            };
+            let Err(e) = verdict else { continue };
+            let seg = name.segment_number(seg_size);
+            let mut backups: Vec<String> = headers
+                .iter()
+                .filter(|h| h.timeline.0 == tl && seg.is_none_or(|s| h.start_lsn.0 / seg_size <= s))
+                .map(|h| h.backup_id.clone())
+                .collect();
+            backups.sort();
+            report.problems.push(Problem {
+                backups,
+                what: format!("archived wal file {name} is damaged: {e:#}\nhint: a recovery replaying it fails there; if PostgreSQL still has the file in pg_wal, move the damaged object aside and run 'tidemark-agent wal-push' on it; otherwise take a new backup"),
+            });
+            damaged.push((tl, *name));
+        }
+    }
+    for (tl, name) in damaged {
+        if let Some(f) = archive.files.get_mut(&tl) {
+            f.remove(&name);
         }
     }
     Ok(())
