@@ -349,11 +349,11 @@ async fn old_primary_rewound_after_failover_disturbs_no_stored_wal() -> Result<(
     );
 
     // pg_rewind the old primary onto the new one (the WAL it recycled fetched from the
-    // repository) and run it as a standby that archives too. Without prefetch: pg_rewind
-    // walks pg_wal while it runs the restore_command, and the default spool
-    // (pg_wal/.tidemark-prefetch) changes under it ("could not remove file").
+    // repository) and run it as a standby that archives too. The restore_command is the one a
+    // restore writes (prefetch on): pg_rewind walks pg_wal while it runs it, so wal-fetch must
+    // not spool there for it ("could not remove file" before it knew).
     let fetch = format!(
-        "{} wal-fetch %f %p --prefetch 0 --repo {}",
+        "{} wal-fetch %f %p --repo {}",
         shell_word(&env::bins()?.restore.to_string_lossy()),
         shell_word(&repo.url)
     );

@@ -29,7 +29,8 @@ pub struct Args {
     /// Segments fetched ahead in parallel into the spool (0 turns prefetch off)
     #[arg(long, env = "TIDEMARK_PREFETCH", default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=64))]
     prefetch: u32,
-    /// Prefetch spool directory (default: .tidemark-prefetch beside the destination, i.e. in pg_wal)
+    /// Prefetch spool directory (default: .tidemark-prefetch beside the destination, i.e. in pg_wal;
+    /// without it, prefetch runs only when PostgreSQL's startup process asks, not for pg_rewind)
     #[arg(long, env = "TIDEMARK_SPOOL_DIR")]
     spool_dir: Option<PathBuf>,
     /// Most stored (compressed) bytes the spool holds
@@ -99,7 +100,15 @@ pub async fn run(a: Args) -> ExitCode {
             return ExitCode::from(cli::EXIT_ABORT_RECOVERY);
         }
     };
-    let prefetch = (a.prefetch > 0).then(|| Prefetch {
+    // PostgreSQL's startup process restores into pg_wal/RECOVERYXLOG (RECOVERYHISTORY for a
+    // history file). Any other caller, such as pg_rewind --restore-target-wal, which writes the
+    // file under its own name while it walks pg_wal, gets a plain fetch unless a spool directory
+    // was named: a spool in pg_wal must not change under a program listing it.
+    let startup = a
+        .dest
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("RECOVERY"));
+    let prefetch = (a.prefetch > 0 && (startup || a.spool_dir.is_some())).then(|| Prefetch {
         depth: a.prefetch as usize,
         spool: a.spool_dir.clone().unwrap_or_else(|| {
             a.dest
