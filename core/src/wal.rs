@@ -423,6 +423,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stored_copy_is_verified_whole_never_trusted_for_existing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, seg) = cluster(dir.path(), "a", 7003, 15, 0xD110);
+        let s = store(dir.path());
+        let opts = PushOptions::default();
+        let key = "wal/00000001/000000010000000000000001";
+        push(&s, &seg, 1, &opts).await.unwrap();
+        let whole = s.get(key, MAX_OBJECT).await.unwrap();
+        assert_eq!(
+            push(&s, &seg, 1, &opts).await.unwrap(),
+            PushOutcome::AlreadyArchived
+        );
+        let (_, h_end) = walfmt::decode_header(&whole).unwrap();
+        // Cut copies of this very file (header intact, or too short for one): replaced whole.
+        for keep in [whole.len() - 10, h_end + 5, 10, 0] {
+            s.put_replace(key, whole.slice(..keep)).await.unwrap();
+            let out = push(&s, &seg, 1, &opts).await.unwrap();
+            assert!(matches!(out, PushOutcome::Stored(_)), "{keep}: {out:?}");
+            assert_eq!(s.get(key, MAX_OBJECT).await.unwrap(), whole, "{keep}");
+        }
+        // A whole copy of other content is a conflict, and stays.
+        let mut other = std::fs::read(&seg).unwrap();
+        other[100] ^= 1;
+        let other_path = dir.path().join("other/000000010000000000000001");
+        std::fs::create_dir_all(other_path.parent().unwrap()).unwrap();
+        std::fs::write(&other_path, &other).unwrap();
+        let e = push(&s, &other_path, 1, &opts).await.unwrap_err();
+        assert!(e.downcast_ref::<WalError>().is_some(), "{e:#}");
+        assert_eq!(s.get(key, MAX_OBJECT).await.unwrap(), whole);
+        // A cut copy of other content is refused too: which file is right cannot be told.
+        s.put_replace(key, whole.slice(..h_end + 1)).await.unwrap();
+        assert!(push(&s, &other_path, 1, &opts).await.is_err());
+        assert_eq!(s.get(key, MAX_OBJECT).await.unwrap().len(), h_end + 1);
+    }
+
+    #[tokio::test]
     async fn an_unknown_major_is_archived_not_refused() {
         let dir = tempfile::tempdir().unwrap();
         // 0xD1F0: a page magic no PostgreSQL release tidemark knows has used.
