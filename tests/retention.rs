@@ -13,24 +13,12 @@ use std::path::Path;
 use std::time::Duration;
 use tidemark_e2e::data::{self, BATCH_ROWS};
 use tidemark_e2e::env::give_to_db_user;
+use tidemark_e2e::rng::Rng;
 use tidemark_e2e::{start_restored, tidemark, PgCluster, Repo, TestDir, Tool};
 
 const GAP: Duration = Duration::from_millis(150);
 
 /// A small deterministic generator (xorshift64*), so a failing seed can be replayed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 fn expected(last: i32) -> BTreeMap<i32, i64> {
     (1..=last).map(|b| (b, BATCH_ROWS)).collect()
 }
@@ -96,24 +84,6 @@ fn kept_ids(plan: &Value) -> Vec<String> {
         .filter(|b| b["action"] == "keep")
         .filter_map(|b| b["id"].as_str().map(str::to_string))
         .collect()
-}
-
-/// Restores `repo` to `target` args and returns the per-batch row counts of the result.
-async fn restore_counts(
-    dir: &TestDir,
-    repo: &Repo,
-    name: &str,
-    target: &[&str],
-) -> Result<BTreeMap<i32, i64>> {
-    let pgdata = dir.join(name);
-    repo.restore(&pgdata, target).await?.ok()?;
-    let server = start_restored(dir, &format!("{name}-server"), &pgdata).await?;
-    let db = server.client().await?;
-    let counts = data::batch_counts(&db).await?;
-    drop(db);
-    drop(server);
-    std::fs::remove_dir_all(&pgdata).ok();
-    Ok(counts)
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
@@ -360,10 +330,14 @@ async fn random_sequence(seed: u64) -> Result<()> {
         picks.push(promised[1 + rng.below(promised.len() as u64 - 1) as usize]);
     }
     for (i, (t, rows)) in picks.iter().enumerate() {
-        let counts = restore_counts(&dir, &repo, &format!("r{i}"), &["--target-time", t]).await?;
+        let counts = repo
+            .restore_counts(&dir, &format!("r{i}"), &["--target-time", t])
+            .await?;
         ensure!(&counts == rows, "seed {seed}: restore to {t} (promised from {from}) gave {counts:?}, want {rows:?}; steps {log:?}");
     }
-    let counts = restore_counts(&dir, &repo, "rlatest", &["--target", "latest"]).await?;
+    let counts = repo
+        .restore_counts(&dir, "rlatest", &["--target", "latest"])
+        .await?;
     ensure!(
         counts == model,
         "seed {seed}: restore to latest gave {counts:?}, want {model:?}; steps {log:?}"
@@ -500,7 +474,9 @@ async fn expire_during_a_backup_leaves_the_backup_whole() -> Result<()> {
         "no WAL before the retained backup was deleted: {plan:#}"
     );
     check_ok(&repo, "after the second expire").await?;
-    let counts = restore_counts(&dir, &repo, "r", &["--target", "latest"]).await?;
+    let counts = repo
+        .restore_counts(&dir, "r", &["--target", "latest"])
+        .await?;
     ensure!(
         counts == expected(3),
         "restore after expire during backup gave {counts:?}"
@@ -619,7 +595,9 @@ async fn expire_killed_at_every_step_then_rerun() -> Result<()> {
         path: dir.join("crash-pack"),
         url: format!("file://{}", dir.join("crash-pack").display()),
     };
-    let counts = restore_counts(&dir, &crashed, "r", &["--target", "latest"]).await?;
+    let counts = crashed
+        .restore_counts(&dir, "r", &["--target", "latest"])
+        .await?;
     ensure!(
         counts == expected(3),
         "restore after crash + rerun gave {counts:?}"
@@ -667,7 +645,9 @@ async fn pack_deleted_out_of_band_is_reported_and_stored_again() -> Result<()> {
         );
     }
     src.switch_wal_and_wait(&repo).await?;
-    let counts = restore_counts(&dir, &repo, "r", &["--target", "latest"]).await?;
+    let counts = repo
+        .restore_counts(&dir, "r", &["--target", "latest"])
+        .await?;
     ensure!(
         counts == expected(2),
         "restore of the backup after the loss gave {counts:?}"

@@ -83,24 +83,6 @@ async fn check_ok(repo: &Repo, when: &str) -> Result<()> {
     Ok(())
 }
 
-/// Restores `repo` with `target` args and returns the per-batch row counts of the result.
-async fn restore_counts(
-    dir: &TestDir,
-    repo: &Repo,
-    name: &str,
-    target: &[&str],
-) -> Result<BTreeMap<i32, i64>> {
-    let pgdata = dir.join(name);
-    repo.restore(&pgdata, target).await?.ok()?;
-    let server = start_restored(dir, &format!("{name}-server"), &pgdata).await?;
-    let db = server.client().await?;
-    let counts = data::batch_counts(&db).await?;
-    drop(db);
-    drop(server);
-    std::fs::remove_dir_all(&pgdata).ok();
-    Ok(counts)
-}
-
 /// A PITR to `t` that becomes the new primary: restored, promoted (a new timeline), archiving
 /// into the same repository, its `.history` pushed (promotion happened with archiving off).
 async fn fork_at(dir: &TestDir, repo: &Repo, name: &str, t: &str) -> Result<PgCluster> {
@@ -195,7 +177,7 @@ async fn pitr_forks_older_than_the_newest_backup_keep_a_usable_backup_and_its_wa
         ("a-t5", vec!["--target-time", &t5], rows(&[1, 2, 5])),
         ("a-latest", vec!["--target", "latest"], rows(&[1, 2, 5, 6])),
     ] {
-        let got = restore_counts(&dir, &repo, name, &target).await?;
+        let got = repo.restore_counts(&dir, name, &target).await?;
         ensure!(
             got == want,
             "restore {target:?} after the first fork gave {got:?}, want {want:?}"
@@ -252,7 +234,7 @@ async fn pitr_forks_older_than_the_newest_backup_keep_a_usable_backup_and_its_wa
             rows(&[1, 2, 5, 8, 9]),
         ),
     ] {
-        let got = restore_counts(&dir, &repo, name, &target).await?;
+        let got = repo.restore_counts(&dir, name, &target).await?;
         ensure!(
             got == want,
             "restore {target:?} after the second fork gave {got:?}, want {want:?}"
@@ -270,7 +252,9 @@ async fn pitr_forks_older_than_the_newest_backup_keep_a_usable_backup_and_its_wa
         "with {b4} the newest backup and on timeline 3, --retain-last 1 should keep it alone ({b1}, {b2} and {b3} go): {plan:#}"
     );
     check_ok(&repo, "after the new backup's expire").await?;
-    let got = restore_counts(&dir, &repo, "c-latest", &["--target", "latest"]).await?;
+    let got = repo
+        .restore_counts(&dir, "c-latest", &["--target", "latest"])
+        .await?;
     ensure!(
         got == rows(&[1, 2, 5, 8, 9, 10]),
         "restore latest from {b4} gave {got:?}"
@@ -439,12 +423,16 @@ async fn old_primary_rewound_after_failover_disturbs_no_stored_wal() -> Result<(
         want == rows(&[1, 2, 3, 4, 5, 6]),
         "new primary rows: {want:?}"
     );
-    let got = restore_counts(&dir, &repo, "r-latest", &["--target", "latest"]).await?;
+    let got = repo
+        .restore_counts(&dir, "r-latest", &["--target", "latest"])
+        .await?;
     ensure!(
         got == want,
         "restore latest gave {got:?}, want the new primary's {want:?}"
     );
-    let got = restore_counts(&dir, &repo, "r-t3", &["--target-time", &t3]).await?;
+    let got = repo
+        .restore_counts(&dir, "r-t3", &["--target-time", &t3])
+        .await?;
     ensure!(got == rows(&[1, 2, 3]), "restore to {t3} gave {got:?}");
     Ok(())
 }

@@ -25,29 +25,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark_e2e::env::{tidemark, tidemark_killed_after, Run, Tool};
+use tidemark_e2e::rng::Rng;
 use tidemark_e2e::sidecar::{start_handoff_archiving, Sidecar, SidecarConfig};
 use tidemark_e2e::{start_restored, PgCluster, Repo, TestDir};
 use tokio_postgres::Client;
 
 const DEFAULT_SEED: u64 = 0x5eed_0015;
 const DEFAULT_STEPS: u64 = 40;
-
-/// xorshift64*: small, seeded, good enough to pick operations.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 /// What the ledger held: row count, sum of ids, sum of versions, md5 over every row in id order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -307,7 +291,7 @@ impl Engine {
         let before = self.listed().await?;
         // Ledger writes go on while the backup copies (torn pages, files replaced under it).
         let writer = self.src.client().await?;
-        let mut wrng = Rng(self.rng.next() | 1);
+        let mut wrng = Rng(self.rng.next_u64() | 1);
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let load = tokio::spawn(async move {

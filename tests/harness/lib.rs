@@ -13,6 +13,7 @@ pub mod faults;
 pub mod lying;
 pub mod replication;
 pub mod repo;
+pub mod rng;
 pub mod s3echo;
 pub mod sidecar;
 

@@ -1,8 +1,11 @@
 //! A `file://` tidemark repository inside a test's scratch directory, and direct access to its
 //! objects (the layout of format-spec's `keys`) for tests that inspect or damage them.
 
+use crate::cluster::start_restored;
+use crate::data;
 use crate::env::{self, TestDir};
 use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -98,6 +101,25 @@ impl Repo {
         args.extend_from_slice(target);
         args.push("--json");
         env::restore(&args).await
+    }
+
+    /// Restores into `<scratch>/<name>` with `target` args, starts the result, and returns its
+    /// rows per batch ([`data::batch_counts`]); the server and its directory are removed after.
+    pub async fn restore_counts(
+        &self,
+        dir: &TestDir,
+        name: &str,
+        target: &[&str],
+    ) -> Result<BTreeMap<i32, i64>> {
+        let pgdata = dir.join(name);
+        self.restore(&pgdata, target).await?.ok()?;
+        let server = start_restored(dir, &format!("{name}-server"), &pgdata).await?;
+        let db = server.client().await?;
+        let counts = data::batch_counts(&db).await?;
+        drop(db);
+        drop(server);
+        std::fs::remove_dir_all(&pgdata).ok();
+        Ok(counts)
     }
 
     /// `tidemark-restore verify --repo <url> --target latest --scratch <scratch> <args>` as the
