@@ -761,6 +761,25 @@ async fn versioned_bucket_and_lagging_list_delete_nothing_younger_than_the_grace
         }
     };
     data::write_batch(&db, 1).await?;
+    // In the versioned bucket, a WAL upload stored short: the writer's delete of its own short
+    // object leaves a delete marker, and the retry's create-only PUT still succeeds over it.
+    let (_, _, failed_before, _) = archiver_stats(&db).await?;
+    lab.proxy
+        .lie_to_puts(PutLie::Truncate { keep: 100 }, "/wal/", 1);
+    let seg = switch_wal(&db).await?;
+    let kept = keep_segment(&lab, &src, &seg)?;
+    wait_archive_failure(&db, &seg, failed_before).await?;
+    lab.proxy.truth();
+    let next = switch_wal(&db).await?;
+    wait_archived(&db, &next, Duration::from_secs(120)).await?;
+    fetch_is(&lab, &seg, &std::fs::read(&kept)?).await?;
+    let versions = String::from_utf8(lab.s3("versions", "wal/", b"").await?)?;
+    ensure!(
+        versions
+            .lines()
+            .any(|l| l.ends_with(&format!("/{seg} marker"))),
+        "no delete marker for the short copy of {seg}:\n{versions}"
+    );
     let a = lab.backup_ok(&src).await?;
     data::write_batch(&db, 2).await?;
     let b = lab.backup_ok(&src).await?;
