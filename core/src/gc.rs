@@ -5,7 +5,7 @@
 //! deleted out of band, or by an expire that ran before this backup's lease existed). The lease
 //! protocol (FORMAT.md section 16) covers packs deleted after the check.
 
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use anyhow::{Context, Result};
 use std::collections::HashSet;
 use tidemark_format::manifest::{EntryKind, Manifest};
@@ -29,10 +29,11 @@ pub async fn drop_missing_packs(store: &Store, parent: &mut Manifest) -> Result<
     }
     let mut missing = HashSet::new();
     for (i, p) in parent.packs.iter().enumerate() {
-        let size = store
-            .head(&keys::pack(p))
-            .await
-            .with_context(|| format!("cannot check pack {p} of the parent backup"))?;
+        let size = match store.head(&keys::pack(p)).await {
+            // A sealed pack whose stored length no sealed object can have: cut.
+            Err(StoreError::Sealed { .. }) => Some(0),
+            r => r.with_context(|| format!("cannot check pack {p} of the parent backup"))?,
+        };
         match size {
             None => {
                 missing.insert(i as u32);
