@@ -300,11 +300,21 @@ async fn wait_for_wal(
     for segno in first..=last {
         let name = WalFileName::segment_of(tli, Lsn(segno * seg_size), seg_size);
         let key = keys::wal(&name);
+        // Existence is not enough: a stored copy is read back whole and verified (a wal-push
+        // killed between a cut upload and its cleanup leaves a short copy, which the archiver's
+        // retry replaces, FORMAT.md W4), so a backup is never finalized over a damaged segment.
+        let mut damaged = None;
         loop {
             if store.head(&key).await?.is_some() {
-                break;
+                match crate::wal::verify_stored(store, &key).await {
+                    Ok(()) => break,
+                    Err(e) => damaged = Some(e),
+                }
             }
             if Instant::now() > deadline {
+                if let Some(e) = damaged {
+                    bail!("wal segment {name} needed by this backup is stored damaged after {}s: {e:#}\nhint: the archiver's next wal-push of it replaces a cut copy; check the server log for archiver errors and the object store", timeout.as_secs());
+                }
                 bail!("wal segment {name} needed by this backup was not archived within {}s\nhint: check that archive_command is 'tidemark-agent wal-push %p' with the same --repo, and the server log for archiver errors", timeout.as_secs());
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
