@@ -1,3 +1,5 @@
+//! Over 500 lines because its table tests live beside the code; the rules are about 230.
+//!
 //! The retention plan: which backups a policy keeps, and why. Pure: `now` is an argument.
 //!
 //! Invariants:

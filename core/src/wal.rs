@@ -1,8 +1,11 @@
+//! Over 500 lines because its unit tests (the push contract case by case) live beside the code.
+//!
 //! Archiving and fetching WAL files: the archive_command and restore_command contracts.
 //!
 //! Invariants:
-//! - `push` returns `Ok` only once the object is durably stored; an existing object with the same
-//!   sha256 is success, one with a different sha256 is [`WalError::Conflict`] and stays untouched.
+//! - `push` returns `Ok` only once the object is durably stored; an existing object is read back
+//!   whole: the same content is success, other content is [`WalError::Conflict`] and stays
+//!   untouched, a cut copy of this very file is replaced (FORMAT.md W4).
 //! - A segment is stored only if its page header's system identifier matches the repository's.
 //! - `fetch` distinguishes "not in the archive" from every other failure: only the first may end
 //!   recovery.
