@@ -14,8 +14,10 @@ use tidemark_format::manifest::EntryKind;
 use tidemark_format::pack::{self, PackEntry};
 use tidemark_format::{chunk, keys, ChunkId, PackId};
 
-/// Where a chunk sits and which backups reference it, per pack.
-type PackRefs = HashMap<PackId, HashMap<(ChunkId, u64, u32, u32), HashSet<String>>>;
+/// Where a chunk sits and which backups reference it (ascending indexes into the readable
+/// backups, not their ids: this map has an entry per distinct chunk reference, so its size is
+/// what `check` needs per chunk), per pack.
+type PackRefs = HashMap<PackId, HashMap<(ChunkId, u64, u32, u32), Vec<u32>>>;
 
 #[derive(Serialize, Default)]
 pub struct CheckReport {
@@ -52,7 +54,8 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
     let headers = all.readable;
     // pack id -> (chunk id, offset, clen, ulen) -> backups referencing it
     let mut refs: PackRefs = HashMap::new();
-    for h in &headers {
+    for (bi, h) in headers.iter().enumerate() {
+        let bi = u32::try_from(bi).context("more than 2^32 backups")?;
         let m = match repo::load_manifest(store, &h.backup_id).await {
             Ok(m) => m,
             Err(e)
@@ -73,11 +76,15 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
         for e in &m.entries {
             if let EntryKind::File(f) = &e.kind {
                 for c in &f.chunks {
-                    refs.entry(m.packs[c.pack as usize])
+                    let by = refs
+                        .entry(m.packs[c.pack as usize])
                         .or_default()
                         .entry((c.id, c.offset, c.clen, c.ulen))
-                        .or_default()
-                        .insert(h.backup_id.clone());
+                        .or_default();
+                    // Backups are visited in order, so the list stays sorted and unique.
+                    if by.last() != Some(&bi) {
+                        by.push(bi);
+                    }
                 }
             }
         }
@@ -87,15 +94,8 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
         report.packs_checked += 1;
         let key = keys::pack(pid);
         let all_backups = || -> Vec<String> {
-            let mut b: Vec<String> = chunks
-                .values()
-                .flatten()
-                .cloned()
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .collect();
-            b.sort();
-            b
+            let b: HashSet<u32> = chunks.values().flatten().copied().collect();
+            names(&headers, b.iter())
         };
         let index = match read_index(store, &key).await {
             Ok(ix) => ix,
@@ -115,7 +115,7 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
                 .is_some_and(|e| e.id == *id && e.clen == *clen && e.ulen == *ulen);
             if !ok {
                 report.problems.push(Problem {
-                    backups: sorted(backups),
+                    backups: names(&headers, backups.iter()),
                     what: format!("chunk {id} is not in pack {pid} at offset {offset}"),
                 });
                 continue;
@@ -137,7 +137,7 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
                 });
                 if let Err(e) = verdict {
                     report.problems.push(Problem {
-                        backups: sorted(backups),
+                        backups: names(&headers, backups.iter()),
                         what: format!("chunk {id} in pack {pid} is damaged: {e:#}"),
                     });
                 }
@@ -148,8 +148,15 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
     Ok(report)
 }
 
-fn sorted(s: &HashSet<String>) -> Vec<String> {
-    let mut v: Vec<String> = s.iter().cloned().collect();
+/// The ids of the backups at indexes `ix` of `headers`, sorted.
+fn names<'a>(
+    headers: &[tidemark_format::manifest::ManifestHeader],
+    ix: impl Iterator<Item = &'a u32>,
+) -> Vec<String> {
+    let mut v: Vec<String> = ix
+        .filter_map(|i| headers.get(*i as usize))
+        .map(|h| h.backup_id.clone())
+        .collect();
     v.sort();
     v
 }
