@@ -6,58 +6,25 @@
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
-use std::process::Stdio;
 use tidemark_e2e::sidecar::Moto;
 use tidemark_e2e::{tidemark, Tool};
 use tidemark_format::config::{RepoConfig, COMPRESSION_ZSTD};
 use tidemark_format::lock::{Lease, LeaseKind};
 use tidemark_format::{keys, PackId, SystemId};
-use tokio::io::AsyncWriteExt;
 
 const BUCKET: &str = "tidemark-leases";
 const PREFIX: &str = "repo";
 
-/// One S3 call through boto3 (installed with moto): `put` (body from stdin), `delete`, or `list`
-/// (keys below a prefix, one per line). Keys are relative to [`PREFIX`].
+/// One S3 call (`put`, `delete`, or `list`: the keys below a prefix) with keys relative to
+/// [`PREFIX`], through [`Moto::s3`].
 async fn s3(moto: &Moto, op: &str, key: &str, body: &[u8]) -> Result<Vec<String>> {
-    const SCRIPT: &str = r#"
-import boto3, sys
-c = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test',
-                 aws_secret_access_key='test', region_name='us-east-1')
-op, bucket, key = sys.argv[2:5]
-if op == 'put':
-    c.put_object(Bucket=bucket, Key=key, Body=sys.stdin.buffer.read())
-elif op == 'delete':
-    c.delete_object(Bucket=bucket, Key=key)
-else:
-    for page in c.get_paginator('list_objects_v2').paginate(Bucket=bucket, Prefix=key):
-        for o in page.get('Contents', []):
-            print(o['Key'])
-"#;
-    let full = format!("{PREFIX}/{key}");
-    let mut child = tokio::process::Command::new("python3")
-        .args(["-c", SCRIPT, &moto.endpoint, op, BUCKET, &full])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("python3 with boto3 (installed with moto) is needed")?;
-    let mut stdin = child.stdin.take().context("stdin")?;
-    stdin.write_all(body).await?;
-    drop(stdin);
-    let out = child.wait_with_output().await?;
-    ensure!(
-        out.status.success(),
-        "s3 {op} {full} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout)
+    let out = moto
+        .s3(op, BUCKET, &format!("{PREFIX}/{key}"), body)
+        .await?;
+    Ok(String::from_utf8_lossy(&out)
         .lines()
-        .map(|l| {
-            l.strip_prefix(&format!("{PREFIX}/"))
-                .unwrap_or(l)
-                .to_string()
-        })
+        .filter_map(|l| l.split(' ').next())
+        .filter_map(|k| k.strip_prefix(&format!("{PREFIX}/")).map(str::to_string))
         .collect())
 }
 

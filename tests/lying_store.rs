@@ -23,7 +23,6 @@ use tidemark_e2e::sidecar::{
     wait_archived, Moto,
 };
 use tidemark_e2e::{start_restored, PgCluster, TestDir, Tool};
-use tokio::io::AsyncWriteExt;
 
 const PREFIX: &str = "repo";
 
@@ -132,52 +131,12 @@ impl Lab {
             .to_string())
     }
 
-    /// One S3 call straight to moto through boto3: `list` (lines `key size`, below `key`),
-    /// `get` (the body), `put` (body from `body`), `versioning` (turns it on),
-    /// `versions` (lines `key version-id` of every version and delete marker below `key`).
-    /// Keys are relative to the repository prefix.
+    /// One S3 call straight to moto ([`Moto::s3`]), with keys relative to the repository
+    /// prefix.
     async fn s3(&self, op: &str, key: &str, body: &[u8]) -> Result<Vec<u8>> {
-        const SCRIPT: &str = r#"
-import boto3, sys
-c = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test',
-                 aws_secret_access_key='test', region_name='us-east-1')
-op, bucket, key = sys.argv[2:5]
-out = sys.stdout.buffer
-if op == 'put':
-    c.put_object(Bucket=bucket, Key=key, Body=sys.stdin.buffer.read())
-elif op == 'get':
-    out.write(c.get_object(Bucket=bucket, Key=key)['Body'].read())
-elif op == 'versioning':
-    c.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={'Status': 'Enabled'})
-elif op == 'versions':
-    for page in c.get_paginator('list_object_versions').paginate(Bucket=bucket, Prefix=key):
-        for v in page.get('Versions', []):
-            out.write(f"{v['Key']} version\n".encode())
-        for m in page.get('DeleteMarkers', []):
-            out.write(f"{m['Key']} marker\n".encode())
-else:
-    for page in c.get_paginator('list_objects_v2').paginate(Bucket=bucket, Prefix=key):
-        for o in page.get('Contents', []):
-            out.write(f"{o['Key']} {o['Size']}\n".encode())
-"#;
-        let full = format!("{PREFIX}/{key}");
-        let mut child = tokio::process::Command::new("python3")
-            .args(["-c", SCRIPT, &self.moto.endpoint, op, &self.bucket, &full])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("python3 with boto3 (installed with moto) is needed\nhint: run scripts/install-deps.sh")?;
-        let mut stdin = child.stdin.take().context("stdin")?;
-        stdin.write_all(body).await?;
-        drop(stdin);
-        let out = child.wait_with_output().await?;
-        ensure!(
-            out.status.success(),
-            "s3 {op} {full} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(out.stdout)
+        self.moto
+            .s3(op, &self.bucket, &format!("{PREFIX}/{key}"), body)
+            .await
     }
 
     /// The objects below `prefix` as moto holds them: key (relative to the repository) → size.

@@ -403,6 +403,58 @@ pub struct Moto {
 }
 
 impl Moto {
+    /// One S3 call straight to this server through boto3 (installed with moto), past any proxy:
+    /// `put` (the body), `get` (returns the body), `delete`, `list` (lines `key size` below
+    /// `key`), `versioning` (turns it on for the bucket), `versions` (lines `key version` and
+    /// `key marker` for every version and delete marker below `key`).
+    pub async fn s3(&self, op: &str, bucket: &str, key: &str, body: &[u8]) -> Result<Vec<u8>> {
+        const SCRIPT: &str = r#"
+import boto3, sys
+c = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test',
+                 aws_secret_access_key='test', region_name='us-east-1')
+op, bucket, key = sys.argv[2:5]
+out = sys.stdout.buffer
+if op == 'put':
+    c.put_object(Bucket=bucket, Key=key, Body=sys.stdin.buffer.read())
+elif op == 'get':
+    out.write(c.get_object(Bucket=bucket, Key=key)['Body'].read())
+elif op == 'delete':
+    c.delete_object(Bucket=bucket, Key=key)
+elif op == 'versioning':
+    c.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={'Status': 'Enabled'})
+elif op == 'versions':
+    for page in c.get_paginator('list_object_versions').paginate(Bucket=bucket, Prefix=key):
+        for v in page.get('Versions', []):
+            out.write(f"{v['Key']} version\n".encode())
+        for m in page.get('DeleteMarkers', []):
+            out.write(f"{m['Key']} marker\n".encode())
+elif op == 'list':
+    for page in c.get_paginator('list_objects_v2').paginate(Bucket=bucket, Prefix=key):
+        for o in page.get('Contents', []):
+            out.write(f"{o['Key']} {o['Size']}\n".encode())
+else:
+    sys.exit(f"unknown op {op}")
+"#;
+        let mut child = tokio::process::Command::new("python3")
+            .args(["-c", SCRIPT, &self.endpoint, op, bucket, key])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("python3 with boto3 (installed with moto) is needed\nhint: run scripts/install-deps.sh")?;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        tokio::io::AsyncWriteExt::write_all(&mut stdin, body).await?;
+        drop(stdin);
+        let out = child.wait_with_output().await?;
+        if !out.status.success() {
+            bail!(
+                "s3 {op} {bucket}/{key} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(out.stdout)
+    }
+
     pub async fn start(bucket: &str) -> Result<Moto> {
         let port = env::free_port()?;
         let child = std::process::Command::new("moto_server")
