@@ -248,21 +248,7 @@ async fn read_wal(
     let mut damaged = Vec::new();
     for (&tl, files) in &archive.files {
         for name in files.keys() {
-            let verdict = match crate::wal::get_object(store, name).await {
-                Ok(obj) => {
-                    let n = *name;
-                    tokio::task::spawn_blocking(move || {
-                        tidemark_format::wal::decode(&obj)
-                            .map_err(anyhow::Error::from)
-                            .and_then(|(h, _)| {
-                                anyhow::ensure!(h.name == n, "the object holds {}", h.name);
-                                Ok(())
-                            })
-                    })
-                    .await?
-                }
-                Err(e) => Err(e),
-            };
+            let verdict = crate::wal::verify_stored(store, name).await;
             let Err(e) = verdict else { continue };
             let seg = name.segment_number(seg_size);
             let mut backups: Vec<String> = headers

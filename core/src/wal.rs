@@ -346,14 +346,19 @@ pub fn write_file(data: &[u8], dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Reads the WAL object at `key` whole and checks that it decodes to its recorded size and
-/// sha256: existence alone is never taken for a stored file (a cut upload keeps its name).
-pub async fn verify_stored(store: &Store, key: &str) -> Result<()> {
-    let obj = store.get(key, MAX_OBJECT).await?;
-    tokio::task::spawn_blocking(move || walfmt::decode(&obj).map(|_| ()))
-        .await
-        .context("the WAL check task failed")??;
-    Ok(())
+/// Reads the stored object of `name` whole and checks that it decodes to its recorded size and
+/// sha256 under its own name: existence alone is never taken for a stored file (a cut upload
+/// keeps its name).
+pub async fn verify_stored(store: &Store, name: &WalFileName) -> Result<()> {
+    let obj = get_object(store, name).await?;
+    let n = *name;
+    tokio::task::spawn_blocking(move || {
+        let (h, _) = walfmt::decode(&obj)?;
+        anyhow::ensure!(h.name == n, "the object holds {}", h.name);
+        Ok(())
+    })
+    .await
+    .context("the WAL check task failed")?
 }
 
 #[cfg(test)]
@@ -442,6 +447,7 @@ mod tests {
         let s = store(dir.path());
         let opts = PushOptions::default();
         let key = "wal/00000001/000000010000000000000001";
+        let wal_name = WalFileName::parse("000000010000000000000001").unwrap();
         push(&s, &seg, 1, &opts).await.unwrap();
         let whole = s.get(key, MAX_OBJECT).await.unwrap();
         assert_eq!(
@@ -449,12 +455,12 @@ mod tests {
             PushOutcome::AlreadyArchived
         );
         let (_, h_end) = walfmt::decode_header(&whole).unwrap();
-        verify_stored(&s, key).await.unwrap();
+        verify_stored(&s, &wal_name).await.unwrap();
         // Cut copies of this very file (header intact, or too short for one): found by
         // verify_stored (a backup's WAL wait), replaced whole by the next push.
         for keep in [whole.len() - 10, h_end + 5, 10, 0] {
             s.put_replace(key, whole.slice(..keep)).await.unwrap();
-            assert!(verify_stored(&s, key).await.is_err(), "{keep}");
+            assert!(verify_stored(&s, &wal_name).await.is_err(), "{keep}");
             let out = push(&s, &seg, 1, &opts).await.unwrap();
             assert!(matches!(out, PushOutcome::Stored(_)), "{keep}: {out:?}");
             assert_eq!(s.get(key, MAX_OBJECT).await.unwrap(), whole, "{keep}");

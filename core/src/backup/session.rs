@@ -306,7 +306,7 @@ async fn wait_for_wal(
         let mut damaged = None;
         loop {
             if store.head(&key).await?.is_some() {
-                match crate::wal::verify_stored(store, &key).await {
+                match crate::wal::verify_stored(store, &name).await {
                     Ok(()) => break,
                     Err(e) => damaged = Some(e),
                 }

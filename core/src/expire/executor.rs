@@ -92,10 +92,7 @@ pub(super) async fn plan_now(
     } else {
         Vec::new()
     };
-    let seg_size = match opts.wal_window_us {
-        Some(_) => wal_segment_size(store, &wal).await?,
-        None => None,
-    };
+    let seg_size = opts.wal_window_us.and(archive.seg_size);
     let stored = Stored {
         pack_tables,
         live,
@@ -105,26 +102,6 @@ pub(super) async fn plan_now(
         seg_size,
     };
     planner::plan(retained, opts, stored)
-}
-
-/// The archive's segment size, from the header of the first listed segment (as
-/// [`crate::archive::Archive::list`] reads it); `None` without a segment.
-async fn wal_segment_size(store: &Store, wal: &[crate::store::Listed]) -> Result<Option<u64>> {
-    let Some(l) = wal.iter().find(|l| {
-        matches!(
-            keys::parse_wal(&l.key),
-            Some(tidemark_format::wal::WalFileName::Segment { .. })
-        )
-    }) else {
-        return Ok(None);
-    };
-    let head = store
-        .get_range(&l.key, 0..l.size.min(256))
-        .await
-        .with_context(|| format!("cannot read the header of {}", l.key))?;
-    Ok(tidemark_format::wal::decode_header(&head)
-        .ok()
-        .and_then(|(h, _)| crate::archive::segment_size(h.size)))
 }
 
 /// Every GC state object, by key.
