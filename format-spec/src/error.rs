@@ -25,6 +25,9 @@ pub enum FormatError {
     },
     #[error("{what} is invalid: {reason}")]
     Invalid { what: &'static str, reason: String },
+    /// The bytes could not be read from where they are kept (a local file holding a copy).
+    #[error("cannot read {what}: {reason}")]
+    Source { what: &'static str, reason: String },
     #[error("{what} is too large: {size} bytes, at most {max} allowed")]
     TooLarge {
         what: &'static str,

@@ -9,10 +9,12 @@
 //! a prefix of the object without fetching the file list.
 
 use crate::chunk::MAX_CHUNK_SIZE;
-use crate::codec::{open_trailed, Reader, Writer};
+use crate::codec::{Reader, Writer};
 use crate::error::FormatError;
 use crate::ids::{ChunkId, ContentHash, Lsn, PackId, SystemId, TimelineId};
-use std::collections::HashSet;
+
+pub mod stream;
+pub use stream::{EntryHead, FileHead, HeadKind, ManifestReader, ManifestWriter, Source};
 
 pub const MAGIC: [u8; 4] = *b"TMMF";
 const WHAT: &str = "backup manifest";
@@ -218,150 +220,32 @@ impl ManifestHeader {
 
 impl Manifest {
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::new();
-        w.header(MAGIC);
-        self.header.encode_into(&mut w);
-        w.u32(u32::try_from(self.packs.len()).expect("fewer than 4G packs per backup"));
-        for p in &self.packs {
-            w.raw(p.as_bytes());
-        }
-        w.u64(self.entries.len() as u64);
+        let mut w = ManifestWriter::new(
+            Vec::new(),
+            &self.header,
+            &self.packs,
+            self.entries.len() as u64,
+        )
+        .expect("writing to a Vec cannot fail");
         for e in &self.entries {
-            w.bytes(e.path.as_bytes());
-            w.u32(e.mode);
-            match &e.kind {
-                EntryKind::Dir => w.u8(KIND_DIR),
-                EntryKind::File(f) => {
-                    w.u8(KIND_FILE);
-                    w.u64(f.size);
-                    w.raw(f.sha256.as_bytes());
-                    w.u64(f.chunks.len() as u64);
-                    for c in &f.chunks {
-                        w.raw(c.id.as_bytes());
-                        w.u32(c.pack);
-                        w.u64(c.offset);
-                        w.u32(c.clen);
-                        w.u32(c.ulen);
-                    }
-                }
-                EntryKind::Symlink(t) => {
-                    w.u8(KIND_SYMLINK);
-                    w.bytes(t);
-                }
-            }
+            w.entry(e).expect("entries match the count given");
         }
-        w.finish_with_sha256()
+        w.finish().expect("writing to a Vec cannot fail").0
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
-        let mut r = open_trailed(WHAT, buf, MAGIC)?;
-        let header = ManifestHeader::decode_from(&mut r)?;
-        let npacks = r.u32()? as u64;
-        let mut packs = Vec::with_capacity(r.capacity_for(npacks, 32));
-        for _ in 0..npacks {
-            packs.push(PackId(r.array()?));
+        stream::verify_trailer(buf)?;
+        let (mut r, header, packs) = ManifestReader::open(buf)?;
+        let mut entries = Vec::new();
+        while let Some(e) = r.next_full()? {
+            entries.push(e);
         }
-        let nentries = r.u64()?;
-        let mut entries: Vec<Entry> = Vec::with_capacity(r.capacity_for(nentries, 9));
-        // Directory entries so far: every entry's parent must be one of them (8.4.3).
-        let mut dirs: HashSet<String> = HashSet::new();
-        for _ in 0..nentries {
-            let path = utf8("entry path", r.bytes("entry path", MAX_PATH)?)?;
-            validate_path(&path)?;
-            if let Some(prev) = entries.last() {
-                if prev.path.as_bytes() >= path.as_bytes() {
-                    return Err(FormatError::invalid(
-                        WHAT,
-                        format!(
-                            "entry {path:?} is out of order or repeated after {:?}",
-                            prev.path
-                        ),
-                    ));
-                }
-            }
-            if let Some((parent, _)) = path.rsplit_once('/') {
-                if !dirs.contains(parent) {
-                    return Err(FormatError::invalid(
-                        WHAT,
-                        format!("entry {path:?} lies below {parent:?}, which is not a directory entry of this manifest (a symlink, a file, or missing)"),
-                    ));
-                }
-            }
-            let mode = r.u32()?;
-            if mode & !0o7777 != 0 {
-                return Err(FormatError::invalid(
-                    WHAT,
-                    format!("entry {path:?} has mode {mode:o} beyond permission bits"),
-                ));
-            }
-            let kind = match r.u8()? {
-                KIND_DIR => EntryKind::Dir,
-                KIND_FILE => EntryKind::File(decode_file(&mut r, &path, packs.len())?),
-                KIND_SYMLINK => EntryKind::Symlink(r.bytes("symlink target", MAX_LABEL)?.to_vec()),
-                other => {
-                    return Err(FormatError::invalid(
-                        WHAT,
-                        format!("entry {path:?} has unknown kind {other}"),
-                    ))
-                }
-            };
-            if kind == EntryKind::Dir {
-                dirs.insert(path.clone());
-            }
-            entries.push(Entry { path, mode, kind });
-        }
-        r.expect_end()?;
         Ok(Manifest {
             header,
             packs,
             entries,
         })
     }
-}
-
-fn decode_file(r: &mut Reader<'_>, path: &str, npacks: usize) -> Result<FileEntry, FormatError> {
-    let size = r.u64()?;
-    let sha256 = ChunkId(r.array()?);
-    let nchunks = r.u64()?;
-    let mut chunks = Vec::with_capacity(r.capacity_for(nchunks, 52));
-    let mut total = 0u64;
-    for _ in 0..nchunks {
-        let c = ChunkRef {
-            id: ChunkId(r.array()?),
-            pack: r.u32()?,
-            offset: r.u64()?,
-            clen: r.u32()?,
-            ulen: r.u32()?,
-        };
-        if c.pack as usize >= npacks {
-            return Err(FormatError::invalid(
-                WHAT,
-                format!("file {path:?} names pack {} of {npacks}", c.pack),
-            ));
-        }
-        if c.ulen == 0 || c.ulen > MAX_CHUNK_SIZE || c.clen == 0 {
-            return Err(FormatError::invalid(
-                WHAT,
-                format!(
-                    "file {path:?} has a chunk with clen {} ulen {}",
-                    c.clen, c.ulen
-                ),
-            ));
-        }
-        total += c.ulen as u64;
-        chunks.push(c);
-    }
-    if total != size {
-        return Err(FormatError::invalid(
-            WHAT,
-            format!("file {path:?} is {size} bytes but its chunks hold {total}"),
-        ));
-    }
-    Ok(FileEntry {
-        size,
-        sha256,
-        chunks,
-    })
 }
 
 fn utf8(what: &'static str, b: &[u8]) -> Result<String, FormatError> {

@@ -1,0 +1,717 @@
+//! Reading and writing a manifest one entry at a time, so that neither side holds a whole
+//! file list: a reader over any [`Source`] (a slice, or a local file a caller filled) that
+//! checks everything [`Manifest::decode`](super::Manifest::decode) checks as it goes, and a
+//! writer to any `std::io::Write` that computes the sha256 trailer on the way.
+//!
+//! Memory: the reader keeps a window of [`WINDOW`] bytes (more only for one field that is
+//! larger, never more than that field's cap) and the set of directory paths seen so far (one
+//! string per directory entry, needed to check that every entry's parent is a directory).
+
+use super::utf8;
+use super::{
+    ChunkRef, Entry, EntryKind, FileEntry, ManifestHeader, KIND_DIR, KIND_FILE, KIND_SYMLINK,
+    MAGIC, MAX_LABEL, MAX_PATH, WHAT,
+};
+use crate::chunk::MAX_CHUNK_SIZE;
+use crate::codec::Reader;
+use crate::error::FormatError;
+use crate::ids::{ChunkId, ContentHash, PackId};
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::io::Write;
+
+/// Bytes the reader reads at once.
+pub const WINDOW: usize = 256 << 10;
+/// Encoded bytes of one chunk reference.
+pub const CHUNK_REF_LEN: u64 = 32 + 4 + 8 + 4 + 4;
+/// Encoded bytes of the backup header fields at most (two labels at their cap and the ids).
+const MAX_HEADER_LEN: usize = 2 * (MAX_LABEL + 4) + 4096;
+
+/// Random-access bytes a manifest is read from.
+pub trait Source {
+    /// Total length in bytes.
+    fn len(&self) -> u64;
+    /// Fills `buf` from offset `off` (which with `buf` lies within `len`).
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), String>;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Source for [u8] {
+    fn len(&self) -> u64 {
+        <[u8]>::len(self) as u64
+    }
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), String> {
+        let off = off as usize;
+        buf.copy_from_slice(&self[off..off + buf.len()]);
+        Ok(())
+    }
+}
+
+/// Checks the magic, the major version and the sha256 trailer of a manifest held by `src`,
+/// reading it in windows.
+pub fn verify_trailer<S: Source + ?Sized>(src: &S) -> Result<(), FormatError> {
+    let len = src.len();
+    let mut head = vec![0u8; len.min(8) as usize];
+    read(src, 0, &mut head)?;
+    Reader::new(WHAT, &head).header(MAGIC)?;
+    if len < 8 + 32 {
+        return Err(FormatError::Truncated {
+            what: WHAT,
+            needed: 8 + 32 - len,
+        });
+    }
+    let body = len - 32;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; WINDOW];
+    let mut at = 0u64;
+    while at < body {
+        let n = (body - at).min(WINDOW as u64) as usize;
+        read(src, at, &mut buf[..n])?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    let mut trailer = [0u8; 32];
+    read(src, body, &mut trailer)?;
+    let actual = h.finalize();
+    if actual.as_slice() != trailer {
+        return Err(FormatError::ChecksumMismatch {
+            what: WHAT,
+            expected: hex::encode(trailer),
+            actual: hex::encode(actual),
+        });
+    }
+    Ok(())
+}
+
+fn read<S: Source + ?Sized>(src: &S, off: u64, buf: &mut [u8]) -> Result<(), FormatError> {
+    src.read_at(off, buf)
+        .map_err(|reason| FormatError::Source { what: WHAT, reason })
+}
+
+/// A forward cursor over the manifest body `[pos, end)` through a window.
+struct Cursor<'s, S: ?Sized> {
+    src: &'s S,
+    /// End of the body (the trailer is not read).
+    end: u64,
+    pos: u64,
+    win: Vec<u8>,
+    /// Offset of `win[0]` in the source.
+    win_at: u64,
+}
+
+impl<'s, S: Source + ?Sized> Cursor<'s, S> {
+    fn new(src: &'s S, pos: u64, end: u64) -> Self {
+        Cursor {
+            src,
+            end,
+            pos,
+            win: Vec::new(),
+            win_at: pos,
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&[u8], FormatError> {
+        let left = self.end - self.pos;
+        if (n as u64) > left {
+            return Err(FormatError::Truncated {
+                what: WHAT,
+                needed: n as u64 - left,
+            });
+        }
+        let in_win =
+            self.pos >= self.win_at && self.pos + n as u64 <= self.win_at + self.win.len() as u64;
+        if !in_win {
+            let want = (n.max(WINDOW) as u64).min(left) as usize;
+            self.win.clear();
+            self.win.resize(want, 0);
+            read(self.src, self.pos, &mut self.win)?;
+            self.win_at = self.pos;
+            if self.win.capacity() > 2 * WINDOW && want <= WINDOW {
+                self.win.shrink_to(WINDOW);
+            }
+        }
+        let at = (self.pos - self.win_at) as usize;
+        self.pos += n as u64;
+        Ok(&self.win[at..at + n])
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], FormatError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, FormatError> {
+        Ok(self.array::<1>()?[0])
+    }
+    fn u32(&mut self) -> Result<u32, FormatError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, FormatError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn bytes(&mut self, field: &'static str, max: usize) -> Result<&[u8], FormatError> {
+        let len = self.u32()? as usize;
+        if len > max {
+            return Err(FormatError::TooLarge {
+                what: field,
+                size: len as u64,
+                max: max as u64,
+            });
+        }
+        self.take(len)
+    }
+}
+
+/// The fixed part of one entry; a file's chunk references follow it in the stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryHead {
+    pub path: String,
+    pub mode: u32,
+    pub kind: HeadKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeadKind {
+    Dir,
+    Symlink(Vec<u8>),
+    File(FileHead),
+}
+
+/// A file entry without its chunk list: where the list is and how long it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileHead {
+    pub size: u64,
+    pub sha256: ContentHash,
+    pub nchunks: u64,
+    /// Offset of the first chunk reference in the manifest object.
+    pub chunks_at: u64,
+}
+
+/// The chunk list of the file being read.
+struct Pending {
+    path: String,
+    left: u64,
+    size: u64,
+    total: u64,
+}
+
+/// Reads a manifest entry by entry. The caller verifies the trailer first
+/// ([`verify_trailer`]) when the source is not already known to be whole.
+pub struct ManifestReader<'s, S: ?Sized> {
+    cur: Cursor<'s, S>,
+    packs: usize,
+    entries_left: u64,
+    prev: Option<String>,
+    dirs: HashSet<String>,
+    pending: Option<Pending>,
+}
+
+impl<'s, S: Source + ?Sized> ManifestReader<'s, S> {
+    /// Reads the header and the pack table of the manifest `src` holds (trailer included).
+    pub fn open(src: &'s S) -> Result<(Self, ManifestHeader, Vec<PackId>), FormatError> {
+        let len = src.len();
+        if len < 32 {
+            return Err(FormatError::Truncated {
+                what: WHAT,
+                needed: 32 - len,
+            });
+        }
+        let end = len - 32;
+        let mut head = vec![0u8; end.min(8 + MAX_HEADER_LEN as u64) as usize];
+        read(src, 0, &mut head)?;
+        let mut r = Reader::new(WHAT, &head);
+        r.header(MAGIC)?;
+        let header = ManifestHeader::decode_from(&mut r)?;
+        let mut cur = Cursor::new(src, r.position() as u64, end);
+        let npacks = cur.u32()? as u64;
+        if npacks * 32 > end - cur.pos {
+            return Err(FormatError::Truncated {
+                what: WHAT,
+                needed: npacks * 32 - (end - cur.pos),
+            });
+        }
+        let mut packs = Vec::with_capacity(npacks as usize);
+        for _ in 0..npacks {
+            packs.push(PackId(cur.array()?));
+        }
+        let entries_left = cur.u64()?;
+        let reader = ManifestReader {
+            cur,
+            packs: packs.len(),
+            entries_left,
+            prev: None,
+            dirs: HashSet::new(),
+            pending: None,
+        };
+        Ok((reader, header, packs))
+    }
+
+    /// The next entry, or `None` after the last (the body must then end). Chunk references of
+    /// the previous file not read with [`next_chunk`](Self::next_chunk) are read and checked
+    /// here.
+    pub fn next_entry(&mut self) -> Result<Option<EntryHead>, FormatError> {
+        while self.next_chunk()?.is_some() {}
+        if self.entries_left == 0 {
+            if self.cur.pos != self.cur.end {
+                return Err(FormatError::invalid(
+                    WHAT,
+                    format!("{} unexpected trailing bytes", self.cur.end - self.cur.pos),
+                ));
+            }
+            return Ok(None);
+        }
+        self.entries_left -= 1;
+        let path = utf8("entry path", self.cur.bytes("entry path", MAX_PATH)?)?;
+        super::validate_path(&path)?;
+        if let Some(prev) = &self.prev {
+            if prev.as_bytes() >= path.as_bytes() {
+                return Err(FormatError::invalid(
+                    WHAT,
+                    format!("entry {path:?} is out of order or repeated after {prev:?}"),
+                ));
+            }
+        }
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            if !self.dirs.contains(parent) {
+                return Err(FormatError::invalid(
+                    WHAT,
+                    format!("entry {path:?} lies below {parent:?}, which is not a directory entry of this manifest (a symlink, a file, or missing)"),
+                ));
+            }
+        }
+        let mode = self.cur.u32()?;
+        if mode & !0o7777 != 0 {
+            return Err(FormatError::invalid(
+                WHAT,
+                format!("entry {path:?} has mode {mode:o} beyond permission bits"),
+            ));
+        }
+        let kind = match self.cur.u8()? {
+            KIND_DIR => HeadKind::Dir,
+            KIND_FILE => {
+                let size = self.cur.u64()?;
+                let sha256 = ChunkId(self.cur.array()?);
+                let nchunks = self.cur.u64()?;
+                let chunks_at = self.cur.pos;
+                let fits = (self.cur.end - chunks_at) / CHUNK_REF_LEN;
+                if nchunks > fits {
+                    return Err(FormatError::Truncated {
+                        what: WHAT,
+                        needed: (nchunks - fits) * CHUNK_REF_LEN,
+                    });
+                }
+                self.pending = Some(Pending {
+                    path: path.clone(),
+                    left: nchunks,
+                    size,
+                    total: 0,
+                });
+                HeadKind::File(FileHead {
+                    size,
+                    sha256,
+                    nchunks,
+                    chunks_at,
+                })
+            }
+            KIND_SYMLINK => {
+                HeadKind::Symlink(self.cur.bytes("symlink target", MAX_LABEL)?.to_vec())
+            }
+            other => {
+                return Err(FormatError::invalid(
+                    WHAT,
+                    format!("entry {path:?} has unknown kind {other}"),
+                ))
+            }
+        };
+        if kind == HeadKind::Dir {
+            self.dirs.insert(path.clone());
+        }
+        if let HeadKind::File(f) = &kind {
+            if f.nchunks == 0 {
+                self.end_of_file()?;
+            }
+        }
+        self.prev = Some(path.clone());
+        Ok(Some(EntryHead { path, mode, kind }))
+    }
+
+    /// The next chunk reference of the file [`next_entry`](Self::next_entry) returned last, or
+    /// `None` once its list is read (its sizes then add up to the file's size).
+    pub fn next_chunk(&mut self) -> Result<Option<ChunkRef>, FormatError> {
+        let Some(p) = &mut self.pending else {
+            return Ok(None);
+        };
+        if p.left == 0 {
+            return self.end_of_file().map(|_| None);
+        }
+        p.left -= 1;
+        let c = decode_chunk(&mut self.cur, &p.path, self.packs)?;
+        let p = self.pending.as_mut().expect("pending file");
+        p.total += c.ulen as u64;
+        if p.left == 0 {
+            self.end_of_file()?;
+        }
+        Ok(Some(c))
+    }
+
+    fn end_of_file(&mut self) -> Result<(), FormatError> {
+        if let Some(p) = self.pending.take() {
+            if p.total != p.size {
+                return Err(FormatError::invalid(
+                    WHAT,
+                    format!(
+                        "file {:?} is {} bytes but its chunks hold {}",
+                        p.path, p.size, p.total
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the chunk list of the current file whole (at most its `nchunks` references,
+    /// which the manifest's length already bounds).
+    pub fn file_chunks(&mut self) -> Result<Vec<ChunkRef>, FormatError> {
+        let mut out = Vec::with_capacity(self.pending.as_ref().map_or(0, |p| p.left) as usize);
+        while let Some(c) = self.next_chunk()? {
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    /// The next entry with a file's chunk list read whole.
+    pub fn next_full(&mut self) -> Result<Option<Entry>, FormatError> {
+        let Some(h) = self.next_entry()? else {
+            return Ok(None);
+        };
+        let kind = match h.kind {
+            HeadKind::Dir => EntryKind::Dir,
+            HeadKind::Symlink(t) => EntryKind::Symlink(t),
+            HeadKind::File(f) => EntryKind::File(FileEntry {
+                size: f.size,
+                sha256: f.sha256,
+                chunks: self.file_chunks()?,
+            }),
+        };
+        Ok(Some(Entry {
+            path: h.path,
+            mode: h.mode,
+            kind,
+        }))
+    }
+}
+
+/// Reads again the chunk list of one file whose head an earlier pass returned (`npacks`: the
+/// manifest's pack count). The sizes must add up as they did then.
+pub fn read_chunks_at<S: Source + ?Sized>(
+    src: &S,
+    path: &str,
+    head: &FileHead,
+    npacks: usize,
+) -> Result<Vec<ChunkRef>, FormatError> {
+    let end = src.len().saturating_sub(32);
+    let bytes = head.nchunks.saturating_mul(CHUNK_REF_LEN);
+    if head.chunks_at.saturating_add(bytes) > end {
+        return Err(FormatError::Truncated {
+            what: WHAT,
+            needed: head.chunks_at.saturating_add(bytes) - end,
+        });
+    }
+    let mut cur = Cursor::new(src, head.chunks_at, head.chunks_at + bytes);
+    let mut out = Vec::with_capacity(head.nchunks as usize);
+    let mut total = 0u64;
+    for _ in 0..head.nchunks {
+        let c = decode_chunk(&mut cur, path, npacks)?;
+        total += c.ulen as u64;
+        out.push(c);
+    }
+    if total != head.size {
+        return Err(FormatError::invalid(
+            WHAT,
+            format!(
+                "file {path:?} is {} bytes but its chunks hold {total}",
+                head.size
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+fn decode_chunk<S: Source + ?Sized>(
+    cur: &mut Cursor<'_, S>,
+    path: &str,
+    npacks: usize,
+) -> Result<ChunkRef, FormatError> {
+    let c = ChunkRef {
+        id: ChunkId(cur.array()?),
+        pack: cur.u32()?,
+        offset: cur.u64()?,
+        clen: cur.u32()?,
+        ulen: cur.u32()?,
+    };
+    if c.pack as usize >= npacks {
+        return Err(FormatError::invalid(
+            WHAT,
+            format!("file {path:?} names pack {} of {npacks}", c.pack),
+        ));
+    }
+    if c.ulen == 0 || c.ulen > MAX_CHUNK_SIZE || c.clen == 0 {
+        return Err(FormatError::invalid(
+            WHAT,
+            format!(
+                "file {path:?} has a chunk with clen {} ulen {}",
+                c.clen, c.ulen
+            ),
+        ));
+    }
+    Ok(c)
+}
+
+/// Writes a manifest entry by entry to `W`, hashing as it goes. The caller gives the entry
+/// count up front and the entries in manifest order (sorted by path, parents first).
+pub struct ManifestWriter<W: Write> {
+    w: W,
+    hash: Sha256,
+    entries_left: u64,
+    chunks_left: u64,
+    written: u64,
+}
+
+impl<W: Write> ManifestWriter<W> {
+    pub fn new(
+        w: W,
+        header: &ManifestHeader,
+        packs: &[PackId],
+        nentries: u64,
+    ) -> std::io::Result<Self> {
+        let mut head = crate::codec::Writer::new();
+        head.header(MAGIC);
+        header.encode_into(&mut head);
+        head.u32(
+            u32::try_from(packs.len())
+                .map_err(|_| std::io::Error::other("a backup references more than 4G packs"))?,
+        );
+        for p in packs {
+            head.raw(p.as_bytes());
+        }
+        head.u64(nentries);
+        let mut out = ManifestWriter {
+            w,
+            hash: Sha256::new(),
+            entries_left: nentries,
+            chunks_left: 0,
+            written: 0,
+        };
+        out.put(&head.finish())?;
+        Ok(out)
+    }
+
+    fn put(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.hash.update(b);
+        self.written += b.len() as u64;
+        self.w.write_all(b)
+    }
+
+    fn begin(&mut self, path: &str, mode: u32, kind: u8) -> std::io::Result<()> {
+        if self.chunks_left != 0 || self.entries_left == 0 {
+            return Err(std::io::Error::other(format!(
+                "manifest writer: entry {path:?} does not fit the counts given ({} chunks of the previous file missing, {} entries left)",
+                self.chunks_left, self.entries_left
+            )));
+        }
+        self.entries_left -= 1;
+        let mut w = crate::codec::Writer::new();
+        w.bytes(path.as_bytes());
+        w.u32(mode);
+        w.u8(kind);
+        self.put(&w.finish())
+    }
+
+    pub fn dir(&mut self, path: &str, mode: u32) -> std::io::Result<()> {
+        self.begin(path, mode, KIND_DIR)
+    }
+
+    pub fn symlink(&mut self, path: &str, mode: u32, target: &[u8]) -> std::io::Result<()> {
+        self.begin(path, mode, KIND_SYMLINK)?;
+        let mut w = crate::codec::Writer::new();
+        w.bytes(target);
+        self.put(&w.finish())
+    }
+
+    /// A file entry; exactly `nchunks` calls of [`chunk`](Self::chunk) follow.
+    pub fn file(
+        &mut self,
+        path: &str,
+        mode: u32,
+        size: u64,
+        sha256: &ContentHash,
+        nchunks: u64,
+    ) -> std::io::Result<()> {
+        self.begin(path, mode, KIND_FILE)?;
+        let mut w = crate::codec::Writer::new();
+        w.u64(size);
+        w.raw(sha256.as_bytes());
+        w.u64(nchunks);
+        self.put(&w.finish())?;
+        self.chunks_left = nchunks;
+        Ok(())
+    }
+
+    pub fn chunk(&mut self, c: &ChunkRef) -> std::io::Result<()> {
+        if self.chunks_left == 0 {
+            return Err(std::io::Error::other(
+                "manifest writer: more chunks than the file entry announced",
+            ));
+        }
+        self.chunks_left -= 1;
+        let mut b = [0u8; CHUNK_REF_LEN as usize];
+        b[..32].copy_from_slice(c.id.as_bytes());
+        b[32..36].copy_from_slice(&c.pack.to_le_bytes());
+        b[36..44].copy_from_slice(&c.offset.to_le_bytes());
+        b[44..48].copy_from_slice(&c.clen.to_le_bytes());
+        b[48..52].copy_from_slice(&c.ulen.to_le_bytes());
+        self.put(&b)
+    }
+
+    /// Any entry, chunks included.
+    pub fn entry(&mut self, e: &Entry) -> std::io::Result<()> {
+        match &e.kind {
+            EntryKind::Dir => self.dir(&e.path, e.mode),
+            EntryKind::Symlink(t) => self.symlink(&e.path, e.mode, t),
+            EntryKind::File(f) => {
+                self.file(&e.path, e.mode, f.size, &f.sha256, f.chunks.len() as u64)?;
+                f.chunks.iter().try_for_each(|c| self.chunk(c))
+            }
+        }
+    }
+
+    /// Writes the sha256 trailer; returns the writer and the object's length.
+    pub fn finish(mut self) -> std::io::Result<(W, u64)> {
+        if self.entries_left != 0 || self.chunks_left != 0 {
+            return Err(std::io::Error::other(format!(
+                "manifest writer: {} entries and {} chunks announced but not written",
+                self.entries_left, self.chunks_left
+            )));
+        }
+        let digest = self.hash.finalize_reset();
+        self.w.write_all(&digest)?;
+        self.w.flush()?;
+        Ok((self.w, self.written + 32))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::sample;
+    use super::super::Manifest;
+    use super::*;
+
+    /// A manifest larger than the reader's window: many files, each of several chunks.
+    fn big() -> Manifest {
+        let mut m = sample();
+        let c = match &m.entries[1].kind {
+            EntryKind::File(f) => f.chunks[0],
+            _ => unreachable!(),
+        };
+        for i in 0..3000 {
+            m.entries.push(Entry {
+                path: format!("base/f{i:05}"),
+                mode: 0o600,
+                kind: EntryKind::File(FileEntry {
+                    size: 5 * 7,
+                    sha256: c.id,
+                    chunks: vec![c; 7],
+                }),
+            });
+        }
+        m
+    }
+
+    #[test]
+    fn streams_what_decode_reads_across_windows() {
+        let m = big();
+        let b = m.encode();
+        assert!(b.len() > 2 * WINDOW);
+        verify_trailer(&b[..]).unwrap();
+        let (mut r, h, packs) = ManifestReader::open(&b[..]).unwrap();
+        assert_eq!((h, packs), (m.header.clone(), m.packs.clone()));
+        let mut heads = Vec::new();
+        let mut i = 0;
+        // Skip some chunk lists, read others: both leave the reader at the next entry.
+        while let Some(e) = r.next_entry().unwrap() {
+            if i % 2 == 0 {
+                if let HeadKind::File(_) = e.kind {
+                    let want = match &m.entries[i].kind {
+                        EntryKind::File(f) => f.chunks.clone(),
+                        _ => unreachable!(),
+                    };
+                    assert_eq!(r.file_chunks().unwrap(), want);
+                }
+            }
+            heads.push(e);
+            i += 1;
+        }
+        assert_eq!(heads.len(), m.entries.len());
+        // Random access to one file's list by its head.
+        let HeadKind::File(f) = heads[2000].kind else {
+            panic!("file")
+        };
+        let again = read_chunks_at(&b[..], &heads[2000].path, &f, m.packs.len()).unwrap();
+        assert_eq!(
+            EntryKind::File(FileEntry {
+                size: f.size,
+                sha256: f.sha256,
+                chunks: again
+            }),
+            m.entries[2000].kind
+        );
+    }
+
+    #[test]
+    fn a_damaged_object_fails_the_trailer_and_a_lying_head_fails_random_access() {
+        let m = big();
+        let mut b = m.encode();
+        let n = b.len();
+        b[n / 2] ^= 1;
+        assert!(matches!(
+            verify_trailer(&b[..]),
+            Err(FormatError::ChecksumMismatch { .. })
+        ));
+        let b = m.encode();
+        let head = FileHead {
+            size: 35,
+            sha256: ChunkId([0; 32]),
+            nchunks: 7,
+            chunks_at: b.len() as u64 - 40,
+        };
+        assert!(matches!(
+            read_chunks_at(&b[..], "x", &head, 1),
+            Err(FormatError::Truncated { .. })
+        ));
+        let head = FileHead {
+            size: 36,
+            nchunks: 7,
+            chunks_at: 8,
+            ..head
+        };
+        assert!(read_chunks_at(&b[..], "x", &head, 1).is_err());
+        assert!(matches!(
+            verify_trailer(&b[..20]),
+            Err(FormatError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn the_writer_refuses_counts_that_do_not_match() {
+        let m = sample();
+        let mut w = ManifestWriter::new(Vec::new(), &m.header, &m.packs, 1).unwrap();
+        w.dir("base", 0o700).unwrap();
+        assert!(w.dir("base2", 0o700).is_err());
+        let mut w = ManifestWriter::new(Vec::new(), &m.header, &m.packs, 2).unwrap();
+        w.file("a", 0o600, 5, &ChunkId([0; 32]), 1).unwrap();
+        assert!(w.dir("b", 0o700).is_err());
+        let w = ManifestWriter::new(Vec::new(), &m.header, &m.packs, 1).unwrap();
+        assert!(w.finish().is_err());
+    }
+}
