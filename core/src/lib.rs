@@ -11,6 +11,7 @@ pub mod gc;
 pub mod health;
 pub mod info;
 pub mod lease;
+pub mod manifest_file;
 pub mod metrics;
 pub mod pg;
 pub mod pgversion;
