@@ -15,11 +15,11 @@ use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use tidemark_format::manifest::stream::{self, read_chunks_at, Source};
+use tidemark_format::manifest::stream::{read_chunks_at, Source};
 use tidemark_format::manifest::{
-    ChunkRef, EntryHead, FileEntry, FileHead, HeadKind, ManifestHeader, ManifestReader,
+    ChunkRef, FileEntry, FileHead, HeadKind, ManifestIndex, ManifestReader,
 };
-use tidemark_format::{keys, FormatError, PackId};
+use tidemark_format::{keys, FormatError};
 
 /// Bytes copied from the store per range read.
 const DOWNLOAD_RANGE: u64 = 8 << 20;
@@ -41,13 +41,18 @@ impl Source for Copy {
     }
 }
 
-/// One verified manifest: header, pack table and the fixed part of every entry.
+/// One verified manifest: header, pack table and the fixed part of every entry (through
+/// `Deref` to its [`ManifestIndex`]).
 pub struct LocalManifest {
-    pub header: ManifestHeader,
-    pub packs: Vec<PackId>,
-    /// Sorted by path, as in the object.
-    pub entries: Vec<EntryHead>,
+    index: ManifestIndex,
     copy: Arc<Copy>,
+}
+
+impl std::ops::Deref for LocalManifest {
+    type Target = ManifestIndex;
+    fn deref(&self) -> &ManifestIndex {
+        &self.index
+    }
 }
 
 impl std::fmt::Debug for LocalManifest {
@@ -88,21 +93,16 @@ impl LocalManifest {
             .with_context(|| format!("cannot read manifest of backup {id}"))?;
         let copy = Arc::new(copy);
         let c = Arc::clone(&copy);
-        let (header, packs, entries) = tokio::task::spawn_blocking(move || index(&c))
+        let index = tokio::task::spawn_blocking(move || ManifestIndex::read(c.as_ref()))
             .await?
             .with_context(|| format!("backup {id} has an unreadable manifest"))?;
-        if header.backup_id != id {
+        if index.header.backup_id != id {
             bail!(
                 "manifest stored as backup {id} names itself {}",
-                header.backup_id
+                index.header.backup_id
             );
         }
-        Ok(LocalManifest {
-            header,
-            packs,
-            entries,
-            copy,
-        })
+        Ok(LocalManifest { index, copy })
     }
 
     /// The chunk list of file entry `i` (read back from the local copy).
@@ -164,13 +164,6 @@ impl LocalManifest {
         }
         Ok(())
     }
-
-    /// The index of the entry at `path`.
-    pub fn find(&self, path: &str) -> Option<usize> {
-        self.entries
-            .binary_search_by(|e| e.path.as_bytes().cmp(path.as_bytes()))
-            .ok()
-    }
 }
 
 /// Copies object `key` into an unlinked temporary file, range by range.
@@ -208,17 +201,4 @@ async fn download(store: &Store, key: &str) -> Result<Copy> {
     }
     let file = w.into_inner().map_err(|e| e.into_error())?;
     Ok(Copy { file, len })
-}
-
-type Indexed = (ManifestHeader, Vec<PackId>, Vec<EntryHead>);
-
-/// Verifies the trailer and every entry of the copy; keeps the entries' fixed parts.
-fn index(copy: &Copy) -> Result<Indexed, FormatError> {
-    stream::verify_trailer(copy)?;
-    let (mut r, header, packs) = ManifestReader::open(copy)?;
-    let mut entries = Vec::new();
-    while let Some(e) = r.next_entry()? {
-        entries.push(e);
-    }
-    Ok((header, packs, entries))
 }

@@ -14,7 +14,9 @@ use crate::error::FormatError;
 use crate::ids::{ChunkId, ContentHash, Lsn, PackId, SystemId, TimelineId};
 
 pub mod stream;
-pub use stream::{EntryHead, FileHead, HeadKind, ManifestReader, ManifestWriter, Source};
+pub use stream::{
+    EntryHead, FileHead, HeadKind, ManifestIndex, ManifestReader, ManifestWriter, Source,
+};
 
 pub const MAGIC: [u8; 4] = *b"TMMF";
 const WHAT: &str = "backup manifest";

@@ -188,6 +188,48 @@ pub struct FileHead {
     pub chunks_at: u64,
 }
 
+/// A manifest without its chunk lists: what a reader keeps in memory of a large manifest
+/// (the fixed part of every entry; a file's list stays where [`FileHead::chunks_at`] says).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestIndex {
+    pub header: ManifestHeader,
+    pub packs: Vec<PackId>,
+    /// Sorted by path, as in the object.
+    pub entries: Vec<EntryHead>,
+}
+
+impl ManifestIndex {
+    /// Reads the index of the manifest `src` holds: verifies its trailer, then every entry and
+    /// every chunk reference, keeping the entries' fixed parts.
+    pub fn read<S: Source + ?Sized>(src: &S) -> Result<ManifestIndex, FormatError> {
+        verify_trailer(src)?;
+        let (mut r, header, packs) = ManifestReader::open(src)?;
+        let mut entries = Vec::new();
+        while let Some(e) = r.next_entry()? {
+            entries.push(e);
+        }
+        Ok(ManifestIndex {
+            header,
+            packs,
+            entries,
+        })
+    }
+
+    /// The index of the entry at `path`.
+    pub fn find(&self, path: &str) -> Option<usize> {
+        self.entries
+            .binary_search_by(|e| e.path.as_bytes().cmp(path.as_bytes()))
+            .ok()
+    }
+}
+
+impl super::Manifest {
+    /// This manifest's index, with the chunk-list offsets of its encoding.
+    pub fn index(&self) -> ManifestIndex {
+        ManifestIndex::read(&self.encode()[..]).expect("an encoded manifest reads back")
+    }
+}
+
 /// The chunk list of the file being read.
 struct Pending {
     path: String,
