@@ -5,28 +5,28 @@
 //! deleted out of band, or by an expire that ran before this backup's lease existed). The lease
 //! protocol (FORMAT.md section 16) covers packs deleted after the check.
 
+use crate::manifest_file::LocalManifest;
 use crate::store::{Store, StoreError};
 use anyhow::{Context, Result};
 use std::collections::HashSet;
-use tidemark_format::manifest::{EntryKind, Manifest};
 use tidemark_format::{keys, PackId};
 
-/// Heads every pack of `parent`'s pack table and empties the chunk lists of files that name a
+/// Heads every pack of `parent`'s pack table and returns the entries of the files that name a
 /// missing one, or one too short to hold the chunks the parent places in it (cut by the store:
-/// existence alone is not trusted), so their chunks are read, compressed and stored again.
-/// Returns the missing and short packs.
-pub async fn drop_missing_packs(store: &Store, parent: &mut Manifest) -> Result<Vec<PackId>> {
+/// existence alone is not trusted): their chunks are read, compressed and stored again, none
+/// reused. Also returns the missing and short packs.
+pub async fn files_in_missing_packs(
+    store: &Store,
+    parent: &LocalManifest,
+) -> Result<(HashSet<usize>, Vec<PackId>)> {
     // The end of the last chunk the parent places in each pack: a pack is at least that long.
     let mut needed = vec![0u64; parent.packs.len()];
-    for e in &parent.entries {
-        if let EntryKind::File(f) = &e.kind {
-            for c in &f.chunks {
-                if let Some(n) = needed.get_mut(c.pack as usize) {
-                    *n = (*n).max(c.offset + c.clen as u64);
-                }
-            }
+    parent.for_each_chunk(|c| {
+        if let Some(n) = needed.get_mut(c.pack as usize) {
+            *n = (*n).max(c.offset + c.clen as u64);
         }
-    }
+        Ok(())
+    })?;
     let mut missing = HashSet::new();
     for (i, p) in parent.packs.iter().enumerate() {
         let size = match store.head(&keys::pack(p)).await {
@@ -46,19 +46,19 @@ pub async fn drop_missing_packs(store: &Store, parent: &mut Manifest) -> Result<
         }
     }
     if missing.is_empty() {
-        return Ok(Vec::new());
+        return Ok((HashSet::new(), Vec::new()));
     }
     let mut out: Vec<PackId> = missing.iter().map(|i| parent.packs[*i as usize]).collect();
     out.sort();
     for p in &out {
         tracing::warn!(pack = %p, parent = %parent.header.backup_id, "a pack of the parent backup is missing; its chunks are stored again\nhint: run tidemark-restore check to see which backups it breaks");
     }
-    for e in &mut parent.entries {
-        if let EntryKind::File(f) = &mut e.kind {
-            if f.chunks.iter().any(|c| missing.contains(&c.pack)) {
-                f.chunks.clear();
-            }
+    let mut files = HashSet::new();
+    parent.for_each_file_chunk(|i, c| {
+        if missing.contains(&c.pack) {
+            files.insert(i);
         }
-    }
-    Ok(out)
+        Ok(())
+    })?;
+    Ok((files, out))
 }

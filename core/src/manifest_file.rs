@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use tidemark_format::manifest::stream::{read_chunks_at, Source};
+use tidemark_format::manifest::stream::{read_chunk_range, read_chunks_at, Source};
 use tidemark_format::manifest::{
     ChunkRef, FileEntry, FileHead, HeadKind, ManifestIndex, ManifestReader,
 };
@@ -123,6 +123,23 @@ impl LocalManifest {
         })
     }
 
+    /// Chunk references `first..first + n` of file entry `i` (fewer past its end; none when
+    /// the entry is not a file).
+    pub fn chunk_range(&self, i: usize, first: u64, n: u64) -> Result<Vec<ChunkRef>> {
+        let e = &self.entries[i];
+        let HeadKind::File(f) = &e.kind else {
+            return Ok(Vec::new());
+        };
+        read_chunk_range(self.copy.as_ref(), &e.path, f, self.packs.len(), first, n).with_context(
+            || {
+                format!(
+                    "backup {}: cannot read the chunk list of {}",
+                    self.header.backup_id, e.path
+                )
+            },
+        )
+    }
+
     /// File entry `i` with its chunk list.
     pub fn file(&self, i: usize) -> Result<FileEntry> {
         let HeadKind::File(f) = &self.entries[i].kind else {
@@ -150,6 +167,14 @@ impl LocalManifest {
     /// Every chunk reference of every file, in manifest order, read from the local copy in one
     /// pass (blocking: call from a blocking thread for a large manifest).
     pub fn for_each_chunk(&self, mut f: impl FnMut(&ChunkRef) -> Result<()>) -> Result<()> {
+        self.for_each_file_chunk(|_, c| f(c))
+    }
+
+    /// Like [`for_each_chunk`](Self::for_each_chunk), with the index of the file's entry.
+    pub fn for_each_file_chunk(
+        &self,
+        mut f: impl FnMut(usize, &ChunkRef) -> Result<()>,
+    ) -> Result<()> {
         let what = || {
             format!(
                 "backup {} has an unreadable manifest",
@@ -157,10 +182,12 @@ impl LocalManifest {
             )
         };
         let (mut r, _, _) = ManifestReader::open(self.copy.as_ref()).with_context(what)?;
+        let mut i = 0usize;
         while r.next_entry().with_context(what)?.is_some() {
             while let Some(c) = r.next_chunk().with_context(what)? {
-                f(&c)?;
+                f(i, &c)?;
             }
+            i += 1;
         }
         Ok(())
     }

@@ -37,6 +37,7 @@ pub(crate) use safe_dir::SafeDir;
 use select::load;
 pub(crate) use select::select_loaded;
 
+use crate::manifest_file::LocalManifest;
 use crate::ranges;
 use crate::repo;
 use crate::store::Store;
@@ -46,7 +47,7 @@ use futures::{StreamExt, TryStreamExt};
 use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tidemark_format::manifest::{ChunkRef, EntryKind, FileEntry, Manifest, ManifestHeader};
+use tidemark_format::manifest::{ChunkRef, FileEntry, HeadKind, ManifestHeader, ManifestIndex};
 use tidemark_format::{chunk, keys};
 
 /// Range reads of one file in flight.
@@ -131,7 +132,7 @@ pub async fn run_backup(
 async fn run_loaded(
     store: &Store,
     chosen: &ManifestHeader,
-    m: Arc<Manifest>,
+    m: Arc<LocalManifest>,
     opts: &RestoreOptions,
     delta: bool,
 ) -> Result<RestoreReport> {
@@ -164,7 +165,7 @@ async fn run_loaded(
     }
 
     for e in &m.entries {
-        if matches!(e.kind, EntryKind::Dir)
+        if matches!(e.kind, HeadKind::Dir)
             && !found.as_ref().is_some_and(|f| f.dirs.contains(&e.path))
         {
             if let Some((dir, rel)) = dest.place(&e.path) {
@@ -180,17 +181,14 @@ async fn run_loaded(
         .entries
         .iter()
         .enumerate()
-        .filter(|(i, e)| matches!(e.kind, EntryKind::File(_)) && *i != layout.pg_control)
+        .filter(|(i, e)| matches!(e.kind, HeadKind::File(_)) && *i != layout.pg_control)
         .map(|(i, _)| i)
         .collect();
     let mut bytes = 0u64;
     let mut count = 0u64;
     let total = files
         .iter()
-        .map(|&i| match &m.entries[i].kind {
-            EntryKind::File(f) => f.size,
-            _ => 0,
-        })
+        .map(|&i| m.file_head(i).map_or(0, |f| f.size))
         .sum();
     // A bar on a terminal, a log line every 10 s otherwise (a CronJob's or kubectl's log).
     let mut progress = crate::progress::Progress::new("restore", Some(total));
@@ -198,10 +196,7 @@ async fn run_loaded(
     let mut written = futures::stream::iter(files.into_iter().map(|i| {
         let (m, dest, existing) = (&m, &dest, &existing);
         async move {
-            let size = match &m.entries[i].kind {
-                EntryKind::File(f) => f.size,
-                _ => 0,
-            };
+            let size = m.file_head(i).map_or(0, |f| f.size);
             if existing.contains(&m.entries[i].path) {
                 Ok::<_, anyhow::Error>((size, Some(delta::patch(store, m, dest, i).await?)))
             } else {
@@ -304,7 +299,7 @@ fn coalesce(placed: Vec<(ChunkRef, u64)>) -> Vec<Read> {
 /// Fetches, verifies and writes `placed` chunks of file `path` at their offsets.
 async fn write_chunks(
     store: &Store,
-    m: &Arc<Manifest>,
+    m: &Arc<LocalManifest>,
     path: &str,
     file: &Arc<std::fs::File>,
     placed: Vec<(ChunkRef, u64)>,
@@ -314,7 +309,7 @@ async fn write_chunks(
 
 async fn write_chunks_planned(
     store: &Store,
-    m: &Arc<Manifest>,
+    m: &Arc<LocalManifest>,
     path: &str,
     file: &Arc<std::fs::File>,
     reads: Vec<Read>,
@@ -329,16 +324,22 @@ async fn write_chunks_planned(
     .await
 }
 
-async fn restore_entry(store: &Store, m: &Arc<Manifest>, dest: &Dest, i: usize) -> Result<u64> {
+async fn restore_entry(
+    store: &Store,
+    m: &Arc<LocalManifest>,
+    dest: &Dest,
+    i: usize,
+) -> Result<u64> {
     let e = &m.entries[i];
-    let EntryKind::File(f) = &e.kind else {
+    if m.file_head(i).is_none() {
         return Ok(0);
-    };
+    }
+    let f = m.file(i)?;
     let (dir, rel) = dest
         .place(&e.path)
         .with_context(|| format!("file {} has no place in the restore", e.path))?;
     let file = Arc::new(dir.create_file(rel)?);
-    write_chunks_planned(store, m, &e.path, &file, plan_reads(f)).await?;
+    write_chunks_planned(store, m, &e.path, &file, plan_reads(&f)).await?;
     let p = e.path.clone();
     tokio::task::spawn_blocking(move || file.sync_all())
         .await?
@@ -349,7 +350,7 @@ async fn restore_entry(store: &Store, m: &Arc<Manifest>, dest: &Dest, i: usize) 
 /// Fetches one planned read, verifies each chunk against its id and writes it at its offset.
 async fn read_and_write(
     store: &Store,
-    m: &Arc<Manifest>,
+    m: &Arc<LocalManifest>,
     read: Read,
     path: &str,
     file: &Arc<std::fs::File>,
@@ -383,12 +384,8 @@ async fn read_and_write(
     .await?
 }
 
-fn sync_dirs(dest: &Dest, m: &Manifest) -> Result<()> {
-    for e in m
-        .entries
-        .iter()
-        .filter(|e| matches!(e.kind, EntryKind::Dir))
-    {
+fn sync_dirs(dest: &Dest, m: &ManifestIndex) -> Result<()> {
+    for e in m.entries.iter().filter(|e| matches!(e.kind, HeadKind::Dir)) {
         if let Some((dir, rel)) = dest.place(&e.path) {
             dir.open_dir(rel)?.sync()?;
         }

@@ -21,7 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use tidemark_format::manifest::{EntryKind, Manifest};
+use tidemark_format::manifest::{HeadKind, ManifestIndex};
 
 /// Parses `OID=DIR` (the `--tablespace-map` option).
 pub fn parse_remap(s: &str) -> Result<(String, PathBuf)> {
@@ -184,7 +184,7 @@ const TAMPERED: &str = "the backup's tablespace map and files do not match as Po
 
 /// Checks that the backup's tablespace map and its `pg_tblspc/` entries agree (module
 /// invariants) and returns the map.
-fn check_map(m: &Manifest) -> Result<Vec<(String, String)>> {
+fn check_map(m: &ManifestIndex) -> Result<Vec<(String, String)>> {
     let id = &m.header.backup_id;
     let map = match &m.header.tablespace_map {
         Some(map) => parse_map(map)?,
@@ -199,7 +199,7 @@ fn check_map(m: &Manifest) -> Result<Vec<(String, String)>> {
         let is_dir = m
             .entries
             .iter()
-            .any(|e| e.path == link && matches!(e.kind, EntryKind::Dir));
+            .any(|e| e.path == link && matches!(e.kind, HeadKind::Dir));
         if !is_dir {
             bail!("backup {id}'s tablespace_map links tablespace {oid} to {orig:?}, but the backup holds no files of it ({link} is not a directory entry); PostgreSQL would link the restored cluster to that directory\nhint: {TAMPERED}");
         }
@@ -209,7 +209,7 @@ fn check_map(m: &Manifest) -> Result<Vec<(String, String)>> {
                 continue;
             };
             let directly_below = !below.contains('/');
-            let version_dir = below.starts_with("PG_") && matches!(e.kind, EntryKind::Dir);
+            let version_dir = below.starts_with("PG_") && matches!(e.kind, HeadKind::Dir);
             if directly_below && !version_dir {
                 bail!("backup {id} holds {} directly in tablespace {oid}, where PostgreSQL keeps only PG_<major>_<catalog version> directories\nhint: {TAMPERED}", e.path);
             }
@@ -221,7 +221,7 @@ fn check_map(m: &Manifest) -> Result<Vec<(String, String)>> {
 /// Validates every tablespace of the backup (module invariants), then creates and opens their
 /// directories. `pgdata` is the target data directory, which exists. Nothing is created
 /// unless every tablespace passes.
-pub fn prepare(pgdata: &Path, m: &Manifest, remap: &[(String, PathBuf)]) -> Result<Plan> {
+pub fn prepare(pgdata: &Path, m: &ManifestIndex, remap: &[(String, PathBuf)]) -> Result<Plan> {
     let map = check_map(m)?;
     for (oid, _) in remap {
         if !map.iter().any(|(o, _)| o == oid) {
@@ -355,7 +355,7 @@ mod tests {
         }
     }
 
-    use tidemark_format::manifest::{Entry, FileEntry};
+    use tidemark_format::manifest::{Entry, EntryKind, FileEntry, Manifest};
 
     fn dir(path: &str) -> Entry {
         Entry {
@@ -366,7 +366,7 @@ mod tests {
     }
 
     /// A manifest with tablespaces 16384 and 16385 (map `map`) and one file in each.
-    fn with_map(map: &str, extra: Vec<Entry>) -> Manifest {
+    fn with_map(map: &str, extra: Vec<Entry>) -> ManifestIndex {
         let mut entries = vec![dir("pg_tblspc")];
         for oid in ["16384", "16385"] {
             entries.push(dir(&format!("pg_tblspc/{oid}")));
@@ -390,6 +390,7 @@ mod tests {
             packs: Vec::new(),
             entries,
         }
+        .index()
     }
 
     #[test]

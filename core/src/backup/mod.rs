@@ -14,6 +14,7 @@
 //! manifest is written only after every pack it references and every WAL segment from its start
 //! to its stop are in the repository.
 
+mod chunk_log;
 pub mod pgdata;
 mod pipeline;
 pub mod replication;

@@ -4,22 +4,28 @@
 //! resolved into a manifest's pack table and entries.
 //!
 //! Invariants:
-//! - Memory is bounded by (workers + 3) packs of `pack_target` bytes, the parent manifest, and the
-//!   recent-chunk map of at most [`RECENT_CAP`] entries, whatever the size of the database.
+//! - Memory is bounded by (workers + 3) packs of `pack_target` bytes and the recent-chunk map of
+//!   at most [`RECENT_CAP`] entries, whatever the size of the database; per file it holds the
+//!   path and one small range of the chunk log per stored block. Chunk locations go to the chunk
+//!   log (a temporary file, `chunk_log`), the parent manifest stays in its local copy
+//!   (`manifest_file`) and is read one block's references at a time.
 //! - Every chunk is hashed and compared: nothing is trusted from file sizes or times.
 //! - A chunk is reused from the parent only at the same position of the same path, with the same
 //!   hash, and only from a pack that still exists (the session drops missing packs first).
 //! - Packs are stored create-only under the sha256 of their bytes; a pack that already exists is
 //!   read back and compared, and replaced when it differs (`Store::put_content_addressed`).
 
+use super::chunk_log::{ChunkLog, LogReader, Logged};
+use crate::manifest_file::LocalManifest;
 use crate::store::Store;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tidemark_format::config::RepoConfig;
-use tidemark_format::manifest::{BackupStats, ChunkRef, Entry, EntryKind, FileEntry, Manifest};
+use tidemark_format::manifest::{BackupStats, ChunkRef, ManifestHeader};
 use tidemark_format::pack::PackBuilder;
 use tidemark_format::seal::ChunkIds;
 use tidemark_format::{keys, ChunkId, PackId};
@@ -35,11 +41,18 @@ const UPLOADS: usize = 2;
 pub(crate) struct Pipeline<'a> {
     pub(crate) store: &'a Store,
     pub(crate) cfg: &'a RepoConfig,
-    pub(crate) parent: Option<Arc<Manifest>>,
+    pub(crate) parent: Option<Arc<Parent>>,
+}
+
+/// The backup deduplicated against, and its files whose chunks must not be reused (they name
+/// a pack that is missing or cut).
+pub(crate) struct Parent {
+    pub(crate) m: LocalManifest,
+    pub(crate) unusable: HashSet<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Slot {
+pub(crate) enum Slot {
     Stored(PackId),
     New(u32),
 }
@@ -47,16 +60,10 @@ enum Slot {
 /// Where a chunk is: in a pack of an earlier backup, or in a pack this backup seals.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Loc {
-    slot: Slot,
-    offset: u64,
-    clen: u32,
-    ulen: u32,
-}
-
-impl Loc {
-    pub(crate) fn ulen(&self) -> u32 {
-        self.ulen
-    }
+    pub(crate) slot: Slot,
+    pub(crate) offset: u64,
+    pub(crate) clen: u32,
+    pub(crate) ulen: u32,
 }
 
 pub(crate) type ChunkLoc = (ChunkId, Loc);
@@ -67,11 +74,11 @@ pub(crate) struct SealedPack {
     bytes: Vec<u8>,
 }
 
-/// A file's content as stored.
+/// A file's content as stored: its chunk locations are in the chunk log, block by block.
 pub(crate) struct FileDone {
     pub(crate) size: u64,
     pub(crate) sha256: ChunkId,
-    pub(crate) chunks: Vec<ChunkLoc>,
+    pub(crate) chunks: Vec<Logged>,
 }
 
 /// What the manifest records for one path, before chunk locations are resolved.
@@ -92,7 +99,9 @@ pub(crate) struct Counters {
 
 /// The state the workers of one backup share.
 pub(crate) struct Shared {
-    parent: Option<(Arc<Manifest>, HashMap<String, usize>)>,
+    parent: Option<Arc<Parent>>,
+    /// Where the workers write the chunk locations of what they stored.
+    log: ChunkLog,
     recent: Mutex<HashMap<ChunkId, Loc>>,
     /// How chunks are named in this repository (keyed when it is encrypted).
     ids: ChunkIds,
@@ -111,22 +120,15 @@ pub(crate) struct Stored {
     new_chunks: u64,
     reused_chunks: u64,
     new_chunk_bytes: u64,
+    log: LogReader,
 }
 
 impl Pipeline<'_> {
     /// The workers' shared state for a backup compressed at `level`.
-    pub(crate) fn shared(&self, level: i32) -> Arc<Shared> {
-        let parent = self.parent.clone().map(|m| {
-            let idx = m
-                .entries
-                .iter()
-                .enumerate()
-                .map(|(i, e)| (e.path.clone(), i))
-                .collect();
-            (m, idx)
-        });
-        Arc::new(Shared {
-            parent,
+    pub(crate) fn shared(&self, level: i32) -> Result<Arc<Shared>> {
+        Ok(Arc::new(Shared {
+            parent: self.parent.clone(),
+            log: ChunkLog::new()?,
             recent: Mutex::new(HashMap::new()),
             ids: self.store.chunk_ids(),
             level,
@@ -135,7 +137,7 @@ impl Pipeline<'_> {
             pack_seq: AtomicU32::new(0),
             counters: Counters::default(),
             failed: AtomicBool::new(false),
-        })
+        }))
     }
 
     /// Runs `work` on `workers` blocking threads with one pack uploader; returns each worker's
@@ -193,6 +195,7 @@ impl Pipeline<'_> {
                 new_chunks: c.new_chunks.load(Ordering::Relaxed),
                 reused_chunks: c.reused_chunks.load(Ordering::Relaxed),
                 new_chunk_bytes: c.new_chunk_bytes.load(Ordering::Relaxed),
+                log: shared.log.reader()?,
             },
         ))
     }
@@ -203,9 +206,11 @@ impl Shared {
         self.chunk_size
     }
 
-    /// The index of `path`'s entry in the parent manifest.
+    /// The index of `path`'s entry in the parent manifest, when its chunks may be reused.
     pub(crate) fn parent_entry(&self, path: &str) -> Option<usize> {
-        self.parent.as_ref()?.1.get(path).copied()
+        let p = self.parent.as_ref()?;
+        let i = p.m.find(path)?;
+        (p.m.file_head(i).is_some() && !p.unusable.contains(&i)).then_some(i)
     }
 
     /// Fails once any worker has failed, so that the others stop early.
@@ -216,15 +221,18 @@ impl Shared {
         Ok(())
     }
 
-    /// The parent's chunk at position `pos` of the file at entry `entry`, with its pack id.
-    fn parent_chunk(&self, entry: usize, pos: usize) -> Option<(ChunkRef, PackId)> {
-        let m = &self.parent.as_ref()?.0;
-        let EntryKind::File(fe) = &m.entries.get(entry)?.kind else {
-            return None;
-        };
-        let c = fe.chunks.get(pos)?;
-        let pid = *m.packs.get(c.pack as usize)?;
-        Some((*c, pid))
+    /// The parent's chunks `first..first + n` of the file at entry `entry` (fewer past its
+    /// end).
+    fn parent_chunks(&self, entry: Option<usize>, first: usize, n: usize) -> Result<Vec<ChunkRef>> {
+        match (entry, &self.parent) {
+            (Some(e), Some(p)) => p.m.chunk_range(e, first as u64, n as u64),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The pack id of the parent's pack `i`.
+    fn parent_pack(&self, i: u32) -> Option<PackId> {
+        self.parent.as_ref()?.m.packs.get(i as usize).copied()
     }
 }
 
@@ -253,24 +261,30 @@ impl<'a> Packer<'a> {
     }
 
     /// Stores `data`, which starts at chunk `first` of a file whose entry in the parent manifest
-    /// is `parent`, and returns its chunks' locations.
+    /// is `parent`, and logs its chunks' locations; returns where they are in the chunk log.
     pub(crate) fn store(
         &mut self,
         data: &[u8],
         parent: Option<usize>,
         first: usize,
-    ) -> Result<Vec<ChunkLoc>> {
+    ) -> Result<Logged> {
         self.s
             .counters
             .read_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        data.chunks(self.s.chunk_size)
+        let n = data.len().div_ceil(self.s.chunk_size);
+        let from_parent = self.s.parent_chunks(parent, first, n)?;
+        let locs = data
+            .chunks(self.s.chunk_size)
             .enumerate()
             .map(|(k, chunk)| {
-                let from_parent = parent.and_then(|e| self.s.parent_chunk(e, first + k));
-                self.store_chunk(chunk, from_parent)
+                let p = from_parent
+                    .get(k)
+                    .and_then(|c| Some((*c, self.s.parent_pack(c.pack)?)));
+                self.store_chunk(chunk, p)
             })
-            .collect()
+            .collect::<Result<Vec<ChunkLoc>>>()?;
+        self.s.log.append(&locs)
     }
 
     /// Hashes one chunk and finds it in the parent (same file, same position) or among the
@@ -347,67 +361,27 @@ impl<'a> Packer<'a> {
 }
 
 impl Stored {
-    /// Resolves chunk locations into a manifest's pack table and entries (in the order given);
-    /// returns them and the backup's statistics.
-    pub(crate) fn assemble(
-        &self,
-        items: Vec<(String, u32, ItemKind)>,
-        files: &HashMap<usize, FileDone>,
-    ) -> Result<(Vec<PackId>, Vec<Entry>, BackupStats)> {
-        let mut pack_table: Vec<PackId> = Vec::new();
-        let mut pack_index: HashMap<PackId, u32> = HashMap::new();
-        let mut entries = Vec::new();
-        let mut logical = 0u64;
-        for (path, mode, kind) in items {
-            let kind = match kind {
-                ItemKind::Dir => EntryKind::Dir,
-                ItemKind::Symlink(t) => EntryKind::Symlink(t),
-                ItemKind::File(i) => {
-                    let Some(done) = files.get(&i) else { continue };
-                    logical += done.size;
-                    let mut chunks = Vec::with_capacity(done.chunks.len());
-                    for (id, loc) in &done.chunks {
-                        let pid = match loc.slot {
-                            Slot::Stored(p) => p,
-                            Slot::New(seq) => {
-                                self.packs
-                                    .get(&seq)
-                                    .ok_or_else(|| {
-                                        anyhow!("pack {seq} of this backup was never sealed")
-                                    })?
-                                    .0
-                            }
-                        };
-                        let idx = *pack_index.entry(pid).or_insert_with(|| {
-                            pack_table.push(pid);
-                            (pack_table.len() - 1) as u32
-                        });
-                        chunks.push(ChunkRef {
-                            id: *id,
-                            pack: idx,
-                            offset: loc.offset,
-                            clen: loc.clen,
-                            ulen: loc.ulen,
-                        });
-                    }
-                    EntryKind::File(FileEntry {
-                        size: done.size,
-                        sha256: done.sha256,
-                        chunks,
-                    })
-                }
-            };
-            entries.push(Entry { path, mode, kind });
-        }
-        let stats = BackupStats {
-            logical_bytes: logical,
+    /// The backup's statistics, with the files `files` copied.
+    pub(crate) fn stats(&self, files: &HashMap<usize, FileDone>) -> BackupStats {
+        BackupStats {
+            logical_bytes: files.values().map(|f| f.size).sum(),
             new_chunks: self.new_chunks,
             reused_chunks: self.reused_chunks,
             new_chunk_bytes: self.new_chunk_bytes,
             new_stored_bytes: self.packs.values().map(|(_, size)| size).sum(),
             new_objects: self.packs.len() as u64 + 1,
-        };
-        Ok((pack_table, entries, stats))
+        }
+    }
+
+    /// Writes the manifest of `header` with `items` (in manifest order) into a temporary file;
+    /// returns it and its length.
+    pub(crate) fn write_manifest(
+        &self,
+        header: &ManifestHeader,
+        items: &[(String, u32, ItemKind)],
+        files: &HashMap<usize, FileDone>,
+    ) -> Result<(std::fs::File, u64)> {
+        super::chunk_log::write_manifest(header, items, files, &self.packs, &self.log)
     }
 }
 

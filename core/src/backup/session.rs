@@ -10,8 +10,9 @@
 //!   segment from start to stop LSN is archived, create-only, and only while the lease is still
 //!   held: a listed backup is always restorable.
 
-use super::pipeline::{FileDone, ItemKind, Pipeline, Stored};
+use super::pipeline::{FileDone, ItemKind, Parent, Pipeline, Stored};
 use crate::lease::LeaseHandle;
+use crate::manifest_file::LocalManifest;
 use crate::repo;
 use crate::store::Store;
 use anyhow::{anyhow, bail, Context, Result};
@@ -20,9 +21,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tidemark_format::config::RepoConfig;
-use tidemark_format::manifest::{self, Entry, Manifest, ManifestHeader};
+use tidemark_format::manifest::{self, ManifestHeader};
 use tidemark_format::wal::WalFileName;
-use tidemark_format::{keys, Lsn, PackId, SystemId, TimelineId};
+use tidemark_format::{keys, Lsn, SystemId, TimelineId};
 use tracing::Instrument;
 
 /// What the session needs of a backup command's options.
@@ -173,7 +174,7 @@ impl Session<'_> {
                 self.settings.archive_timeout,
             )
             .await?;
-            let (packs, entries, stats) = copied.stored.assemble(copied.items, &copied.files)?;
+            let stats = copied.stored.stats(&copied.files);
             let header = ManifestHeader {
                 backup_id,
                 system_id: self.server.system_id,
@@ -190,12 +191,20 @@ impl Session<'_> {
                     0
                 },
                 chunk_size: self.cfg.chunk_size,
-                parent: parent.as_ref().map(|p| p.header.backup_id.clone()),
+                parent: parent.as_ref().map(|p| p.m.header.backup_id.clone()),
                 backup_label: copied.backup_label,
                 tablespace_map: copied.tablespace_map.filter(|m| !m.is_empty()),
                 stats,
             };
-            commit(self.store, self.lease, header, packs, entries).await
+            let written = tokio::task::spawn_blocking(move || {
+                copied
+                    .stored
+                    .write_manifest(&header, &copied.items, &copied.files)
+                    .map(|(f, len)| (f, len, header))
+            })
+            .await
+            .context("manifest writer panicked")??;
+            commit(self.store, self.lease, written).await
         }
         .instrument(span)
         .await
@@ -216,25 +225,30 @@ fn backup_id(start_time_us: i64, taken: impl Fn(&str) -> bool) -> Result<String>
 }
 
 /// Writes a finished backup's manifest (create-only, after checking the backup lease is still
-/// held): the backup exists from this moment.
+/// held): the backup exists from this moment. `written` is the manifest in a temporary file,
+/// its length and its header.
 async fn commit(
     store: &Store,
     lease: &LeaseHandle,
-    header: ManifestHeader,
-    packs: Vec<PackId>,
-    entries: Vec<Entry>,
+    written: (std::fs::File, u64, ManifestHeader),
 ) -> Result<ManifestHeader> {
+    let (file, len, header) = written;
     let stats = header.stats;
     let backup_id = header.backup_id.clone();
-    let m = Manifest {
-        header,
-        packs,
-        entries,
-    };
+    // The one buffer a backup holds in proportion to its size: the encoded manifest, about 53
+    // bytes per 8 KiB chunk, for the create-only upload (FORMAT.md 8.4.6).
+    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+        let mut b = vec![0u8; usize::try_from(len)?];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, 0)
+            .context("cannot read back the manifest written to a temporary file")?;
+        Ok(b)
+    })
+    .await
+    .context("manifest reader panicked")??;
     lease.check().await?;
     crate::testhooks::crash_point("backup-before-manifest");
     store
-        .put_create(&keys::manifest(&backup_id), Bytes::from(m.encode()))
+        .put_create(&keys::manifest(&backup_id), Bytes::from(bytes))
         .await
         .with_context(|| format!("cannot write the manifest of backup {backup_id}"))?;
     tracing::info!(
@@ -243,18 +257,18 @@ async fn commit(
         objects = stats.new_objects,
         "backup complete"
     );
-    Ok(m.header)
+    Ok(header)
 }
 
 /// The newest backup whose manifest reads whole, to deduplicate against, without chunks in packs
 /// that are gone (deleted out of band or by GC): a damaged one is passed over with a warning (the
 /// new backup then stores more chunks anew, never references a chunk it cannot vouch for).
-async fn load_parent(store: &Store, backups: &[ManifestHeader]) -> Result<Option<Arc<Manifest>>> {
+async fn load_parent(store: &Store, backups: &[ManifestHeader]) -> Result<Option<Arc<Parent>>> {
     for h in backups.iter().rev() {
-        match repo::load_manifest(store, &h.backup_id).await {
-            Ok(mut m) => {
-                crate::gc::drop_missing_packs(store, &mut m).await?;
-                return Ok(Some(Arc::new(m)));
+        match LocalManifest::load(store, &h.backup_id).await {
+            Ok(m) => {
+                let (unusable, _) = crate::gc::files_in_missing_packs(store, &m).await?;
+                return Ok(Some(Arc::new(Parent { m, unusable })));
             }
             Err(e)
                 if e.chain()

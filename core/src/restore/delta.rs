@@ -19,10 +19,11 @@
 
 use super::safe_dir::{Kind, SafeDir};
 use super::Dest;
+use crate::manifest_file::LocalManifest;
 use anyhow::{bail, Context, Result};
 use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
-use tidemark_format::manifest::{ChunkRef, EntryKind, FileEntry, Manifest};
+use tidemark_format::manifest::{ChunkRef, FileEntry, HeadKind, ManifestIndex};
 use tidemark_format::seal::ChunkIds;
 
 /// What a delta restore did.
@@ -62,7 +63,7 @@ fn system_id_of(pg_control: &[u8]) -> Option<u64> {
 
 /// Checks that `root` may be restored over by `m`, marks it, removes pg_control and every
 /// entry the manifest does not name.
-pub(super) fn begin(root: &SafeDir, m: &Manifest) -> Result<Prepared> {
+pub(super) fn begin(root: &SafeDir, m: &ManifestIndex) -> Result<Prepared> {
     let shown = root.path().display().to_string();
     let system = m.header.system_id.0;
     let top = root.list()?;
@@ -110,9 +111,9 @@ pub(super) fn begin(root: &SafeDir, m: &Manifest) -> Result<Prepared> {
         .entries
         .iter()
         .filter_map(|e| match e.kind {
-            EntryKind::File(_) => Some((e.path.as_str(), false)),
-            EntryKind::Dir => Some((e.path.as_str(), true)),
-            EntryKind::Symlink(_) => None,
+            HeadKind::File(_) => Some((e.path.as_str(), false)),
+            HeadKind::Dir => Some((e.path.as_str(), true)),
+            HeadKind::Symlink(_) => None,
         })
         .collect();
     want.insert(MARKER, false);
@@ -210,27 +211,22 @@ fn stale_chunks(
 /// Brings the existing file of entry `i` to its backed-up content; returns the bytes written.
 pub(super) async fn patch(
     store: &crate::store::Store,
-    m: &std::sync::Arc<Manifest>,
+    m: &std::sync::Arc<LocalManifest>,
     dest: &Dest,
     i: usize,
 ) -> Result<u64> {
     let e = &m.entries[i];
-    let EntryKind::File(f) = &e.kind else {
+    if m.file_head(i).is_none() {
         return Ok(0);
-    };
+    }
+    let f = std::sync::Arc::new(m.file(i)?);
     let (dir, rel) = dest
         .place(&e.path)
         .with_context(|| format!("file {} has no place in the restore", e.path))?;
     let file = std::sync::Arc::new(dir.open_rw(rel)?);
     let (stale, len) = {
-        let (file, m, ids, path) = (file.clone(), m.clone(), store.chunk_ids(), e.path.clone());
-        tokio::task::spawn_blocking(move || {
-            let EntryKind::File(f) = &m.entries[i].kind else {
-                return Ok((Vec::new(), 0));
-            };
-            stale_chunks(&file, f, &ids, &path)
-        })
-        .await??
+        let (file, f, ids, path) = (file.clone(), f.clone(), store.chunk_ids(), e.path.clone());
+        tokio::task::spawn_blocking(move || stale_chunks(&file, &f, &ids, &path)).await??
     };
     if stale.is_empty() && len == f.size {
         return Ok(0);

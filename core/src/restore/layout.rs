@@ -16,7 +16,7 @@
 //!   starts.
 
 use anyhow::{bail, Result};
-use tidemark_format::manifest::{EntryKind, Manifest};
+use tidemark_format::manifest::{HeadKind, ManifestIndex};
 
 pub const PG_CONTROL: &str = "global/pg_control";
 pub const AUTO_CONF: &str = "postgresql.auto.conf";
@@ -42,7 +42,7 @@ pub struct Layout {
 const TAMPERED: &str = "a tidemark backup never records this; the repository is damaged or was tampered with. Nothing was restored: restore another backup (an earlier --target-time) and run 'tidemark-restore check'";
 
 /// Checks `m` for what a restore refuses and returns its layout.
-pub fn check(m: &Manifest) -> Result<Layout> {
+pub fn check(m: &ManifestIndex) -> Result<Layout> {
     let id = &m.header.backup_id;
     let mut pg_control = None;
     let mut auto_conf = false;
@@ -55,17 +55,17 @@ pub fn check(m: &Manifest) -> Result<Layout> {
             );
         }
         match &e.kind {
-            EntryKind::File(_) if e.path == PG_CONTROL => pg_control = Some(i),
-            EntryKind::File(_) if e.path == AUTO_CONF => auto_conf = true,
-            EntryKind::File(_) => {}
-            EntryKind::Dir if e.path == PG_CONTROL || e.path == AUTO_CONF => {
+            HeadKind::File(_) if e.path == PG_CONTROL => pg_control = Some(i),
+            HeadKind::File(_) if e.path == AUTO_CONF => auto_conf = true,
+            HeadKind::File(_) => {}
+            HeadKind::Dir if e.path == PG_CONTROL || e.path == AUTO_CONF => {
                 bail!(
                     "backup {id} holds {} as a directory\nhint: {TAMPERED}",
                     e.path
                 )
             }
-            EntryKind::Dir => {}
-            EntryKind::Symlink(t) => {
+            HeadKind::Dir => {}
+            HeadKind::Symlink(t) => {
                 let target = String::from_utf8_lossy(t).into_owned();
                 if e.path == PG_CONTROL {
                     bail!("backup {id} holds {PG_CONTROL} as a symlink to {target:?}\nhint: {TAMPERED}");
@@ -101,7 +101,7 @@ pub fn check(m: &Manifest) -> Result<Layout> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidemark_format::manifest::{Entry, FileEntry};
+    use tidemark_format::manifest::{Entry, EntryKind, FileEntry, Manifest};
     use tidemark_format::ChunkId;
 
     fn entry(path: &str, kind: EntryKind) -> Entry {
@@ -139,9 +139,13 @@ mod tests {
         }
     }
 
+    fn index(extra: Vec<Entry>) -> ManifestIndex {
+        manifest(extra).index()
+    }
+
     #[test]
     fn a_plain_backup_is_fine() {
-        let l = check(&manifest(vec![entry(AUTO_CONF, file())])).expect("fine");
+        let l = check(&index(vec![entry(AUTO_CONF, file())])).expect("fine");
         assert_eq!(l.pg_control, 1);
         assert!(l.auto_conf);
         assert!(l.skipped_links.is_empty());
@@ -149,7 +153,7 @@ mod tests {
 
     #[test]
     fn other_symlinks_are_left_out_and_listed() {
-        let l = check(&manifest(vec![entry("pg_log", link("/var/log/pg"))])).expect("fine");
+        let l = check(&index(vec![entry("pg_log", link("/var/log/pg"))])).expect("fine");
         assert_eq!(
             l.skipped_links,
             vec![("pg_log".to_string(), "/var/log/pg".to_string())]
@@ -172,15 +176,15 @@ mod tests {
             (vec![entry("tablespace_map", link("/x"))], "tablespace_map"),
         ];
         for (extra, name) in cases {
-            let e = check(&manifest(extra)).expect_err(name).to_string();
+            let e = check(&index(extra)).expect_err(name).to_string();
             assert!(e.contains(name) && e.contains("hint:"), "{name}: {e}");
         }
         let mut m = manifest(Vec::new());
         m.entries.retain(|e| e.path != PG_CONTROL);
-        let e = check(&m).expect_err("no pg_control").to_string();
+        let e = check(&m.index()).expect_err("no pg_control").to_string();
         assert!(e.contains(PG_CONTROL) && e.contains("hint:"), "{e}");
         let mut m = manifest(Vec::new());
         m.entries[1].kind = link("/x");
-        assert!(check(&m).is_err());
+        assert!(check(&m.index()).is_err());
     }
 }

@@ -19,7 +19,7 @@ use crate::target::Target;
 use crate::timeline::History;
 use anyhow::Result;
 use serde::Serialize;
-use tidemark_format::manifest::{EntryKind, ManifestHeader};
+use tidemark_format::manifest::{HeadKind, ManifestHeader};
 use tidemark_format::wal::WalFileName;
 use tidemark_format::{Lsn, TimelineId};
 
@@ -229,16 +229,17 @@ pub async fn make(store: &Store, want: &Want, rates: Option<Rates>) -> Result<Pl
     // The files.
     let mut reads = std::collections::BTreeSet::new();
     for e in &m.entries {
-        if let EntryKind::File(f) = &e.kind {
+        if let HeadKind::File(f) = &e.kind {
             p.restore.files += 1;
             p.restore.bytes += f.size;
-            for c in &f.chunks {
-                if reads.insert((c.pack, c.offset)) {
-                    p.restore.stored_bytes += c.clen as u64;
-                }
-            }
         }
     }
+    m.for_each_chunk(|c| {
+        if reads.insert((c.pack, c.offset)) {
+            p.restore.stored_bytes += c.clen as u64;
+        }
+        Ok(())
+    })?;
     p.restore.packs = reads
         .iter()
         .map(|(pack, _)| pack)

@@ -2,16 +2,16 @@
 //! does not decode is passed over (never one named by `--backup`), and a manifest that cannot be
 //! used gets the hint a restore gives.
 
+use crate::manifest_file::LocalManifest;
 use crate::repo;
 use crate::store::Store;
 use anyhow::{anyhow, Result};
-use tidemark_format::manifest::Manifest;
 use tidemark_format::FormatError;
 
 /// Reads a manifest fully; a manifest that does not decode gets a hint (it was checksummed, so
 /// a writer made it so or someone crafted it).
-pub(super) async fn load(store: &Store, id: &str) -> Result<Manifest> {
-    repo::load_manifest(store, id).await.map_err(hinted)
+pub(super) async fn load(store: &Store, id: &str) -> Result<LocalManifest> {
+    LocalManifest::load(store, id).await.map_err(hinted)
 }
 
 fn undecodable(e: &anyhow::Error) -> bool {
@@ -33,11 +33,11 @@ fn hinted(e: anyhow::Error) -> anyhow::Error {
 pub(crate) async fn select_loaded(
     store: &Store,
     want: &crate::archive::Want,
-) -> Result<(crate::archive::Selection, Manifest)> {
+) -> Result<(crate::archive::Selection, LocalManifest)> {
     let mut backups = repo::list_backups(store).await?;
     loop {
         let sel = crate::archive::select_among(store, backups.clone(), want).await?;
-        match repo::load_manifest(store, &sel.chosen.backup_id).await {
+        match LocalManifest::load(store, &sel.chosen.backup_id).await {
             Ok(m) => return Ok((sel, m)),
             Err(e) if want.backup.is_none() && undecodable(&e) => {
                 tracing::warn!(

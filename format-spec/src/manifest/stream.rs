@@ -452,22 +452,8 @@ pub fn read_chunks_at<S: Source + ?Sized>(
     head: &FileHead,
     npacks: usize,
 ) -> Result<Vec<ChunkRef>, FormatError> {
-    let end = src.len().saturating_sub(32);
-    let bytes = head.nchunks.saturating_mul(CHUNK_REF_LEN);
-    if head.chunks_at.saturating_add(bytes) > end {
-        return Err(FormatError::Truncated {
-            what: WHAT,
-            needed: head.chunks_at.saturating_add(bytes) - end,
-        });
-    }
-    let mut cur = Cursor::new(src, head.chunks_at, head.chunks_at + bytes);
-    let mut out = Vec::with_capacity(head.nchunks as usize);
-    let mut total = 0u64;
-    for _ in 0..head.nchunks {
-        let c = decode_chunk(&mut cur, path, npacks)?;
-        total += c.ulen as u64;
-        out.push(c);
-    }
+    let out = read_chunk_range(src, path, head, npacks, 0, head.nchunks)?;
+    let total: u64 = out.iter().map(|c| c.ulen as u64).sum();
     if total != head.size {
         return Err(FormatError::invalid(
             WHAT,
@@ -476,6 +462,34 @@ pub fn read_chunks_at<S: Source + ?Sized>(
                 head.size
             ),
         ));
+    }
+    Ok(out)
+}
+
+/// Reads chunk references `first..first + n` of one file (fewer past the end of its list).
+pub fn read_chunk_range<S: Source + ?Sized>(
+    src: &S,
+    path: &str,
+    head: &FileHead,
+    npacks: usize,
+    first: u64,
+    n: u64,
+) -> Result<Vec<ChunkRef>, FormatError> {
+    let end = src.len().saturating_sub(32);
+    let bytes = head.nchunks.saturating_mul(CHUNK_REF_LEN);
+    if head.chunks_at.saturating_add(bytes) > end {
+        return Err(FormatError::Truncated {
+            what: WHAT,
+            needed: head.chunks_at.saturating_add(bytes) - end,
+        });
+    }
+    let first = first.min(head.nchunks);
+    let n = n.min(head.nchunks - first);
+    let at = head.chunks_at + first * CHUNK_REF_LEN;
+    let mut cur = Cursor::new(src, at, at + n * CHUNK_REF_LEN);
+    let mut out = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        out.push(decode_chunk(&mut cur, path, npacks)?);
     }
     Ok(out)
 }
@@ -700,6 +714,8 @@ mod tests {
             panic!("file")
         };
         let again = read_chunks_at(&b[..], &heads[2000].path, &f, m.packs.len()).unwrap();
+        let part = read_chunk_range(&b[..], "x", &f, m.packs.len(), 5, 10).unwrap();
+        assert_eq!(part, again[5..]);
         assert_eq!(
             EntryKind::File(FileEntry {
                 size: f.size,

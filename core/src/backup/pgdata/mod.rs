@@ -9,7 +9,7 @@
 
 mod walk;
 
-use super::pipeline::{ChunkLoc, FileDone, ItemKind, Packer, Pipeline, Shared};
+use super::pipeline::{FileDone, ItemKind, Packer, Pipeline, Shared};
 use super::session::{self, Copied, Server, Source};
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
@@ -133,7 +133,7 @@ impl Source for Pgdata<'_> {
         let pgdata = self.opts.pgdata.clone();
         let walked = tokio::task::spawn_blocking(move || walk::walk(&pgdata)).await??;
         let files = Arc::new(FileQueue::new(&walked));
-        let shared = pipeline.shared(self.opts.compress_level);
+        let shared = pipeline.shared(self.opts.compress_level)?;
         let progress = tokio::spawn(log_progress(shared.clone(), files.clone()));
         let work = move |p: &mut Packer<'_>| copy_files(p, &files);
         let r = pipeline.run(shared, self.opts.workers, work).await;
@@ -248,7 +248,8 @@ fn copy_files(p: &mut Packer<'_>, q: &FileQueue) -> Result<Vec<(usize, FileDone)
         };
         let parent = s.parent_entry(rel);
         let mut whole = Sha256::new();
-        let mut chunks: Vec<ChunkLoc> = Vec::new();
+        let mut chunks = Vec::new();
+        let mut first = 0usize;
         let mut size = 0u64;
         loop {
             let n = crate::wal::read_full(&mut f, &mut buf)
@@ -257,8 +258,8 @@ fn copy_files(p: &mut Packer<'_>, q: &FileQueue) -> Result<Vec<(usize, FileDone)
                 break;
             }
             whole.update(&buf[..n]);
-            let stored = p.store(&buf[..n], parent, chunks.len())?;
-            chunks.extend(stored);
+            chunks.push(p.store(&buf[..n], parent, first)?);
+            first += n.div_ceil(s.chunk_size());
             size += n as u64;
         }
         let sha256 = ChunkId(whole.finalize().into());

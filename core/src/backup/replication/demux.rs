@@ -11,7 +11,8 @@
 
 use super::server_manifest::SERVER_MANIFEST;
 use super::tar::{TarEntry, TarEvent, TarKind, TarReader};
-use crate::backup::pipeline::{ChunkLoc, ItemKind, Packer, Shared};
+use crate::backup::chunk_log::Logged;
+use crate::backup::pipeline::{ItemKind, Packer, Shared};
 use anyhow::{anyhow, bail, Result};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -42,8 +43,8 @@ pub(super) struct Job {
     parent: Option<usize>,
 }
 
-/// (file, first chunk, chunk locations) of one block.
-pub(super) type Part = (usize, usize, Vec<ChunkLoc>);
+/// (file, first chunk, where its chunk locations are logged, bytes) of one block.
+pub(super) type Part = (usize, usize, Logged, u64);
 
 #[derive(Default)]
 pub(super) struct Demuxed {
@@ -353,8 +354,8 @@ pub(super) fn block_worker(
             rx.recv()
         };
         let Ok(job) = job else { break };
-        let chunks = p.store(&job.data, job.parent, job.first_chunk)?;
-        out.push((job.fid, job.first_chunk, chunks));
+        let logged = p.store(&job.data, job.parent, job.first_chunk)?;
+        out.push((job.fid, job.first_chunk, logged, job.data.len() as u64));
     }
     Ok(out)
 }

@@ -25,7 +25,8 @@ mod demux;
 pub mod server_manifest;
 pub mod tar;
 
-use super::pipeline::{ChunkLoc, FileDone, Packer, Pipeline, Stored};
+use super::chunk_log::Logged;
+use super::pipeline::{FileDone, Packer, Pipeline, Stored};
 use super::session::{self, Copied, Server, Source};
 use crate::progress::Progress;
 use crate::replication::conn::{ConnParams, ReplConn, ResultSet};
@@ -228,7 +229,7 @@ impl Replication<'_> {
         total: u64,
         pipeline: &Pipeline<'_>,
     ) -> Result<(Vec<Vec<Part>>, Stored, Demuxed)> {
-        let shared = pipeline.shared(self.opts.compress_level);
+        let shared = pipeline.shared(self.opts.compress_level)?;
         let (piece_tx, piece_rx) = mpsc::channel::<Piece>(16);
         let workers = self.opts.workers.max(1);
         let (job_tx, job_rx) = smpsc::sync_channel::<Job>(workers * 2);
@@ -253,16 +254,16 @@ impl Replication<'_> {
 
 /// Puts the workers' blocks back together into each streamed file's chunk list, in order.
 fn files_done(parts: Vec<Vec<Part>>, demuxed: &Demuxed) -> Result<HashMap<usize, FileDone>> {
-    let mut by_file: BTreeMap<usize, Vec<(usize, Vec<ChunkLoc>)>> = BTreeMap::new();
-    for (fid, first, chunks) in parts.into_iter().flatten() {
-        by_file.entry(fid).or_default().push((first, chunks));
+    let mut by_file: BTreeMap<usize, Vec<(usize, Logged, u64)>> = BTreeMap::new();
+    for (fid, first, logged, len) in parts.into_iter().flatten() {
+        by_file.entry(fid).or_default().push((first, logged, len));
     }
     let mut files = HashMap::new();
     for (fid, (path, size, sha)) in demuxed.files.iter().enumerate() {
         let mut parts = by_file.remove(&fid).unwrap_or_default();
         parts.sort_by_key(|p| p.0);
-        let chunks: Vec<_> = parts.into_iter().flat_map(|p| p.1).collect();
-        let sum: u64 = chunks.iter().map(|(_, l)| l.ulen() as u64).sum();
+        let sum: u64 = parts.iter().map(|p| p.2).sum();
+        let chunks: Vec<Logged> = parts.into_iter().map(|p| p.1).collect();
         if sum != *size {
             bail!("file {path}: {sum} of {size} bytes were stored\nhint: this is a bug; rerun the backup");
         }
