@@ -24,6 +24,7 @@ pub mod repo;
 pub mod restore;
 pub mod retention;
 pub mod sidecar;
+pub mod spill;
 pub mod store;
 pub mod tablespace;
 pub mod target;
