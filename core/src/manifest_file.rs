@@ -11,15 +11,23 @@
 
 use crate::repo::MAX_MANIFEST;
 use crate::store::Store;
+use crate::store::StoreError;
 use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use tidemark_format::manifest::parts;
 use tidemark_format::manifest::stream::{read_chunk_range, read_chunks_at, Source};
 use tidemark_format::manifest::{
-    ChunkRef, FileEntry, FileHead, HeadKind, ManifestIndex, ManifestReader,
+    ChunkRef, FileEntry, FileHead, HeadKind, ManifestHeader, ManifestIndex, ManifestReader,
 };
 use tidemark_format::{keys, FormatError};
+
+#[cfg(test)]
+mod tests;
+mod upload;
+pub use upload::{delete_parts, orphan_parts, upload, Put};
 
 /// Bytes copied from the store per range read.
 const DOWNLOAD_RANGE: u64 = 8 << 20;
@@ -76,7 +84,9 @@ impl LocalManifest {
                     matches!(
                         c.downcast_ref::<FormatError>(),
                         Some(FormatError::ChecksumMismatch { .. })
-                    )
+                    ) || c
+                        .downcast_ref::<StoreError>()
+                        .is_some_and(StoreError::is_not_found)
                 }) =>
             {
                 tracing::debug!(backup = %id, "manifest changed while it was read; reading it again");
@@ -87,8 +97,7 @@ impl LocalManifest {
     }
 
     async fn load_once(store: &Store, id: &str) -> Result<LocalManifest> {
-        let key = keys::manifest(id);
-        let copy = download(store, &key)
+        let copy = download(store, id)
             .await
             .with_context(|| format!("cannot read manifest of backup {id}"))?;
         let copy = Arc::new(copy);
@@ -193,24 +202,49 @@ impl LocalManifest {
     }
 }
 
-/// Copies object `key` into an unlinked temporary file, range by range.
-async fn download(store: &Store, key: &str) -> Result<Copy> {
-    let Some(len) = store.head(key).await? else {
-        bail!("{key} does not exist");
-    };
-    if len > MAX_MANIFEST {
-        bail!("{key} is {len} bytes, more than the {MAX_MANIFEST} a reader accepts");
+/// Loads and fully verifies one manifest into memory (for the commands that need it whole:
+/// `info`, expire's repack of a small repository); a manifest in parts is put together first.
+pub async fn load_whole(store: &Store, id: &str) -> Result<tidemark_format::manifest::Manifest> {
+    let copy = download(store, id)
+        .await
+        .with_context(|| format!("cannot read manifest of backup {id}"))?;
+    let m = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut b = vec![0u8; usize::try_from(copy.len)?];
+        copy.file.read_exact_at(&mut b, 0)?;
+        Ok(tidemark_format::manifest::Manifest::decode(&b))
+    })
+    .await??
+    .with_context(|| format!("backup {id} has an unreadable manifest"))?;
+    if m.header.backup_id != id {
+        bail!(
+            "manifest stored as backup {id} names itself {}",
+            m.header.backup_id
+        );
     }
-    let file = tempfile::tempfile().with_context(|| {
+    Ok(m)
+}
+
+/// A temporary file for a copy of `what` of about `len` bytes.
+fn scratch(what: &str, len: u64) -> Result<std::fs::File> {
+    tempfile::tempfile().with_context(|| {
         format!(
-            "cannot create a temporary file in {} for a copy of {key}\nhint: set TMPDIR to a writable directory with room for {len} bytes",
+            "cannot create a temporary file in {} for {what}\nhint: set TMPDIR to a writable directory with room for {len} bytes",
             std::env::temp_dir().display()
         )
-    })?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    let mut at = 0u64;
-    while at < len {
-        let end = (at + DOWNLOAD_RANGE).min(len);
+    })
+}
+
+/// Appends `range` of object `key` to `w`, range read by range read; feeds `hash` on the way.
+async fn copy_range(
+    store: &Store,
+    key: &str,
+    range: std::ops::Range<u64>,
+    w: &mut std::io::BufWriter<std::fs::File>,
+    mut hash: Option<&mut Sha256>,
+) -> Result<()> {
+    let mut at = range.start;
+    while at < range.end {
+        let end = (at + DOWNLOAD_RANGE).min(range.end);
         let b = store.get_range(key, at..end).await?;
         if b.len() as u64 != end - at {
             bail!(
@@ -218,14 +252,91 @@ async fn download(store: &Store, key: &str) -> Result<Copy> {
                 b.len()
             );
         }
+        if let Some(h) = hash.as_deref_mut() {
+            h.update(&b);
+        }
         w.write_all(&b).with_context(|| {
             format!(
-                "cannot write the copy of {key} in {}\nhint: set TMPDIR to a writable directory with room for {len} bytes",
+                "cannot write the copy of {key} in {}\nhint: set TMPDIR to a writable directory with room for it",
                 std::env::temp_dir().display()
             )
         })?;
         at = end;
     }
-    let file = w.into_inner().map_err(|e| e.into_error())?;
-    Ok(Copy { file, len })
+    Ok(())
 }
+
+/// Copies the manifest of backup `id` into an unlinked temporary file, range by range: the
+/// object itself, or for a manifest in parts (FORMAT.md 8.4.7) its first part and then every
+/// other part in order, each checked against its sha256.
+async fn download(store: &Store, id: &str) -> Result<Copy> {
+    let key = keys::manifest(id);
+    let Some(len) = store.head(&key).await? else {
+        bail!("{key} does not exist");
+    };
+    if len > MAX_MANIFEST {
+        bail!("{key} is {len} bytes, more than the {MAX_MANIFEST} a reader accepts");
+    }
+    let head = store.get_range(&key, 0..len.min(8)).await?;
+    let parted = head.len() == 8 && parts::is_parted(&head).unwrap_or(false);
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, scratch(&key, len)?);
+    if !parted {
+        copy_range(store, &key, 0..len, &mut w, None).await?;
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        return Ok(Copy { file, len });
+    }
+    // In parts: the table at the end names the others.
+    let tail = store
+        .get_range(&key, len.saturating_sub(parts::TAIL)..len)
+        .await?;
+    let count = parts::table_count(&tail, len)
+        .with_context(|| format!("backup {id} has an unreadable manifest"))?;
+    let first = len - parts::TAIL - u64::from(count) * parts::ROW;
+    let rows = store.get_range(&key, first..len - parts::TAIL).await?;
+    let table = parts::decode_table(&rows, count)
+        .with_context(|| format!("backup {id} has an unreadable manifest"))?;
+    let total = table.iter().fold(first, |t, p| t.saturating_add(p.len));
+    if total > MAX_MANIFEST {
+        bail!("backup {id}'s manifest in parts is {total} bytes, more than the {MAX_MANIFEST} a reader accepts");
+    }
+    copy_range(store, &key, 0..first, &mut w, None).await?;
+    for p in &table {
+        let pkey = keys::manifest_part(id, &p.sha256);
+        match store.head(&pkey).await? {
+            Some(n) if n == p.len => {}
+            Some(n) => bail!(
+                "part {pkey} of backup {id}'s manifest is {n} bytes, its table says {}\nhint: the repository is damaged; run 'tidemark-restore check'",
+                p.len
+            ),
+            None => {
+                return Err(StoreError::NotFound { key: pkey.clone() })
+                    .with_context(|| format!("part {pkey} of backup {id}'s manifest is missing"))
+            }
+        }
+        let mut h = Sha256::new();
+        copy_range(store, &pkey, 0..p.len, &mut w, Some(&mut h)).await?;
+        let got = tidemark_format::ChunkId(h.finalize().into());
+        if got != p.sha256 {
+            return Err(FormatError::ChecksumMismatch {
+                what: "manifest part",
+                expected: p.sha256.to_string(),
+                actual: got.to_string(),
+            })
+            .with_context(|| format!("part {pkey} of backup {id}'s manifest is damaged"));
+        }
+    }
+    let file = w.into_inner().map_err(|e| e.into_error())?;
+    // Listing reads a backup's header from a prefix of the manifest object: it must lie in the
+    // first part.
+    let mut prefix = vec![0u8; first.min(HEADER_MAX) as usize];
+    file.read_exact_at(&mut prefix, 0)?;
+    match ManifestHeader::decode_prefix(&prefix) {
+        Err(FormatError::Truncated { .. }) => bail!(
+            "backup {id} has an unreadable manifest: its backup header does not end within the first part ({first} bytes)"
+        ),
+        _ => Ok(Copy { file, len: total }),
+    }
+}
+
+/// Longest backup header (two labels at their cap and the ids; FORMAT.md 8.4.5).
+const HEADER_MAX: u64 = 2 * ((1 << 20) + 4) + 4096 + 8;

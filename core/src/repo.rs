@@ -149,21 +149,10 @@ async fn load_header(store: &Store, id: &str, size: u64) -> Result<ManifestHeade
     }
 }
 
-/// Loads and fully verifies one manifest.
+/// Loads and fully verifies one manifest into memory (a manifest in parts is put together
+/// first); readers of large manifests use [`crate::manifest_file::LocalManifest`] instead.
 pub async fn load_manifest(store: &Store, id: &str) -> Result<Manifest> {
-    let bytes = store
-        .get(&keys::manifest(id), MAX_MANIFEST)
-        .await
-        .with_context(|| format!("cannot read manifest of backup {id}"))?;
-    let m = Manifest::decode(&bytes)
-        .with_context(|| format!("backup {id} has an unreadable manifest"))?;
-    if m.header.backup_id != id {
-        bail!(
-            "manifest stored as backup {id} names itself {}",
-            m.header.backup_id
-        );
-    }
-    Ok(m)
+    crate::manifest_file::load_whole(store, id).await
 }
 
 /// Formats microseconds since the epoch as RFC 3339 UTC.

@@ -54,8 +54,12 @@ impl Writer {
     }
     /// Object header of an object kind introduced in a later minor version.
     pub fn header_minor(&mut self, magic: [u8; 4], minor: u16) {
+        self.header_version(magic, crate::FORMAT_MAJOR, minor);
+    }
+    /// Object header with an explicit major version (a manifest in parts is major 2, 8.4.7).
+    pub fn header_version(&mut self, magic: [u8; 4], major: u16, minor: u16) {
         self.raw(&magic);
-        self.u16(crate::FORMAT_MAJOR);
+        self.u16(major);
         self.u16(minor);
     }
     /// Appends the sha256 of everything written so far (the object trailer).
@@ -152,6 +156,11 @@ impl<'a> Reader<'a> {
     }
     /// Checks the 4-byte magic and the major version; returns the minor version.
     pub fn header(&mut self, magic: [u8; 4]) -> Result<u16, FormatError> {
+        self.header_of(magic, crate::FORMAT_MAJOR)
+            .map(|(_, minor)| minor)
+    }
+    /// Checks the 4-byte magic and that the major version is 1..=`max_major`; returns both.
+    pub fn header_of(&mut self, magic: [u8; 4], max_major: u16) -> Result<(u16, u16), FormatError> {
         let found = self.array::<4>()?;
         if found != magic {
             return Err(FormatError::BadMagic {
@@ -162,14 +171,14 @@ impl<'a> Reader<'a> {
         }
         let major = self.u16()?;
         let minor = self.u16()?;
-        if major != crate::FORMAT_MAJOR {
+        if major == 0 || major > max_major {
             return Err(FormatError::UnsupportedVersion {
                 what: self.what,
                 found: major,
-                max: crate::FORMAT_MAJOR,
+                max: max_major,
             });
         }
-        Ok(minor)
+        Ok((major, minor))
     }
     /// Fails unless every byte was consumed.
     pub fn expect_end(&self) -> Result<(), FormatError> {

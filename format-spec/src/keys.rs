@@ -14,7 +14,7 @@
 //! keyring/<key id>                          (format 1.2, encrypted repositories)
 //! ```
 
-use crate::ids::PackId;
+use crate::ids::{ContentHash, PackId};
 use crate::wal::WalFileName;
 
 pub const CONFIG: &str = "config";
@@ -29,6 +29,7 @@ pub const CLUSTERS: &str = "clusters/";
 pub const SYSTEMS: &str = "systems/";
 pub const KEYRING: &str = "keyring/";
 const MANIFEST_SUFFIX: &str = ".manifest";
+const PART_INFIX: &str = ".part-";
 const VERIFY_SUFFIX: &str = ".json";
 
 /// Who holds a lease.
@@ -111,6 +112,20 @@ pub fn pack(id: &PackId) -> String {
 
 pub fn manifest(backup_id: &str) -> String {
     format!("{BACKUPS}{backup_id}{MANIFEST_SUFFIX}")
+}
+
+/// A part of a manifest stored in parts (8.4.7), named by its sha256.
+pub fn manifest_part(backup_id: &str, sha256: &ContentHash) -> String {
+    format!("{BACKUPS}{backup_id}{PART_INFIX}{sha256}")
+}
+
+/// The backup id and sha256 of a manifest part key, or `None` for any other key.
+pub fn parse_manifest_part(key: &str) -> Option<(&str, ContentHash)> {
+    let (id, hash) = key.strip_prefix(BACKUPS)?.split_once(PART_INFIX)?;
+    crate::manifest::validate_backup_id(id).ok()?;
+    let is_hex = hash.len() == 64 && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let bytes: [u8; 32] = hex::decode(hash).ok().filter(|_| is_hex)?.try_into().ok()?;
+    Some((id, crate::ChunkId(bytes)))
 }
 
 pub fn wal(name: &WalFileName) -> String {
@@ -261,6 +276,32 @@ mod tests {
             "clusters/1/x",
         ] {
             assert_eq!(parse_cluster(bad), None, "{bad}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod part_tests {
+    use super::*;
+
+    #[test]
+    fn manifest_part_keys_round_trip_and_nothing_else_parses() {
+        let h = crate::ChunkId([0xab; 32]);
+        let k = manifest_part("20261121T204012Z", &h);
+        assert_eq!(
+            k,
+            format!("backups/20261121T204012Z.part-{}", "ab".repeat(32))
+        );
+        assert_eq!(parse_manifest_part(&k), Some(("20261121T204012Z", h)));
+        assert_eq!(parse_manifest(&k), None);
+        assert_eq!(parse_manifest_part(&manifest("20261121T204012Z")), None);
+        for bad in [
+            format!("backups/x.part-{}", "AB".repeat(32)),
+            format!("backups/x.part-{}", "ab".repeat(31)),
+            format!("backups/.x.part-{}", "ab".repeat(32)),
+            format!("wal/x.part-{}", "ab".repeat(32)),
+        ] {
+            assert_eq!(parse_manifest_part(&bad), None, "{bad}");
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::codec::{Reader, Writer};
 use crate::error::FormatError;
 use crate::ids::{ChunkId, ContentHash, Lsn, PackId, SystemId, TimelineId};
 
+pub mod parts;
 pub mod stream;
 pub use stream::{
     EntryHead, FileHead, HeadKind, ManifestIndex, ManifestReader, ManifestWriter, Source,
@@ -215,7 +216,7 @@ impl ManifestHeader {
     /// trailer is not in the prefix). `Truncated` means a longer prefix is needed.
     pub fn decode_prefix(buf: &[u8]) -> Result<Self, FormatError> {
         let mut r = Reader::new(WHAT, buf);
-        r.header(MAGIC)?;
+        r.header_of(MAGIC, parts::PARTED_MAJOR)?;
         Self::decode_from(&mut r)
     }
 }

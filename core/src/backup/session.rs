@@ -16,7 +16,6 @@ use crate::manifest_file::LocalManifest;
 use crate::repo;
 use crate::store::Store;
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -235,22 +234,19 @@ async fn commit(
     let (file, len, header) = written;
     let stats = header.stats;
     let backup_id = header.backup_id.clone();
-    // The one buffer a backup holds in proportion to its size: the encoded manifest, about 53
-    // bytes per 8 KiB chunk, for the create-only upload (FORMAT.md 8.4.6).
-    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
-        let mut b = vec![0u8; usize::try_from(len)?];
-        std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, 0)
-            .context("cannot read back the manifest written to a temporary file")?;
-        Ok(b)
-    })
-    .await
-    .context("manifest reader panicked")??;
     lease.check().await?;
     crate::testhooks::crash_point("backup-before-manifest");
-    store
-        .put_create(&keys::manifest(&backup_id), Bytes::from(bytes))
-        .await
-        .with_context(|| format!("cannot write the manifest of backup {backup_id}"))?;
+    // In parts above the part size (FORMAT.md 8.4.7): memory holds one part, never the whole
+    // manifest.
+    crate::manifest_file::upload(
+        store,
+        &backup_id,
+        file,
+        len,
+        crate::manifest_file::Put::Create,
+    )
+    .await
+    .with_context(|| format!("cannot write the manifest of backup {backup_id}"))?;
     tracing::info!(
         logical_bytes = stats.logical_bytes,
         stored_bytes = stats.new_stored_bytes,

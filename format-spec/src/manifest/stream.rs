@@ -55,7 +55,7 @@ pub fn verify_trailer<S: Source + ?Sized>(src: &S) -> Result<(), FormatError> {
     let len = src.len();
     let mut head = vec![0u8; len.min(8) as usize];
     read(src, 0, &mut head)?;
-    Reader::new(WHAT, &head).header(MAGIC)?;
+    Reader::new(WHAT, &head).header_of(MAGIC, super::parts::PARTED_MAJOR)?;
     if len < 8 + 32 {
         return Err(FormatError::Truncated {
             what: WHAT,
@@ -242,6 +242,7 @@ struct Pending {
 /// ([`verify_trailer`]) when the source is not already known to be whole.
 pub struct ManifestReader<'s, S: ?Sized> {
     cur: Cursor<'s, S>,
+    header_end: u64,
     packs: usize,
     entries_left: u64,
     prev: Option<String>,
@@ -263,9 +264,10 @@ impl<'s, S: Source + ?Sized> ManifestReader<'s, S> {
         let mut head = vec![0u8; end.min(8 + MAX_HEADER_LEN as u64) as usize];
         read(src, 0, &mut head)?;
         let mut r = Reader::new(WHAT, &head);
-        r.header(MAGIC)?;
+        r.header_of(MAGIC, super::parts::PARTED_MAJOR)?;
         let header = ManifestHeader::decode_from(&mut r)?;
-        let mut cur = Cursor::new(src, r.position() as u64, end);
+        let header_end = r.position() as u64;
+        let mut cur = Cursor::new(src, header_end, end);
         let npacks = cur.u32()? as u64;
         if npacks * 32 > end - cur.pos {
             return Err(FormatError::Truncated {
@@ -280,6 +282,7 @@ impl<'s, S: Source + ?Sized> ManifestReader<'s, S> {
         let entries_left = cur.u64()?;
         let reader = ManifestReader {
             cur,
+            header_end,
             packs: packs.len(),
             entries_left,
             prev: None,
@@ -287,6 +290,11 @@ impl<'s, S: Source + ?Sized> ManifestReader<'s, S> {
             pending: None,
         };
         Ok((reader, header, packs))
+    }
+
+    /// Where the backup header fields end (the pack table starts) in the object.
+    pub fn header_end(&self) -> u64 {
+        self.header_end
     }
 
     /// The next entry, or `None` after the last (the body must then end). Chunk references of
@@ -541,8 +549,35 @@ impl<W: Write> ManifestWriter<W> {
         packs: &[PackId],
         nentries: u64,
     ) -> std::io::Result<Self> {
+        Self::with_major(w, header, packs, nentries, crate::FORMAT_MAJOR)
+    }
+
+    /// Like [`new`](Self::new) for a manifest to be stored in parts (major version
+    /// [`PARTED_MAJOR`](super::parts::PARTED_MAJOR), 8.4.7) when `parted`.
+    pub fn new_for(
+        w: W,
+        header: &ManifestHeader,
+        packs: &[PackId],
+        nentries: u64,
+        parted: bool,
+    ) -> std::io::Result<Self> {
+        let major = if parted {
+            super::parts::PARTED_MAJOR
+        } else {
+            crate::FORMAT_MAJOR
+        };
+        Self::with_major(w, header, packs, nentries, major)
+    }
+
+    fn with_major(
+        w: W,
+        header: &ManifestHeader,
+        packs: &[PackId],
+        nentries: u64,
+        major: u16,
+    ) -> std::io::Result<Self> {
         let mut head = crate::codec::Writer::new();
-        head.header(MAGIC);
+        head.header_version(MAGIC, major, crate::FORMAT_MINOR);
         header.encode_into(&mut head);
         head.u32(
             u32::try_from(packs.len())
