@@ -102,6 +102,7 @@ pub(super) async fn upload_in(
             parts::PART_MAX
         );
     }
+    crate::testhooks::crash_point("manifest-after-parts");
     let mut main = read(0, first).await??;
     main.extend_from_slice(&parts::encode_table(&table));
     store_manifest(store, &key, Bytes::from(main), put).await?;
