@@ -14,6 +14,7 @@
 //! - Nothing is read but listings, manifests, history files and the newest drill record.
 
 use crate::archive::{self, Archive, Selection, Want};
+use crate::spill::{self, Record, Spill};
 use crate::store::Store;
 use crate::target::Target;
 use crate::timeline::History;
@@ -227,24 +228,34 @@ pub async fn make(store: &Store, want: &Want, rates: Option<Rates>) -> Result<Pl
         .collect();
 
     // The files.
-    let mut reads = std::collections::BTreeSet::new();
     for e in &m.entries {
         if let HeadKind::File(f) = &e.kind {
             p.restore.files += 1;
             p.restore.bytes += f.size;
         }
     }
+    // Each stored chunk is read once however many files use it: distinct (pack, offset),
+    // counted through scratch partitions so memory stays flat.
+    let estimate = m.header.stats.new_chunks + m.header.stats.reused_chunks;
+    let mut reads = Spill::<Read>::new("restore --dry-run", estimate, spill::budget()?)?;
     m.for_each_chunk(|c| {
-        if reads.insert((c.pack, c.offset)) {
-            p.restore.stored_bytes += c.clen as u64;
-        }
-        Ok(())
+        reads.push(&Read {
+            pack: c.pack,
+            offset: c.offset,
+            clen: c.clen,
+        })
     })?;
-    p.restore.packs = reads
-        .iter()
-        .map(|(pack, _)| pack)
-        .collect::<std::collections::BTreeSet<_>>()
-        .len() as u64;
+    let mut last: Option<Read> = None;
+    let mut packs = std::collections::BTreeSet::new();
+    for r in reads.finish()?.sorted() {
+        let r = r?;
+        if last.is_none_or(|l| (l.pack, l.offset) != (r.pack, r.offset)) {
+            p.restore.stored_bytes += r.clen as u64;
+            packs.insert(r.pack);
+        }
+        last = Some(r);
+    }
+    p.restore.packs = packs.len() as u64;
 
     // The WAL.
     let Some(seg) = archive.seg_size else {
@@ -489,5 +500,38 @@ mod tests {
         // Its own timeline only (--target-timeline current).
         let got = names(&segments_along(&a, &legs(&b, None), None, SEG));
         assert_eq!(got.last().unwrap().0, "000000010000000000000005");
+    }
+}
+
+/// One stored chunk a restore reads: (pack index, offset, stored length).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Read {
+    pack: u32,
+    offset: u64,
+    clen: u32,
+}
+
+impl Record for Read {
+    const SIZE: usize = 16;
+    fn encode(&self, out: &mut [u8]) {
+        out[..4].copy_from_slice(&self.pack.to_le_bytes());
+        out[4..12].copy_from_slice(&self.offset.to_le_bytes());
+        out[12..].copy_from_slice(&self.clen.to_le_bytes());
+    }
+    fn decode(b: &[u8]) -> Read {
+        let mut p = [0; 4];
+        p.copy_from_slice(&b[..4]);
+        let mut o = [0; 8];
+        o.copy_from_slice(&b[4..12]);
+        let mut c = [0; 4];
+        c.copy_from_slice(&b[12..16]);
+        Read {
+            pack: u32::from_le_bytes(p),
+            offset: u64::from_le_bytes(o),
+            clen: u32::from_le_bytes(c),
+        }
+    }
+    fn key(&self) -> u64 {
+        spill::spread(u64::from(self.pack))
     }
 }
