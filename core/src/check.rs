@@ -5,19 +5,88 @@
 //! WAL window leaves on purpose (`window::narrowed`: from a backup's stop segment to a later
 //! backup's start segment). Problems name the backups and the points in time they affect.
 
+use crate::manifest_file::LocalManifest;
 use crate::repo;
+use crate::spill::{self, Numbering, Record, Sorted, Spill};
 use crate::store::Store;
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
-use std::collections::{HashMap, HashSet};
-use tidemark_format::manifest::EntryKind;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use tidemark_format::manifest::ManifestHeader;
 use tidemark_format::pack::{self, PackEntry};
 use tidemark_format::{chunk, keys, ChunkId, PackId};
 
-/// Where a chunk sits and which backups reference it (ascending indexes into the readable
-/// backups, not their ids: this map has an entry per distinct chunk reference, so its size is
-/// what `check` needs per chunk), per pack.
-type PackRefs = HashMap<PackId, HashMap<(ChunkId, u64, u32, u32), Vec<u32>>>;
+/// One chunk reference of one backup as `check` spills it (64 bytes): the references of all
+/// backups are grouped by pack on disk (`spill`), not in memory, so `check`'s memory does not
+/// grow with the repository. Sorted by pack id (its first 8 bytes, then its number), offset,
+/// chunk id, clen, ulen and backup, so the references of one pack come together, identical
+/// references of several backups next to each other.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Ref {
+    /// The pack id's first 8 bytes, big-endian: the spill's key, ordered as the ids are.
+    pack_key: u64,
+    /// The pack's number in the run's [`Numbering`].
+    pack: u32,
+    offset: u64,
+    id: ChunkId,
+    clen: u32,
+    ulen: u32,
+    /// Index into the readable backups.
+    backup: u32,
+}
+
+impl Ref {
+    fn same_place(&self, o: &Ref) -> bool {
+        (self.pack, self.offset, self.id, self.clen, self.ulen)
+            == (o.pack, o.offset, o.id, o.clen, o.ulen)
+    }
+}
+
+impl Record for Ref {
+    const SIZE: usize = 64;
+    fn encode(&self, out: &mut [u8]) {
+        out[0..8].copy_from_slice(&self.pack_key.to_le_bytes());
+        out[8..12].copy_from_slice(&self.pack.to_le_bytes());
+        out[12..20].copy_from_slice(&self.offset.to_le_bytes());
+        out[20..52].copy_from_slice(&self.id.0);
+        out[52..56].copy_from_slice(&self.clen.to_le_bytes());
+        out[56..60].copy_from_slice(&self.ulen.to_le_bytes());
+        out[60..64].copy_from_slice(&self.backup.to_le_bytes());
+    }
+    fn decode(b: &[u8]) -> Ref {
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| (u64::from(u32_at(i + 4)) << 32) | u64::from(u32_at(i));
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&b[20..52]);
+        Ref {
+            pack_key: u64_at(0),
+            pack: u32_at(8),
+            offset: u64_at(12),
+            id: ChunkId(id),
+            clen: u32_at(52),
+            ulen: u32_at(56),
+            backup: u32_at(60),
+        }
+    }
+    fn key(&self) -> u64 {
+        self.pack_key
+    }
+}
+
+/// The first 8 bytes of a pack id, big-endian.
+fn pack_key(p: &PackId) -> u64 {
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&p.0[..8]);
+    u64::from_be_bytes(k)
+}
+
+/// The chunk references the manifest headers announce (`new_chunks + reused_chunks` each): the
+/// spill's estimate, never trusted beyond choosing its partition count.
+pub(crate) fn announced_refs<'a>(headers: impl IntoIterator<Item = &'a ManifestHeader>) -> u64 {
+    headers.into_iter().fold(0u64, |a, h| {
+        a.saturating_add(h.stats.new_chunks.saturating_add(h.stats.reused_chunks))
+    })
+}
 
 #[derive(Serialize, Default)]
 pub struct CheckReport {
@@ -37,7 +106,19 @@ pub struct Problem {
     pub what: String,
 }
 
+/// The problem of a backup whose manifest cannot be read (or streamed to its end).
+fn unreadable_manifest(id: &str, e: &anyhow::Error) -> Problem {
+    Problem {
+        backups: vec![id.to_string()],
+        what: format!("{e:#}\nhint: the backup cannot be restored; restore backups/{id}.manifest from a copy, or move it out of backups/ if the backup is lost"),
+    }
+}
+
 /// `sample` is the fraction of referenced chunks read and verified when `read_data` is set.
+///
+/// Memory: the chunk references of every backup go to scratch files grouped by pack
+/// (`spill`, budget [`spill::budget`]), read back one partition at a time; then one pack's index
+/// and the backups of one reference. Scratch space: 64 bytes per chunk reference of every backup.
 pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckReport> {
     repo::require_config(store).await?;
     let mut report = CheckReport {
@@ -52,67 +133,94 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
         });
     }
     let headers = all.readable;
-    // pack id -> (chunk id, offset, clen, ulen) -> backups referencing it
-    let mut refs: PackRefs = HashMap::new();
+    let mut gather = Gather {
+        spill: Spill::new("check", announced_refs(&headers), spill::budget()?)?,
+        packs: Numbering::default(),
+    };
+    // Backups whose manifest failed part way: their references already spilled are skipped.
+    let mut unread: HashSet<u32> = HashSet::new();
     for (bi, h) in headers.iter().enumerate() {
         let bi = u32::try_from(bi).context("more than 2^32 backups")?;
-        let m = match repo::load_manifest(store, &h.backup_id).await {
+        let m = match LocalManifest::load(store, &h.backup_id).await {
             Ok(m) => m,
-            Err(e)
-                if e.chain()
-                    .any(|c| c.downcast_ref::<crate::store::StoreError>().is_some()) =>
-            {
-                return Err(e)
-            }
+            Err(e) if is_store_error(&e) => return Err(e),
             Err(e) => {
-                report.problems.push(Problem {
-                    backups: vec![h.backup_id.clone()],
-                    what: format!("{e:#}\nhint: the backup cannot be restored; restore backups/{}.manifest from a copy, or move it out of backups/ if the backup is lost", h.backup_id),
-                });
+                report.problems.push(unreadable_manifest(&h.backup_id, &e));
                 continue;
             }
         };
-        report.backups_checked += 1;
-        for e in &m.entries {
-            if let EntryKind::File(f) = &e.kind {
-                for c in &f.chunks {
-                    let by = refs
-                        .entry(m.packs[c.pack as usize])
-                        .or_default()
-                        .entry((c.id, c.offset, c.clen, c.ulen))
-                        .or_default();
-                    // Backups are visited in order, so the list stays sorted and unique.
-                    if by.last() != Some(&bi) {
-                        by.push(bi);
-                    }
-                }
+        // On a blocking thread: the pass reads the local copy and writes the scratch files.
+        let name = h.backup_id.clone();
+        let (back, streamed) = tokio::task::spawn_blocking(move || {
+            let r = gather.add(&m, &name, bi);
+            (gather, r)
+        })
+        .await
+        .context("the pass over a manifest's chunk references failed")?;
+        gather = back;
+        // The outer error is the scratch files' (the run's), the inner one the manifest's.
+        match streamed? {
+            Ok(()) => report.backups_checked += 1,
+            Err(e) if is_store_error(&e) => return Err(e),
+            Err(e) => {
+                unread.insert(bi);
+                report.problems.push(unreadable_manifest(&h.backup_id, &e));
             }
         }
     }
+    let Gather { spill, packs } = gather;
+    let spilled = spill.finish()?;
+    let mut refs = spilled.sorted();
+    let mut next = next_ref(&mut refs, &unread)?;
+    // Deterministic sampling: every k-th chunk in the order above (by pack id, then offset), so
+    // reruns over the same backups read the same ones.
+    let every = if sample >= 1.0 {
+        1
+    } else {
+        (1.0 / sample.max(1e-9)).round() as u64
+    };
     let mut n = 0u64;
-    for (pid, chunks) in &refs {
+    while let Some(first) = next {
+        let pid = packs
+            .key(first.pack)
+            .context("a spilled reference names a pack that was never numbered")?;
         report.packs_checked += 1;
-        let key = keys::pack(pid);
-        let all_backups = || -> Vec<String> {
-            let b: HashSet<u32> = chunks.values().flatten().copied().collect();
-            names(&headers, b.iter())
-        };
+        let key = keys::pack(&pid);
         let index = match read_index(store, &key).await {
             Ok(ix) => ix,
             Err(e) => {
+                let mut backups = BTreeSet::new();
+                while let Some(r) = next.filter(|r| r.pack == first.pack) {
+                    backups.insert(r.backup);
+                    next = next_ref(&mut refs, &unread)?;
+                }
                 report.problems.push(Problem {
-                    backups: all_backups(),
+                    backups: names(&headers, backups.iter()),
                     what: format!("pack {pid}: {e:#}"),
                 });
                 continue;
             }
         };
         let by_offset: HashMap<u64, &PackEntry> = index.iter().map(|e| (e.offset, e)).collect();
-        for ((id, offset, clen, ulen), backups) in chunks {
+        while let Some(r) = next.filter(|r| r.pack == first.pack) {
+            // The backups of this reference, ascending (the records are sorted by backup last).
+            let mut backups = vec![r.backup];
+            loop {
+                next = next_ref(&mut refs, &unread)?;
+                match next {
+                    Some(x) if x.same_place(&r) => {
+                        if backups.last() != Some(&x.backup) {
+                            backups.push(x.backup);
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            let (id, offset, clen, ulen) = (r.id, r.offset, r.clen, r.ulen);
             report.chunks_checked += 1;
             let ok = by_offset
-                .get(offset)
-                .is_some_and(|e| e.id == *id && e.clen == *clen && e.ulen == *ulen);
+                .get(&offset)
+                .is_some_and(|e| e.id == id && e.clen == clen && e.ulen == ulen);
             if !ok {
                 report.problems.push(Problem {
                     backups: names(&headers, backups.iter()),
@@ -121,17 +229,11 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
                 continue;
             }
             n += 1;
-            // Deterministic sampling: every k-th chunk, so reruns read the same ones.
-            let every = if sample >= 1.0 {
-                1
-            } else {
-                (1.0 / sample.max(1e-9)).round() as u64
-            };
             if read_data && n.is_multiple_of(every.max(1)) {
                 report.chunks_read += 1;
-                let bytes = store.get_range(&key, *offset..offset + *clen as u64).await;
+                let bytes = store.get_range(&key, offset..offset + clen as u64).await;
                 let verdict = bytes.map_err(anyhow::Error::from).and_then(|b| {
-                    chunk::decode_with(&store.chunk_ids(), id, &b, *ulen)
+                    chunk::decode_with(&store.chunk_ids(), &id, &b, ulen)
                         .map(|_| ())
                         .map_err(anyhow::Error::from)
                 });
@@ -144,15 +246,70 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
             }
         }
     }
+    drop(refs);
+    drop(spilled);
     check_wal(store, &headers, &mut report, read_data).await?;
     Ok(report)
 }
 
+/// The spill of every backup's chunk references and the numbers of their packs.
+struct Gather {
+    spill: Spill<Ref>,
+    packs: Numbering<PackId>,
+}
+
+impl Gather {
+    /// Spills every chunk reference of `m` (backup index `bi`, id `id`). The outer error is the
+    /// scratch files' (the run fails); the inner one the manifest's (reading it failed part way).
+    fn add(&mut self, m: &LocalManifest, id: &str, bi: u32) -> Result<Result<()>> {
+        let mut scratch: Option<anyhow::Error> = None;
+        let streamed = m.for_each_chunk(|c| {
+            let pid = m.packs.get(c.pack as usize).ok_or_else(|| {
+                anyhow!(
+                    "backup {id}: a chunk names pack #{} of a table of {}",
+                    c.pack,
+                    m.packs.len()
+                )
+            })?;
+            let r = Ref {
+                pack_key: pack_key(pid),
+                pack: self.packs.number(*pid)?,
+                offset: c.offset,
+                id: c.id,
+                clen: c.clen,
+                ulen: c.ulen,
+                backup: bi,
+            };
+            self.spill.push(&r).map_err(|e| {
+                scratch = Some(e);
+                anyhow!("a scratch file failed")
+            })
+        });
+        match scratch {
+            Some(e) => Err(e),
+            None => Ok(streamed),
+        }
+    }
+}
+
+/// Whether a storage error is in `e`'s chain: the run fails, it is not the manifest's problem.
+fn is_store_error(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| c.downcast_ref::<crate::store::StoreError>().is_some())
+}
+
+/// The next spilled reference of a backup whose manifest was read to its end.
+fn next_ref(refs: &mut Sorted<'_, Ref>, unread: &HashSet<u32>) -> Result<Option<Ref>> {
+    while let Some(r) = refs.next_record()? {
+        if !unread.contains(&r.backup) {
+            return Ok(Some(r));
+        }
+    }
+    Ok(None)
+}
+
 /// The ids of the backups at indexes `ix` of `headers`, sorted.
-fn names<'a>(
-    headers: &[tidemark_format::manifest::ManifestHeader],
-    ix: impl Iterator<Item = &'a u32>,
-) -> Vec<String> {
+fn names<'a>(headers: &[ManifestHeader], ix: impl Iterator<Item = &'a u32>) -> Vec<String> {
     let mut v: Vec<String> = ix
         .filter_map(|i| headers.get(*i as usize))
         .map(|h| h.backup_id.clone())
@@ -184,7 +341,7 @@ pub(crate) async fn read_index(store: &Store, key: &str) -> Result<Vec<PackEntry
 
 async fn check_wal(
     store: &Store,
-    headers: &[tidemark_format::manifest::ManifestHeader],
+    headers: &[ManifestHeader],
     report: &mut CheckReport,
     read_data: bool,
 ) -> Result<()> {
@@ -240,7 +397,7 @@ async fn check_wal(
 /// follow see it as missing.
 async fn read_wal(
     store: &Store,
-    headers: &[tidemark_format::manifest::ManifestHeader],
+    headers: &[ManifestHeader],
     archive: &mut crate::archive::Archive,
     report: &mut CheckReport,
 ) -> Result<()> {
