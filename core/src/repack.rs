@@ -12,12 +12,16 @@
 //!   damaged chunk stops the repack and is never spread.
 //! - Old packs are only condemned here, never deleted: a restore that read a manifest before its
 //!   replacement keeps reading the old packs for at least the grace period.
-//! - Memory: the live set holds 12 bytes per distinct chunk reference of the retained backups (plus
-//!   up to the references of one manifest before compaction); the copy holds one pack being
+//! - Memory: the live set spills its references (16 bytes per chunk reference of the retained
+//!   backups) to scratch files grouped by pack (`crate::spill`) and reads them back one
+//!   partition at a time, holding a number and a sum per pack; the chosen packs' live frames
+//!   (bounded by the repack budget in bytes) are kept for the copy, which holds one pack being
 //!   filled and [`READS_IN_FLIGHT`] range reads of at most `ranges::READ_MAX` bytes.
 
 use crate::check::read_index;
+use crate::manifest_file::LocalManifest;
 use crate::ranges;
+use crate::spill::{self, Numbering, Record, Spill, Spilled};
 use crate::store::Store;
 use crate::testhooks::crash_point;
 use anyhow::{anyhow, bail, Context, Result};
@@ -31,8 +35,6 @@ use tidemark_format::{chunk, keys, PackId};
 
 /// Range reads of the packs being repacked in flight.
 const READS_IN_FLIGHT: usize = 4;
-/// A pack's reference list is sorted and deduplicated whenever it doubles past this length.
-const COMPACT_MIN: usize = 1024;
 
 /// When a pack is worth repacking, and how much a run may copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,65 +54,168 @@ impl Default for RepackOptions {
     }
 }
 
-/// The chunk frames of each pack that retained backups reference, as (offset, clen).
-#[derive(Default)]
-pub struct LiveSet {
-    packs: HashMap<PackId, LiveRefs>,
+/// One chunk reference of a retained backup as the live set spills it (16 bytes): the pack's
+/// number in the set's [`Numbering`], and the frame's offset and stored length.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Frame {
+    pack: u32,
+    offset: u64,
+    clen: u32,
 }
 
-#[derive(Default)]
-struct LiveRefs {
-    refs: Vec<(u64, u32)>,
-    compacted: usize,
-}
-
-impl LiveRefs {
-    fn compact(&mut self) {
-        self.refs.sort_unstable();
-        self.refs.dedup();
-        self.compacted = self.refs.len();
+impl Record for Frame {
+    const SIZE: usize = 16;
+    fn encode(&self, out: &mut [u8]) {
+        out[0..4].copy_from_slice(&self.pack.to_le_bytes());
+        out[4..12].copy_from_slice(&self.offset.to_le_bytes());
+        out[12..16].copy_from_slice(&self.clen.to_le_bytes());
     }
+    fn decode(b: &[u8]) -> Frame {
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        Frame {
+            pack: u32_at(0),
+            offset: (u64::from(u32_at(8)) << 32) | u64::from(u32_at(4)),
+            clen: u32_at(12),
+        }
+    }
+    fn key(&self) -> u64 {
+        spill::spread(u64::from(self.pack))
+    }
+}
 
-    /// The distinct frames, sorted, and their total stored bytes.
-    fn finish(mut self) -> (u64, Vec<(u64, u32)>) {
-        self.compact();
-        let bytes = self.refs.iter().map(|(_, c)| u64::from(*c)).sum();
-        (bytes, self.refs)
+/// The chunk frames of each pack that retained backups reference, spilled to scratch files
+/// grouped by pack (`crate::spill`): memory holds a number per pack, not an entry per reference.
+pub struct LiveSet {
+    packs: Numbering<PackId>,
+    spill: Option<Spill<Frame>>,
+    estimate: u64,
+    budget: u64,
+    /// The first error of [`LiveSet::add`], returned by whatever reads the set.
+    failed: Option<anyhow::Error>,
+}
+
+impl Default for LiveSet {
+    /// A set with no estimate and the default budget: one partition, merged in runs if it
+    /// outgrows the budget.
+    fn default() -> Self {
+        LiveSet::new(0, spill::DEFAULT_BUDGET)
     }
 }
 
 impl LiveSet {
-    /// Adds every chunk reference of a retained backup.
+    /// A set for about `estimate` chunk references whose scratch partitions fit `budget` bytes.
+    pub fn new(estimate: u64, budget: u64) -> LiveSet {
+        LiveSet {
+            packs: Numbering::default(),
+            spill: None,
+            estimate,
+            budget,
+            failed: None,
+        }
+    }
+
+    /// Adds one chunk reference of a retained backup.
+    pub fn push(&mut self, pack: PackId, offset: u64, clen: u32) -> Result<()> {
+        let f = Frame {
+            pack: self.packs.number(pack)?,
+            offset,
+            clen,
+        };
+        let s = match &mut self.spill {
+            Some(s) => s,
+            None => self
+                .spill
+                .insert(Spill::new("expire", self.estimate, self.budget)?),
+        };
+        s.push(&f)
+    }
+
+    /// Adds every chunk reference of a retained backup, streamed from its local copy (blocking:
+    /// call from a blocking thread).
+    pub fn add_local(&mut self, m: &LocalManifest) -> Result<()> {
+        m.for_each_chunk(|c| {
+            let p = m.packs.get(c.pack as usize).ok_or_else(|| {
+                anyhow!(
+                    "backup {}: a chunk names pack #{} of a table of {}",
+                    m.header.backup_id,
+                    c.pack,
+                    m.packs.len()
+                )
+            })?;
+            self.push(*p, c.offset, c.clen)
+        })
+    }
+
+    /// Adds every chunk reference of a retained backup held whole. An error (of the scratch
+    /// files) is kept and returned by [`LiveSet::try_live_bytes`] and [`choose`].
     pub fn add(&mut self, m: &Manifest) {
+        if self.failed.is_some() {
+            return;
+        }
         for e in &m.entries {
             if let EntryKind::File(f) = &e.kind {
                 for c in &f.chunks {
                     if let Some(p) = m.packs.get(c.pack as usize) {
-                        self.packs
-                            .entry(*p)
-                            .or_default()
-                            .refs
-                            .push((c.offset, c.clen));
+                        if let Err(e) = self.push(*p, c.offset, c.clen) {
+                            self.failed = Some(e);
+                            return;
+                        }
                     }
                 }
             }
         }
-        for l in self.packs.values_mut() {
-            if l.refs.len() >= 2 * l.compacted.max(COMPACT_MIN) {
-                l.compact();
-            }
+    }
+
+    /// The spilled frames, or the first error of [`LiveSet::add`].
+    fn finish(self) -> Result<(Numbering<PackId>, Option<Spilled<Frame>>)> {
+        if let Some(e) = self.failed {
+            return Err(e);
         }
+        let spilled = self.spill.map(Spill::finish).transpose()?;
+        Ok((self.packs, spilled))
+    }
+
+    /// Live bytes per pack: the sum of `clen` over its distinct referenced frames.
+    pub fn try_live_bytes(self) -> Result<HashMap<PackId, u64>> {
+        let (packs, spilled) = self.finish()?;
+        let mut out = HashMap::new();
+        for_each_distinct(spilled.as_ref(), |f| {
+            let p = packs
+                .key(f.pack)
+                .context("a spilled frame names a pack that was never numbered")?;
+            *out.entry(p).or_insert(0u64) += u64::from(f.clen);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// [`LiveSet::try_live_bytes`] for a report that can go without it: an error of the scratch
+    /// files is logged and leaves the map empty.
+    pub fn live_bytes(self) -> HashMap<PackId, u64> {
+        self.try_live_bytes().unwrap_or_else(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "cannot sum the live bytes per pack; garbage is not reported");
+            HashMap::new()
+        })
     }
 }
 
-impl LiveSet {
-    /// Live bytes per pack: the sum of `clen` over its distinct referenced frames.
-    pub fn live_bytes(self) -> HashMap<PackId, u64> {
-        self.packs
-            .into_iter()
-            .map(|(p, l)| (p, l.finish().0))
-            .collect()
+/// Every distinct frame of `spilled`, the frames of one pack together, sorted by offset.
+fn for_each_distinct(
+    spilled: Option<&Spilled<Frame>>,
+    mut f: impl FnMut(Frame) -> Result<()>,
+) -> Result<()> {
+    let Some(spilled) = spilled else {
+        return Ok(());
+    };
+    let mut last: Option<Frame> = None;
+    for r in spilled.sorted() {
+        let r = r?;
+        if last != Some(r) {
+            f(r)?;
+            last = Some(r);
+        }
     }
+    Ok(())
 }
 
 /// One pack chosen for repacking, as printed in the plan.
@@ -148,37 +253,48 @@ pub struct Chosen {
 
 /// Chooses the packs to repack: referenced packs that exist (`sizes`, from a listing) with at least
 /// `min_garbage_percent` garbage, most garbage first (by live fraction, then id), while the live
-/// bytes copied stay within the budget.
+/// bytes copied stay within the budget. Two passes over the live set: the live bytes per pack,
+/// then the live frames of the chosen packs.
 pub fn choose(
     live: LiveSet,
     sizes: &BTreeMap<PackId, u64>,
     opts: &RepackOptions,
-) -> (RepackPlan, Vec<Chosen>) {
+) -> Result<(RepackPlan, Vec<Chosen>)> {
     let mut plan = RepackPlan {
         budget_bytes: opts.budget_bytes,
         min_garbage_percent: opts.min_garbage_percent,
         ..Default::default()
     };
     let keep_percent = u128::from(100 - opts.min_garbage_percent.clamp(1, 100));
-    // (pack, size, live bytes, live frames)
-    type Candidate = (PackId, u64, u64, Vec<(u64, u32)>);
-    let mut candidates: Vec<Candidate> = Vec::new();
-    for (p, l) in live.packs {
+    let (packs, spilled) = live.finish()?;
+    // Live bytes by pack number.
+    let mut sums: HashMap<u32, u64> = HashMap::new();
+    for_each_distinct(spilled.as_ref(), |f| {
+        *sums.entry(f.pack).or_insert(0) += u64::from(f.clen);
+        Ok(())
+    })?;
+    // (pack, number, size, live bytes)
+    let mut candidates: Vec<(PackId, u32, u64, u64)> = Vec::new();
+    for (n, live_bytes) in sums {
+        let p = packs
+            .key(n)
+            .context("a spilled frame names a pack that was never numbered")?;
         let Some(&size) = sizes.get(&p) else {
             continue;
         };
-        let (live_bytes, refs) = l.finish();
         if u128::from(live_bytes) * 100 <= u128::from(size) * keep_percent {
-            candidates.push((p, size, live_bytes, refs));
+            candidates.push((p, n, size, live_bytes));
         }
     }
     candidates.sort_by(|a, b| {
-        (u128::from(a.2) * u128::from(b.1))
-            .cmp(&(u128::from(b.2) * u128::from(a.1)))
+        (u128::from(a.3) * u128::from(b.2))
+            .cmp(&(u128::from(b.3) * u128::from(a.2)))
             .then(a.0.cmp(&b.0))
     });
     let mut chosen = Vec::new();
-    for (p, size, live_bytes, refs) in candidates {
+    // Pack number -> position in `chosen`.
+    let mut position: HashMap<u32, usize> = HashMap::new();
+    for (p, n, size, live_bytes) in candidates {
         if opts.budget_bytes == 0 || plan.live_bytes + live_bytes > opts.budget_bytes {
             plan.over_budget += 1;
             continue;
@@ -190,12 +306,21 @@ pub fn choose(
             size,
             live_bytes,
         });
+        position.insert(n, chosen.len());
         chosen.push(Chosen {
             pack: p,
-            live: refs,
+            live: Vec::new(),
         });
     }
-    (plan, chosen)
+    if !chosen.is_empty() {
+        for_each_distinct(spilled.as_ref(), |f| {
+            if let Some(&i) = position.get(&f.pack) {
+                chosen[i].live.push((f.offset, f.clen));
+            }
+            Ok(())
+        })?;
+    }
+    Ok((plan, chosen))
 }
 
 /// Where the live chunks of the repacked packs are now.
@@ -420,7 +545,7 @@ mod tests {
             budget_bytes: 500,
             min_garbage_percent: 50,
         };
-        let (plan, chosen) = choose(live, &sizes, &opts);
+        let (plan, chosen) = choose(live, &sizes, &opts).unwrap();
         let ids: Vec<PackId> = chosen.iter().map(|c| c.pack).collect();
         assert_eq!(
             ids,
@@ -441,7 +566,8 @@ mod tests {
                 budget_bytes: 0,
                 min_garbage_percent: 50,
             },
-        );
+        )
+        .unwrap();
         assert!(chosen.is_empty());
         assert_eq!(plan.over_budget, 1);
     }

@@ -10,6 +10,7 @@
 use super::plan::Plan;
 use super::planner::{self, ExpireOptions, LeaseFact, LeaseVerdict, Stored, Work};
 use crate::lease::{self, LeaseHandle};
+use crate::manifest_file::LocalManifest;
 use crate::repack::{self, LiveSet};
 use crate::repo;
 use crate::store::Store;
@@ -65,20 +66,30 @@ pub(super) async fn plan_now(
     }
     let headers = all.readable;
     let ids: Vec<String> = headers.iter().map(|h| h.backup_id.clone()).collect();
+    // The spill's estimate (an upper bound: every backup's announced chunk references).
+    let estimate = crate::check::announced_refs(&headers);
     // The history a restore of `latest` follows: backups off it are on abandoned branches.
     let archive = crate::archive::Archive::list(store).await?;
     let followed = crate::archive::history(store, &archive, &headers).await?;
     let retained = planner::retain(opts, now, leases, headers, &followed)?;
     // Full reads: a damaged manifest stops expire here, before anything is deleted (its pack table
-    // could under-report what it references).
+    // could under-report what it references). Each manifest is verified whole in a local copy
+    // and its chunk references streamed from there into the spilled live set.
     let mut pack_tables = HashMap::new();
-    let mut live = LiveSet::default();
+    let mut live = LiveSet::new(estimate, crate::spill::budget()?);
     for id in ids {
-        let m = repo::load_manifest(store, &id).await?;
+        let mut m = LocalManifest::load(store, &id).await?;
         if retained.needs_chunks(&id) {
-            live.add(&m);
+            let (back, added) = tokio::task::spawn_blocking(move || {
+                let r = live.add_local(&m);
+                (live, r.map(|()| m))
+            })
+            .await
+            .context("the pass over a manifest's chunk references failed")?;
+            live = back;
+            m = added?;
         }
-        pack_tables.insert(id, m.packs);
+        pack_tables.insert(id, m.packs.clone());
     }
     let packs = store
         .list(keys::PACKS)

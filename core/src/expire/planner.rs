@@ -242,7 +242,7 @@ pub fn plan(r: Retained, opts: &ExpireOptions, stored: Stored) -> Result<(Plan, 
         }
     }
     let (repack, chosen, relocate) = if touch {
-        repack_step(stored.live, &stored.packs, &stored.pack_tables, &r, opts)
+        repack_step(stored.live, &stored.packs, &stored.pack_tables, &r, opts)?
     } else {
         (RepackPlan::default(), Vec::new(), Vec::new())
     };
@@ -545,8 +545,8 @@ fn repack_step(
     pack_tables: &HashMap<String, Vec<PackId>>,
     r: &Retained,
     opts: &ExpireOptions,
-) -> (RepackPlan, Vec<Chosen>, Vec<String>) {
-    let (mut plan, chosen) = repack::choose(live, sizes, &opts.repack);
+) -> Result<(RepackPlan, Vec<Chosen>, Vec<String>)> {
+    let (mut plan, chosen) = repack::choose(live, sizes, &opts.repack)?;
     let moved: BTreeSet<PackId> = chosen.iter().map(|c| c.pack).collect();
     let mut relocate: Vec<String> = r
         .decisions
@@ -561,7 +561,7 @@ fn repack_step(
         .collect();
     relocate.sort();
     plan.rewrite_manifests = relocate.clone();
-    (plan, chosen, relocate)
+    Ok((plan, chosen, relocate))
 }
 
 /// The start segment named in a backup label (`START WAL LOCATION: x/y (file NAME)`).
