@@ -113,6 +113,7 @@ impl<R: Record> Spill<R> {
     /// A spill for about `estimate` records whose partitions fit `budget` bytes each; `what`
     /// names the command in errors.
     pub fn new(what: &'static str, estimate: u64, budget: u64) -> Result<Spill<R>> {
+        anyhow::ensure!(R::SIZE > 0, "{what}: a spilled record cannot be empty");
         let budget = budget.max(1);
         let per_part = (budget / mem_size::<R>()).max(1);
         let p = estimate.div_ceil(per_part).clamp(1, MAX_PARTITIONS as u64) as usize;
