@@ -27,7 +27,7 @@ use tidemark_format::{keys, FormatError};
 #[cfg(test)]
 mod tests;
 mod upload;
-pub use upload::{delete_parts, orphan_parts, upload, Put};
+pub use upload::{delete_parts, index_file, orphan_parts, parts_by_backup, upload, Put};
 
 /// Bytes copied from the store per range read.
 const DOWNLOAD_RANGE: u64 = 8 << 20;

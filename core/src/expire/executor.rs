@@ -19,7 +19,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use std::collections::{BTreeSet, HashMap};
 use tidemark_format::lock::GcState;
-use tidemark_format::manifest::Manifest;
 use tidemark_format::{keys, PackId};
 
 /// Deletions between two confirmations that the lease object still exists.
@@ -162,6 +161,7 @@ pub(super) async fn execute(
     let now = lease::now_us();
     let own = held.key();
     let leases = planner::judge_leases(&other_leases(store, Some(&own), now).await?)?;
+    let touches_data = leases.deferred.is_none();
     crash_point("leased");
     let (plan, work) = plan_now(store, opts, now, leases).await?;
     crate::testhooks::pause_point_async("expire-before-delete").await;
@@ -176,12 +176,21 @@ pub(super) async fn execute(
             .await
             .with_context(|| format!("cannot delete stale lease {k}"))?;
     }
+    let mut parts = crate::manifest_file::parts_by_backup(store).await?;
     for (i, id) in work.remove.iter().enumerate() {
         g.before_delete().await?;
         store
             .delete(&keys::manifest(id))
             .await
             .with_context(|| format!("cannot delete the manifest of backup {id}"))?;
+        // Then its parts (FORMAT.md 8.4.7): a crash in between leaves orphans, deleted below.
+        for k in parts.remove(id).unwrap_or_default() {
+            g.before_delete().await?;
+            store
+                .delete(&k)
+                .await
+                .with_context(|| format!("cannot delete manifest part {k}"))?;
+        }
         tracing::info!(backup = %id, "backup removed");
         if i == 0 {
             crash_point("manifest");
@@ -206,6 +215,18 @@ pub(super) async fn execute(
         }
     }
     crash_point("packs");
+    // Parts of manifests that do not exist (a backup killed between its parts and its manifest,
+    // an expire killed between a manifest and its parts), like unreferenced packs only while no
+    // backup runs: a running backup's parts precede its manifest.
+    if touches_data {
+        for k in crate::manifest_file::orphan_parts(store).await? {
+            g.before_delete().await?;
+            store
+                .delete(&k)
+                .await
+                .with_context(|| format!("cannot delete orphan manifest part {k}"))?;
+        }
+    }
     let new_packs = repack_and_relocate(store, &work, &mut g, now, pack_target).await?;
     for (i, k) in work.wal.iter().enumerate() {
         g.before_delete().await?;
@@ -281,26 +302,50 @@ async fn repack_and_relocate(
         return Ok(BTreeSet::new());
     }
     g.lease.check().await?;
-    let moved = repack::copy(store, pack_target, &work.repack).await?;
+    let moved = std::sync::Arc::new(repack::copy(store, pack_target, &work.repack).await?);
     crash_point("repacked-packs");
+    let mut parts = crate::manifest_file::parts_by_backup(store).await?;
     for (i, id) in work.relocate.iter().enumerate() {
-        let mut m = repo::load_manifest(store, id).await?;
-        if !repack::relocate(&mut m, &moved)? {
+        let m = LocalManifest::load(store, id).await?;
+        let r = std::sync::Arc::clone(&moved);
+        let (m, relocated) = tokio::task::spawn_blocking(move || {
+            let out = repack::relocate_local(&m, &r);
+            (m, out)
+        })
+        .await
+        .context("relocating a manifest failed")?;
+        let Some((file, len)) = relocated? else {
             continue;
-        }
-        let bytes = Bytes::from(m.encode());
+        };
         // The replacement must read back as the same backup before it replaces the original.
-        let check = Manifest::decode(&bytes)
+        let (file, check) = tokio::task::spawn_blocking(move || {
+            let check = crate::manifest_file::index_file(&file, len);
+            (file, check)
+        })
+        .await
+        .context("reading back a relocated manifest failed")?;
+        let check = check
             .with_context(|| format!("the relocated manifest of backup {id} does not decode"))?;
         anyhow::ensure!(
             check.header == m.header && check.entries.len() == m.entries.len(),
             "the relocated manifest of backup {id} differs from the backup"
         );
         g.before_delete().await?;
-        store
-            .put_replace(&keys::manifest(id), bytes)
-            .await
-            .with_context(|| format!("cannot replace the manifest of backup {id}"))?;
+        let kept =
+            crate::manifest_file::upload(store, id, file, len, crate::manifest_file::Put::Replace)
+                .await
+                .with_context(|| format!("cannot replace the manifest of backup {id}"))?;
+        // The parts the old table named and the new one does not (FORMAT.md 8.4.7).
+        for k in parts.remove(id).unwrap_or_default() {
+            let still = keys::parse_manifest_part(&k).is_some_and(|(_, h)| kept.contains(&h));
+            if !still {
+                g.before_delete().await?;
+                store
+                    .delete(&k)
+                    .await
+                    .with_context(|| format!("cannot delete manifest part {k}"))?;
+            }
+        }
         tracing::info!(backup = %id, "manifest relocated to repacked packs");
         if i == 0 {
             crash_point("relocated");

@@ -151,6 +151,35 @@ async fn header_end(f: &Arc<std::fs::File>, len: u64) -> Result<u64> {
     .await?
 }
 
+/// Every manifest part key in the repository, by backup id.
+pub async fn parts_by_backup(
+    store: &Store,
+) -> Result<std::collections::HashMap<String, Vec<String>>> {
+    let mut out: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for l in store
+        .list(keys::BACKUPS)
+        .await
+        .context("cannot list backups")?
+    {
+        if let Some((id, _)) = keys::parse_manifest_part(&l.key) {
+            out.entry(id.to_string()).or_default().push(l.key.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Verifies the manifest a writer left in `file` (`len` bytes) and returns its index.
+pub fn index_file(
+    file: &std::fs::File,
+    len: u64,
+) -> Result<tidemark_format::manifest::ManifestIndex> {
+    let copy = Copy {
+        file: file.try_clone()?,
+        len,
+    };
+    Ok(tidemark_format::manifest::ManifestIndex::read(&copy)?)
+}
+
 /// Deletes the parts of backup `id`'s manifest (FORMAT.md 8.4.7) but those in `keep`: after
 /// its manifest object was deleted, or replaced by one naming other parts. Returns how many.
 pub async fn delete_parts(store: &Store, id: &str, keep: &[ContentHash]) -> Result<u64> {
