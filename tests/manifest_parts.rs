@@ -83,7 +83,8 @@ async fn manifests_in_parts_back_up_restore_expire_and_check() -> Result<()> {
         "the nightly must reuse the parent's chunks: {bj}"
     );
     let b = bj["backup_id"].as_str().context("id")?.to_string();
-    ensure!(major_of(&repo, &b)? == 2 && !parts_of(&repo, &b)?.is_empty());
+    let b_parts = parts_of(&repo, &b)?;
+    ensure!(major_of(&repo, &b)? == 2 && !b_parts.is_empty());
     data::write_batch(&db, 3).await?;
     src.switch_wal_and_wait(&repo).await?;
     restore_exact(&dir, &repo, "r1", &data::batch_counts(&db).await?).await?;
@@ -125,12 +126,25 @@ async fn manifests_in_parts_back_up_restore_expire_and_check() -> Result<()> {
             "1",
             "--gc-grace",
             "0s",
+            "--repack-min-garbage",
+            "1",
             "--json",
         ],
         &envs,
     )
     .await?
     .ok()?;
+    let plan = out.json_document()?;
+    ensure!(
+        plan["repack"]["rewrite_manifests"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|v| v == b.as_str())),
+        "the repack must relocate B: {plan}"
+    );
+    ensure!(
+        parts_of(&repo, &b)? != b_parts,
+        "B's relocated manifest must be new parts"
+    );
     ensure!(
         parts_of(&repo, &orphan)?.is_empty(),
         "expire must delete the killed backup's parts:\n{out}"
