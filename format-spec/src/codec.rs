@@ -130,14 +130,7 @@ impl<'a> Reader<'a> {
     }
     /// A byte string of at most `max` bytes.
     pub fn bytes(&mut self, field: &'static str, max: usize) -> Result<&'a [u8], FormatError> {
-        let len = self.u32()? as usize;
-        if len > max {
-            return Err(FormatError::TooLarge {
-                what: field,
-                size: len as u64,
-                max: max as u64,
-            });
-        }
+        let len = string_len(field, self.u32()?, max)?;
         self.take(len)
     }
     pub fn opt_bytes(
@@ -196,6 +189,20 @@ impl<'a> Reader<'a> {
         let fit = self.remaining() / min_elem_size.max(1);
         usize::try_from(count).unwrap_or(usize::MAX).min(fit)
     }
+}
+
+/// The length of a byte string whose `u32` prefix says `len`, refused above `max` (before
+/// anything is allocated for it).
+pub fn string_len(field: &'static str, len: u32, max: usize) -> Result<usize, FormatError> {
+    let len = len as usize;
+    if len > max {
+        return Err(FormatError::TooLarge {
+            what: field,
+            size: len as u64,
+            max: max as u64,
+        });
+    }
+    Ok(len)
 }
 
 /// Verifies and strips the 32-byte sha256 trailer of `buf`.

@@ -151,14 +151,7 @@ impl<'s, S: Source + ?Sized> Cursor<'s, S> {
         Ok(u64::from_le_bytes(self.array()?))
     }
     fn bytes(&mut self, field: &'static str, max: usize) -> Result<&[u8], FormatError> {
-        let len = self.u32()? as usize;
-        if len > max {
-            return Err(FormatError::TooLarge {
-                what: field,
-                size: len as u64,
-                max: max as u64,
-            });
-        }
+        let len = crate::codec::string_len(field, self.u32()?, max)?;
         self.take(len)
     }
 }
