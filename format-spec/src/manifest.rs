@@ -15,9 +15,9 @@ use crate::ids::{ChunkId, ContentHash, Lsn, PackId, SystemId, TimelineId};
 
 pub mod parts;
 pub mod stream;
-pub use stream::{
-    EntryHead, FileHead, HeadKind, ManifestIndex, ManifestReader, ManifestWriter, Source,
-};
+mod writer;
+pub use stream::{EntryHead, FileHead, HeadKind, ManifestIndex, ManifestReader, Source};
+pub use writer::ManifestWriter;
 
 pub const MAGIC: [u8; 4] = *b"TMMF";
 const WHAT: &str = "backup manifest";
