@@ -5,7 +5,7 @@
 
 use crate::repo;
 use crate::store::Store;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 use tidemark_format::keys;
 use tidemark_format::wal::WalFileName;
@@ -232,12 +232,23 @@ pub async fn collect_with(store: &Store, pg_major: Option<u32>, depth: Depth) ->
     let cfg = repo::require_config(store).await?;
     let headers = repo::list_backups(store).await?;
     let mut referenced = std::collections::HashSet::new();
-    let mut live = crate::repack::LiveSet::default();
+    let mut live = crate::repack::LiveSet::new(
+        crate::check::announced_refs(&headers),
+        crate::spill::budget()?,
+    );
     if depth == Depth::Full {
+        // Each manifest through a local copy and its references through scratch partitions:
+        // memory does not grow with the repository (issue 16).
         for h in &headers {
-            let m = repo::load_manifest(store, &h.backup_id).await?;
-            live.add(&m);
-            referenced.extend(m.packs);
+            let m = crate::manifest_file::LocalManifest::load(store, &h.backup_id).await?;
+            let (back, added) = tokio::task::spawn_blocking(move || {
+                let r = live.add_local(&m);
+                (live, r.map(|()| m))
+            })
+            .await
+            .context("the pass over a manifest's chunk references failed")?;
+            live = back;
+            referenced.extend(added?.packs.iter().copied());
         }
     }
     let live = live.live_bytes();
