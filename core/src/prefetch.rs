@@ -1,43 +1,65 @@
-//! Over 500 lines because the spool's safety rules (binding, verification, cleanup) and the fetch-
-//! ahead logic must be read together.
+//! WAL prefetch for `wal-fetch` (restore_command): a spool of segments decoded ahead of
+//! PostgreSQL's startup process, so that most requests cost one rename.
 //!
-//! WAL prefetch for `wal-fetch` (restore_command): when PostgreSQL asks for segment N and the spool
-//! does not have it, segments N..N+depth are fetched in parallel; N goes to PostgreSQL and the rest
-//! wait in a local spool, so the next `depth` requests cost no round trip to the object store.
+//! When PostgreSQL asks for segment N, `fetch` records N in the spool (`.asked`) and serves N
+//! from the spool when it is there. Otherwise it makes sure a filler is running and waits for N;
+//! the filler ([`fill`]) fetches N and the next `depth` segments from the archive, verifies each
+//! and writes it into the spool as the plain segment, then keeps that window `depth` segments
+//! ahead of the last one asked. In the binary the filler is a background process (the same
+//! `wal-fetch` command with [`FILL_ENV`] set), so decoding overlaps replay; in tests it can run in
+//! the same process before the fetch returns ([`Filler::Inline`]).
 //!
 //! Invariants:
-//! - The spool holds WAL objects exactly as stored in the archive (header with name, size and
-//!   sha256), keyed by their full file name, so a file is served only under the name it was
-//!   archived as (timelines never mix). Before a spooled file is handed over it is decoded: its
-//!   name, size and sha256 must match, and a segment's page header must carry the repository's
-//!   system identifier. A file failing any check is deleted and fetched from the archive instead.
-//! - The spool is bound to one repository: a stamp records the repository URL and system
-//!   identifier, and a spool with another stamp (or none) is emptied before use.
+//! - A spooled file is a segment that the filler read from the archive under its own name and
+//!   verified in full before it was written: the stored object's name, size and sha256, and the
+//!   segment's page header (system identifier of the repository, timeline of the name, page
+//!   address of the segment, segment size equal to the file's). It is written under a temporary
+//!   name and renamed, so the spool never holds a partial segment under a WAL name; before a
+//!   file is handed over its page header and size are checked again, and a file failing that is
+//!   deleted and the segment fetched from the archive instead.
+//! - The spool is bound to one repository and one boot of the machine: a stamp records the
+//!   repository URL, its system identifier, the kernel's boot id and a random generation; a
+//!   spool with another stamp (or none) is emptied before use. Files are not fsynced: after a
+//!   crash of the machine the boot id differs and every spooled file is discarded.
 //! - Only segments are spooled (never `.history`, `.partial` or `.backup` files, which PostgreSQL
 //!   asks for to discover timelines and must always see fresh). Files the spool does not know
-//!   (foreign names, temporary files) are deleted, never served.
-//! - The spool is bounded: at most [`MAX_DEPTH`] files and `max_bytes` stored bytes; segments
-//!   before the one asked for are deleted, and the whole spool is emptied when a segment is not in
-//!   the archive (the end of recovery, or a timeline PostgreSQL is probing).
-//! - A prefetch failure never fails the fetch of N: the segment is simply fetched later.
+//!   are deleted, never served.
+//! - The spool is bounded: at most [`MAX_DEPTH`] segments ahead and `max_bytes` bytes; segments
+//!   before the one asked for are deleted. When a segment is not in the archive (the end of
+//!   recovery, or a timeline PostgreSQL is probing) the filler is stopped and the spool emptied
+//!   and removed.
+//! - The filler stops at the first segment the archive lacks, on any error, when the stamp
+//!   changes, and after [`IDLE`] without a new request; a prefetch failure never fails the fetch
+//!   of N: the segment is then fetched by the request itself, with its retries.
+
+mod fill;
 
 use crate::repo;
 use crate::store::Store;
-use crate::wal::{self, MAX_OBJECT};
+use crate::wal;
 use anyhow::{Context, Result};
-use bytes::Bytes;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 use tidemark_format::wal::{self as walfmt, WalFileName};
 use tidemark_format::{Lsn, TimelineId};
 
+pub use fill::fill_background;
+
 /// Most segments fetched ahead.
 pub const MAX_DEPTH: usize = 64;
-/// GETs in flight at once.
-const PARALLEL: usize = 8;
+/// Set (to anything) in the environment of the background filler process.
+pub const FILL_ENV: &str = "TIDEMARK_PREFETCH_FILL";
+/// A filler with nothing to do for this long stops.
+pub const IDLE: Duration = Duration::from_secs(15);
+/// How long a request waits for a running filler to deliver its segment before fetching it
+/// itself.
+const WAIT: Duration = Duration::from_secs(30);
 const STAMP: &str = ".tidemark-spool.json";
+const ASKED: &str = ".asked";
+const LOCK: &str = ".filler.lock";
 
 #[derive(Clone, Debug)]
 pub struct Prefetch {
@@ -45,23 +67,40 @@ pub struct Prefetch {
     pub depth: usize,
     /// The spool directory (created 0700 when missing).
     pub spool: PathBuf,
-    /// Most stored bytes the spool may hold.
+    /// Most bytes the spool may hold.
     pub max_bytes: u64,
+    /// Who fills the spool.
+    pub filler: Filler,
 }
 
-#[derive(Serialize, Deserialize, PartialEq, Debug)]
+/// Who fills the spool.
+#[derive(Clone, Debug)]
+pub enum Filler {
+    /// The request itself, before it returns: a miss fetches N and the next `depth` segments.
+    Inline,
+    /// A background process started with this program and arguments (and [`FILL_ENV`] set), which
+    /// runs [`fill_background`]; requests only wait for it and rename.
+    Background {
+        program: PathBuf,
+        args: Vec<OsString>,
+    },
+}
+
+#[derive(Serialize, Deserialize, PartialEq, Debug, Clone)]
 struct Stamp {
     repo: String,
     system_id: u64,
-    seg_size: Option<u64>,
+    boot_id: String,
+    generation: u64,
 }
 
 /// How a fetch was served.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Served {
-    /// From the spool, without a GET.
+    /// From the spool, filled before the request came.
     Spool,
-    /// From the archive; `spooled` more segments were fetched ahead.
+    /// The request had to wait for its segment (a miss): `spooled` segments after it were in the
+    /// spool when it returned.
     Archive { spooled: usize },
 }
 
@@ -77,7 +116,10 @@ pub async fn fetch(store: &Store, fname: &str, dest: &Path, p: &Prefetch) -> Res
     };
     let r = fetch_segment(store, name, dest, p).await;
     if r.is_err() {
-        // The end of the archive, or a failure recovery will stop on: leave nothing behind.
+        // The end of the archive, or a failure recovery will stop on: stop the filler and leave
+        // nothing behind.
+        let _ = std::fs::remove_file(p.spool.join(STAMP));
+        wait_filler_gone(&p.spool, Duration::from_secs(5)).await;
         wipe(&p.spool);
         let _ = std::fs::remove_dir(&p.spool);
     }
@@ -90,62 +132,103 @@ async fn fetch_segment(
     dest: &Path,
     p: &Prefetch,
 ) -> Result<Served> {
-    let mut stamp = open_spool(store, &p.spool).await?;
+    let stamp = open_spool(store, &p.spool).await?;
     let spool = p.spool.clone();
-    tokio::task::spawn_blocking({
-        let spool = spool.clone();
-        move || tidy(&spool, name)
-    })
-    .await??;
-
-    // A hit: verify (one decode: name, size, sha256, system id), hand over, forget.
-    let path = spool.join(name.to_string());
-    if path.is_file() {
-        let sys = stamp.system_id;
-        let (p2, d2) = (path.clone(), dest.to_path_buf());
-        let served = tokio::task::spawn_blocking(move || -> Result<()> {
-            let data = read_verified(&p2, name, sys)?;
-            wal::write_file(&data, &d2)
-        })
-        .await?;
-        let _ = std::fs::remove_file(&path);
-        match served {
-            Ok(()) => {
-                tracing::debug!(file = %name, "served from the prefetch spool");
-                return Ok(Served::Spool);
-            }
-            Err(e) => {
-                tracing::warn!(file = %name, error = %format!("{e:#}"), "ignoring a spooled wal file that fails verification; fetching it from the archive");
-            }
-        }
+    tidy(&spool, name)?;
+    write_asked(&spool, name)?;
+    if take(&spool, name, &stamp, dest)? {
+        tracing::debug!(file = %name, "served from the prefetch spool");
+        return Ok(Served::Spool);
     }
-
-    // A miss: N and the next `depth` segments in parallel.
     let depth = p.depth.clamp(1, MAX_DEPTH);
-    let seg_size = match stamp.seg_size {
-        Some(s) => s,
-        None => {
-            // The segment size names the next segments; learn it from N once per spool.
-            let obj = wal::get_object(store, &name).await?;
-            let (h, _) = walfmt::decode_header(&obj)
-                .with_context(|| format!("archived wal file {name} is damaged"))?;
-            stamp.seg_size = crate::archive::segment_size(h.size);
-            write_stamp(&spool, &stamp)?;
-            let spooled = match stamp.seg_size {
-                Some(ss) => spool_ahead(store, &spool, name, ss, depth, p.max_bytes).await,
-                None => 0,
-            };
-            wal::install(name, obj, dest.to_path_buf()).await?;
-            return Ok(Served::Archive { spooled });
+    let delivered = match &p.filler {
+        Filler::Inline => {
+            fill::run(store, &spool, &stamp, name, depth, p.max_bytes, false).await;
+            take(&spool, name, &stamp, dest)?
         }
+        Filler::Background { program, args } => match ensure_filler(&spool, program, args) {
+            Ok(child) => wait_for(&spool, name, child).await && take(&spool, name, &stamp, dest)?,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot start the prefetch filler; fetching without it");
+                false
+            }
+        },
     };
-    let (first, spooled) = tokio::join!(
-        wal::get_object(store, &name),
-        spool_ahead(store, &spool, name, seg_size, depth, p.max_bytes)
+    if !delivered {
+        // The filler stopped without it (the end of the archive, or an error): the request
+        // fetches it itself, so that the error it reports is this segment's own.
+        let obj = wal::get_object(store, &name).await?;
+        wal::install(name, obj, dest.to_path_buf()).await?;
+    }
+    Ok(Served::Archive {
+        spooled: segments_in(&spool),
+    })
+}
+
+/// Hands the spooled segment `name` over to `dest` (a rename) after checking its page header and
+/// size; false when the spool lacks it or it fails the check (it is then deleted).
+fn take(spool: &Path, name: WalFileName, stamp: &Stamp, dest: &Path) -> Result<bool> {
+    let path = spool.join(name.to_string());
+    if !path.is_file() {
+        return Ok(false);
+    }
+    if let Err(e) = check_plain(&path, name, stamp.system_id) {
+        tracing::warn!(file = %name, error = %format!("{e:#}"), "ignoring a spooled wal file that fails its check; fetching it from the archive");
+        let _ = std::fs::remove_file(&path);
+        return Ok(false);
+    }
+    match std::fs::rename(&path, dest) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(18) => {
+            // EXDEV: a spool directory on another file system.
+            let data =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            wal::write_file(&data, dest)?;
+            let _ = std::fs::remove_file(&path);
+            Ok(true)
+        }
+        Err(e) => Err(e)
+            .with_context(|| format!("cannot rename {} to {}", path.display(), dest.display())),
+    }
+}
+
+/// A spooled plain segment: its long page header names the repository's system, the timeline of
+/// `name` and the segment's first page, and the file has the segment size the header gives.
+fn check_plain(path: &Path, name: WalFileName, system_id: u64) -> Result<()> {
+    use std::io::Read;
+    let mut head = [0u8; 64];
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = f.metadata()?.len();
+    f.read_exact(&mut head)
+        .with_context(|| format!("{} is shorter than a page header", path.display()))?;
+    check_header(&head, len, name, system_id)
+}
+
+/// The checks of [`check_plain`] on a segment's first bytes and its length.
+fn check_header(head: &[u8], len: u64, name: WalFileName, system_id: u64) -> Result<()> {
+    let ph = walfmt::parse_long_page_header(head)
+        .with_context(|| format!("wal segment {name} has no valid page header"))?;
+    let seg_size = u64::from(ph.seg_size);
+    anyhow::ensure!(
+        crate::archive::segment_size(seg_size) == Some(seg_size) && len == seg_size,
+        "wal segment {name} is {len} bytes, its header says segments are {seg_size}"
     );
-    let obj = first?;
-    wal::install(name, obj, dest.to_path_buf()).await?;
-    Ok(Served::Archive { spooled })
+    anyhow::ensure!(
+        ph.system_id.0 == system_id && ph.timeline == TimelineId(name.timeline().0),
+        "wal segment {name} belongs to system {} timeline {}, not the repository's system {system_id}",
+        ph.system_id,
+        ph.timeline
+    );
+    let start = name
+        .segment_number(seg_size)
+        .and_then(|n| n.checked_mul(seg_size));
+    anyhow::ensure!(
+        start == Some(ph.page_addr),
+        "wal segment {name} starts at {}, not at its own position",
+        Lsn(ph.page_addr)
+    );
+    Ok(())
 }
 
 /// The segment `i` after `name` on the same timeline.
@@ -158,111 +241,166 @@ fn next_segment(name: WalFileName, i: u64, seg_size: u64) -> Option<WalFileName>
     ))
 }
 
-/// Fetches the segments after `name` the spool lacks, up to `depth`; returns how many were spooled.
-async fn spool_ahead(
-    store: &Store,
+/// Starts the background filler unless one holds the spool's lock; returns the process started.
+fn ensure_filler(
     spool: &Path,
-    name: WalFileName,
-    seg_size: u64,
-    depth: usize,
-    max_bytes: u64,
-) -> usize {
-    let used = spool_bytes(spool);
-    let wanted: Vec<WalFileName> = (1..=depth as u64)
-        .filter_map(|i| next_segment(name, i, seg_size))
-        .filter(|n| !spool.join(n.to_string()).is_file())
-        .collect();
-    let mut results: Vec<(WalFileName, Result<Bytes>)> = futures::stream::iter(wanted)
-        .map(|n| async move { (n, wal::get_object(store, &n).await) })
-        .buffer_unordered(PARALLEL)
-        .collect()
-        .await;
-    results.sort_by_key(|(n, _)| *n);
-    let mut total = used;
-    let mut spooled = 0;
-    for (n, r) in results {
-        match r {
-            Ok(obj) => {
-                if total + obj.len() as u64 > max_bytes {
-                    break;
-                }
-                // A cheap check now (the header names this file); the full verification (size,
-                // sha256, system identifier) happens when it is served.
-                match walfmt::decode_header(&obj) {
-                    Ok((h, _)) if h.name == n => {}
-                    _ => {
-                        tracing::warn!(file = %n, "not spooling a wal object whose header names another file");
-                        break;
-                    }
-                }
-                total += obj.len() as u64;
-                match write_spooled(spool, n, &obj) {
-                    Ok(()) => spooled += 1,
-                    Err(e) => {
-                        tracing::warn!(file = %n, error = %format!("{e:#}"), "cannot spool");
-                        break;
-                    }
-                }
-            }
-            // The end of the archive (or a gap): nothing after it is spooled.
-            Err(_) => break,
-        }
+    program: &Path,
+    args: &[OsString],
+) -> Result<Option<std::process::Child>> {
+    if filler_running(spool) {
+        return Ok(None);
     }
-    spooled
+    let child = std::process::Command::new(program)
+        .args(args)
+        .env(FILL_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))?;
+    Ok(Some(child))
 }
 
-/// Opens (or re-binds) the spool to this repository.
+/// True while a filler holds the spool's lock.
+fn filler_running(spool: &Path) -> bool {
+    match std::fs::File::open(spool.join(LOCK)) {
+        Ok(f) => matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+        Err(_) => false,
+    }
+}
+
+/// Waits until the spool holds `name`, while a filler runs (or the one just started has not yet
+/// taken the lock), at most [`WAIT`]; true when it is there.
+async fn wait_for(spool: &Path, name: WalFileName, mut child: Option<std::process::Child>) -> bool {
+    let path = spool.join(name.to_string());
+    let t0 = Instant::now();
+    let mut pause = Duration::from_micros(500);
+    loop {
+        if path.is_file() {
+            return true;
+        }
+        let started = child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+        if (!started && !filler_running(spool)) || t0.elapsed() > WAIT {
+            // Reap a filler that ended, and look once more: it may have just written the file.
+            if let Some(mut c) = child.take() {
+                if !matches!(c.try_wait(), Ok(None)) {
+                    let _ = c.wait();
+                }
+            }
+            return path.is_file();
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(5));
+    }
+}
+
+/// Waits (at most `limit`) until no filler holds the spool's lock.
+async fn wait_filler_gone(spool: &Path, limit: Duration) {
+    let t0 = Instant::now();
+    while filler_running(spool) && t0.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Opens (or re-binds) the spool to this repository and this boot.
 async fn open_spool(store: &Store, spool: &Path) -> Result<Stamp> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(spool)
         .with_context(|| format!("cannot create the prefetch spool {}", spool.display()))?;
-    let current: Option<Stamp> = std::fs::read(spool.join(STAMP))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    if let Some(s) = current.filter(|s| s.repo == store.url()) {
+    let boot = boot_id();
+    if let Some(s) = read_stamp(spool).filter(|s| s.repo == store.url() && s.boot_id == boot) {
         return Ok(s);
     }
+    let _ = std::fs::remove_file(spool.join(STAMP));
+    wait_filler_gone(spool, Duration::from_secs(5)).await;
     wipe(spool);
     let cfg = repo::require_config(store).await?;
     let s = Stamp {
         repo: store.url().to_string(),
         system_id: cfg.system_id.0,
-        seg_size: None,
+        boot_id: boot,
+        generation: rand_u64(),
     };
-    write_stamp(spool, &s)?;
+    let tmp = spool.join(format!("{STAMP}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec(&s)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, spool.join(STAMP))
+        .with_context(|| format!("cannot write the spool stamp in {}", spool.display()))?;
     Ok(s)
 }
 
-fn write_stamp(spool: &Path, s: &Stamp) -> Result<()> {
-    let tmp = spool.join(format!("{STAMP}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec(s)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, spool.join(STAMP))
-        .with_context(|| format!("cannot write the spool stamp in {}", spool.display()))
+fn read_stamp(spool: &Path) -> Option<Stamp> {
+    std::fs::read(spool.join(STAMP))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
-/// Deletes everything in the spool.
-fn wipe(spool: &Path) {
-    if let Ok(rd) = std::fs::read_dir(spool) {
-        for e in rd.flatten() {
-            let _ = std::fs::remove_file(e.path());
-        }
+/// The kernel's id of this boot (empty where there is none: files are then never trusted across
+/// a restart of the filler's machine, see [`fill`]).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// Records the segment asked for, with a fresh nonce (the filler follows it; a segment asked again
+/// is fetched again).
+fn write_asked(spool: &Path, name: WalFileName) -> Result<()> {
+    let tmp = spool.join(format!("{ASKED}.tmp"));
+    std::fs::write(&tmp, format!("{name} {}", rand_u64()))
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, spool.join(ASKED))
+        .with_context(|| format!("cannot write {}", spool.join(ASKED).display()))
+}
+
+/// The segment last asked for and its nonce.
+fn read_asked(spool: &Path) -> Option<(WalFileName, String)> {
+    let s = std::fs::read_to_string(spool.join(ASKED)).ok()?;
+    let (n, nonce) = s.split_once(' ')?;
+    match WalFileName::parse(n) {
+        Ok(w @ WalFileName::Segment { .. }) => Some((w, nonce.to_string())),
+        _ => None,
     }
 }
 
+/// Deletes everything in the spool but the filler's lock.
+fn wipe(spool: &Path) {
+    if let Ok(rd) = std::fs::read_dir(spool) {
+        for e in rd.flatten() {
+            if e.file_name() != LOCK {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_file(spool.join(LOCK));
+}
+
 /// Deletes foreign files and segments before `asked` (by (log, seg), the same order whatever the
-/// segment size); returns the segments left.
-fn tidy(spool: &Path, asked: WalFileName) -> Result<usize> {
-    let mut left = 0;
+/// segment size). The filler's temporary files are its own to delete.
+fn tidy(spool: &Path, asked: WalFileName) -> Result<()> {
     for e in std::fs::read_dir(spool)
         .with_context(|| format!("cannot list {}", spool.display()))?
         .flatten()
     {
         let fname = e.file_name();
         let f = fname.to_string_lossy();
-        if f == STAMP {
+        if [STAMP, ASKED, LOCK].contains(&f.as_ref()) || fill::is_temporary(&f) {
             continue;
         }
         let keep = match WalFileName::parse(&f) {
@@ -276,13 +414,27 @@ fn tidy(spool: &Path, asked: WalFileName) -> Result<usize> {
             },
             _ => false,
         };
-        if keep && e.file_type().map(|t| t.is_file()).unwrap_or(false) {
-            left += 1;
-        } else {
+        if !(keep && e.file_type().map(|t| t.is_file()).unwrap_or(false)) {
             let _ = std::fs::remove_file(e.path());
         }
     }
-    Ok(left)
+    Ok(())
+}
+
+/// The spooled segments (files with a segment's name).
+fn segments_in(spool: &Path) -> usize {
+    std::fs::read_dir(spool)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    matches!(
+                        WalFileName::parse(&e.file_name().to_string_lossy()),
+                        Ok(WalFileName::Segment { .. })
+                    )
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 fn spool_bytes(spool: &Path) -> u64 {
@@ -296,212 +448,5 @@ fn spool_bytes(spool: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn write_spooled(spool: &Path, name: WalFileName, obj: &[u8]) -> Result<()> {
-    let tmp = spool.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, obj).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, spool.join(name.to_string()))
-        .with_context(|| format!("cannot rename {}", tmp.display()))
-}
-
-/// Reads a spooled object and decodes it: the file of segment `name` of the repository's cluster,
-/// with the size and sha256 its header records.
-fn read_verified(path: &Path, name: WalFileName, system_id: u64) -> Result<Vec<u8>> {
-    let len = std::fs::metadata(path)?.len();
-    if len > MAX_OBJECT {
-        anyhow::bail!(
-            "{} is {len} bytes, larger than any wal object",
-            path.display()
-        );
-    }
-    let obj = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (h, data) = walfmt::decode(&obj)
-        .with_context(|| format!("spooled wal object {name} does not verify"))?;
-    if h.name != name {
-        anyhow::bail!("spooled object {name} holds {}", h.name);
-    }
-    let ph = walfmt::parse_long_page_header(&data)
-        .with_context(|| format!("wal segment {name} has no valid page header"))?;
-    if ph.system_id.0 != system_id || ph.timeline != TimelineId(name.timeline().0) {
-        anyhow::bail!(
-            "spooled wal segment {name} belongs to system {} timeline {}, not the repository's system {system_id}",
-            ph.system_id,
-            ph.timeline
-        );
-    }
-    Ok(data)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::wal::WalError;
-    use tidemark_format::config::{RepoConfig, COMPRESSION_ZSTD};
-    use tidemark_format::{keys, SystemId};
-
-    const SEG: u64 = 1 << 20;
-
-    fn is_not_found(e: &anyhow::Error) -> bool {
-        matches!(
-            e.downcast_ref::<WalError>(),
-            Some(WalError::NotFound { .. })
-        )
-    }
-
-    fn segment(tli: u32, segno: u64, sys: u64, fill: u8) -> (WalFileName, Vec<u8>) {
-        let name = WalFileName::segment_of(TimelineId(tli), Lsn(segno * SEG), SEG);
-        let mut d = vec![fill; SEG as usize];
-        d[..40].fill(0);
-        d[0..2].copy_from_slice(&walfmt::PG15_PAGE_MAGIC.to_le_bytes());
-        d[2..4].copy_from_slice(&2u16.to_le_bytes());
-        d[4..8].copy_from_slice(&tli.to_le_bytes());
-        d[8..16].copy_from_slice(&(segno * SEG).to_le_bytes());
-        d[24..32].copy_from_slice(&sys.to_le_bytes());
-        d[32..36].copy_from_slice(&(SEG as u32).to_le_bytes());
-        d[36..40].copy_from_slice(&8192u32.to_le_bytes());
-        (name, d)
-    }
-
-    async fn repo_with(
-        dir: &Path,
-        segs: &[(u32, u64, u8)],
-    ) -> (Store, Vec<(WalFileName, Vec<u8>)>) {
-        let root = dir.join("repo");
-        std::fs::create_dir_all(&root).unwrap();
-        let store = Store::open(&format!("file://{}", root.display())).unwrap();
-        let cfg = RepoConfig {
-            system_id: SystemId(42),
-            chunk_size: 8192,
-            pack_target: 1 << 20,
-            compression: COMPRESSION_ZSTD,
-            created_us: 0,
-        };
-        store
-            .put_create(keys::CONFIG, Bytes::from(cfg.encode()))
-            .await
-            .unwrap();
-        let mut out = Vec::new();
-        for &(tli, n, fill) in segs {
-            let (name, d) = segment(tli, n, 42, fill);
-            store
-                .put_create(&keys::wal(&name), Bytes::from(walfmt::encode(name, &d, 1)))
-                .await
-                .unwrap();
-            out.push((name, d));
-        }
-        (store, out)
-    }
-
-    fn opts(dir: &Path, depth: usize) -> Prefetch {
-        Prefetch {
-            depth,
-            spool: dir.join("pg_wal/.tidemark-prefetch"),
-            max_bytes: 1 << 30,
-        }
-    }
-
-    #[tokio::test]
-    async fn served_files_are_byte_identical_and_mostly_from_the_spool() {
-        let t = tempfile::tempdir().unwrap();
-        let segs: Vec<(u32, u64, u8)> = (1..=12).map(|n| (1, n, n as u8)).collect();
-        let (store, want) = repo_with(t.path(), &segs).await;
-        let p = opts(t.path(), 4);
-        let dest = t.path().join("pg_wal/RECOVERYXLOG");
-        let mut from_spool = 0;
-        for (name, data) in &want {
-            let s = fetch(&store, &name.to_string(), &dest, &p).await.unwrap();
-            if s == Served::Spool {
-                from_spool += 1;
-            }
-            assert_eq!(&std::fs::read(&dest).unwrap(), data, "{name}");
-        }
-        // Misses at 1, 6, 11: each fetches the next four.
-        assert_eq!(from_spool, 9);
-        // The end of the archive empties the spool.
-        let next = WalFileName::segment_of(TimelineId(1), Lsn(13 * SEG), SEG);
-        let e = fetch(&store, &next.to_string(), &dest, &p)
-            .await
-            .unwrap_err();
-        assert!(is_not_found(&e), "{e:#}");
-        assert!(
-            !p.spool.exists(),
-            "the spool outlived the end of the archive"
-        );
-    }
-
-    #[tokio::test]
-    async fn foreign_and_stale_spool_files_are_never_served() {
-        let t = tempfile::tempdir().unwrap();
-        let (store, want) = repo_with(t.path(), &[(1, 1, 1), (1, 2, 2), (1, 3, 3)]).await;
-        let p = opts(t.path(), 2);
-        let dest = t.path().join("pg_wal/RECOVERYXLOG");
-        // Bind the spool, then plant: a segment of another cluster under the name of segment 2,
-        // a damaged copy of segment 3, and junk.
-        fetch(&store, &want[0].0.to_string(), &dest, &p)
-            .await
-            .unwrap();
-        let (n2, other) = segment(1, 2, 7, 0xee);
-        std::fs::write(p.spool.join(n2.to_string()), walfmt::encode(n2, &other, 1)).unwrap();
-        let mut damaged = walfmt::encode(want[2].0, &want[2].1, 1);
-        let l = damaged.len();
-        damaged[l - 5] ^= 0xff;
-        std::fs::write(p.spool.join(want[2].0.to_string()), damaged).unwrap();
-        std::fs::write(p.spool.join("junk"), b"x").unwrap();
-        for (name, data) in &want[1..] {
-            let s = fetch(&store, &name.to_string(), &dest, &p).await.unwrap();
-            assert!(matches!(s, Served::Archive { .. }), "{name}: {s:?}");
-            assert_eq!(&std::fs::read(&dest).unwrap(), data, "{name}");
-        }
-        assert!(!p.spool.join("junk").exists());
-
-        // A spool stamped by another repository is emptied before use.
-        let n3 = want[2].0;
-        std::fs::write(
-            p.spool.join(STAMP),
-            serde_json::to_vec(&Stamp {
-                repo: "file:///elsewhere".into(),
-                system_id: 42,
-                seg_size: Some(SEG),
-            })
-            .unwrap(),
-        )
-        .unwrap();
-        std::fs::write(
-            p.spool.join(n3.to_string()),
-            walfmt::encode(n3, &want[2].1, 1),
-        )
-        .unwrap();
-        let s = fetch(&store, &n3.to_string(), &dest, &p).await.unwrap();
-        assert!(matches!(s, Served::Archive { .. }), "{s:?}");
-    }
-
-    #[tokio::test]
-    async fn timelines_are_kept_apart_and_history_files_never_spooled() {
-        let t = tempfile::tempdir().unwrap();
-        let (store, want) = repo_with(
-            t.path(),
-            &[(1, 1, 1), (1, 2, 2), (2, 2, 0x22), (2, 3, 0x23)],
-        )
-        .await;
-        let hist = WalFileName::History { tli: 2 };
-        store
-            .put_create(
-                &keys::wal(&hist),
-                Bytes::from(walfmt::encode(hist, b"1\t0/2000000\tno reason\n", 1)),
-            )
-            .await
-            .unwrap();
-        let p = opts(t.path(), 4);
-        let dest = t.path().join("pg_wal/RECOVERYXLOG");
-        fetch(&store, &want[0].0.to_string(), &dest, &p)
-            .await
-            .unwrap();
-        fetch(&store, "00000002.history", &dest, &p).await.unwrap();
-        assert_eq!(std::fs::read(&dest).unwrap(), b"1\t0/2000000\tno reason\n");
-        assert!(!p.spool.join("00000002.history").exists());
-        // Timeline 2's segment 2 differs from timeline 1's: each name serves its own bytes.
-        for (name, data) in [&want[2], &want[1], &want[3]] {
-            fetch(&store, &name.to_string(), &dest, &p).await.unwrap();
-            assert_eq!(&std::fs::read(&dest).unwrap(), data, "{name}");
-        }
-    }
-}
+mod tests;

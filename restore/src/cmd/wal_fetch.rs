@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tidemark_core::cli::{self, RepoArgs};
-use tidemark_core::prefetch::{self, Prefetch};
+use tidemark_core::prefetch::{self, Filler, Prefetch};
 use tidemark_core::wal::{self, WalError};
 
 #[derive(clap::Args)]
@@ -33,7 +33,7 @@ pub struct Args {
     /// without it, prefetch runs only when PostgreSQL's startup process asks, not for pg_rewind)
     #[arg(long, env = "TIDEMARK_SPOOL_DIR")]
     spool_dir: Option<PathBuf>,
-    /// Most stored (compressed) bytes the spool holds
+    /// Most bytes of (decoded) segments the spool holds
     #[arg(long, env = "TIDEMARK_SPOOL_MAX_BYTES", default_value_t = 1 << 30)]
     spool_max_bytes: u64,
     /// The archived file's name (%f)
@@ -118,7 +118,23 @@ pub async fn run(a: Args) -> ExitCode {
                 .join(".tidemark-prefetch")
         }),
         max_bytes: a.spool_max_bytes,
+        // The spool is filled by a background copy of this command, so that each request
+        // costs a rename while the next segments are decoded during replay.
+        filler: match std::env::current_exe() {
+            Ok(program) => Filler::Background {
+                program,
+                args: std::env::args_os().skip(1).collect(),
+            },
+            Err(_) => Filler::Inline,
+        },
     });
+    if std::env::var_os(prefetch::FILL_ENV).is_some() {
+        // This is the background filler a request started: it reports nothing to PostgreSQL.
+        if let Some(p) = &prefetch {
+            prefetch::fill_background(&store, &a.file, p).await;
+        }
+        return ExitCode::SUCCESS;
+    }
     let mut delay = Duration::from_millis(200);
     for attempt in 1..=a.attempts.max(1) {
         let r = match &prefetch {
