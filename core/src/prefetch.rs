@@ -60,6 +60,8 @@ const WAIT: Duration = Duration::from_secs(30);
 const STAMP: &str = ".tidemark-spool.json";
 const ASKED: &str = ".asked";
 const LOCK: &str = ".filler.lock";
+/// Written by a filler that found a segment missing from the archive: its name.
+const END: &str = ".end";
 
 #[derive(Clone, Debug)]
 pub struct Prefetch {
@@ -138,6 +140,7 @@ async fn fetch_segment(
     write_asked(&spool, name)?;
     if take(&spool, name, &stamp, dest)? {
         tracing::debug!(file = %name, "served from the prefetch spool");
+        remove_if_ended(&spool, name);
         return Ok(Served::Spool);
     }
     let depth = p.depth.clamp(1, MAX_DEPTH);
@@ -160,9 +163,25 @@ async fn fetch_segment(
         let obj = wal::get_object(store, &name).await?;
         wal::install(name, obj, dest.to_path_buf()).await?;
     }
-    Ok(Served::Archive {
-        spooled: segments_in(&spool),
-    })
+    let spooled = segments_in(&spool);
+    remove_if_ended(&spool, name);
+    Ok(Served::Archive { spooled })
+}
+
+/// Removes the spool after the last segment of the archive was served: nothing is spooled, no
+/// filler runs, and the filler found the segment after `served` missing. Recovery ends there or
+/// asks again (and a new spool is made), so nothing is left in pg_wal after promotion.
+fn remove_if_ended(spool: &Path, served: WalFileName) {
+    let ended = std::fs::read_to_string(spool.join(END))
+        .ok()
+        .and_then(|s| WalFileName::parse(s.trim()).ok());
+    if ended.is_some_and(|e| is_next(served, e))
+        && segments_in(spool) == 0
+        && !filler_running(spool)
+    {
+        wipe(spool);
+        let _ = std::fs::remove_dir(spool);
+    }
 }
 
 /// Hands the spooled segment `name` over to `dest` (a rename) after checking its page header and
@@ -229,6 +248,26 @@ fn check_header(head: &[u8], len: u64, name: WalFileName, system_id: u64) -> Res
         Lsn(ph.page_addr)
     );
     Ok(())
+}
+
+/// True when `b` is the segment right after `a` on its timeline, whatever the segment size: the
+/// next segment of the same log, or the first of the next log.
+fn is_next(a: WalFileName, b: WalFileName) -> bool {
+    match (a, b) {
+        (
+            WalFileName::Segment { tli, log, seg },
+            WalFileName::Segment {
+                tli: t2,
+                log: l2,
+                seg: s2,
+            },
+        ) => {
+            tli == t2
+                && ((l2 == log && Some(s2) == seg.checked_add(1))
+                    || (Some(l2) == log.checked_add(1) && s2 == 0))
+        }
+        _ => false,
+    }
 }
 
 /// The segment `i` after `name` on the same timeline.
@@ -400,7 +439,7 @@ fn tidy(spool: &Path, asked: WalFileName) -> Result<()> {
     {
         let fname = e.file_name();
         let f = fname.to_string_lossy();
-        if [STAMP, ASKED, LOCK].contains(&f.as_ref()) || fill::is_temporary(&f) {
+        if [STAMP, ASKED, LOCK, END].contains(&f.as_ref()) || fill::is_temporary(&f) {
             continue;
         }
         let keep = match WalFileName::parse(&f) {

@@ -1,7 +1,9 @@
 //! The filler: fetches segments from the archive, verifies them in full and writes them into the
 //! spool as plain segments, `depth` ahead of the last one asked for.
 
-use super::{next_segment, read_asked, read_stamp, spool_bytes, Stamp, ASKED, IDLE, LOCK, STAMP};
+use super::{
+    next_segment, read_asked, read_stamp, spool_bytes, Stamp, ASKED, END, IDLE, LOCK, STAMP,
+};
 use crate::store::Store;
 use crate::wal::{self, WalError};
 use anyhow::{Context, Result};
@@ -71,6 +73,8 @@ pub(super) async fn run(
     max_bytes: u64,
     follow: bool,
 ) -> usize {
+    // An earlier filler's finding; the archive may have grown since.
+    let _ = std::fs::remove_file(spool.join(END));
     let mut asked = (from, String::new());
     let mut seg_size: Option<u64> = None;
     // Segments written since `asked` last changed: not fetched again once consumed.
@@ -133,7 +137,9 @@ pub(super) async fn run(
                         e.downcast_ref::<WalError>(),
                         Some(WalError::NotFound { .. })
                     );
-                    if !missing {
+                    if missing {
+                        let _ = std::fs::write(spool.join(END), n.to_string());
+                    } else {
                         tracing::warn!(file = %n, error = %format!("{e:#}"), "prefetch stopped; the requests fetch from the archive themselves");
                     }
                     gap = true;

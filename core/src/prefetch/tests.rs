@@ -81,6 +81,8 @@ async fn served_files_are_byte_identical_and_mostly_from_the_spool() {
     }
     // Misses at 1, 6, 11: each fetches the next four.
     assert_eq!(from_spool, 9);
+    // The filler found segment 13 missing: serving 12, the last, removed the spool.
+    assert!(!p.spool.exists(), "the spool outlived the last segment");
     // The end of the archive empties the spool.
     let next = WalFileName::segment_of(TimelineId(1), Lsn(13 * SEG), SEG);
     let e = fetch(&store, &next.to_string(), &dest, &p)
@@ -127,6 +129,11 @@ async fn foreign_and_stale_spool_files_are_never_served() {
     assert!(!p.spool.join("junk").exists());
 
     // A spool stamped by another repository (or another boot) is emptied before use.
+    // (Serving the last segment removed the spool: make it again.)
+    assert!(!p.spool.exists());
+    fetch(&store, &want[0].0.to_string(), &dest, &p)
+        .await
+        .unwrap();
     let n3 = want[2].0;
     let mut stamp = read_stamp(&p.spool).unwrap();
     for s in [
