@@ -140,7 +140,7 @@ async fn fetch_segment(
     write_asked(&spool, name)?;
     if take(&spool, name, &stamp, dest)? {
         tracing::debug!(file = %name, "served from the prefetch spool");
-        remove_if_ended(&spool, name);
+        remove_if_ended(&spool, name, false);
         return Ok(Served::Spool);
     }
     let depth = p.depth.clamp(1, MAX_DEPTH);
@@ -164,14 +164,25 @@ async fn fetch_segment(
         wal::install(name, obj, dest.to_path_buf()).await?;
     }
     let spooled = segments_in(&spool);
-    remove_if_ended(&spool, name);
+    remove_if_ended(&spool, name, true);
     Ok(Served::Archive { spooled })
 }
 
 /// Removes the spool after the last segment of the archive was served: nothing is spooled, no
 /// filler runs, and the filler found the segment after `served` missing. Recovery ends there or
 /// asks again (and a new spool is made), so nothing is left in pg_wal after promotion.
-fn remove_if_ended(spool: &Path, served: WalFileName) {
+fn remove_if_ended(spool: &Path, served: WalFileName, missed: bool) {
+    // After a miss, a filler that has spooled nothing after `served` yet may be about to find
+    // the end: give it a moment. (At the end of recovery PostgreSQL asks for the last segment
+    // again after the request for the one after it emptied the spool: a new filler serves it.)
+    let t0 = Instant::now();
+    while missed
+        && segments_in(spool) == 0
+        && filler_running(spool)
+        && t0.elapsed() < Duration::from_millis(300)
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let ended = std::fs::read_to_string(spool.join(END))
         .ok()
         .and_then(|s| WalFileName::parse(s.trim()).ok());
