@@ -25,6 +25,9 @@
 #                            cluster as pgbench made it is always measured first ("base")
 #   SCALE=10                 pgbench scale of the base cluster
 #   READ_DATA=1              also measure check --read-data (0: skip)
+#   SPARSE_GIB=              after SIZES, grow to this many GiB with sparse zero-page segments
+#                            (no disk; every page a chunk reference) and measure again without
+#                            the restore (e.g. SPARSE_GIB=100 after 10:30000: 10x the bytes)
 #   TIDEMARK_BIN=DIR         dir with tidemark-agent and tidemark-restore
 #                            (default: $CARGO_TARGET_DIR/release or target/release; built if missing)
 #   TIDEMARK_COMMIT=...      the commit those binaries were built from (for the report; default:
@@ -38,6 +41,7 @@ set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SRC=$(cd "$BENCH/.." && pwd)
 SIZES=${SIZES:-1:3000 3:10000 10:30000}
+SPARSE_GIB=${SPARSE_GIB:-}
 SCALE=${SCALE:-10}
 READ_DATA=${READ_DATA:-1}
 WORK=${WORK:-/tmp/tidemark-memory}
@@ -158,7 +162,7 @@ d = sys.argv[1]
 ours = [n for n in os.listdir(d) if n.split(".")[0].isdigit() and int(n.split(".")[0]) >= 3_000_000]
 key = lambda n: (int(n.split(".")[0]), int(n.split(".")[1]) if "." in n else 0)
 small = sorted((n for n in ours if int(n.split(".")[0]) < 4_000_000), key=key)
-big = sorted((n for n in ours if int(n.split(".")[0]) >= 4_000_000), key=key)
+big = sorted((n for n in ours if 4_000_000 <= int(n.split(".")[0]) < 5_000_000), key=key)
 zero = bytes(4096)
 def rewrite(p, npages):
     with open(p, "r+b") as f:
@@ -226,9 +230,11 @@ run_size() {
   sync
   measure "$size" backup-2 "${env[@]}" "$BIN/tidemark-agent" backup --pgdata "$PG" --repo "file://$REPO" --json
   MANIFEST+=("$size $(find "$REPO/backups" -type f -printf '%s %p\n' | sort -n | tail -n 1 | cut -d' ' -f1) $(du -sb "$REPO" | cut -f1)")
-  install -d -m 0700 -o postgres -g postgres "$WORK/restore"
-  measure "$size" restore "$BIN/tidemark-restore" restore --pgdata "$WORK/restore" --repo "file://$REPO" --target immediate --json
-  rm -rf "$WORK/restore"
+  if [[ ${NO_RESTORE:-0} != 1 ]]; then
+    install -d -m 0700 -o postgres -g postgres "$WORK/restore"
+    measure "$size" restore "$BIN/tidemark-restore" restore --pgdata "$WORK/restore" --repo "file://$REPO" --target immediate --json
+    rm -rf "$WORK/restore"
+  fi
   measure "$size" expire "$BIN/tidemark-agent" expire --repo "file://$REPO" --retain-last 1 --gc-grace 0s --json
   measure "$size" expire-2 "$BIN/tidemark-agent" expire --repo "file://$REPO" --retain-last 1 --gc-grace 0s --json
   measure "$size" check "$BIN/tidemark-restore" check --repo "file://$REPO" --json
@@ -246,6 +252,25 @@ for s in $SIZES; do
   grow "$((gib << 30))" "$files"
   run_size "${gib}GiB"
 done
+if [[ -n $SPARSE_GIB ]]; then
+  # Sparse 1 GiB segments of zero pages (relfilenodes 5000000…, untouched by churn) up to
+  # SPARSE_GIB GiB: no disk, but every 8 KiB page is a chunk reference in every manifest, so
+  # the per-chunk terms show; all pages are one chunk, so nothing is compressed or stored, and
+  # the restore (which would write every byte) is left out.
+  have=$(data_bytes)
+  want=$((SPARSE_GIB << 30))
+  n=0
+  while ((have < want)); do
+    f=$DBDIR/$((5000000 + n / 8))
+    if ((n % 8)); then f=$f.$((n % 8)); fi
+    truncate -s 1G "$f"
+    chown postgres: "$f"
+    have=$((have + (1 << 30)))
+    n=$((n + 1))
+  done
+  log "sparse: $n zero-filled 1 GiB segments added"
+  NO_RESTORE=1 run_size "${SPARSE_GIB}GiB-sparse"
+fi
 as_pg "$PGBIN/pg_ctl" -D "$PG" -m fast stop >/dev/null
 
 TABLE=$(python3 - "$ROWS" "$COMMIT" "$SCALE" "$(($(date +%s) - T0))" "${MANIFEST[@]}" <<'PY'

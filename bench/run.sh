@@ -14,6 +14,12 @@
 #   TM_ENC_LEVELS=""     tidemark into an encrypted repository (--key-file) at these zstd levels:
 #                        the cost of encryption, side by side with tidemark-zN
 #   PITR=1               0: skip the restore/PITR step (backups only)
+#   PITR_FLOOR=0         1: also measure PostgreSQL's replay floor: tidemark's restore of the same
+#                        backup (not timed) into a fresh directory, every WAL segment from the
+#                        backup's start extracted beforehand as a plain file (tidemark-restore
+#                        wal-fetch, not timed), restore_command = 'cp <dir>/%f %p', then server
+#                        start to promotion timed as for the other variants: the replay time
+#                        with the cheapest possible restore_command, the floor for any tool
 #   DELTA=1              restore the nightly to its consistency point, change 1% of the copy's
 #                        rows (one range), restore over it with --delta (pgBackRest: --delta),
 #                        start and check both (0 = skip)
@@ -51,6 +57,7 @@ TM_LEVELS=${TM_LEVELS:-1}
 TM_REPL_LEVELS=${TM_REPL_LEVELS-1}
 TM_ENC_LEVELS=${TM_ENC_LEVELS-}
 PITR=${PITR:-1}
+PITR_FLOOR=${PITR_FLOOR:-0}
 DELTA=${DELTA:-1}
 PGBR_ZST_LEVEL=${PGBR_ZST_LEVEL-1}
 PGBR_PROCESS_MAX=${PGBR_PROCESS_MAX:-2}
@@ -488,6 +495,55 @@ pitr() {
   rm -rf "$target"
 }
 
+# PostgreSQL's replay floor (PITR_FLOOR=1) for tidemark variant $1: its restore of the same
+# backup (--target latest, not timed) into a fresh directory; every archived WAL segment from
+# the backup's start segment on, and the timeline history files, extracted beforehand with
+# wal-fetch as plain files into $D/wal-plain (not timed); restore_command replaced by
+# 'cp $D/wal-plain/%f %p'; then start to promotion timed exactly as the PITR step does. The
+# extracted WAL is left in the page cache (a floor: no restore_command can deliver a segment
+# faster than cp from memory); the restored files are in it too, as after the PITR step's
+# restore. Recorded as step "floor" of variant $1.
+pitr_floor() {
+  local v=$1 target=$D/restore-floor wal=$D/wal-plain t1 t2 start f name n=0 bytes
+  rm -rf "$target" "$wal"
+  install -d -m 0700 -o postgres -g postgres "$target"
+  install -d -m 0755 -o postgres -g postgres "$wal"
+  wait_archived
+  log "[$DS] replay floor: restoring $v's newest backup (not timed)"
+  as_pg "$BIN/tidemark-restore" restore --pgdata "$target" --repo "file://$D/repo-$v" $(tm_key "$v") \
+    --target latest --json >"$D/m/floor-restore.out" 2>"$D/logs/floor-restore.log" ||
+    { tail -n 30 "$D/logs/floor-restore.log" >&2; die "floor restore failed"; }
+  start=$(sed -n 's/^START WAL LOCATION: .*(file \([0-9A-F]\{24\}\)).*/\1/p' "$target/backup_label" 2>/dev/null || true)
+  if ! [[ $start =~ ^[0-9A-F]{24}$ ]]; then
+    log "[$DS] replay floor: no start segment in $target/backup_label: extracting every archived segment"
+    start=000000000000000000000000
+  fi
+  while read -r f; do
+    name=${f##*/}
+    if [[ $name =~ ^[0-9A-F]{24}$ && ! $name < $start ]] || [[ $name =~ ^[0-9A-F]{8}\.history$ ]]; then
+      as_pg "$BIN/tidemark-restore" wal-fetch --prefetch 0 --repo "file://$D/repo-$v" $(tm_key "$v") \
+        "$name" "$wal/$name" 2>>"$D/logs/floor-wal-fetch.log" || die "wal-fetch $name failed"
+      n=$((n + 1))
+    fi
+  done < <(find "$D/repo-$v/wal" -type f | sort)
+  bytes=$(du -sb "$wal" | cut -f1)
+  log "[$DS] replay floor: $n WAL files ($bytes bytes) from $start on extracted to $wal"
+  grep -q '^restore_command = ' "$target/postgresql.auto.conf" || die "no restore_command in $target/postgresql.auto.conf"
+  sed -i "s|^restore_command = .*|restore_command = 'cp $wal/%f %p'|" "$target/postgresql.auto.conf"
+  sync
+  BUSY=$(wait_quiet)
+  log "[$DS] replay floor: start to promotion with restore_command = cp"
+  t1=$(now)
+  start_until_promoted floor "$target"
+  t2=$(now)
+  local ok
+  ok=$(check_restored floor "$EXPECTED")
+  record "$v" floor floor_recovery_s="$(elapsed "$t1" "$t2")" floor_wal_files="$n" floor_wal_bytes="$bytes" \
+    floor_verified="\"$ok\"" floor_busy_before="$BUSY"
+  stop_pg "$target"
+  rm -rf "$target" "$wal"
+}
+
 # Starts the restored cluster of variant $1 in $2 and waits until it is promoted.
 start_until_promoted() {
   local v=$1 target=$2 n=0
@@ -667,6 +723,11 @@ run_dataset() {
   if [[ $PITR == 1 ]]; then
     for v in "${VARIANTS[@]}"; do pitr "$v"; done
   fi
+  if [[ $PITR_FLOOR == 1 ]]; then
+    for v in "${VARIANTS[@]}"; do
+      if [[ $v == tidemark-z* ]]; then pitr_floor "$v"; break; fi
+    done
+  fi
   if [[ $DELTA == 1 ]]; then
     for v in "${VARIANTS[@]}"; do delta "$v"; done
   fi
@@ -699,7 +760,8 @@ run_dataset() {
     "pgBackRest=$PGBR_VERSION, process-max=$PGBR_PROCESS_MAX" \
     "machine=$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM" \
     "load average at start / end=$load0 / $load1" \
-    "parameters=SCALE=$SCALE, PITR=$PITR, UPDATE_PATTERN=$UPDATE_PATTERN, DROP_CACHES=$DROP_CACHES, QUIET_BUSY=$QUIET_BUSY%, QUIET_MAX_WAIT=${QUIET_MAX_WAIT}s, NICE=${NICE:-none}")
+    "parameters=SCALE=$SCALE, PITR=$PITR, PITR_FLOOR=$PITR_FLOOR, UPDATE_PATTERN=$UPDATE_PATTERN, DROP_CACHES=$DROP_CACHES, QUIET_BUSY=$QUIET_BUSY%, QUIET_MAX_WAIT=${QUIET_MAX_WAIT}s, NICE=${NICE:-none}" |
+    python3 "$BENCH/floor.py" "$D/results.jsonl" "$DS")
   echo "$table"
   if [[ -n $RESULTS ]]; then
     printf '\n%s\n' "$table" >>"$RESULTS"
