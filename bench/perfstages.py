@@ -39,6 +39,11 @@ SCHED = ("futex", "schedule", "__x64_sys_sched_yield", "finish_task_switch", "tr
          "parking_lot", "std::sys::sync", "tokio::runtime::park", "epoll_wait", "__x64_sys_epoll",
          "crossbeam", "tokio::runtime::scheduler", "std::thread::park")
 
+def leaf_sha(chain):
+    # The compression function is the leaf (or the frame just above a kernel interrupt).
+    return any(p in f for f in chain[:2] for p in SHA)
+
+
 BACKUP = [
     # Whole-pack hash: PackBuilder::finish -> PackId::of (the pack's key).
     ("pack sha256 (pack key)", lambda c: leaf_sha(c) and has(c, "PackId::of", "PackBuilder::finish", "pack::PackBuilder")),
@@ -73,11 +78,6 @@ RESTORE = [
     ("writes, other", lambda c: has(c, *KERNEL_WRITE)),
     ("other", lambda c: True),
 ]
-
-
-def leaf_sha(chain):
-    # The compression function is the leaf (or the frame just above a kernel interrupt).
-    return any(p in f for f in chain[:2] for p in SHA)
 
 
 HEADER = re.compile(r"^(\S.*?)\s+(\d+)\s+(\d+)\s*$")

@@ -51,6 +51,7 @@ cpu_of() { awk -F': ' '/User time/ {u=$2} /System time/ {s=$2} /Elapsed/ {e=$2} 
 
 mkdir -p "$OUT"
 chmod 0755 "$OUT"
+chown postgres: "$OUT"
 install -m 0755 "$BIN/tidemark-agent" "$BIN/tidemark-restore" "$OUT/"
 A=$OUT/tidemark-agent
 R=$OUT/tidemark-restore

@@ -78,15 +78,94 @@ pub fn decompress_exact(
     frame: &[u8],
     len: u64,
 ) -> Result<Vec<u8>, FormatError> {
+    let cap = check_frame(what, frame, len)?;
+    // One extra byte of capacity detects a frame that expands to more than declared.
+    let out = DCTX
+        .with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let dctx = match slot.as_mut() {
+                Some(d) => d,
+                None => slot.insert(zstd::bulk::Decompressor::new()?),
+            };
+            dctx.decompress(frame, cap.saturating_add(1))
+        })
+        .map_err(|e| FormatError::invalid(what, format!("zstd frame does not decode: {e}")))?;
+    if out.len() as u64 != len {
+        return Err(FormatError::invalid(
+            what,
+            format!("decompressed to {} bytes, declared {len}", out.len()),
+        ));
+    }
+    Ok(out)
+}
+
+/// [`decode_with`] appending the chunk's bytes to `out` (a restore gathers consecutive chunks of
+/// a file into one write); on an error `out` is left as it was.
+pub fn decode_append(
+    ids: &crate::seal::ChunkIds,
+    id: &ChunkId,
+    frame: &[u8],
+    ulen: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), FormatError> {
+    if ulen > MAX_CHUNK_SIZE {
+        return Err(FormatError::TooLarge {
+            what: "chunk",
+            size: ulen as u64,
+            max: MAX_CHUNK_SIZE as u64,
+        });
+    }
+    let len = check_frame("chunk", frame, ulen as u64)?;
+    let at = out.len();
+    out.resize(at + len, 0);
+    let r = DCTX
+        .with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let dctx = match slot.as_mut() {
+                Some(d) => d,
+                None => slot.insert(zstd::bulk::Decompressor::new()?),
+            };
+            dctx.decompress_to_buffer(frame, &mut out[at..])
+        })
+        .map_err(|e| FormatError::invalid("chunk", format!("zstd frame does not decode: {e}")))
+        .and_then(|n| {
+            if n == len {
+                Ok(())
+            } else {
+                Err(FormatError::invalid(
+                    "chunk",
+                    format!("decompressed to {n} bytes, declared {len}"),
+                ))
+            }
+        })
+        .and_then(|()| {
+            let actual = ids.id(&out[at..]);
+            if actual == *id {
+                Ok(())
+            } else {
+                Err(FormatError::ChecksumMismatch {
+                    what: "chunk",
+                    expected: id.to_string(),
+                    actual: actual.to_string(),
+                })
+            }
+        });
+    if r.is_err() {
+        out.truncate(at);
+    }
+    r
+}
+
+/// Checks that `frame` is exactly one zstd frame recording its content size, equal to `len`
+/// (on the frame header, before any output is allocated); returns `len` as a size.
+fn check_frame(what: &'static str, frame: &[u8], len: u64) -> Result<usize, FormatError> {
     let cap = usize::try_from(len).map_err(|_| FormatError::TooLarge {
         what,
         size: len,
         max: usize::MAX as u64,
     })?;
-    // Exactly one zstd frame that records its content size, equal to `len`, and nothing after
-    // it: checked on the frame header before any output is allocated. Without this an empty
-    // frame (a truncated object) would decode to zero bytes, and skippable or extra frames
-    // would be accepted.
+    // Without this an empty frame (a truncated object) would decode to zero bytes, and
+    // skippable or extra frames would be accepted.
     if frame.get(..4) != Some(&ZSTD_MAGIC[..]) {
         return Err(FormatError::invalid(
             what,
@@ -114,29 +193,35 @@ pub fn decompress_exact(
             "is not exactly one whole zstd frame",
         ));
     }
-    // One extra byte of capacity detects a frame that expands to more than declared.
-    let out = DCTX
-        .with(|cell| {
-            let mut slot = cell.borrow_mut();
-            let dctx = match slot.as_mut() {
-                Some(d) => d,
-                None => slot.insert(zstd::bulk::Decompressor::new()?),
-            };
-            dctx.decompress(frame, cap.saturating_add(1))
-        })
-        .map_err(|e| FormatError::invalid(what, format!("zstd frame does not decode: {e}")))?;
-    if out.len() as u64 != len {
-        return Err(FormatError::invalid(
-            what,
-            format!("decompressed to {} bytes, declared {len}", out.len()),
-        ));
-    }
-    Ok(out)
+    Ok(cap)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_append_appends_or_leaves_the_buffer_as_it_was() {
+        let ids = crate::seal::ChunkIds::Sha256;
+        let (a, b) = (vec![1u8; 8192], vec![2u8; 4096]);
+        let (fa, fb) = (compress(&a, 1), compress(&b, 1));
+        let mut out = b"head".to_vec();
+        decode_append(&ids, &ChunkId::of(&a), &fa, 8192, &mut out).unwrap();
+        decode_append(&ids, &ChunkId::of(&b), &fb, 4096, &mut out).unwrap();
+        assert_eq!(out, [&b"head"[..], &a, &b].concat());
+        let n = out.len();
+        // A wrong id, a wrong length, a cut frame: errors, and nothing appended.
+        assert!(matches!(
+            decode_append(&ids, &ChunkId::of(b"x"), &fa, 8192, &mut out),
+            Err(FormatError::ChecksumMismatch { .. })
+        ));
+        assert!(decode_append(&ids, &ChunkId::of(&a), &fa, 8191, &mut out).is_err());
+        assert!(
+            decode_append(&ids, &ChunkId::of(&a), &fa[..fa.len() - 1], 8192, &mut out).is_err()
+        );
+        assert!(decode_append(&ids, &ChunkId::of(&a), &fa, MAX_CHUNK_SIZE + 1, &mut out).is_err());
+        assert_eq!(out.len(), n);
+    }
 
     #[test]
     fn round_trip_and_mismatch() {
