@@ -5,7 +5,7 @@
 
 use crate::repo;
 use crate::store::Store;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 use tidemark_format::keys;
 use tidemark_format::wal::WalFileName;
@@ -241,14 +241,9 @@ pub async fn collect_with(store: &Store, pg_major: Option<u32>, depth: Depth) ->
         // memory does not grow with the repository (issue 16).
         for h in &headers {
             let m = crate::manifest_file::LocalManifest::load(store, &h.backup_id).await?;
-            let (back, added) = tokio::task::spawn_blocking(move || {
-                let r = live.add_local(&m);
-                (live, r.map(|()| m))
-            })
-            .await
-            .context("the pass over a manifest's chunk references failed")?;
+            let (back, m) = live.add_local_blocking(m).await?;
             live = back;
-            referenced.extend(added?.packs.iter().copied());
+            referenced.extend(m.packs.iter().copied());
         }
     }
     let live = live.live_bytes();

@@ -149,6 +149,19 @@ impl LiveSet {
         })
     }
 
+    /// [`LiveSet::add_local`] on a blocking thread; gives the set and the manifest back.
+    pub async fn add_local_blocking(
+        mut self,
+        m: LocalManifest,
+    ) -> Result<(LiveSet, LocalManifest)> {
+        tokio::task::spawn_blocking(move || {
+            self.add_local(&m)?;
+            Ok((self, m))
+        })
+        .await
+        .context("the pass over a manifest's chunk references failed")?
+    }
+
     /// Adds every chunk reference of a retained backup held whole. An error (of the scratch
     /// files) is kept and returned by [`LiveSet::try_live_bytes`] and [`choose`].
     pub fn add(&mut self, m: &Manifest) {

@@ -53,23 +53,9 @@ pub fn decode_with(
     frame: &[u8],
     ulen: u32,
 ) -> Result<Vec<u8>, FormatError> {
-    if ulen > MAX_CHUNK_SIZE {
-        return Err(FormatError::TooLarge {
-            what: "chunk",
-            size: ulen as u64,
-            max: MAX_CHUNK_SIZE as u64,
-        });
-    }
-    let data = decompress_exact("chunk", frame, ulen as u64)?;
-    let actual = ids.id(&data);
-    if actual != *id {
-        return Err(FormatError::ChecksumMismatch {
-            what: "chunk",
-            expected: id.to_string(),
-            actual: actual.to_string(),
-        });
-    }
-    Ok(data)
+    let mut out = Vec::new();
+    decode_append(ids, id, frame, ulen, &mut out)?;
+    Ok(out)
 }
 
 /// Decompresses a zstd frame that must expand to exactly `len` bytes; never allocates more.
@@ -80,15 +66,7 @@ pub fn decompress_exact(
 ) -> Result<Vec<u8>, FormatError> {
     let cap = check_frame(what, frame, len)?;
     // One extra byte of capacity detects a frame that expands to more than declared.
-    let out = DCTX
-        .with(|cell| {
-            let mut slot = cell.borrow_mut();
-            let dctx = match slot.as_mut() {
-                Some(d) => d,
-                None => slot.insert(zstd::bulk::Decompressor::new()?),
-            };
-            dctx.decompress(frame, cap.saturating_add(1))
-        })
+    let out = with_dctx(|d| d.decompress(frame, cap.saturating_add(1)))
         .map_err(|e| FormatError::invalid(what, format!("zstd frame does not decode: {e}")))?;
     if out.len() as u64 != len {
         return Err(FormatError::invalid(
@@ -118,15 +96,7 @@ pub fn decode_append(
     let len = check_frame("chunk", frame, ulen as u64)?;
     let at = out.len();
     out.resize(at + len, 0);
-    let r = DCTX
-        .with(|cell| {
-            let mut slot = cell.borrow_mut();
-            let dctx = match slot.as_mut() {
-                Some(d) => d,
-                None => slot.insert(zstd::bulk::Decompressor::new()?),
-            };
-            dctx.decompress_to_buffer(frame, &mut out[at..])
-        })
+    let r = with_dctx(|d| d.decompress_to_buffer(frame, &mut out[at..]))
         .map_err(|e| FormatError::invalid("chunk", format!("zstd frame does not decode: {e}")))
         .and_then(|n| {
             if n == len {
@@ -154,6 +124,20 @@ pub fn decode_append(
         out.truncate(at);
     }
     r
+}
+
+/// Runs `f` with this thread's decompression context (made on first use).
+fn with_dctx<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    DCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let dctx = match slot.as_mut() {
+            Some(d) => d,
+            None => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        f(dctx)
+    })
 }
 
 /// Checks that `frame` is exactly one zstd frame recording its content size, equal to `len`

@@ -79,14 +79,7 @@ pub(super) async fn plan_now(
     for id in ids {
         let mut m = LocalManifest::load(store, &id).await?;
         if retained.needs_chunks(&id) {
-            let (back, added) = tokio::task::spawn_blocking(move || {
-                let r = live.add_local(&m);
-                (live, r.map(|()| m))
-            })
-            .await
-            .context("the pass over a manifest's chunk references failed")?;
-            live = back;
-            m = added?;
+            (live, m) = live.add_local_blocking(m).await?;
         }
         pack_tables.insert(id, m.packs.clone());
     }
