@@ -281,16 +281,6 @@ fn is_next(a: WalFileName, b: WalFileName) -> bool {
     }
 }
 
-/// The segment `i` after `name` on the same timeline.
-fn next_segment(name: WalFileName, i: u64, seg_size: u64) -> Option<WalFileName> {
-    let n = name.segment_number(seg_size)?;
-    Some(WalFileName::segment_of(
-        name.timeline(),
-        Lsn((n + i).checked_mul(seg_size)?),
-        seg_size,
-    ))
-}
-
 /// Starts the background filler unless one holds the spool's lock; returns the process started.
 fn ensure_filler(
     spool: &Path,

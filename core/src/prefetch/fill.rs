@@ -1,9 +1,7 @@
 //! The filler: fetches segments from the archive, verifies them in full and writes them into the
 //! spool as plain segments, `depth` ahead of the last one asked for.
 
-use super::{
-    next_segment, read_asked, read_stamp, spool_bytes, Stamp, ASKED, END, IDLE, LOCK, STAMP,
-};
+use super::{read_asked, read_stamp, spool_bytes, Stamp, ASKED, END, IDLE, LOCK, STAMP};
 use crate::store::Store;
 use crate::wal::{self, WalError};
 use anyhow::{Context, Result};
@@ -13,6 +11,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tidemark_format::wal::{self as walfmt, WalFileName};
+use tidemark_format::Lsn;
 
 /// Segments fetched and decoded at once.
 const PARALLEL: usize = 3;
@@ -181,4 +180,14 @@ async fn produce(store: &Store, spool: &Path, stamp: &Stamp, n: WalFileName) -> 
     })
     .await
     .context("the prefetch task failed")?
+}
+
+/// The segment `i` after `name` on the same timeline.
+fn next_segment(name: WalFileName, i: u64, seg_size: u64) -> Option<WalFileName> {
+    let n = name.segment_number(seg_size)?;
+    Some(WalFileName::segment_of(
+        name.timeline(),
+        Lsn((n + i).checked_mul(seg_size)?),
+        seg_size,
+    ))
 }
