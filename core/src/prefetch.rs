@@ -6,7 +6,7 @@
 //! the filler ([`fill`]) fetches N and the next `depth` segments from the archive, verifies each
 //! and writes it into the spool as the plain segment, then keeps that window `depth` segments
 //! ahead of the last one asked. In the binary the filler is a background process (the same
-//! `wal-fetch` command with [`FILL_ENV`] set), so decoding overlaps replay; in tests it can run in
+//! `wal-fetch` command with [`FILL_FLAG`]), so decoding overlaps replay; in tests it can run in
 //! the same process before the fetch returns ([`Filler::Inline`]).
 //!
 //! Invariants:
@@ -29,29 +29,37 @@
 //!   recovery, or a timeline PostgreSQL is probing) the filler is stopped and the spool emptied
 //!   and removed.
 //! - The filler stops at the first segment the archive lacks, on any error, when the stamp
-//!   changes, and after [`IDLE`] without a new request; a prefetch failure never fails the fetch
-//!   of N: the segment is then fetched by the request itself, with its retries.
+//!   changes (it checks the stamp's generation again before each rename, so a filler of an older
+//!   spool never writes into a newer one), and after [`IDLE`] without a new request (it then
+//!   removes the spool: recovery ended at a target, or the server stopped). A failure of the
+//!   spool or the filler never fails the fetch of N: the request then fetches it itself, with
+//!   its retries.
+//! - A request that finds N missing says so (`.asked`), and the filler fetches N whatever it
+//!   wrote before: PostgreSQL may ask for a segment again, or go back after a restart.
 
 mod fill;
+mod spool;
 
-use crate::repo;
 use crate::store::Store;
 use crate::wal;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tidemark_format::wal::{self as walfmt, WalFileName};
 use tidemark_format::{Lsn, TimelineId};
 
 pub use fill::fill_background;
+use spool::{
+    open_spool, read_asked, read_stamp, segments_in, spool_bytes, tidy, wipe, wipe_held,
+    write_asked, Asked,
+};
 
 /// Most segments fetched ahead.
 pub const MAX_DEPTH: usize = 64;
-/// Set (to anything) in the environment of the background filler process.
-pub const FILL_ENV: &str = "TIDEMARK_PREFETCH_FILL";
+/// The (hidden) flag appended to the request's own arguments to start the background filler.
+pub const FILL_FLAG: &str = "--fill-spool";
 /// A filler with nothing to do for this long stops.
 pub const IDLE: Duration = Duration::from_secs(15);
 /// How long a request waits for a running filler to deliver its segment before fetching it
@@ -80,7 +88,7 @@ pub struct Prefetch {
 pub enum Filler {
     /// The request itself, before it returns: a miss fetches N and the next `depth` segments.
     Inline,
-    /// A background process started with this program and arguments (and [`FILL_ENV`] set), which
+    /// A background process started with this program and arguments (and [`FILL_FLAG`]), which
     /// runs [`fill_background`]; requests only wait for it and rename.
     Background {
         program: PathBuf,
@@ -134,38 +142,57 @@ async fn fetch_segment(
     dest: &Path,
     p: &Prefetch,
 ) -> Result<Served> {
-    let stamp = open_spool(store, &p.spool).await?;
-    let spool = p.spool.clone();
-    tidy(&spool, name)?;
-    write_asked(&spool, name)?;
-    if take(&spool, name, &stamp, dest)? {
-        tracing::debug!(file = %name, "served from the prefetch spool");
-        remove_if_ended(&spool, name, false);
-        return Ok(Served::Spool);
+    // The spool's own failures (a directory that cannot be written, a full disk) never fail the
+    // request: it fetches the segment itself, with its own errors and retries.
+    match from_spool(store, name, dest, p).await {
+        Ok(Some(served)) => return Ok(served),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(file = %name, spool = %p.spool.display(), error = %format!("{e:#}"), "the prefetch spool failed; fetching without it");
+        }
     }
+    let obj = wal::get_object(store, &name).await?;
+    wal::install(name, obj, dest.to_path_buf()).await?;
+    let spooled = segments_in(&p.spool);
+    remove_if_ended(&p.spool, name, true);
+    Ok(Served::Archive { spooled })
+}
+
+/// Serves `name` from the spool: at once when it is there, else after the filler delivered it;
+/// `None` when it did not (the end of the archive, an error: the filler has stopped).
+async fn from_spool(
+    store: &Store,
+    name: WalFileName,
+    dest: &Path,
+    p: &Prefetch,
+) -> Result<Option<Served>> {
+    let stamp = open_spool(store, &p.spool).await?;
+    let spool = p.spool.as_path();
+    tidy(spool, name)?;
+    write_asked(spool, name, false)?;
+    if take(spool, name, &stamp, dest)? {
+        tracing::debug!(file = %name, "served from the prefetch spool");
+        remove_if_ended(spool, name, false);
+        return Ok(Some(Served::Spool));
+    }
+    write_asked(spool, name, true)?;
     let depth = p.depth.clamp(1, MAX_DEPTH);
     let delivered = match &p.filler {
         Filler::Inline => {
-            fill::run(store, &spool, &stamp, name, depth, p.max_bytes, false).await;
-            take(&spool, name, &stamp, dest)?
+            fill::run(store, spool, &stamp, name, depth, p.max_bytes, false).await;
+            take(spool, name, &stamp, dest)?
         }
-        Filler::Background { program, args } => match ensure_filler(&spool, program, args) {
-            Ok(child) => wait_for(&spool, name, child).await && take(&spool, name, &stamp, dest)?,
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "cannot start the prefetch filler; fetching without it");
-                false
-            }
-        },
+        Filler::Background { program, args } => {
+            let child = ensure_filler(spool, program, args)?;
+            wait_for(spool, name, child).await && take(spool, name, &stamp, dest)?
+        }
     };
     if !delivered {
-        // The filler stopped without it (the end of the archive, or an error): the request
-        // fetches it itself, so that the error it reports is this segment's own.
-        let obj = wal::get_object(store, &name).await?;
-        wal::install(name, obj, dest.to_path_buf()).await?;
+        return Ok(None);
     }
-    let spooled = segments_in(&spool);
-    remove_if_ended(&spool, name, true);
-    Ok(Served::Archive { spooled })
+    let spooled = segments_in(spool);
+    remove_if_ended(spool, name, true);
+    Ok(Some(Served::Archive { spooled }))
 }
 
 /// Removes the spool after the last segment of the archive was served: nothing is spooled, no
@@ -244,8 +271,10 @@ fn check_header(head: &[u8], len: u64, name: WalFileName, system_id: u64) -> Res
         crate::archive::segment_size(seg_size) == Some(seg_size) && len == seg_size,
         "wal segment {name} is {len} bytes, its header says segments are {seg_size}"
     );
+    // The first segment of a timeline begins with pages copied from its parent: their header
+    // names the older timeline.
     anyhow::ensure!(
-        ph.system_id.0 == system_id && ph.timeline == TimelineId(name.timeline().0),
+        ph.system_id.0 == system_id && ph.timeline <= TimelineId(name.timeline().0),
         "wal segment {name} belongs to system {} timeline {}, not the repository's system {system_id}",
         ph.system_id,
         ph.timeline
@@ -290,11 +319,13 @@ fn ensure_filler(
     if filler_running(spool) {
         return Ok(None);
     }
+    // No inherited stderr: a restore_command whose output is piped would wait for the filler.
     let child = std::process::Command::new(program)
         .args(args)
-        .env(FILL_ENV, "1")
+        .arg(FILL_FLAG)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .with_context(|| format!("cannot start {}", program.display()))?;
     Ok(Some(child))
@@ -302,7 +333,12 @@ fn ensure_filler(
 
 /// True while a filler holds the spool's lock.
 fn filler_running(spool: &Path) -> bool {
-    match std::fs::File::open(spool.join(LOCK)) {
+    // Read-write: where flock is emulated by fcntl (NFS), an exclusive lock needs it.
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(spool.join(LOCK))
+    {
         Ok(f) => matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
         Err(_) => false,
     }
@@ -341,151 +377,6 @@ async fn wait_filler_gone(spool: &Path, limit: Duration) {
     while filler_running(spool) && t0.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-/// Opens (or re-binds) the spool to this repository and this boot.
-async fn open_spool(store: &Store, spool: &Path) -> Result<Stamp> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(spool)
-        .with_context(|| format!("cannot create the prefetch spool {}", spool.display()))?;
-    let boot = boot_id();
-    if let Some(s) = read_stamp(spool).filter(|s| s.repo == store.url() && s.boot_id == boot) {
-        return Ok(s);
-    }
-    let _ = std::fs::remove_file(spool.join(STAMP));
-    wait_filler_gone(spool, Duration::from_secs(5)).await;
-    wipe(spool);
-    let cfg = repo::require_config(store).await?;
-    let s = Stamp {
-        repo: store.url().to_string(),
-        system_id: cfg.system_id.0,
-        boot_id: boot,
-        generation: rand_u64(),
-    };
-    let tmp = spool.join(format!("{STAMP}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec(&s)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, spool.join(STAMP))
-        .with_context(|| format!("cannot write the spool stamp in {}", spool.display()))?;
-    Ok(s)
-}
-
-fn read_stamp(spool: &Path) -> Option<Stamp> {
-    std::fs::read(spool.join(STAMP))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-}
-
-/// The kernel's id of this boot (empty where there is none: files are then never trusted across
-/// a restart of the filler's machine, see [`fill`]).
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
-}
-
-/// Records the segment asked for, with a fresh nonce (the filler follows it; a segment asked again
-/// is fetched again).
-fn write_asked(spool: &Path, name: WalFileName) -> Result<()> {
-    let tmp = spool.join(format!("{ASKED}.tmp"));
-    std::fs::write(&tmp, format!("{name} {}", rand_u64()))
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, spool.join(ASKED))
-        .with_context(|| format!("cannot write {}", spool.join(ASKED).display()))
-}
-
-/// The segment last asked for and its nonce.
-fn read_asked(spool: &Path) -> Option<(WalFileName, String)> {
-    let s = std::fs::read_to_string(spool.join(ASKED)).ok()?;
-    let (n, nonce) = s.split_once(' ')?;
-    match WalFileName::parse(n) {
-        Ok(w @ WalFileName::Segment { .. }) => Some((w, nonce.to_string())),
-        _ => None,
-    }
-}
-
-/// Deletes everything in the spool but the filler's lock.
-fn wipe(spool: &Path) {
-    if let Ok(rd) = std::fs::read_dir(spool) {
-        for e in rd.flatten() {
-            if e.file_name() != LOCK {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_file(spool.join(LOCK));
-}
-
-/// Deletes foreign files and segments before `asked` (by (log, seg), the same order whatever the
-/// segment size). The filler's temporary files are its own to delete.
-fn tidy(spool: &Path, asked: WalFileName) -> Result<()> {
-    for e in std::fs::read_dir(spool)
-        .with_context(|| format!("cannot list {}", spool.display()))?
-        .flatten()
-    {
-        let fname = e.file_name();
-        let f = fname.to_string_lossy();
-        if [STAMP, ASKED, LOCK, END].contains(&f.as_ref()) || fill::is_temporary(&f) {
-            continue;
-        }
-        let keep = match WalFileName::parse(&f) {
-            Ok(WalFileName::Segment { log, seg, .. }) => match asked {
-                WalFileName::Segment {
-                    log: alog,
-                    seg: aseg,
-                    ..
-                } => (log, seg) >= (alog, aseg),
-                _ => true,
-            },
-            _ => false,
-        };
-        if !(keep && e.file_type().map(|t| t.is_file()).unwrap_or(false)) {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-    Ok(())
-}
-
-/// The spooled segments (files with a segment's name).
-fn segments_in(spool: &Path) -> usize {
-    std::fs::read_dir(spool)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| {
-                    matches!(
-                        WalFileName::parse(&e.file_name().to_string_lossy()),
-                        Ok(WalFileName::Segment { .. })
-                    )
-                })
-                .count()
-        })
-        .unwrap_or(0)
-}
-
-fn spool_bytes(spool: &Path) -> u64 {
-    std::fs::read_dir(spool)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -195,7 +195,9 @@ async fn a_background_filler_serves_requests_ahead() {
         assert_eq!(&std::fs::read(&dest).unwrap(), data, "{name}");
         // Never more than the window ahead.
         assert!(segments_in(&p.spool) <= 7, "{}", segments_in(&p.spool));
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // A segment taken is not fetched into the spool again.
+        assert!(!p.spool.join(name.to_string()).exists(), "{name} came back");
     }
     assert!(from_spool >= 12, "only {from_spool} of 23 from the spool");
     let next = WalFileName::segment_of(TimelineId(1), Lsn(25 * SEG), SEG);
@@ -242,4 +244,63 @@ async fn timelines_are_kept_apart_and_history_files_never_spooled() {
         fetch(&store, &name.to_string(), &dest, &p).await.unwrap();
         assert_eq!(&std::fs::read(&dest).unwrap(), data, "{name}");
     }
+}
+
+/// Recovery restarted (PostgreSQL asks for earlier segments again) and a spool with room for two
+/// segments only: every request is served promptly and byte for byte, never after the request's
+/// long wait for a filler that would not deliver.
+#[tokio::test]
+async fn asking_again_or_backwards_is_served_promptly_even_with_a_full_spool() {
+    let t = tempfile::tempdir().unwrap();
+    let segs: Vec<(u32, u64, u8)> = (1..=12).map(|n| (1, n, n as u8)).collect();
+    let (store, want) = repo_with(t.path(), &segs).await;
+    let p = Prefetch {
+        filler: Filler::Background {
+            program: "/bin/false".into(),
+            args: vec![],
+        },
+        max_bytes: 2 * SEG + 4096,
+        ..opts(t.path(), 4)
+    };
+    let dest = t.path().join("pg_wal/RECOVERYXLOG");
+    fetch(&store, &want[0].0.to_string(), &dest, &p)
+        .await
+        .unwrap();
+    let filler = tokio::spawn({
+        let (store, p, from) = (store.clone(), p.clone(), want[1].0.to_string());
+        async move { fill_background(&store, &from, &p).await }
+    });
+    // Forward to 8, then 8 again, back to 3 and forward again.
+    let order = [1, 2, 3, 4, 5, 6, 7, 7, 2, 3, 4, 5, 6, 7, 8, 9];
+    for i in order {
+        let (name, data) = &want[i];
+        let s = tokio::time::timeout(
+            Duration::from_secs(5),
+            fetch(&store, &name.to_string(), &dest, &p),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{name} waited too long"))
+        .unwrap();
+        assert_eq!(&std::fs::read(&dest).unwrap(), data, "{name} ({s:?})");
+        assert!(
+            spool_bytes(&p.spool) <= 3 * SEG,
+            "the spool outgrew its bound"
+        );
+    }
+    drop(filler);
+}
+
+#[test]
+fn the_first_segment_of_a_timeline_may_carry_its_parents_timeline_in_its_header() {
+    // Segment 5 of timeline 2 begins with pages copied from timeline 1.
+    let (_, d) = segment(1, 5, 42, 5);
+    let on_tli2 = WalFileName::segment_of(TimelineId(2), Lsn(5 * SEG), SEG);
+    check_header(&d, SEG, on_tli2, 42).unwrap();
+    // A header of a later timeline, another system, another position: refused.
+    let (_, d3) = segment(3, 5, 42, 5);
+    assert!(check_header(&d3, SEG, on_tli2, 42).is_err());
+    assert!(check_header(&d, SEG, on_tli2, 7).is_err());
+    let six = WalFileName::segment_of(TimelineId(2), Lsn(6 * SEG), SEG);
+    assert!(check_header(&d, SEG, six, 42).is_err());
+    assert!(check_header(&d, SEG - 1, on_tli2, 42).is_err());
 }

@@ -36,6 +36,10 @@ pub struct Args {
     /// Most bytes of (decoded) segments the spool holds
     #[arg(long, env = "TIDEMARK_SPOOL_MAX_BYTES", default_value_t = 1 << 30)]
     spool_max_bytes: u64,
+    /// Internal: run as the background filler of the prefetch spool (started by a request;
+    /// writes nothing to the destination)
+    #[arg(long = "fill-spool", hide = true)]
+    fill_spool: bool,
     /// The archived file's name (%f)
     file: String,
     /// Where to write it (%p)
@@ -128,12 +132,13 @@ pub async fn run(a: Args) -> ExitCode {
             Err(_) => Filler::Inline,
         },
     });
-    if std::env::var_os(prefetch::FILL_ENV).is_some() {
-        // This is the background filler a request started: it reports nothing to PostgreSQL.
+    if a.fill_spool {
+        // The background filler a request started: nobody waits for its exit status, and a
+        // status of 0 must never stand for a file written (hence 1 whatever happened).
         if let Some(p) = &prefetch {
             prefetch::fill_background(&store, &a.file, p).await;
         }
-        return ExitCode::SUCCESS;
+        return ExitCode::from(cli::EXIT_FAILURE);
     }
     let mut delay = Duration::from_millis(200);
     for attempt in 1..=a.attempts.max(1) {
