@@ -29,7 +29,7 @@ pub(super) async fn open_spool(store: &Store, spool: &Path) -> Result<Stamp> {
         repo: store.url().to_string(),
         system_id: cfg.system_id.0,
         boot_id: boot,
-        generation: rand_u64(),
+        generation: crate::verify::random_u64(),
     };
     let tmp = spool.join(format!("{STAMP}.tmp"));
     std::fs::write(&tmp, serde_json::to_vec(&s)?)
@@ -53,27 +53,17 @@ pub(super) fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-pub(super) fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
-}
-
 /// Records the segment asked for, with a fresh nonce (the filler follows it), and whether the
 /// request found it missing from the spool (the filler then fetches it whatever it did before:
 /// it may not have seen every request in between).
 pub(super) fn write_asked(spool: &Path, name: WalFileName, missing: bool) -> Result<()> {
     let tmp = spool.join(format!("{ASKED}.tmp"));
     let mark = if missing { " missing" } else { "" };
-    std::fs::write(&tmp, format!("{name} {}{mark}", rand_u64()))
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::write(
+        &tmp,
+        format!("{name} {}{mark}", crate::verify::random_u64()),
+    )
+    .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, spool.join(ASKED))
         .with_context(|| format!("cannot write {}", spool.join(ASKED).display()))
 }
