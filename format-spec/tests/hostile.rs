@@ -428,3 +428,20 @@ fn gc_state_refuses_unsorted_and_duplicate_packs() {
     };
     assert!(GcState::decode(&unsorted.encode()).is_err());
 }
+
+/// Found by fuzzing (fuzz/fuzz_targets/manifest.rs): a file entry announcing more chunk
+/// references than any source could hold overflowed the "bytes still needed" of its error.
+#[test]
+fn manifest_with_an_absurd_chunk_count_is_refused_without_overflow() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/regressions/manifest-nchunks-overflow.bin");
+    let data = std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let mut inputs = vec![data.clone(), with_trailer(&data)];
+    if data.len() >= 32 {
+        inputs.push(with_trailer(&data[..data.len() - 32]));
+    }
+    for input in inputs {
+        let _ = ManifestHeader::decode_prefix(&input);
+        assert!(Manifest::decode(&input).is_err());
+    }
+}

@@ -340,7 +340,7 @@ impl<'s, S: Source + ?Sized> ManifestReader<'s, S> {
                 if nchunks > fits {
                     return Err(FormatError::Truncated {
                         what: WHAT,
-                        needed: (nchunks - fits) * CHUNK_REF_LEN,
+                        needed: (nchunks - fits).saturating_mul(CHUNK_REF_LEN),
                     });
                 }
                 self.pending = Some(Pending {
