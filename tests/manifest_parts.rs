@@ -67,7 +67,7 @@ async fn manifests_in_parts_back_up_restore_expire_and_check() -> Result<()> {
     let a = src.backup_run(&repo, &envs).await?.ok()?;
     let a = a.json()?["backup_id"].as_str().context("id")?.to_string();
     ensure!(
-        major_of(&repo, &a)? == 2,
+        major_of(&repo, &a)? == 4,
         "backup {a} must be stored in parts"
     );
     let a_parts = parts_of(&repo, &a)?;
@@ -84,7 +84,7 @@ async fn manifests_in_parts_back_up_restore_expire_and_check() -> Result<()> {
     );
     let b = bj["backup_id"].as_str().context("id")?.to_string();
     let b_parts = parts_of(&repo, &b)?;
-    ensure!(major_of(&repo, &b)? == 2 && !b_parts.is_empty());
+    ensure!(major_of(&repo, &b)? == 4 && !b_parts.is_empty());
     data::write_batch(&db, 3).await?;
     src.switch_wal_and_wait(&repo).await?;
     restore_exact(&dir, &repo, "r1", &data::batch_counts(&db).await?).await?;

@@ -228,6 +228,25 @@ async fn a_second_backup_stores_only_what_changed() -> Result<()> {
         data::write_batch(&db, b).await?;
     }
     let first = src.backup(&repo).await?;
+    // Runs of consecutive new pages were compressed as shared frames (format 1.4), of at most
+    // 256 KiB (32 pages) each.
+    let (mut chunks, mut frames) = (0usize, std::collections::HashSet::new());
+    for (p, _) in repo.packs()? {
+        let entries = tidemark_format::pack::decode(&std::fs::read(&p)?)?;
+        for e in entries {
+            ensure!(
+                e.skip + e.ulen <= 256 << 10,
+                "a frame holds more than 256 KiB"
+            );
+            chunks += 1;
+            frames.insert((p.clone(), e.offset));
+        }
+    }
+    ensure!(
+        frames.len() * 4 < chunks,
+        "the first backup stored {chunks} chunks in {} frames: runs of pages were not grouped",
+        frames.len()
+    );
     // Update 1% of the rows, all in one batch (a handful of pages).
     let updated = db
         .execute(

@@ -28,6 +28,8 @@ struct Ref {
     /// The pack's number in the run's [`Numbering`].
     pack: u32,
     offset: u64,
+    /// Where the chunk starts in its frame.
+    skip: u32,
     id: ChunkId,
     clen: u32,
     ulen: u32,
@@ -37,13 +39,19 @@ struct Ref {
 
 impl Ref {
     fn same_place(&self, o: &Ref) -> bool {
-        (self.pack, self.offset, self.id, self.clen, self.ulen)
-            == (o.pack, o.offset, o.id, o.clen, o.ulen)
+        (
+            self.pack,
+            self.offset,
+            self.skip,
+            self.id,
+            self.clen,
+            self.ulen,
+        ) == (o.pack, o.offset, o.skip, o.id, o.clen, o.ulen)
     }
 }
 
 impl Record for Ref {
-    const SIZE: usize = 64;
+    const SIZE: usize = 68;
     fn encode(&self, out: &mut [u8]) {
         out[0..8].copy_from_slice(&self.pack_key.to_le_bytes());
         out[8..12].copy_from_slice(&self.pack.to_le_bytes());
@@ -52,6 +60,7 @@ impl Record for Ref {
         out[52..56].copy_from_slice(&self.clen.to_le_bytes());
         out[56..60].copy_from_slice(&self.ulen.to_le_bytes());
         out[60..64].copy_from_slice(&self.backup.to_le_bytes());
+        out[64..68].copy_from_slice(&self.skip.to_le_bytes());
     }
     fn decode(b: &[u8]) -> Ref {
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
@@ -66,6 +75,7 @@ impl Record for Ref {
             clen: u32_at(52),
             ulen: u32_at(56),
             backup: u32_at(60),
+            skip: u32_at(64),
         }
     }
     fn key(&self) -> u64 {
@@ -201,7 +211,11 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
                 continue;
             }
         };
-        let by_offset: HashMap<u64, &PackEntry> = index.iter().map(|e| (e.offset, e)).collect();
+        let by_place: HashMap<(u64, u32), &PackEntry> =
+            index.iter().map(|e| ((e.offset, e.skip), e)).collect();
+        // The frame read last (offset, its uncompressed bytes): the chunks of one frame are
+        // checked with one read and one decompression.
+        let mut frame: Option<(u64, Vec<u8>)> = None;
         while let Some(r) = next.filter(|r| r.pack == first.pack) {
             // The backups of this reference, ascending (the records are sorted by backup last).
             let mut backups = vec![r.backup];
@@ -216,10 +230,10 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
                     _ => break,
                 }
             }
-            let (id, offset, clen, ulen) = (r.id, r.offset, r.clen, r.ulen);
+            let (id, offset, clen, ulen, skip) = (r.id, r.offset, r.clen, r.ulen, r.skip);
             report.chunks_checked += 1;
-            let ok = by_offset
-                .get(&offset)
+            let ok = by_place
+                .get(&(offset, skip))
                 .is_some_and(|e| e.id == id && e.clen == clen && e.ulen == ulen);
             if !ok {
                 report.problems.push(Problem {
@@ -231,12 +245,36 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
             n += 1;
             if read_data && n.is_multiple_of(every.max(1)) {
                 report.chunks_read += 1;
-                let bytes = store.get_range(&key, offset..offset + clen as u64).await;
-                let verdict = bytes.map_err(anyhow::Error::from).and_then(|b| {
-                    chunk::decode_with(&store.chunk_ids(), &id, &b, ulen)
-                        .map(|_| ())
+                if frame.as_ref().is_none_or(|(at, _)| *at != offset) {
+                    frame = None;
+                    let bytes = store.get_range(&key, offset..offset + clen as u64).await;
+                    let decoded = bytes
                         .map_err(anyhow::Error::from)
-                });
+                        .and_then(|b| chunk::decode_frame(&b).map_err(anyhow::Error::from));
+                    match decoded {
+                        Ok(d) => frame = Some((offset, d)),
+                        Err(e) => {
+                            report.problems.push(Problem {
+                                backups: names(&headers, backups.iter()),
+                                what: format!("chunk {id} in pack {pid} is damaged: {e:#}"),
+                            });
+                            continue;
+                        }
+                    }
+                }
+                let data = frame.as_ref().map_or(&[][..], |(_, d)| &d[..]);
+                let verdict = data
+                    .get(skip as usize..skip as usize + ulen as usize)
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "its frame holds {} bytes, the chunk ends at {}",
+                            data.len(),
+                            skip as u64 + ulen as u64
+                        )
+                    })
+                    .and_then(|b| {
+                        chunk::check_id(&store.chunk_ids(), &id, b).map_err(anyhow::Error::from)
+                    });
                 if let Err(e) = verdict {
                     report.problems.push(Problem {
                         backups: names(&headers, backups.iter()),
@@ -278,6 +316,7 @@ impl Gather {
                 id: c.id,
                 clen: c.clen,
                 ulen: c.ulen,
+                skip: c.skip,
                 backup: bi,
             };
             self.spill.push(&r).map_err(|e| {

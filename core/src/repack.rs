@@ -342,7 +342,8 @@ pub fn choose(
 /// Where the live chunks of the repacked packs are now.
 #[derive(Default)]
 pub struct Relocation {
-    moved: HashMap<(PackId, u64), (PackId, PackEntry)>,
+    /// (old pack, frame offset, skip) -> (new pack, index entry there).
+    moved: HashMap<(PackId, u64, u32), (PackId, PackEntry)>,
     old: HashSet<PackId>,
     /// The packs written, in order.
     pub new_packs: Vec<PackId>,
@@ -353,39 +354,47 @@ pub struct Relocation {
 pub async fn copy(store: &Store, pack_target: u64, chosen: &[Chosen]) -> Result<Relocation> {
     let mut out = Relocation::default();
     let mut builder = PackBuilder::new();
-    let mut filling: Vec<(PackId, u64, PackEntry)> = Vec::new();
+    // (old pack, old entry, new entry) of each chunk in the pack being filled.
+    let mut filling: Vec<(PackId, PackEntry, PackEntry)> = Vec::new();
     for c in chosen {
         out.old.insert(c.pack);
         let key = keys::pack(&c.pack);
         let index = read_index(store, &key)
             .await
             .with_context(|| format!("cannot read the index of pack {} to repack it", c.pack))?;
-        let by_offset: HashMap<u64, PackEntry> = index.iter().map(|e| (e.offset, *e)).collect();
+        // The chunks of each frame, in frame order (a frame is copied whole).
+        let mut by_offset: HashMap<u64, Vec<PackEntry>> = HashMap::new();
+        for e in &index {
+            by_offset.entry(e.offset).or_default().push(*e);
+        }
         let mut wanted = Vec::with_capacity(c.live.len());
         for &(offset, clen) in &c.live {
             let e = by_offset
-                .get(&offset)
-                .filter(|e| e.clen == clen)
+                .remove(&offset)
+                .filter(|es| es[0].clen == clen)
                 .ok_or_else(|| {
                     anyhow!(
                         "a retained backup references {clen} bytes at offset {offset} of pack {}, which its index does not list\nhint: the repository is damaged; run 'tidemark-restore check' to see which backups are affected",
                         c.pack
                     )
                 })?;
-            wanted.push(*e);
+            wanted.push(e);
         }
-        let reads = ranges::coalesce(wanted, |e| (0, e.offset, e.clen));
+        let reads = ranges::coalesce(wanted, |es| (0, es[0].offset, es[0].clen));
         let mut fetched =
             futures::stream::iter(reads.into_iter().map(|r| fetch_verified(store, c.pack, r)))
                 .buffered(READS_IN_FLIGHT);
         while let Some(frames) = fetched.try_next().await? {
-            for (e, frame) in frames {
+            for (es, frame) in frames {
                 if builder.len() as u64 >= pack_target {
                     let full = std::mem::take(&mut builder);
                     seal(store, full, &mut filling, &mut out).await?;
                 }
-                let placed = builder.push(e.id, &frame, e.ulen);
-                filling.push((c.pack, e.offset, placed));
+                let chunks: Vec<_> = es.iter().map(|e| (e.id, e.ulen)).collect();
+                let placed = builder.push_frame(&frame, &chunks);
+                for (old, new) in es.iter().zip(placed) {
+                    filling.push((c.pack, *old, *new));
+                }
             }
         }
     }
@@ -395,31 +404,34 @@ pub async fn copy(store: &Store, pack_target: u64, chosen: &[Chosen]) -> Result<
     Ok(out)
 }
 
-/// Reads one coalesced range of `pack` and checks every chunk in it against its id.
+/// Reads one coalesced range of `pack` and checks every chunk of every frame in it against its id.
 async fn fetch_verified(
     store: &Store,
     pack: PackId,
-    read: ranges::Read<PackEntry>,
-) -> Result<Vec<(PackEntry, Bytes)>> {
+    read: ranges::Read<Vec<PackEntry>>,
+) -> Result<Vec<(Vec<PackEntry>, Bytes)>> {
     let bytes = store
         .get_range(&keys::pack(&pack), read.start..read.end)
         .await
         .with_context(|| format!("cannot read pack {pack} to repack it"))?;
     let ids = store.chunk_ids();
     tokio::task::spawn_blocking(move || {
+        let mut scratch = Vec::new();
         read.items
             .into_iter()
-            .map(|e| {
+            .map(|es| {
+                let e = es[0];
                 let at = (e.offset - read.start) as usize;
                 let frame = bytes.slice(at..at + e.clen as usize);
-                chunk::decode_with(&ids, &e.id, &frame, e.ulen).map_err(|err| {
+                let run: Vec<_> = es.iter().map(|e| (e.id, e.skip, e.ulen)).collect();
+                scratch.clear();
+                chunk::decode_run(&ids, &frame, &run, &mut scratch).map_err(|err| {
                     anyhow!(
-                        "chunk {} at offset {} of pack {pack} is damaged: {err}\nhint: nothing was repacked from it; run 'tidemark-restore check --read-data' to see which backups are affected",
-                        e.id,
+                        "a chunk of the frame at offset {} of pack {pack} is damaged: {err}\nhint: nothing was repacked from it; run 'tidemark-restore check --read-data' to see which backups are affected",
                         e.offset
                     )
                 })?;
-                Ok((e, frame))
+                Ok((es, frame))
             })
             .collect()
     })
@@ -431,7 +443,7 @@ async fn fetch_verified(
 async fn seal(
     store: &Store,
     builder: PackBuilder,
-    filling: &mut Vec<(PackId, u64, PackEntry)>,
+    filling: &mut Vec<(PackId, PackEntry, PackEntry)>,
     out: &mut Relocation,
 ) -> Result<()> {
     let (id, bytes) = builder.finish();
@@ -443,8 +455,8 @@ async fn seal(
         Err(e) => return Err(anyhow!(e).context(format!("cannot store repacked pack {id}"))),
     }
     tracing::info!(pack = %id, chunks = filling.len(), "repacked pack stored");
-    for (old, offset, entry) in filling.drain(..) {
-        out.moved.insert((old, offset), (id, entry));
+    for (old, e, entry) in filling.drain(..) {
+        out.moved.insert((old, e.offset, e.skip), (id, entry));
     }
     out.new_packs.push(id);
     if out.new_packs.len() == 1 {

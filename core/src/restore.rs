@@ -48,7 +48,7 @@ use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tidemark_format::manifest::{ChunkRef, FileEntry, HeadKind, ManifestHeader, ManifestIndex};
-use tidemark_format::{chunk, keys};
+use tidemark_format::{chunk, keys, ChunkId};
 
 /// Range reads of one file in flight.
 const READS_IN_FLIGHT: usize = 4;
@@ -386,14 +386,35 @@ async fn read_and_write(
             }
             Ok(())
         };
-        for (c, file_off) in &read.items {
-            if run_at + run.len() as u64 != *file_off || run.len() >= WRITE_RUN {
-                flush(&mut run, run_at)?;
-                run_at = *file_off;
+        // Chunks that follow each other both in one frame and in the file are decoded with
+        // one decompression of the frame.
+        let items = &read.items;
+        let mut group: Vec<(ChunkId, u32, u32)> = Vec::new();
+        let mut i = 0;
+        while i < items.len() {
+            let (c0, off0) = items[i];
+            let mut j = i + 1;
+            while let Some(&(c, off)) = items.get(j) {
+                let (p, poff) = items[j - 1];
+                if (c.offset, c.clen) == (c0.offset, c0.clen)
+                    && c.skip as u64 == p.skip as u64 + p.ulen as u64
+                    && off == poff + p.ulen as u64
+                {
+                    j += 1;
+                } else {
+                    break;
+                }
             }
-            let at = (c.offset - read.start) as usize;
-            let frame = &bytes[at..at + c.clen as usize];
-            chunk::decode_append(&ids, &c.id, frame, c.ulen, &mut run).map_err(|e| anyhow!("file {path}: chunk {} in pack {pack} is damaged: {e}\nhint: the repository is damaged; run 'tidemark-restore check --read-data' and restore from another backup", c.id))?;
+            if run_at + run.len() as u64 != off0 || run.len() >= WRITE_RUN {
+                flush(&mut run, run_at)?;
+                run_at = off0;
+            }
+            let at = (c0.offset - read.start) as usize;
+            let frame = &bytes[at..at + c0.clen as usize];
+            group.clear();
+            group.extend(items[i..j].iter().map(|(c, _)| (c.id, c.skip, c.ulen)));
+            chunk::decode_run(&ids, frame, &group, &mut run).map_err(|e| anyhow!("file {path}: chunk {} in pack {pack} is damaged: {e}\nhint: the repository is damaged; run 'tidemark-restore check --read-data' and restore from another backup", c0.id))?;
+            i = j;
         }
         flush(&mut run, run_at)
     })
@@ -437,6 +458,7 @@ mod tests {
                 offset,
                 clen,
                 ulen: 8192,
+                skip: 0,
             })
             .collect();
         FileEntry {

@@ -40,6 +40,7 @@ async fn build(store: &Store) -> (String, String) {
             offset: e.offset,
             clen: e.clen,
             ulen: e.ulen,
+            skip: e.skip,
         });
     }
     let (pid, bytes) = b.finish();

@@ -66,6 +66,7 @@ async fn store_pack(
             offset: e.offset,
             clen: e.clen,
             ulen: e.ulen,
+            skip: e.skip,
         });
     }
     let (id, bytes) = b.finish();

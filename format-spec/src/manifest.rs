@@ -86,6 +86,9 @@ pub struct ChunkRef {
     pub offset: u64,
     pub clen: u32,
     pub ulen: u32,
+    /// Where the chunk starts in its frame's uncompressed bytes (format 1.4; 0 for a frame of
+    /// one chunk).
+    pub skip: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -216,7 +219,7 @@ impl ManifestHeader {
     /// trailer is not in the prefix). `Truncated` means a longer prefix is needed.
     pub fn decode_prefix(buf: &[u8]) -> Result<Self, FormatError> {
         let mut r = Reader::new(WHAT, buf);
-        r.header_of(MAGIC, parts::PARTED_MAJOR)?;
+        r.header_of(MAGIC, parts::MAX_MAJOR)?;
         Self::decode_from(&mut r)
     }
 }
@@ -332,6 +335,7 @@ mod tests {
                             offset: 8,
                             clen: 14,
                             ulen: 5,
+                            skip: 0,
                         }],
                     }),
                 },

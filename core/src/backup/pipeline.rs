@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use tidemark_format::chunk::WRITER_FRAME_SIZE;
 use tidemark_format::config::RepoConfig;
 use tidemark_format::manifest::{BackupStats, ChunkRef, ManifestHeader};
 use tidemark_format::pack::PackBuilder;
@@ -64,6 +65,8 @@ pub(crate) struct Loc {
     pub(crate) offset: u64,
     pub(crate) clen: u32,
     pub(crate) ulen: u32,
+    /// Where the chunk starts in its frame's uncompressed bytes.
+    pub(crate) skip: u32,
 }
 
 pub(crate) type ChunkLoc = (ChunkId, Loc);
@@ -272,73 +275,116 @@ impl<'a> Packer<'a> {
             .counters
             .read_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let n = data.len().div_ceil(self.s.chunk_size);
+        let cs = self.s.chunk_size;
+        let n = data.len().div_ceil(cs);
         let from_parent = self.s.parent_chunks(parent, first, n)?;
-        let locs = data
-            .chunks(self.s.chunk_size)
-            .enumerate()
-            .map(|(k, chunk)| {
-                let p = from_parent
-                    .get(k)
-                    .and_then(|c| Some((*c, self.s.parent_pack(c.pack)?)));
-                self.store_chunk(chunk, p)
-            })
-            .collect::<Result<Vec<ChunkLoc>>>()?;
+        let mut locs: Vec<ChunkLoc> = Vec::with_capacity(n);
+        // Consecutive new chunks (indexes into `locs`) waiting to be compressed as one frame.
+        let mut run: Vec<usize> = Vec::new();
+        for (k, chunk) in data.chunks(cs).enumerate() {
+            let id = self.s.ids.id(chunk);
+            let p = from_parent
+                .get(k)
+                .and_then(|c| Some((*c, self.s.parent_pack(c.pack)?)));
+            if let Some(loc) = self.known(id, p) {
+                self.flush(data, &mut run, &mut locs)?;
+                locs.push((id, loc));
+                continue;
+            }
+            if (run.len() + 1) * cs > WRITER_FRAME_SIZE {
+                self.flush(data, &mut run, &mut locs)?;
+            }
+            run.push(k);
+            // Resolved by `flush` once the frame is compressed.
+            locs.push((
+                id,
+                Loc {
+                    slot: Slot::New(u32::MAX),
+                    offset: 0,
+                    clen: 0,
+                    ulen: chunk.len() as u32,
+                    skip: 0,
+                },
+            ));
+        }
+        self.flush(data, &mut run, &mut locs)?;
         self.s.log.append(&locs)
     }
 
-    /// Hashes one chunk and finds it in the parent (same file, same position) or among the
-    /// chunks stored recently; otherwise compresses it into the open pack, sealing the pack when
-    /// it reaches its target size.
-    fn store_chunk(&mut self, data: &[u8], parent: Option<(ChunkRef, PackId)>) -> Result<ChunkLoc> {
+    /// Where a chunk with id `id` is already stored: in the parent (same file, same position,
+    /// same id) or among the chunks stored recently.
+    fn known(&self, id: ChunkId, parent: Option<(ChunkRef, PackId)>) -> Option<Loc> {
         let s = self.s;
-        let id = s.ids.id(data);
-        let ulen = data.len() as u32;
         let from_parent = parent.and_then(|(c, pid)| {
             (c.id == id).then_some(Loc {
                 slot: Slot::Stored(pid),
                 offset: c.offset,
                 clen: c.clen,
                 ulen: c.ulen,
+                skip: c.skip,
             })
         });
         let known = from_parent.or_else(|| s.recent.lock().ok().and_then(|r| r.get(&id).copied()));
-        if let Some(loc) = known {
+        if known.is_some() {
             s.counters.reused_chunks.fetch_add(1, Ordering::Relaxed);
-            return Ok((id, loc));
         }
+        known
+    }
+
+    /// Compresses the chunks `run` (consecutive chunks of `data`, by index into `locs`) as one
+    /// frame into the open pack, resolves their locations, and seals the pack when it reaches
+    /// its target size.
+    fn flush(&mut self, data: &[u8], run: &mut Vec<usize>, locs: &mut [ChunkLoc]) -> Result<()> {
+        let (Some(&a), Some(&b)) = (run.first(), run.last()) else {
+            return Ok(());
+        };
+        let s = self.s;
+        let cs = s.chunk_size;
+        let bytes = &data[a * cs..(b * cs + cs).min(data.len())];
         let frame = self
             .compressor
-            .compress(data)
+            .compress(bytes)
             .context("zstd compression failed")?;
+        let chunks: Vec<(ChunkId, u32)> =
+            run.iter().map(|&k| (locs[k].0, locs[k].1.ulen)).collect();
         let (seq, builder) = self.pack.get_or_insert_with(|| {
             (
                 s.pack_seq.fetch_add(1, Ordering::Relaxed),
                 PackBuilder::new(),
             )
         });
-        let e = builder.push(id, &frame, ulen);
-        let loc = Loc {
-            slot: Slot::New(*seq),
-            offset: e.offset,
-            clen: e.clen,
-            ulen,
-        };
+        let seq = *seq;
+        let entries = builder.push_frame(&frame, &chunks).to_vec();
         let full = builder.len() >= s.pack_target;
-        s.counters.new_chunks.fetch_add(1, Ordering::Relaxed);
+        let mut recent = s.recent.lock().ok();
+        for (&k, e) in run.iter().zip(entries) {
+            let loc = Loc {
+                slot: Slot::New(seq),
+                offset: e.offset,
+                clen: e.clen,
+                ulen: e.ulen,
+                skip: e.skip,
+            };
+            locs[k].1 = loc;
+            if let Some(r) = recent.as_mut() {
+                if r.len() >= RECENT_CAP {
+                    r.clear();
+                }
+                r.insert(e.id, loc);
+            }
+        }
+        drop(recent);
+        s.counters
+            .new_chunks
+            .fetch_add(run.len() as u64, Ordering::Relaxed);
         s.counters
             .new_chunk_bytes
-            .fetch_add(ulen as u64, Ordering::Relaxed);
-        if let Ok(mut r) = s.recent.lock() {
-            if r.len() >= RECENT_CAP {
-                r.clear();
-            }
-            r.insert(id, loc);
-        }
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        run.clear();
         if full {
             self.seal()?;
         }
-        Ok((id, loc))
+        Ok(())
     }
 
     fn seal(&mut self) -> Result<()> {

@@ -11,6 +11,7 @@ fn manifest(id: &str, files: usize) -> Manifest {
         offset: 8,
         clen: 10,
         ulen: 5,
+        skip: 0,
     };
     let mut entries = vec![Entry {
         path: "base".into(),
@@ -104,7 +105,9 @@ async fn a_manifest_in_parts_reads_back_as_written() {
             _ => unreachable!(),
         }
     );
-    // A small manifest stays one object of major version 1.
+    // A small manifest stays one object, of major version 3 (whole, chunk references with
+    // skips); the big one is major 4 (in parts).
+    assert_eq!(&main[4..6], &4u16.to_le_bytes());
     let small = manifest("b2", 3);
     let (f, len) = file_of(&small);
     assert!(upload::upload_in(&s, "b2", f, len, Put::Create, 4096)
@@ -113,7 +116,7 @@ async fn a_manifest_in_parts_reads_back_as_written() {
         .is_empty());
     let b = s.get(&keys::manifest("b2"), 1 << 20).await.unwrap();
     assert_eq!(Manifest::decode(&b).unwrap(), small);
-    assert_eq!(&b[4..6], &1u16.to_le_bytes());
+    assert_eq!(&b[4..6], &3u16.to_le_bytes());
 }
 
 #[tokio::test]

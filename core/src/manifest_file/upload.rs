@@ -117,12 +117,16 @@ async fn store_manifest(store: &Store, key: &str, b: Bytes, put: Put) -> Result<
     .with_context(|| format!("cannot write {key}"))
 }
 
-/// Sets the major version of the manifest in `f` to 2 (in parts) and recomputes its trailer.
+/// Sets the major version of the manifest in `f` to its in-parts major (2, or 4 when its chunk
+/// references carry skips) and recomputes its trailer.
 fn mark_parted(f: &std::fs::File, len: u64) -> Result<()> {
     let io = |e: std::io::Error| {
         anyhow::Error::new(e).context("cannot rewrite the manifest in its temporary file")
     };
-    f.write_all_at(&parts::PARTED_MAJOR.to_le_bytes(), 4)
+    let mut major = [0u8; 2];
+    f.read_exact_at(&mut major, 4).map_err(io)?;
+    let frames = parts::major_has_frames(u16::from_le_bytes(major));
+    f.write_all_at(&parts::major_of(frames, true).to_le_bytes(), 4)
         .map_err(io)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

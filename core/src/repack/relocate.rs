@@ -22,10 +22,10 @@ impl Relocation {
         if !self.old.contains(&old) {
             return Ok((old, c.offset));
         }
-        let (new, e2) = self.moved.get(&(old, c.offset)).ok_or_else(|| {
+        let (new, e2) = self.moved.get(&(old, c.offset, c.skip)).ok_or_else(|| {
             anyhow!("backup {id}: chunk {} at offset {} of pack {old} was not copied by the repack\nhint: this is a bug; nothing was changed in this backup", c.id, c.offset)
         })?;
-        if e2.id != c.id || e2.clen != c.clen || e2.ulen != c.ulen {
+        if e2.id != c.id || e2.clen != c.clen || e2.ulen != c.ulen || e2.skip != c.skip {
             bail!(
                 "backup {id}: the reference to chunk {} at offset {} of pack {old} does not match that pack's index\nhint: the repository is damaged; run 'tidemark-restore check'",
                 c.id,

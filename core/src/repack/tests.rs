@@ -25,6 +25,7 @@ fn cref(seed: u8, pack: u32, offset: u64, clen: u32) -> ChunkRef {
         offset,
         clen,
         ulen: 8192,
+        skip: 0,
     }
 }
 
@@ -88,7 +89,7 @@ fn relocation_rewrites_only_moved_references_and_the_table() {
     let mut r = Relocation::default();
     r.old.insert(old);
     r.moved.insert(
-        (old, 500),
+        (old, 500, 0),
         (
             new,
             PackEntry {
@@ -96,6 +97,7 @@ fn relocation_rewrites_only_moved_references_and_the_table() {
                 offset: 8,
                 clen: 10,
                 ulen: 8192,
+                skip: 0,
             },
         ),
     );

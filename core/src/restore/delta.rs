@@ -269,6 +269,7 @@ mod tests {
                     offset: n as u64,
                     clen: c.len() as u32,
                     ulen: c.len() as u32,
+                    skip: 0,
                 })
                 .collect(),
         }

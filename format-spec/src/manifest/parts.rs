@@ -10,8 +10,35 @@ use crate::codec::{Reader, Writer};
 use crate::error::FormatError;
 use crate::ids::ContentHash;
 
-/// Major version in the header of a manifest stored in parts.
+/// Major version in the header of a manifest stored in parts (format 1.3, chunk references of
+/// 52 bytes).
 pub const PARTED_MAJOR: u16 = 2;
+/// Major version of a whole manifest whose chunk references carry a skip (format 1.4, 56 bytes).
+pub const FRAMES_MAJOR: u16 = 3;
+/// Major version of a manifest in parts whose chunk references carry a skip (format 1.4).
+pub const FRAMES_PARTED_MAJOR: u16 = 4;
+/// Newest manifest major version this build reads.
+pub const MAX_MAJOR: u16 = FRAMES_PARTED_MAJOR;
+
+/// Whether a manifest of major version `major` is stored in parts.
+pub fn major_is_parted(major: u16) -> bool {
+    major == PARTED_MAJOR || major == FRAMES_PARTED_MAJOR
+}
+
+/// Whether the chunk references of a manifest of major version `major` carry a skip.
+pub fn major_has_frames(major: u16) -> bool {
+    major >= FRAMES_MAJOR
+}
+
+/// The major version of a manifest stored whole or in parts (`parted`), with skips or not.
+pub fn major_of(frames: bool, parted: bool) -> u16 {
+    match (frames, parted) {
+        (false, false) => crate::FORMAT_MAJOR,
+        (false, true) => PARTED_MAJOR,
+        (true, false) => FRAMES_MAJOR,
+        (true, true) => FRAMES_PARTED_MAJOR,
+    }
+}
 /// Largest part a writer stores and a reader accepts.
 pub const PART_MAX: u64 = 64 << 20;
 /// Most parts after the first a reader accepts (with the first: 64 GiB at [`PART_MAX`]).
@@ -94,8 +121,8 @@ pub fn decode_table(rows: &[u8], count: u32) -> Result<Vec<PartRef>, FormatError
 
 /// Whether the manifest object starting with `head` (at least 8 bytes) is stored in parts.
 pub fn is_parted(head: &[u8]) -> Result<bool, FormatError> {
-    let (major, _) = Reader::new(WHAT, head).header_of(MAGIC, PARTED_MAJOR)?;
-    Ok(major == PARTED_MAJOR)
+    let (major, _) = Reader::new(WHAT, head).header_of(MAGIC, MAX_MAJOR)?;
+    Ok(major_is_parted(major))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use super::{
     ChunkRef, Entry, EntryKind, FileEntry, ManifestHeader, KIND_DIR, KIND_FILE, KIND_SYMLINK,
     MAGIC, MAX_LABEL, MAX_PATH, WHAT,
 };
-use crate::chunk::MAX_CHUNK_SIZE;
+use crate::chunk::{MAX_CHUNK_SIZE, MAX_FRAME_SIZE};
 use crate::codec::Reader;
 use crate::error::FormatError;
 use crate::ids::{ChunkId, ContentHash, PackId};
@@ -21,8 +21,10 @@ use std::collections::HashSet;
 
 /// Bytes the reader reads at once.
 pub const WINDOW: usize = 256 << 10;
-/// Encoded bytes of one chunk reference.
+/// Encoded bytes of one chunk reference in a manifest of major 1 or 2.
 pub const CHUNK_REF_LEN: u64 = 32 + 4 + 8 + 4 + 4;
+/// Encoded bytes of one chunk reference in a manifest of major 3 or 4 (a skip follows).
+pub const FRAMES_REF_LEN: u64 = CHUNK_REF_LEN + 4;
 /// Encoded bytes of the backup header fields at most (two labels at their cap and the ids).
 const MAX_HEADER_LEN: usize = 2 * (MAX_LABEL + 4) + 4096;
 
@@ -54,7 +56,7 @@ pub fn verify_trailer<S: Source + ?Sized>(src: &S) -> Result<(), FormatError> {
     let len = src.len();
     let mut head = vec![0u8; len.min(8) as usize];
     read(src, 0, &mut head)?;
-    Reader::new(WHAT, &head).header_of(MAGIC, super::parts::PARTED_MAJOR)?;
+    Reader::new(WHAT, &head).header_of(MAGIC, super::parts::MAX_MAJOR)?;
     if len < 8 + 32 {
         return Err(FormatError::Truncated {
             what: WHAT,
@@ -178,6 +180,24 @@ pub struct FileHead {
     pub nchunks: u64,
     /// Offset of the first chunk reference in the manifest object.
     pub chunks_at: u64,
+    /// Whether the references carry a skip ([`FRAMES_REF_LEN`] bytes each; manifest major 3
+    /// and 4) or not ([`CHUNK_REF_LEN`]).
+    pub frames: bool,
+}
+
+impl FileHead {
+    /// Encoded bytes of each of this file's chunk references.
+    pub fn ref_len(&self) -> u64 {
+        ref_len(self.frames)
+    }
+}
+
+fn ref_len(frames: bool) -> u64 {
+    if frames {
+        FRAMES_REF_LEN
+    } else {
+        CHUNK_REF_LEN
+    }
 }
 
 /// A manifest without its chunk lists: what a reader keeps in memory of a large manifest
@@ -240,6 +260,8 @@ pub struct ManifestReader<'s, S: ?Sized> {
     prev: Option<String>,
     dirs: HashSet<String>,
     pending: Option<Pending>,
+    /// Whether chunk references carry a skip (manifest major 3 and 4).
+    frames: bool,
 }
 
 impl<'s, S: Source + ?Sized> ManifestReader<'s, S> {
@@ -256,7 +278,8 @@ impl<'s, S: Source + ?Sized> ManifestReader<'s, S> {
         let mut head = vec![0u8; end.min(8 + MAX_HEADER_LEN as u64) as usize];
         read(src, 0, &mut head)?;
         let mut r = Reader::new(WHAT, &head);
-        r.header_of(MAGIC, super::parts::PARTED_MAJOR)?;
+        let (major, _) = r.header_of(MAGIC, super::parts::MAX_MAJOR)?;
+        let frames = super::parts::major_has_frames(major);
         let header = ManifestHeader::decode_from(&mut r)?;
         let header_end = r.position() as u64;
         let mut cur = Cursor::new(src, header_end, end);
@@ -280,6 +303,7 @@ impl<'s, S: Source + ?Sized> ManifestReader<'s, S> {
             prev: None,
             dirs: HashSet::new(),
             pending: None,
+            frames,
         };
         Ok((reader, header, packs))
     }
@@ -336,11 +360,12 @@ impl<'s, S: Source + ?Sized> ManifestReader<'s, S> {
                 let sha256 = ChunkId(self.cur.array()?);
                 let nchunks = self.cur.u64()?;
                 let chunks_at = self.cur.pos;
-                let fits = (self.cur.end - chunks_at) / CHUNK_REF_LEN;
+                let rl = ref_len(self.frames);
+                let fits = (self.cur.end - chunks_at) / rl;
                 if nchunks > fits {
                     return Err(FormatError::Truncated {
                         what: WHAT,
-                        needed: (nchunks - fits).saturating_mul(CHUNK_REF_LEN),
+                        needed: (nchunks - fits).saturating_mul(rl),
                     });
                 }
                 self.pending = Some(Pending {
@@ -354,6 +379,7 @@ impl<'s, S: Source + ?Sized> ManifestReader<'s, S> {
                     sha256,
                     nchunks,
                     chunks_at,
+                    frames: self.frames,
                 })
             }
             KIND_SYMLINK => {
@@ -388,7 +414,7 @@ impl<'s, S: Source + ?Sized> ManifestReader<'s, S> {
             return self.end_of_file().map(|_| None);
         }
         p.left -= 1;
-        let c = decode_chunk(&mut self.cur, &p.path, self.packs)?;
+        let c = decode_chunk(&mut self.cur, &p.path, self.packs, self.frames)?;
         let p = self.pending.as_mut().expect("pending file");
         p.total += c.ulen as u64;
         if p.left == 0 {
@@ -476,7 +502,8 @@ pub fn read_chunk_range<S: Source + ?Sized>(
     n: u64,
 ) -> Result<Vec<ChunkRef>, FormatError> {
     let end = src.len().saturating_sub(32);
-    let bytes = head.nchunks.saturating_mul(CHUNK_REF_LEN);
+    let rl = head.ref_len();
+    let bytes = head.nchunks.saturating_mul(rl);
     if head.chunks_at.saturating_add(bytes) > end {
         return Err(FormatError::Truncated {
             what: WHAT,
@@ -485,11 +512,11 @@ pub fn read_chunk_range<S: Source + ?Sized>(
     }
     let first = first.min(head.nchunks);
     let n = n.min(head.nchunks - first);
-    let at = head.chunks_at + first * CHUNK_REF_LEN;
-    let mut cur = Cursor::new(src, at, at + n * CHUNK_REF_LEN);
+    let at = head.chunks_at + first * rl;
+    let mut cur = Cursor::new(src, at, at + n * rl);
     let mut out = Vec::with_capacity(n as usize);
     for _ in 0..n {
-        out.push(decode_chunk(&mut cur, path, npacks)?);
+        out.push(decode_chunk(&mut cur, path, npacks, head.frames)?);
     }
     Ok(out)
 }
@@ -498,6 +525,7 @@ fn decode_chunk<S: Source + ?Sized>(
     cur: &mut Cursor<'_, S>,
     path: &str,
     npacks: usize,
+    frames: bool,
 ) -> Result<ChunkRef, FormatError> {
     let c = ChunkRef {
         id: ChunkId(cur.array()?),
@@ -505,6 +533,7 @@ fn decode_chunk<S: Source + ?Sized>(
         offset: cur.u64()?,
         clen: cur.u32()?,
         ulen: cur.u32()?,
+        skip: if frames { cur.u32()? } else { 0 },
     };
     if c.pack as usize >= npacks {
         return Err(FormatError::invalid(
@@ -512,12 +541,16 @@ fn decode_chunk<S: Source + ?Sized>(
             format!("file {path:?} names pack {} of {npacks}", c.pack),
         ));
     }
-    if c.ulen == 0 || c.ulen > MAX_CHUNK_SIZE || c.clen == 0 {
+    if c.ulen == 0
+        || c.ulen > MAX_CHUNK_SIZE
+        || c.clen == 0
+        || c.skip as u64 + c.ulen as u64 > MAX_FRAME_SIZE as u64
+    {
         return Err(FormatError::invalid(
             WHAT,
             format!(
-                "file {path:?} has a chunk with clen {} ulen {}",
-                c.clen, c.ulen
+                "file {path:?} has a chunk with clen {} ulen {} skip {}",
+                c.clen, c.ulen, c.skip
             ),
         ));
     }

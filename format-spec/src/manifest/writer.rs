@@ -1,7 +1,7 @@
 //! Writing a manifest entry by entry to any `std::io::Write`, the sha256 trailer computed on the
 //! way: a writer never holds the file list.
 
-use super::stream::CHUNK_REF_LEN;
+use super::stream::{CHUNK_REF_LEN, FRAMES_REF_LEN};
 use super::{ChunkRef, Entry, EntryKind, ManifestHeader, KIND_DIR, KIND_FILE, KIND_SYMLINK, MAGIC};
 use crate::ids::{ContentHash, PackId};
 use sha2::{Digest, Sha256};
@@ -15,6 +15,8 @@ pub struct ManifestWriter<W: Write> {
     entries_left: u64,
     chunks_left: u64,
     written: u64,
+    /// Whether chunk references carry a skip (major 3 and 4).
+    frames: bool,
 }
 
 impl<W: Write> ManifestWriter<W> {
@@ -24,11 +26,11 @@ impl<W: Write> ManifestWriter<W> {
         packs: &[PackId],
         nentries: u64,
     ) -> std::io::Result<Self> {
-        Self::with_major(w, header, packs, nentries, crate::FORMAT_MAJOR)
+        Self::new_for(w, header, packs, nentries, false)
     }
 
     /// Like [`new`](Self::new) for a manifest to be stored in parts (major version
-    /// [`PARTED_MAJOR`](super::parts::PARTED_MAJOR), 8.4.7) when `parted`.
+    /// [`FRAMES_PARTED_MAJOR`](super::parts::FRAMES_PARTED_MAJOR), 8.4.7) when `parted`.
     pub fn new_for(
         w: W,
         header: &ManifestHeader,
@@ -36,15 +38,18 @@ impl<W: Write> ManifestWriter<W> {
         nentries: u64,
         parted: bool,
     ) -> std::io::Result<Self> {
-        let major = if parted {
-            super::parts::PARTED_MAJOR
-        } else {
-            crate::FORMAT_MAJOR
-        };
-        Self::with_major(w, header, packs, nentries, major)
+        Self::with_major(
+            w,
+            header,
+            packs,
+            nentries,
+            super::parts::major_of(true, parted),
+        )
     }
 
-    fn with_major(
+    /// A writer of the manifest major version `major` (1 to 4; 1 and 2 write references
+    /// without a skip, so every skip must be 0).
+    pub fn with_major(
         w: W,
         header: &ManifestHeader,
         packs: &[PackId],
@@ -68,6 +73,7 @@ impl<W: Write> ManifestWriter<W> {
             entries_left: nentries,
             chunks_left: 0,
             written: 0,
+            frames: super::parts::major_has_frames(major),
         };
         out.put(&head.finish())?;
         Ok(out)
@@ -130,14 +136,25 @@ impl<W: Write> ManifestWriter<W> {
                 "manifest writer: more chunks than the file entry announced",
             ));
         }
+        if !self.frames && c.skip != 0 {
+            return Err(std::io::Error::other(
+                "manifest writer: a chunk inside a shared frame in a manifest of major 1 or 2",
+            ));
+        }
         self.chunks_left -= 1;
-        let mut b = [0u8; CHUNK_REF_LEN as usize];
+        let mut b = [0u8; FRAMES_REF_LEN as usize];
         b[..32].copy_from_slice(c.id.as_bytes());
         b[32..36].copy_from_slice(&c.pack.to_le_bytes());
         b[36..44].copy_from_slice(&c.offset.to_le_bytes());
         b[44..48].copy_from_slice(&c.clen.to_le_bytes());
         b[48..52].copy_from_slice(&c.ulen.to_le_bytes());
-        self.put(&b)
+        b[52..56].copy_from_slice(&c.skip.to_le_bytes());
+        let n = if self.frames {
+            FRAMES_REF_LEN
+        } else {
+            CHUNK_REF_LEN
+        };
+        self.put(&b[..n as usize])
     }
 
     /// Any entry, chunks included.

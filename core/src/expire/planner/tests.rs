@@ -61,6 +61,7 @@ impl B {
                 offset: *offset,
                 clen: *clen,
                 ulen: 8192,
+                skip: 0,
             })
             .collect();
         Manifest {

@@ -81,6 +81,7 @@ fn a_damaged_object_fails_the_trailer_and_a_lying_head_fails_random_access() {
         sha256: ChunkId([0; 32]),
         nchunks: 7,
         chunks_at: b.len() as u64 - 40,
+        frames: true,
     };
     assert!(matches!(
         read_chunks_at(&b[..], "x", &head, 1),
