@@ -12,7 +12,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 vectors="$here/../format-spec/vectors"
 seconds="${FUZZ_SECONDS:-15}"
-all_targets=(config cluster sealed pack pack_index chunk manifest wal_object wal_name wal_page_header keys lease gc_state
+all_targets=(config cluster sealed pack pack_index chunk chunk_run manifest wal_object wal_name wal_page_header keys lease gc_state
     replication_stream)
 if [ "$#" -gt 0 ]; then targets=("$@"); else targets=("${all_targets[@]}"); fi
 
@@ -43,20 +43,39 @@ seed() {
         cp "$vectors/sealed-config.bin" "$dir/seed-sealed"
         cp "$vectors/keyring.bin" "$dir/seed-keyring"
         ;;
-    pack) cp "$vectors/pack.bin" "$dir/seed-pack" ;;
+    pack)
+        cp "$vectors/pack.bin" "$dir/seed-pack"
+        cp "$vectors/v1.3/pack.bin" "$dir/seed-pack-v1.3"
+        ;;
     pack_index)
         # Input: blobs_end (u64 LE), then the index. In pack.bin the index ends 8 bytes before
         # the end of the pack, so the blobs end at len(pack) - 8 - len(index).
-        local pack_len index_len
-        pack_len=$(wc -c <"$vectors/pack.bin")
-        index_len=$(wc -c <"$vectors/pack-index.bin")
-        { le $((pack_len - 8 - index_len)) 8; cat "$vectors/pack-index.bin"; } >"$dir/seed-pack-index"
+        # The same for the 1.3 index (TMPX) of v1.3/pack.bin.
+        local pack_len index_len v
+        for v in "" v1.3/; do
+            pack_len=$(wc -c <"$vectors/${v}pack.bin")
+            index_len=$(wc -c <"$vectors/${v}pack-index.bin")
+            { le $((pack_len - 8 - index_len)) 8; cat "$vectors/${v}pack-index.bin"; } \
+                >"$dir/seed-pack-index${v:+-v1.3}"
+        done
         ;;
     chunk)
         # Input: ulen (u32 LE), then the frame. chunk.bin holds an 8192-byte chunk.
         { le 8192 4; cat "$vectors/chunk.bin"; } >"$dir/seed-chunk"
         ;;
-    manifest) cp "$vectors/manifest.bin" "$dir/seed-manifest" ;;
+    chunk_run)
+        # Input: skip (u32 LE), piece (u32 LE), then the frame: chunk.bin (one chunk), and the
+        # first frame of pack.bin (chunks A and B, format 1.4) cut into its two 8 KiB chunks.
+        # That frame starts at byte 8; its clen is at byte 48 of pack-index.bin (entry 0).
+        { le 0 4; le 8192 4; cat "$vectors/chunk.bin"; } >"$dir/seed-chunk"
+        local clen
+        clen=$(od -An -tu4 -j48 -N4 "$vectors/pack-index.bin" | tr -d ' ')
+        { le 0 4; le 8192 4; tail -c +9 "$vectors/pack.bin" | head -c "$clen"; } >"$dir/seed-frame"
+        ;;
+    manifest)
+        cp "$vectors/manifest.bin" "$dir/seed-manifest"
+        cp "$vectors/v1.3/manifest.bin" "$dir/seed-manifest-v1.3"
+        ;;
     wal_object)
         cp "$vectors/wal-segment.bin" "$dir/seed-wal-segment"
         cp "$vectors/wal-history.bin" "$dir/seed-wal-history"
@@ -71,7 +90,7 @@ seed() {
         ;;
     wal_page_header) cp "$vectors/wal-long-page-header.bin" "$dir/seed-long-page-header" ;;
     keys)
-        printf %s "packs/ec/ece3d5ee5a527be2eb9dc19ec95f2179541181985d8aeee98f53b5d700c62e3f" >"$dir/seed-pack"
+        printf %s "packs/69/69b69f898760779ebb1a1edf9f79f6338f67cedc26b2306bbccd001bf2703110" >"$dir/seed-pack"
         printf %s "backups/20261121T204012Z.manifest" >"$dir/seed-manifest"
         printf %s "wal/00000001/000000010000000000000020" >"$dir/seed-wal"
         printf %s "config" >"$dir/seed-config"

@@ -231,6 +231,7 @@ async fn a_second_backup_stores_only_what_changed() -> Result<()> {
     // Runs of consecutive new pages were compressed as shared frames (format 1.4), of at most
     // 256 KiB (32 pages) each.
     let (mut chunks, mut frames) = (0usize, std::collections::HashSet::new());
+    let mut ids = std::collections::HashSet::new();
     for (p, _) in repo.packs()? {
         let entries = tidemark_format::pack::decode(&std::fs::read(&p)?)?;
         for e in entries {
@@ -240,6 +241,12 @@ async fn a_second_backup_stores_only_what_changed() -> Result<()> {
             );
             chunks += 1;
             frames.insert((p.clone(), e.offset));
+            ensure!(
+                ids.insert((p.clone(), e.id)),
+                "chunk {} is stored twice in pack {}",
+                e.id,
+                p.display()
+            );
         }
     }
     ensure!(

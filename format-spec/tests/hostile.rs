@@ -7,6 +7,7 @@ use tidemark_format::codec::Writer;
 use tidemark_format::config::RepoConfig;
 use tidemark_format::lock::{GcState, Lease, LeaseKind, GC_MAGIC, LEASE_MAGIC, MAX_HOST};
 use tidemark_format::manifest::{Manifest, ManifestHeader};
+use tidemark_format::seal::ChunkIds;
 use tidemark_format::wal::{self, WalFileName};
 use tidemark_format::{chunk, keys, pack, ChunkId, FormatError, PackId};
 
@@ -64,38 +65,128 @@ fn cluster_record_refuses_every_truncation_and_flip() {
 
 #[test]
 fn manifest_refuses_every_truncation_and_flip() {
-    let b = vector("manifest.bin");
-    for n in 0..b.len() {
-        assert!(Manifest::decode(&b[..n]).is_err(), "cut at {n}");
-        match ManifestHeader::decode_prefix(&b[..n]) {
-            Ok(_) => assert!(n >= 403),
-            Err(e) => assert!(matches!(e, FormatError::Truncated { .. }), "{e}"),
+    // Format 1.4 (major 3) and the kept format 1.3 vector (major 1).
+    for file in ["manifest.bin", "v1.3/manifest.bin"] {
+        let b = vector(file);
+        for n in 0..b.len() {
+            assert!(Manifest::decode(&b[..n]).is_err(), "{file}: cut at {n}");
+            match ManifestHeader::decode_prefix(&b[..n]) {
+                Ok(_) => assert!(n >= 403),
+                Err(e) => assert!(matches!(e, FormatError::Truncated { .. }), "{e}"),
+            }
         }
-    }
-    for (i, bad) in flips(&b) {
-        assert!(Manifest::decode(&bad).is_err(), "flip in byte {i}");
+        for (i, bad) in flips(&b) {
+            assert!(Manifest::decode(&bad).is_err(), "{file}: flip in byte {i}");
+        }
     }
 }
 
 #[test]
 fn pack_refuses_every_truncation_and_never_points_outside() {
-    let b = vector("pack.bin");
-    for n in 0..b.len() {
-        assert!(pack::decode(&b[..n]).is_err(), "cut at {n}");
-    }
-    for (i, bad) in flips(&b) {
-        if let Ok(entries) = pack::decode(&bad) {
-            // Blob bytes are covered by the pack id and each chunk id, not by the index.
-            for e in entries {
-                let end = e.offset + e.clen as u64;
-                assert!(end <= bad.len() as u64, "flip in byte {i}");
-                let frame = &bad[e.offset as usize..end as usize];
-                if let Ok(data) = chunk::decode(&e.id, frame, e.ulen) {
-                    assert_eq!(ChunkId::of(&data), e.id);
+    // Format 1.4 (major 2, a frame of two chunks) and the kept format 1.3 vector (major 1).
+    for file in ["pack.bin", "v1.3/pack.bin"] {
+        let b = vector(file);
+        for n in 0..b.len() {
+            assert!(pack::decode(&b[..n]).is_err(), "{file}: cut at {n}");
+        }
+        for (i, bad) in flips(&b) {
+            if let Ok(entries) = pack::decode(&bad) {
+                // Blob bytes are covered by the pack id and each chunk id, not by the index.
+                for e in entries {
+                    let end = e.offset + e.clen as u64;
+                    assert!(end <= bad.len() as u64, "{file}: flip in byte {i}");
+                    assert!(
+                        e.skip as u64 + e.ulen as u64 <= chunk::MAX_FRAME_SIZE as u64,
+                        "{file}: flip in byte {i}"
+                    );
+                    let frame = &bad[e.offset as usize..end as usize];
+                    let mut data = Vec::new();
+                    let run = [(e.id, e.skip, e.ulen)];
+                    if chunk::decode_run(&ChunkIds::Sha256, frame, &run, &mut data).is_ok() {
+                        assert_eq!(data.len(), e.ulen as usize);
+                        assert_eq!(ChunkId::of(&data), e.id);
+                    }
                 }
             }
         }
     }
+}
+
+// Frames of several chunks (format 1.4, FORMAT.md 8.2): the frame header is checked before
+// anything is decoded, a chunk must lie within the frame's content, and only the run's bytes
+// are returned.
+#[test]
+fn frames_of_several_chunks_are_checked_before_decoding() {
+    let ids = ChunkIds::Sha256;
+    let mut out = b"kept".to_vec();
+    // A frame declaring more than 1 MiB of content is refused on its header alone (this one has
+    // no block at all).
+    let mut big = vec![0x28, 0xb5, 0x2f, 0xfd, 0xa0];
+    big.extend_from_slice(&(chunk::MAX_FRAME_SIZE + 1).to_le_bytes());
+    assert!(matches!(
+        chunk::decode_run(&ids, &big, &[(abc_id(), 0, 3)], &mut out),
+        Err(FormatError::TooLarge { .. })
+    ));
+    // Skip and ulen select bytes of the frame's content; past its end is refused.
+    let bc = ChunkId::of(b"bc");
+    chunk::decode_run(&ids, &FRAME_ABC, &[(bc, 1, 2)], &mut out).expect("bc at skip 1");
+    assert_eq!(out, b"keptbc");
+    for (skip, ulen) in [(1, 3), (3, 1), (4, 0), (u32::MAX, 2)] {
+        assert!(
+            chunk::decode_run(&ids, &FRAME_ABC, &[(bc, skip, ulen)], &mut out).is_err(),
+            "skip {skip} ulen {ulen}"
+        );
+    }
+    // Chunks of one run follow each other: a gap or an overlap is refused.
+    let (a, b) = (ChunkId::of(b"a"), ChunkId::of(b"b"));
+    chunk::decode_run(&ids, &FRAME_ABC, &[(a, 0, 1), (b, 1, 1)], &mut out).expect("a then b");
+    assert_eq!(out, b"keptbcab");
+    assert!(chunk::decode_run(&ids, &FRAME_ABC, &[(a, 0, 1), (bc, 2, 1)], &mut out).is_err());
+    assert!(chunk::decode_run(&ids, &FRAME_ABC, &[(a, 0, 1), (a, 0, 1)], &mut out).is_err());
+    // A wrong id anywhere in the run refuses the whole run and appends nothing.
+    assert!(matches!(
+        chunk::decode_run(&ids, &FRAME_ABC, &[(a, 0, 1), (a, 1, 1)], &mut out),
+        Err(FormatError::ChecksumMismatch { .. })
+    ));
+    assert_eq!(out, b"keptbcab");
+    // A frame holding more than the chunks read is fine for a reader: a chunk at skip 0 is the
+    // frame's first ulen bytes.
+    assert_eq!(
+        chunk::decode(&ChunkId::of(b"ab"), &FRAME_ABC, 2),
+        Ok(b"ab".to_vec())
+    );
+}
+
+// A chunk reference whose skip + ulen lies beyond the largest frame is invalid (8.4.3), and
+// majors above 4 (manifests) and 2 (packs) are refused as newer versions.
+#[test]
+fn manifest_and_pack_refuse_what_no_frame_holds_and_newer_majors() {
+    let m = Manifest::decode(&vector("manifest.bin")).expect("vector decodes");
+    let mut far = m.clone();
+    if let tidemark_format::manifest::EntryKind::File(f) = &mut far.entries[3].kind {
+        f.chunks[1].skip = chunk::MAX_FRAME_SIZE - 8191;
+    }
+    let err = Manifest::decode(&far.encode()).expect_err("skip + ulen > 1 MiB");
+    assert!(err.to_string().contains("skip"), "{err}");
+    let mut edge = m.clone();
+    if let tidemark_format::manifest::EntryKind::File(f) = &mut edge.entries[3].kind {
+        f.chunks[1].skip = chunk::MAX_FRAME_SIZE - 8192;
+    }
+    assert_eq!(Manifest::decode(&edge.encode()), Ok(edge));
+
+    let b = vector("manifest.bin");
+    let mut newer = b[..b.len() - 32].to_vec();
+    newer[4] = 5;
+    assert!(matches!(
+        Manifest::decode(&with_trailer(&newer)),
+        Err(FormatError::UnsupportedVersion { found: 5, .. })
+    ));
+    let mut newer = vector("pack.bin");
+    newer[4] = 3;
+    assert!(matches!(
+        pack::decode(&newer),
+        Err(FormatError::UnsupportedVersion { found: 3, .. })
+    ));
 }
 
 #[test]

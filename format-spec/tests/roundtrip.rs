@@ -4,7 +4,7 @@
 //! generated values, `decode(encode(v)) == v`, and damaged encodings are refused with an error
 //! rather than a panic. The seed is fixed, so a failure reproduces exactly.
 
-use tidemark_format::chunk::{self, MAX_CHUNK_SIZE};
+use tidemark_format::chunk::{self, MAX_CHUNK_SIZE, MAX_FRAME_SIZE};
 use tidemark_format::config::{RepoConfig, COMPRESSION_ZSTD};
 use tidemark_format::lock::{GcState, Lease, LeaseKind, MAX_HOST};
 use tidemark_format::manifest::{
@@ -12,6 +12,7 @@ use tidemark_format::manifest::{
     FLAG_FROM_STANDBY, SOURCE_PGDATA, SOURCE_REPLICATION,
 };
 use tidemark_format::pack::{self, PackBuilder};
+use tidemark_format::seal::ChunkIds;
 use tidemark_format::wal::{self, WalFileName, PG15_PAGE_MAGIC};
 use tidemark_format::{keys, ChunkId, FormatError, Lsn, PackId, SystemId, TimelineId};
 
@@ -195,40 +196,85 @@ fn wal_objects_round_trip_and_refuse_damage() {
     }
 }
 
+/// The chunks of one frame: 1..=`max` chunks of 1..=9000 bytes (most frames of one chunk hold
+/// one, as a 1.3 writer wrote them).
+fn frame_chunks(rng: &mut Rng, max: u64) -> Vec<Vec<u8>> {
+    let n = if rng.bool() { 1 } else { rng.range(1, max) };
+    (0..n).map(|_| rng.blob(1, 9000)).collect()
+}
+
 #[test]
 fn packs_round_trip_and_refuse_damage() {
     let mut rng = Rng(4);
+    let ids = ChunkIds::Sha256;
     for _ in 0..CASES / 3 {
         let mut b = PackBuilder::new();
+        // (entry, chunk bytes) in pack order, and each frame's range of them.
         let mut chunks = Vec::new();
-        for _ in 0..rng.range(0, 12) {
-            let data = rng.blob(1, 9000);
-            let e = b.push(
-                ChunkId::of(&data),
-                &chunk::compress(&data, 3),
-                data.len() as u32,
-            );
-            chunks.push((e, data));
+        let mut frames = Vec::new();
+        for _ in 0..rng.range(0, 8) {
+            let datas = frame_chunks(&mut rng, 6);
+            let pairs: Vec<(ChunkId, u32)> = datas
+                .iter()
+                .map(|d| (ChunkId::of(d), d.len() as u32))
+                .collect();
+            let frame = chunk::compress(&datas.concat(), 3);
+            let es = b.push_frame(&frame, &pairs).to_vec();
+            let mut skip = 0;
+            for (e, d) in es.iter().zip(&datas) {
+                assert_eq!((e.skip, e.clen), (skip, frame.len() as u32));
+                skip += d.len() as u32;
+            }
+            frames.push(chunks.len()..chunks.len() + es.len());
+            chunks.extend(es.into_iter().zip(datas));
         }
         let (pid, bytes) = b.finish();
         assert_eq!(pid, PackId::of(&bytes));
+        assert_eq!(&bytes[..6], b"TMPK\x02\x00");
         assert_eq!(keys::parse_pack(&keys::pack(&pid)), Some(pid));
         let entries = pack::decode(&bytes).expect("built pack decodes");
         assert_eq!(entries.len(), chunks.len());
         for (e, (want, data)) in entries.iter().zip(&chunks) {
             assert_eq!(e, want);
             let frame = &bytes[e.offset as usize..(e.offset + e.clen as u64) as usize];
+            let mut one = Vec::new();
+            chunk::decode_run(&ids, frame, &[(e.id, e.skip, e.ulen)], &mut one)
+                .expect("chunk decodes at its skip");
+            assert_eq!(&one, data);
+        }
+        // Any contiguous run of a frame's chunks decodes at once.
+        for r in &frames {
+            let lo = rng.range(r.start as u64, r.end as u64 - 1) as usize;
+            let hi = rng.range(lo as u64 + 1, r.end as u64) as usize;
+            let group = &chunks[lo..hi];
+            let e0 = group[0].0;
+            let frame = &bytes[e0.offset as usize..(e0.offset + e0.clen as u64) as usize];
+            let run: Vec<(ChunkId, u32, u32)> =
+                group.iter().map(|(e, _)| (e.id, e.skip, e.ulen)).collect();
+            let mut out = Vec::new();
+            chunk::decode_run(&ids, frame, &run, &mut out).expect("run decodes");
+            let want: Vec<u8> = group.iter().flat_map(|(_, d)| d.iter().copied()).collect();
+            assert_eq!(out, want);
+            // The whole frame holds exactly its chunks.
+            let last = chunks[r.end - 1].0;
             assert_eq!(
-                &chunk::decode(&e.id, frame, e.ulen).expect("chunk decodes"),
-                data
+                chunk::frame_len("chunk", frame),
+                Ok(last.skip as u64 + last.ulen as u64)
             );
         }
-        // The index alone decodes given where the blobs end.
+        // The index alone decodes given where the blobs end; without skips (TMPX) only when
+        // every frame holds one chunk.
         let index = pack::encode_index(&entries);
         let blobs_end = (bytes.len() - pack::FOOTER_LEN - index.len()) as u64;
         assert_eq!(pack::decode_index(&index, blobs_end).as_ref(), Ok(&entries));
+        let shared = frames.iter().any(|r| r.len() > 1);
+        let tmpx = pack::decode_index(&pack::encode_index_as(&entries, false), blobs_end);
+        assert_eq!(tmpx.is_ok(), !shared);
+        if !shared {
+            assert_eq!(tmpx.as_ref(), Ok(&entries));
+        }
         // Truncation anywhere is refused; damage never panics and never yields an entry that
-        // points outside the pack.
+        // points outside the pack or beyond the largest frame.
         let cut = rng.range(0, bytes.len() as u64 - 1) as usize;
         assert!(
             pack::decode(&bytes[..cut]).is_err(),
@@ -240,6 +286,7 @@ fn packs_round_trip_and_refuse_damage() {
         if let Ok(es) = pack::decode(&bad) {
             for e in es {
                 assert!(e.offset + e.clen as u64 <= bad.len() as u64);
+                assert!(e.skip as u64 + e.ulen as u64 <= chunk::MAX_FRAME_SIZE as u64);
             }
         }
     }
@@ -258,7 +305,8 @@ fn path_component(rng: &mut Rng) -> String {
     }
 }
 
-fn manifest(rng: &mut Rng) -> Manifest {
+/// A manifest; its chunk references carry skips only when `frames` (format 1.4).
+fn manifest(rng: &mut Rng, frames: bool) -> Manifest {
     let npacks = rng.range(0, 4) as usize;
     let packs: Vec<PackId> = (0..npacks).map(|_| PackId(rng.id())).collect();
     let start = rng.next() >> 1;
@@ -310,12 +358,21 @@ fn manifest(rng: &mut Rng) -> Manifest {
                 0 => EntryKind::Dir,
                 1 if npacks > 0 => {
                     let chunks: Vec<ChunkRef> = (0..rng.range(0, 6))
-                        .map(|_| ChunkRef {
-                            id: ChunkId(rng.id()),
-                            pack: rng.range(0, npacks as u64 - 1) as u32,
-                            offset: rng.next(),
-                            clen: rng.range(1, u32::MAX as u64) as u32,
-                            ulen: rng.range(1, MAX_CHUNK_SIZE as u64) as u32,
+                        .map(|_| {
+                            let ulen = rng.range(1, MAX_CHUNK_SIZE as u64) as u32;
+                            ChunkRef {
+                                id: ChunkId(rng.id()),
+                                pack: rng.range(0, npacks as u64 - 1) as u32,
+                                offset: rng.next(),
+                                clen: rng.range(1, u32::MAX as u64) as u32,
+                                ulen,
+                                // In a frame of several chunks (format 1.4) or alone.
+                                skip: if frames && rng.bool() {
+                                    rng.range(0, (MAX_FRAME_SIZE - ulen) as u64) as u32
+                                } else {
+                                    0
+                                },
+                            }
                         })
                         .collect();
                     EntryKind::File(FileEntry {
@@ -345,13 +402,58 @@ fn manifest(rng: &mut Rng) -> Manifest {
     }
 }
 
+/// `m` written as manifest major `major` (1 to 4); an error when the major cannot hold it.
+fn encode_as(m: &Manifest, major: u16) -> std::io::Result<Vec<u8>> {
+    let mut w = manifest::ManifestWriter::with_major(
+        Vec::new(),
+        &m.header,
+        &m.packs,
+        m.entries.len() as u64,
+        major,
+    )?;
+    for e in &m.entries {
+        w.entry(e)?;
+    }
+    Ok(w.finish()?.0)
+}
+
 #[test]
 fn manifests_round_trip_and_refuse_damage() {
     let mut rng = Rng(5);
-    for _ in 0..CASES {
-        let m = manifest(&mut rng);
+    let mut with_skips = 0;
+    for case in 0..CASES {
+        let frames = case % 3 != 0;
+        let m = manifest(&mut rng, frames);
         let b = m.encode();
+        assert_eq!(&b[4..6], &3u16.to_le_bytes(), "writers write major 3");
         assert_eq!(Manifest::decode(&b).as_ref(), Ok(&m));
+        // Every major decodes to the same manifest; majors 1 and 2 (format 1.3) hold no skip
+        // and take 4 bytes less per chunk reference.
+        let nrefs: usize = m
+            .entries
+            .iter()
+            .map(|e| match &e.kind {
+                EntryKind::File(f) => f.chunks.len(),
+                _ => 0,
+            })
+            .sum();
+        let skips = m.entries.iter().any(|e| match &e.kind {
+            EntryKind::File(f) => f.chunks.iter().any(|c| c.skip != 0),
+            _ => false,
+        });
+        with_skips += skips as usize;
+        for major in 1..=4u16 {
+            let written = encode_as(&m, major);
+            if skips && major <= 2 {
+                assert!(written.is_err(), "major {major} holds no skip");
+                continue;
+            }
+            let written = written.expect("writes");
+            assert_eq!(&written[4..6], &major.to_le_bytes());
+            let shorter = if major <= 2 { 4 * nrefs } else { 0 };
+            assert_eq!(written.len() + shorter, b.len(), "major {major}");
+            assert_eq!(Manifest::decode(&written).as_ref(), Ok(&m), "major {major}");
+        }
         assert_eq!(ManifestHeader::decode_prefix(&b).as_ref(), Ok(&m.header));
         for e in &m.entries {
             assert!(manifest::validate_path(&e.path).is_ok());
@@ -367,6 +469,7 @@ fn manifests_round_trip_and_refuse_damage() {
             Err(e) => assert!(matches!(e, FormatError::Truncated { .. }), "{e}"),
         }
     }
+    assert!(with_skips > CASES / 10, "{with_skips} manifests with skips");
 }
 
 #[test]
@@ -424,6 +527,50 @@ fn chunks_round_trip() {
         assert!(chunk::decode(&id, &frame, data.len() as u32 - 1).is_err());
         let cut = rng.range(0, frame.len() as u64 - 1) as usize;
         assert!(chunk::decode(&id, &frame[..cut], data.len() as u32).is_err());
+    }
+}
+
+#[test]
+fn frames_of_several_chunks_round_trip() {
+    let mut rng = Rng(11);
+    let ids = ChunkIds::Sha256;
+    for _ in 0..CASES {
+        let datas: Vec<Vec<u8>> = (0..rng.range(1, 40)).map(|_| rng.blob(1, 9000)).collect();
+        let frame = chunk::compress(&datas.concat(), 1);
+        let total: usize = datas.iter().map(Vec::len).sum();
+        assert_eq!(chunk::frame_len("chunk", &frame), Ok(total as u64));
+        assert_eq!(
+            chunk::decode_frame(&frame).as_deref(),
+            Ok(&datas.concat()[..])
+        );
+        let mut at = Vec::with_capacity(datas.len());
+        let mut skip = 0u32;
+        for d in &datas {
+            at.push(skip);
+            skip += d.len() as u32;
+        }
+        // A random contiguous run decodes to exactly its chunks, after what `out` held.
+        let lo = rng.range(0, datas.len() as u64 - 1) as usize;
+        let hi = rng.range(lo as u64 + 1, datas.len() as u64) as usize;
+        let run: Vec<(ChunkId, u32, u32)> = (lo..hi)
+            .map(|k| (ChunkId::of(&datas[k]), at[k], datas[k].len() as u32))
+            .collect();
+        let mut out = b"head".to_vec();
+        chunk::decode_run(&ids, &frame, &run, &mut out).expect("run decodes");
+        assert_eq!(&out[..4], b"head");
+        assert_eq!(&out[4..], &datas[lo..hi].concat()[..]);
+        // A wrong skip, a ulen past the frame, a cut frame: refused, nothing appended.
+        let n = out.len();
+        let mut shifted = run.clone();
+        shifted[0].1 += 1;
+        assert!(chunk::decode_run(&ids, &frame, &shifted, &mut out).is_err());
+        let mut long = run.clone();
+        let last = long.len() - 1;
+        long[last].2 += (total - (at[hi - 1] as usize + datas[hi - 1].len())) as u32 + 1;
+        assert!(chunk::decode_run(&ids, &frame, &long, &mut out).is_err());
+        let cut = rng.range(0, frame.len() as u64 - 1) as usize;
+        assert!(chunk::decode_run(&ids, &frame[..cut], &run, &mut out).is_err());
+        assert_eq!(out.len(), n);
     }
 }
 

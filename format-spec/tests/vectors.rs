@@ -1,7 +1,9 @@
 //! Over 500 lines because each golden vector is checked field by field.
 //!
 //! Golden vectors: every file in `format-spec/vectors/` decodes to the values documented in
-//! `vectors/README.md`, and encoding the decoded value gives the file back byte for byte.
+//! `vectors/README.md`, and encoding the decoded value gives the file back byte for byte. The
+//! files of `vectors/v1.3/` (format 1.3, before frames of several chunks) are kept as they were
+//! and must still decode and re-encode as 1.3.
 //!
 //! Objects that contain zstd frames (chunk, pack, WAL objects) are re-encoded twice: once from the
 //! frames as stored (pins the format) and once by compressing again at level 3 (pins the output of
@@ -13,8 +15,11 @@ mod golden;
 use std::path::PathBuf;
 use tidemark_format::config::RepoConfig;
 use tidemark_format::lock::{GcState, Lease, LeaseKind};
-use tidemark_format::manifest::{EntryKind, Manifest, ManifestHeader};
+use tidemark_format::manifest::{
+    ChunkRef, EntryKind, HeadKind, Manifest, ManifestHeader, ManifestIndex, ManifestWriter,
+};
 use tidemark_format::pack::{self, PackBuilder};
+use tidemark_format::seal::ChunkIds;
 use tidemark_format::wal::{self, WalFileName};
 use tidemark_format::{chunk, keys, ChunkId, FormatError, Lsn, PackId, SystemId, TimelineId};
 
@@ -36,17 +41,30 @@ const CHUNK_D: &str = "238903180cc104ec2c5d8b3f20c5bc61b389ec0a967df8cc208cdc7cd
 /// HMAC-SHA256 of chunk A under the chunk id key of the encrypted vectors (computed with Python's
 /// hmac module from the definitions in FORMAT.md 17.2).
 const KEYED_CHUNK_A: &str = "0509572c1463a9a3a71372fc3262c564c7a7654be1a3813c4dac320a8a4585d5";
-const PACK_ID: &str = "ece3d5ee5a527be2eb9dc19ec95f2179541181985d8aeee98f53b5d700c62e3f";
+const PACK_ID: &str = "69b69f898760779ebb1a1edf9f79f6338f67cedc26b2306bbccd001bf2703110";
 
-/// (chunk id, offset, clen, ulen) of the four chunks of `pack.bin`.
-const PACK_ENTRIES: [(&str, u64, u32, u32); 4] = [
+/// (chunk id, offset, clen, ulen, skip) of the four chunks of `pack.bin`: A and B share the
+/// first frame (B starts 8192 bytes into it), C and D have a frame each.
+const PACK_ENTRIES: [(&str, u64, u32, u32, u32); 4] = [
+    (CHUNK_A, 8, 303, 8192, 0),
+    (CHUNK_B, 8, 303, 8192, 8192),
+    (CHUNK_C, 311, 109, 100, 0),
+    (CHUNK_D, 420, 12, 3, 0),
+];
+/// Where the index of `pack.bin` starts (the end of its blobs).
+const PACK_INDEX_START: u64 = 432;
+
+/// The format 1.3 vectors of `vectors/v1.3/` (read compatibility): the pack id of
+/// `v1.3/pack.bin`, its (chunk id, offset, clen, ulen) entries, one frame per chunk, and where
+/// its index starts.
+const V13_PACK_ID: &str = "ece3d5ee5a527be2eb9dc19ec95f2179541181985d8aeee98f53b5d700c62e3f";
+const V13_PACK_ENTRIES: [(&str, u64, u32, u32); 4] = [
     (CHUNK_A, 8, 295, 8192),
     (CHUNK_B, 303, 19, 8192),
     (CHUNK_C, 322, 109, 100),
     (CHUNK_D, 431, 12, 3),
 ];
-/// Where the index of `pack.bin` starts (the end of its blobs).
-const PACK_INDEX_START: u64 = 443;
+const V13_PACK_INDEX_START: u64 = 443;
 
 #[test]
 fn files_match_their_generator() {
@@ -156,6 +174,43 @@ fn chunk_vector() {
     ));
 }
 
+/// The frame of the pack `pack_bytes` that `e` (or a chunk reference) names.
+fn frame_at(pack_bytes: &[u8], offset: u64, clen: u32) -> &[u8] {
+    &pack_bytes[offset as usize..(offset + clen as u64) as usize]
+}
+
+/// Rebuilds a file from its chunk references into `pack_bytes`, decoding each run of
+/// references that follow each other in one frame with one `decode_run` (as a restore does).
+/// Returns the bytes and the number of frames decoded.
+fn rebuild(pack_bytes: &[u8], chunks: &[ChunkRef]) -> (Vec<u8>, usize) {
+    let mut out = Vec::new();
+    let mut frames = 0;
+    let mut i = 0;
+    while i < chunks.len() {
+        let c = chunks[i];
+        let mut run = vec![(c.id, c.skip, c.ulen)];
+        let mut end = c.skip + c.ulen;
+        i += 1;
+        while let Some(n) = chunks.get(i) {
+            if (n.pack, n.offset, n.clen) != (c.pack, c.offset, c.clen) || n.skip != end {
+                break;
+            }
+            run.push((n.id, n.skip, n.ulen));
+            end += n.ulen;
+            i += 1;
+        }
+        chunk::decode_run(
+            &ChunkIds::Sha256,
+            frame_at(pack_bytes, c.offset, c.clen),
+            &run,
+            &mut out,
+        )
+        .expect("referenced chunks decode");
+        frames += 1;
+    }
+    (out, frames)
+}
+
 #[test]
 fn pack_vector() {
     let bytes = vector("pack.bin");
@@ -166,51 +221,100 @@ fn pack_vector() {
     );
     assert_eq!(
         keys::pack(&PackId::of(&bytes)),
-        format!("packs/ec/{PACK_ID}")
+        format!("packs/69/{PACK_ID}")
     );
+    // Header: major 2 (format 1.4, frames of several chunks), minor 0.
+    assert_eq!(&bytes[..8], b"TMPK\x02\x00\x00\x00");
     let entries = pack::decode(&bytes).expect("pack.bin decodes");
-    let got: Vec<(String, u64, u32, u32)> = entries
+    let got: Vec<(String, u64, u32, u32, u32)> = entries
         .iter()
-        .map(|e| (e.id.to_string(), e.offset, e.clen, e.ulen))
+        .map(|e| (e.id.to_string(), e.offset, e.clen, e.ulen, e.skip))
         .collect();
-    let want: Vec<(String, u64, u32, u32)> = PACK_ENTRIES
+    let want: Vec<(String, u64, u32, u32, u32)> = PACK_ENTRIES
         .iter()
-        .map(|&(i, o, c, u)| (i.to_string(), o, c, u))
+        .map(|&(i, o, c, u, k)| (i.to_string(), o, c, u, k))
         .collect();
     assert_eq!(got, want);
 
-    let originals = [
-        golden::chunk_a(),
-        golden::chunk_b(),
-        golden::chunk_c(),
-        golden::chunk_d(),
-    ];
+    // Frame by frame: the entries of one frame share (offset, clen), the frame's content size is
+    // exactly its chunks back to back, it decodes once into them, and each chunk also decodes
+    // alone at its skip.
+    let ids = ChunkIds::Sha256;
     let mut as_stored = PackBuilder::new();
     let mut recompressed = PackBuilder::new();
-    for (e, original) in entries.iter().zip(&originals) {
-        let frame = &bytes[e.offset as usize..(e.offset + e.clen as u64) as usize];
-        let data = chunk::decode(&e.id, frame, e.ulen).expect("every chunk of pack.bin decodes");
-        assert_eq!(&data, original);
-        as_stored.push(e.id, frame, e.ulen);
-        recompressed.push(e.id, &chunk::compress(&data, 3), e.ulen);
+    let mut at = 0;
+    for chunks in golden::pack_frames() {
+        let group = &entries[at..at + chunks.len()];
+        at += chunks.len();
+        let (first, last) = (group[0], group[group.len() - 1]);
+        assert!(group
+            .iter()
+            .all(|e| (e.offset, e.clen) == (first.offset, first.clen)));
+        let frame = frame_at(&bytes, first.offset, first.clen);
+        assert_eq!(
+            chunk::frame_len("chunk", frame),
+            Ok(last.skip as u64 + last.ulen as u64)
+        );
+        let run: Vec<(ChunkId, u32, u32)> = group.iter().map(|e| (e.id, e.skip, e.ulen)).collect();
+        let mut data = Vec::new();
+        chunk::decode_run(&ids, frame, &run, &mut data).expect("every frame of pack.bin decodes");
+        assert_eq!(data, chunks.concat());
+        for (e, original) in group.iter().zip(&chunks) {
+            let mut one = Vec::new();
+            chunk::decode_run(&ids, frame, &[(e.id, e.skip, e.ulen)], &mut one)
+                .expect("every chunk decodes alone");
+            assert_eq!(&one, original);
+        }
+        let pairs: Vec<(ChunkId, u32)> = group.iter().map(|e| (e.id, e.ulen)).collect();
+        assert_eq!(as_stored.push_frame(frame, &pairs), group);
+        recompressed.push_frame(&chunk::compress(&data, 3), &pairs);
     }
+    assert_eq!(at, entries.len());
     let (pid, again) = as_stored.finish();
     assert_eq!(again, bytes);
     assert_eq!(pid, PackId::of(&bytes));
     // recompress: pins zstd 1.5.x level-3 output.
     assert_eq!(recompressed.finish().1, bytes);
 
+    // In the shared frame, chunk A is the first 8192 bytes (what `chunk::decode`, skip 0,
+    // reads) and chunk B is not: it starts at skip 8192.
+    let ab = frame_at(&bytes, 8, 303);
+    assert_eq!(
+        chunk::decode(&id(CHUNK_A), ab, 8192).as_ref(),
+        Ok(&golden::chunk_a())
+    );
+    assert!(matches!(
+        chunk::decode(&id(CHUNK_B), ab, 8192),
+        Err(FormatError::ChecksumMismatch { .. })
+    ));
+    // A chunk that would end past the frame's content size, or a run with a gap, is refused.
+    let mut out = Vec::new();
+    assert!(chunk::decode_run(&ids, ab, &[(id(CHUNK_B), 8192, 8193)], &mut out).is_err());
+    assert!(chunk::decode_run(
+        &ids,
+        ab,
+        &[(id(CHUNK_A), 0, 8192), (id(CHUNK_B), 8193, 8191)],
+        &mut out
+    )
+    .is_err());
+    assert!(out.is_empty());
+
     // Footer: index length, then "TMPE"; the index is what pack-index.bin holds.
     let n = bytes.len();
     assert_eq!(&bytes[n - 4..], b"TMPE");
     assert_eq!(
         u32::from_le_bytes(bytes[n - 8..n - 4].try_into().expect("4 bytes")),
-        200
+        216
     );
     assert_eq!(
         &bytes[PACK_INDEX_START as usize..n - 8],
         &vector("pack-index.bin")[..]
     );
+    // The same bytes with major 1 in the header are refused: a pack of format 1.3 has one frame
+    // per chunk and never a TMPF index.
+    let mut major1 = bytes.clone();
+    major1[4] = 1;
+    assert!(pack::decode(&major1).is_err());
 }
 
 fn id_pack(hex: &str) -> PackId {
@@ -220,20 +324,61 @@ fn id_pack(hex: &str) -> PackId {
 #[test]
 fn pack_index_vector() {
     let bytes = vector("pack-index.bin");
+    // Magic TMPF, count 4, 52-byte entries.
+    assert_eq!(&bytes[..8], b"TMPF\x04\x00\x00\x00");
+    assert_eq!(bytes.len(), 8 + 52 * 4);
     let entries = pack::decode_index(&bytes, PACK_INDEX_START).expect("pack-index.bin decodes");
     assert_eq!(entries.len(), 4);
-    for (e, &(i, o, c, u)) in entries.iter().zip(&PACK_ENTRIES) {
-        assert_eq!((e.id, e.offset, e.clen, e.ulen), (id(i), o, c, u));
+    for (e, &(i, o, c, u, k)) in entries.iter().zip(&PACK_ENTRIES) {
+        assert_eq!(
+            (e.id, e.offset, e.clen, e.ulen, e.skip),
+            (id(i), o, c, u, k)
+        );
     }
     assert_eq!(pack::encode_index(&entries), bytes);
-    // The index only fits a pack whose blobs end exactly where the last chunk ends.
+    assert_eq!(pack::encode_index_as(&entries, true), bytes);
+    // Entry 1 (chunk B) at byte 8 + 52: offset 8, clen 303, ulen 8192, skip 8192.
+    assert_eq!(
+        &bytes[60 + 32..60 + 52],
+        &[8, 0, 0, 0, 0, 0, 0, 0, 0x2f, 1, 0, 0, 0, 0x20, 0, 0, 0, 0x20, 0, 0]
+    );
+    // The index only fits a pack whose blobs end exactly where the last frame ends.
     assert!(pack::decode_index(&bytes, PACK_INDEX_START + 1).is_err());
     assert!(pack::decode_index(&bytes, PACK_INDEX_START - 1).is_err());
+    // Tiling with frames (FORMAT.md 8.3.1): an entry continues the previous entry's frame at
+    // skip = previous skip + previous ulen, or starts the next frame at skip 0.
+    let bad = |f: &dyn Fn(&mut Vec<pack::PackEntry>)| {
+        let mut es = entries.clone();
+        f(&mut es);
+        pack::decode_index(&pack::encode_index(&es), PACK_INDEX_START)
+    };
+    assert!(bad(&|es| es[1].skip = 0).is_err(), "B repeats A's start");
+    assert!(bad(&|es| es[1].skip = 8191).is_err(), "B overlaps A");
+    assert!(bad(&|es| es[1].skip = 8193).is_err(), "gap between A and B");
+    assert!(
+        bad(&|es| es[0].skip = 1).is_err(),
+        "first entry not at skip 0"
+    );
+    assert!(bad(&|es| es[2].skip = 100).is_err(), "C continues no frame");
+    assert!(bad(&|es| es[1].clen = 302).is_err(), "B in another frame");
+    assert!(
+        bad(&|es| es[1].ulen = (1 << 20) - 8191).is_err(),
+        "past 1 MiB"
+    );
+    assert!(bad(&|_| ()).is_ok());
+    // Without skips (a 1.3 index, TMPX) the shared frame cannot be written: B reads as
+    // repeating A.
+    let tmpx = pack::encode_index_as(&entries, false);
+    assert_eq!(&tmpx[..4], b"TMPX");
+    assert!(pack::decode_index(&tmpx, PACK_INDEX_START).is_err());
 }
 
 #[test]
 fn manifest_vector() {
     let bytes = vector("manifest.bin");
+    // Major 3: a whole manifest whose chunk references carry a skip (format 1.4).
+    assert_eq!(&bytes[..8], b"TMMF\x03\x00\x00\x00");
+    assert_eq!(bytes.len(), 1061);
     let m = Manifest::decode(&bytes).expect("manifest.bin decodes");
     let h = &m.header;
     assert_eq!(h.backup_id, "20261121T204012Z");
@@ -264,7 +409,7 @@ fn manifest_vector() {
             s.new_stored_bytes,
             s.new_objects
         ),
-        (24679, 4, 1, 16487, 651, 2)
+        (24679, 4, 1, 16487, 656, 2)
     );
     assert_eq!(m.packs, vec![id_pack(PACK_ID)]);
 
@@ -294,9 +439,21 @@ fn manifest_vector() {
                 f.sha256,
                 id("10918fa17ff92c3e9c1217758f91ba89105fc97752aee6c3aae43657e51a97ec")
             );
-            let ids: Vec<ChunkId> = f.chunks.iter().map(|c| c.id).collect();
-            assert_eq!(ids, [CHUNK_A, CHUNK_B, CHUNK_A, CHUNK_C].map(id));
-            assert!(f.chunks.iter().all(|c| c.pack == 0));
+            // (id, pack, offset, clen, ulen, skip): A and B in the shared frame, A again, C.
+            let refs: Vec<(ChunkId, u32, u64, u32, u32, u32)> = f
+                .chunks
+                .iter()
+                .map(|c| (c.id, c.pack, c.offset, c.clen, c.ulen, c.skip))
+                .collect();
+            assert_eq!(
+                refs,
+                [
+                    (id(CHUNK_A), 0, 8, 303, 8192, 0),
+                    (id(CHUNK_B), 0, 8, 303, 8192, 8192),
+                    (id(CHUNK_A), 0, 8, 303, 8192, 0),
+                    (id(CHUNK_C), 0, 311, 109, 100, 0),
+                ]
+            );
         }
         other => panic!("base/1/16384 is {other:?}"),
     }
@@ -306,21 +463,52 @@ fn manifest_vector() {
     }
     assert_eq!(m.entries[6].kind, EntryKind::Symlink(b"/mnt/ts1".to_vec()));
 
-    // Every chunk reference resolves in pack.bin, and the files rebuild to their sha256.
+    // Every chunk reference is an entry of pack.bin's index, skip included, and the files
+    // rebuild to their sha256; base/1/16384 decodes three frames: A and B at once, A, C.
     let pack_bytes = vector("pack.bin");
+    let index = pack::decode(&pack_bytes).expect("pack.bin decodes");
     for e in &m.entries {
         if let EntryKind::File(f) = &e.kind {
-            let mut data = Vec::new();
             for c in &f.chunks {
-                let frame = &pack_bytes[c.offset as usize..(c.offset + c.clen as u64) as usize];
-                data.extend(chunk::decode(&c.id, frame, c.ulen).expect("referenced chunk decodes"));
+                assert!(
+                    index
+                        .iter()
+                        .any(|x| (x.id, x.offset, x.clen, x.ulen, x.skip)
+                            == (c.id, c.offset, c.clen, c.ulen, c.skip)),
+                    "{}: {c:?}",
+                    e.path
+                );
             }
+            let (data, frames) = rebuild(&pack_bytes, &f.chunks);
             assert_eq!(data.len() as u64, f.size, "{}", e.path);
             assert_eq!(ChunkId::of(&data), f.sha256, "{}", e.path);
+            if e.path == "base/1/16384" {
+                assert_eq!(frames, 3);
+            }
         }
     }
 
+    // 56-byte chunk references: the skip is the last 4 bytes of each.
+    let mi = ManifestIndex::read(&bytes[..]).expect("manifest.bin reads as an index");
+    let at = mi.find("base/1/16384").expect("entry");
+    let HeadKind::File(f) = &mi.entries[at].kind else {
+        panic!("base/1/16384 is a file")
+    };
+    assert!(f.frames);
+    assert_eq!(f.ref_len(), 56);
+    let b_ref = (f.chunks_at + 56) as usize;
+    assert_eq!(&bytes[b_ref..b_ref + 32], id(CHUNK_B).as_bytes());
+    assert_eq!(&bytes[b_ref + 52..b_ref + 56], &8192u32.to_le_bytes());
+
     assert_eq!(m.encode(), bytes);
+    assert_eq!(golden::encode_as(&m, 3), bytes);
+    // A manifest of major 1 cannot hold the reference to chunk B (skip 8192).
+    let mut w = ManifestWriter::with_major(Vec::new(), &m.header, &m.packs, 8, 1)
+        .expect("writing to a Vec");
+    let refused = m.entries.iter().try_for_each(|e| w.entry(e));
+    assert!(refused.is_err());
+    // The trailer is the sha256 of bytes 0..1029.
+    assert_eq!(&bytes[1029..], ChunkId::of(&bytes[..1029]).as_bytes());
     // The header ends at byte 403: a prefix of that length is enough, one byte less is not.
     assert_eq!(
         ManifestHeader::decode_prefix(&bytes[..403]).expect("403 bytes hold the header"),
@@ -334,6 +522,158 @@ fn manifest_vector() {
         keys::manifest(&h.backup_id),
         "backups/20261121T204012Z.manifest"
     );
+}
+
+/// The format 1.3 vectors (`vectors/v1.3/`, the files of `pack.bin`, `pack-index.bin` and
+/// `manifest.bin` before format 1.4) still decode, with skip 0 everywhere, and re-encode as 1.3
+/// byte for byte.
+#[test]
+fn v13_pack_vector_still_decodes() {
+    let bytes = vector("v1.3/pack.bin");
+    assert_eq!(PackId::of(&bytes), id_pack(V13_PACK_ID));
+    assert_eq!(bytes.len(), 651);
+    assert_eq!(&bytes[..8], b"TMPK\x01\x00\x00\x00");
+    let entries = pack::decode(&bytes).expect("v1.3/pack.bin decodes");
+    let got: Vec<(ChunkId, u64, u32, u32, u32)> = entries
+        .iter()
+        .map(|e| (e.id, e.offset, e.clen, e.ulen, e.skip))
+        .collect();
+    let want: Vec<(ChunkId, u64, u32, u32, u32)> = V13_PACK_ENTRIES
+        .iter()
+        .map(|&(i, o, c, u)| (id(i), o, c, u, 0))
+        .collect();
+    assert_eq!(got, want);
+    let originals = [
+        golden::chunk_a(),
+        golden::chunk_b(),
+        golden::chunk_c(),
+        golden::chunk_d(),
+    ];
+    let mut as_1_4 = PackBuilder::new();
+    for (e, original) in entries.iter().zip(&originals) {
+        let frame = frame_at(&bytes, e.offset, e.clen);
+        // One frame per chunk: the content size is the chunk's ulen.
+        assert_eq!(chunk::frame_len("chunk", frame), Ok(e.ulen as u64));
+        let data = chunk::decode(&e.id, frame, e.ulen).expect("every chunk decodes");
+        assert_eq!(&data, original);
+        as_1_4.push(e.id, frame, e.ulen);
+    }
+    // Re-encoded as 1.3: the header and frames as stored, the index without skips (TMPX), the
+    // footer.
+    let n = bytes.len();
+    let index = pack::encode_index_as(&entries, false);
+    assert_eq!(&bytes[V13_PACK_INDEX_START as usize..n - 8], &index[..]);
+    assert_eq!(index, vector("v1.3/pack-index.bin"));
+    assert_eq!(&bytes[n - 8..n - 4], &(index.len() as u32).to_le_bytes());
+    assert_eq!(&bytes[n - 4..], b"TMPE");
+    // recompress: pins zstd 1.5.x level-3 output.
+    assert_eq!(golden::pack_v13().1, bytes);
+    // Its first frame is chunk.bin.
+    assert_eq!(&bytes[8..303], &vector("chunk.bin")[..]);
+    // The same frames written by a 1.4 writer: major 2 and a TMPF index (4 bytes more per
+    // entry), the same entries.
+    let (_, again) = as_1_4.finish();
+    assert_eq!(&again[..8], b"TMPK\x02\x00\x00\x00");
+    assert_eq!(again.len(), n + 4 * 4);
+    assert_eq!(
+        &again[8..V13_PACK_INDEX_START as usize],
+        &bytes[8..V13_PACK_INDEX_START as usize]
+    );
+    assert_eq!(pack::decode(&again).as_ref(), Ok(&entries));
+}
+
+#[test]
+fn v13_pack_index_vector_still_decodes() {
+    let bytes = vector("v1.3/pack-index.bin");
+    assert_eq!(&bytes[..8], b"TMPX\x04\x00\x00\x00");
+    assert_eq!(bytes.len(), 8 + 48 * 4);
+    let entries =
+        pack::decode_index(&bytes, V13_PACK_INDEX_START).expect("v1.3/pack-index.bin decodes");
+    for (e, &(i, o, c, u)) in entries.iter().zip(&V13_PACK_ENTRIES) {
+        assert_eq!(
+            (e.id, e.offset, e.clen, e.ulen, e.skip),
+            (id(i), o, c, u, 0)
+        );
+    }
+    assert_eq!(entries.len(), 4);
+    assert_eq!(pack::encode_index_as(&entries, false), bytes);
+    assert_eq!(golden::pack_index_v13(), (bytes, V13_PACK_INDEX_START));
+    // As 1.4 (TMPF) the same entries take 52 bytes each and decode the same.
+    let tmpf = pack::encode_index(&entries);
+    assert_eq!(tmpf.len(), 8 + 52 * 4);
+    assert_eq!(
+        pack::decode_index(&tmpf, V13_PACK_INDEX_START).as_ref(),
+        Ok(&entries)
+    );
+}
+
+#[test]
+fn v13_manifest_vector_still_decodes() {
+    let bytes = vector("v1.3/manifest.bin");
+    assert_eq!(bytes.len(), 1041);
+    assert_eq!(&bytes[..8], b"TMMF\x01\x00\x00\x00");
+    let m = Manifest::decode(&bytes).expect("v1.3/manifest.bin decodes");
+    assert_eq!(m, golden::manifest_v13());
+    assert_eq!(m.packs, vec![id_pack(V13_PACK_ID)]);
+    assert_eq!(m.header.stats.new_stored_bytes, 651);
+    let pack_bytes = vector("v1.3/pack.bin");
+    let index = pack::decode(&pack_bytes).expect("v1.3/pack.bin decodes");
+    let mut nrefs = 0;
+    for e in &m.entries {
+        if let EntryKind::File(f) = &e.kind {
+            for c in &f.chunks {
+                assert_eq!(c.skip, 0, "{}", e.path);
+                assert!(index
+                    .iter()
+                    .any(|x| (x.id, x.offset, x.clen, x.ulen, x.skip)
+                        == (c.id, c.offset, c.clen, c.ulen, 0)));
+                nrefs += 1;
+            }
+            let (data, frames) = rebuild(&pack_bytes, &f.chunks);
+            assert_eq!(frames, f.chunks.len(), "one frame per chunk");
+            assert_eq!(data.len() as u64, f.size, "{}", e.path);
+            assert_eq!(ChunkId::of(&data), f.sha256, "{}", e.path);
+        }
+    }
+    assert_eq!(nrefs, 5);
+    // 52-byte chunk references.
+    let mi = ManifestIndex::read(&bytes[..]).expect("v1.3/manifest.bin reads as an index");
+    let HeadKind::File(f) = &mi.entries[mi.find("base/1/16384").expect("entry")].kind else {
+        panic!("base/1/16384 is a file")
+    };
+    assert!(!f.frames);
+    assert_eq!(f.ref_len(), 52);
+    // Re-encoded as major 1: byte for byte.
+    assert_eq!(golden::encode_as(&m, 1), bytes);
+    assert_eq!(golden::manifest_v13_bytes(), bytes);
+    // A 1.4 writer writes the same manifest as major 3, 4 bytes more per chunk reference.
+    let again = m.encode();
+    assert_eq!(&again[..8], b"TMMF\x03\x00\x00\x00");
+    assert_eq!(again.len(), bytes.len() + 4 * nrefs);
+    assert_eq!(Manifest::decode(&again).as_ref(), Ok(&m));
+    assert_eq!(
+        ManifestHeader::decode_prefix(&bytes[..403]),
+        Ok(m.header.clone())
+    );
+    // The same backup as manifest.bin: only where the chunks are stored differs.
+    let new = Manifest::decode(&vector("manifest.bin")).expect("manifest.bin decodes");
+    let mut h = new.header.clone();
+    h.stats.new_stored_bytes = 651;
+    assert_eq!(h, m.header);
+    assert_eq!(new.entries.len(), m.entries.len());
+    for (a, b) in new.entries.iter().zip(&m.entries) {
+        assert_eq!((&a.path, a.mode), (&b.path, b.mode));
+        match (&a.kind, &b.kind) {
+            (EntryKind::File(fa), EntryKind::File(fb)) => {
+                assert_eq!((fa.size, fa.sha256), (fb.size, fb.sha256));
+                let ids = |f: &tidemark_format::manifest::FileEntry| {
+                    f.chunks.iter().map(|c| c.id).collect::<Vec<_>>()
+                };
+                assert_eq!(ids(fa), ids(fb));
+            }
+            (ka, kb) => assert_eq!(ka, kb),
+        }
+    }
 }
 
 #[test]

@@ -1,16 +1,38 @@
 //! `Manifest::decode` and `ManifestHeader::decode_prefix` on arbitrary bytes, and on the same
 //! bytes with a valid sha256 trailer (appended, or replacing the last 32 bytes) so that
 //! mutations reach the field checks.
-//! Invariants: a manifest that decodes re-encodes to the same bytes up to the minor version (and
-//! the major of a manifest in parts), its header also decodes from the prefix, its backup ids
-//! (own and parent) are valid manifest keys, and every path is a plain relative path whose
-//! parent is a directory entry.
+//! Invariants: a manifest that decodes re-encodes to the same bytes up to the minor version when
+//! written with the major it was decoded with (a manifest in parts, major 2 or 4, re-encodes
+//! whole: major 1 or 3); writers' own encoding (major 3) decodes to the same manifest; a manifest
+//! of major 1 or 2 holds no skip and every reference lies within the largest frame; its header
+//! also decodes from the prefix, its backup ids (own and parent) are valid manifest keys, and
+//! every path is a plain relative path whose parent is a directory entry.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use tidemark_format::chunk::MAX_FRAME_SIZE;
 use tidemark_format::keys;
-use tidemark_format::manifest::parts::PARTED_MAJOR;
-use tidemark_format::manifest::{validate_path, EntryKind, Manifest, ManifestHeader};
+use tidemark_format::manifest::parts::{major_has_frames, major_of, FRAMES_MAJOR};
+use tidemark_format::manifest::{
+    validate_path, EntryKind, Manifest, ManifestHeader, ManifestWriter,
+};
+
+/// `m` written whole with the manifest major `major`.
+fn encode_as(m: &Manifest, major: u16) -> Vec<u8> {
+    let mut w = ManifestWriter::with_major(
+        Vec::new(),
+        &m.header,
+        &m.packs,
+        m.entries.len() as u64,
+        major,
+    )
+    .expect("writing to a Vec cannot fail");
+    for e in &m.entries {
+        w.entry(e)
+            .expect("a decoded manifest's entries fit its own major");
+    }
+    w.finish().expect("writing to a Vec cannot fail").0
+}
 
 fn check(buf: &[u8]) {
     let prefix = ManifestHeader::decode_prefix(buf);
@@ -18,17 +40,21 @@ fn check(buf: &[u8]) {
         return;
     };
     assert_eq!(prefix.as_ref(), Ok(&m.header));
-    let again = m.encode();
+    let major = u16::from_le_bytes([buf[4], buf[5]]);
+    let frames = major_has_frames(major);
+    // A manifest stored in parts (major 2 or 4) decodes from its parts put together to the same
+    // manifest, which encodes whole (major 1 or 3): the parts are a storage layout.
+    let whole = major_of(frames, false);
+    let again = encode_as(&m, whole);
     assert_eq!(again.len(), buf.len());
     assert_eq!(again[..4], buf[..4], "magic");
-    // A manifest stored in parts (major 2) decodes from its parts put together to the same
-    // manifest, which encodes whole (major 1): the parts are a storage layout.
-    assert!(
-        again[4..6] == buf[4..6] || buf[4..6] == PARTED_MAJOR.to_le_bytes(),
-        "major"
-    );
+    assert_eq!(again[4..6], whole.to_le_bytes(), "major");
     assert_eq!(again[8..again.len() - 32], buf[8..buf.len() - 32], "body");
     assert_eq!(Manifest::decode(&again).as_ref(), Ok(&m));
+    // Writers write major 3, whatever was read.
+    let written = m.encode();
+    assert_eq!(written[4..6], FRAMES_MAJOR.to_le_bytes());
+    assert_eq!(Manifest::decode(&written).as_ref(), Ok(&m));
     // Backup ids, the parent's included, name manifest keys: both must round-trip as keys.
     let h = &m.header;
     for id in std::iter::once(&h.backup_id).chain(h.parent.as_ref()) {
@@ -60,6 +86,11 @@ fn check(buf: &[u8]) {
         if let EntryKind::File(f) = &e.kind {
             assert_eq!(f.chunks.iter().map(|c| c.ulen as u64).sum::<u64>(), f.size);
             assert!(f.chunks.iter().all(|c| (c.pack as usize) < m.packs.len()));
+            assert!(f
+                .chunks
+                .iter()
+                .all(|c| c.skip as u64 + c.ulen as u64 <= MAX_FRAME_SIZE as u64));
+            assert!(frames || f.chunks.iter().all(|c| c.skip == 0));
         }
     }
 }

@@ -286,6 +286,11 @@ impl<'a> Packer<'a> {
             let p = from_parent
                 .get(k)
                 .and_then(|c| Some((*c, self.s.parent_pack(c.pack)?)));
+            // A chunk repeated inside the run (all-zero pages) is stored once: the run is
+            // compressed first, and the repeat then found among the recent chunks.
+            if run.iter().any(|&j| locs[j].0 == id) {
+                self.flush(data, &mut run, &mut locs)?;
+            }
             if let Some(loc) = self.known(id, p) {
                 self.flush(data, &mut run, &mut locs)?;
                 locs.push((id, loc));

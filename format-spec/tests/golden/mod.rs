@@ -4,6 +4,10 @@
 //! the generator writes these bytes, the test checks that the files still decode to the documented
 //! values and that building them again gives the same bytes. Everything here is deterministic; the
 //! only outside influence is the zstd library version (frames are level 3, zstd 1.5.x).
+//!
+//! The `*_v13` builders rebuild the frozen format 1.3 files of `vectors/v1.3/` (read-compatibility
+//! vectors): the generator never writes them, the test only checks that they are still these bytes
+//! and still decode.
 
 #![allow(dead_code)]
 
@@ -11,7 +15,8 @@ use tidemark_format::chunk;
 use tidemark_format::config::{RepoConfig, COMPRESSION_ZSTD};
 use tidemark_format::lock::{GcState, Lease, LeaseKind};
 use tidemark_format::manifest::{
-    BackupStats, ChunkRef, Entry, EntryKind, FileEntry, Manifest, ManifestHeader, SOURCE_PGDATA,
+    BackupStats, ChunkRef, Entry, EntryKind, FileEntry, Manifest, ManifestHeader, ManifestWriter,
+    SOURCE_PGDATA,
 };
 use tidemark_format::pack::{self, PackBuilder, PackEntry};
 use tidemark_format::wal::{self, WalFileName, PG15_PAGE_MAGIC};
@@ -89,13 +94,26 @@ pub fn chunk_frame() -> Vec<u8> {
     chunk::compress(&chunk_a(), LEVEL)
 }
 
-/// The pack (`pack.bin`) holding chunks A, B, C, D in that order, and its entries.
+/// The frames of `pack.bin`, each as the chunks it holds: chunks A and B (the first two pages of
+/// `base/1/16384`, consecutive new chunks of one file) as one frame, then C and D each alone
+/// (format 1.4, FORMAT.md 8.2).
+pub fn pack_frames() -> Vec<Vec<Vec<u8>>> {
+    vec![vec![chunk_a(), chunk_b()], vec![chunk_c()], vec![chunk_d()]]
+}
+
+/// The pack (`pack.bin`, format 1.4: major 2, index `TMPF`) holding chunks A, B, C, D in that
+/// order in three frames ([`pack_frames`]), and its entries.
 pub fn pack() -> (PackId, Vec<u8>, Vec<PackEntry>) {
     let mut b = PackBuilder::new();
-    let entries = [chunk_a(), chunk_b(), chunk_c(), chunk_d()]
-        .iter()
-        .map(|c| b.push(ChunkId::of(c), &chunk::compress(c, LEVEL), c.len() as u32))
-        .collect();
+    let mut entries = Vec::new();
+    for chunks in pack_frames() {
+        let ids: Vec<(ChunkId, u32)> = chunks
+            .iter()
+            .map(|c| (ChunkId::of(c), c.len() as u32))
+            .collect();
+        let frame = chunk::compress(&chunks.concat(), LEVEL);
+        entries.extend_from_slice(b.push_frame(&frame, &ids));
+    }
     let (id, bytes) = b.finish();
     (id, bytes, entries)
 }
@@ -109,6 +127,38 @@ pub fn pack_index() -> (Vec<u8>, u64) {
     (index, start as u64)
 }
 
+/// The pack of format 1.3 (`v1.3/pack.bin`): header major 1, chunks A, B, C, D each as its own
+/// frame, index `TMPX` with 48-byte entries. Built here without [`PackBuilder`], which writes
+/// format 1.4 only.
+pub fn pack_v13() -> (PackId, Vec<u8>, Vec<PackEntry>) {
+    let mut bytes = b"TMPK\x01\x00\x00\x00".to_vec();
+    let mut entries = Vec::new();
+    for c in [chunk_a(), chunk_b(), chunk_c(), chunk_d()] {
+        let frame = chunk::compress(&c, LEVEL);
+        entries.push(PackEntry {
+            id: ChunkId::of(&c),
+            offset: bytes.len() as u64,
+            clen: frame.len() as u32,
+            ulen: c.len() as u32,
+            skip: 0,
+        });
+        bytes.extend_from_slice(&frame);
+    }
+    let index = pack::encode_index_as(&entries, false);
+    bytes.extend_from_slice(&index);
+    bytes.extend_from_slice(&(index.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&pack::END_MAGIC);
+    (PackId::of(&bytes), bytes, entries)
+}
+
+/// The index section of `v1.3/pack.bin` (`v1.3/pack-index.bin`) and the offset where it starts.
+pub fn pack_index_v13() -> (Vec<u8>, u64) {
+    let (_, bytes, entries) = pack_v13();
+    let index = pack::encode_index_as(&entries, false);
+    let start = bytes.len() - pack::FOOTER_LEN - index.len();
+    (index, start as u64)
+}
+
 fn cref(e: &PackEntry) -> ChunkRef {
     ChunkRef {
         id: e.id,
@@ -116,6 +166,7 @@ fn cref(e: &PackEntry) -> ChunkRef {
         offset: e.offset,
         clen: e.clen,
         ulen: e.ulen,
+        skip: e.skip,
     }
 }
 
@@ -144,9 +195,44 @@ pub fn relation_16384() -> Vec<u8> {
     [chunk_a(), chunk_b(), chunk_a(), chunk_c()].concat()
 }
 
-/// The manifest (`manifest.bin`) of backup 20261121T204012Z, whose one pack is `pack.bin`.
+/// The manifest (`manifest.bin`, format 1.4: major 3, chunk references with a skip) of backup
+/// 20261121T204012Z, whose one pack is `pack.bin`.
 pub fn manifest() -> Manifest {
     let (pack_id, pack_bytes, e) = pack();
+    manifest_of(pack_id, pack_bytes.len(), &e)
+}
+
+/// The manifest of format 1.3 (`v1.3/manifest.bin`, major 1): the same backup, its one pack
+/// `v1.3/pack.bin`.
+pub fn manifest_v13() -> Manifest {
+    let (pack_id, pack_bytes, e) = pack_v13();
+    manifest_of(pack_id, pack_bytes.len(), &e)
+}
+
+/// The bytes of `v1.3/manifest.bin`: [`manifest_v13`] written as major 1.
+pub fn manifest_v13_bytes() -> Vec<u8> {
+    encode_as(&manifest_v13(), 1)
+}
+
+/// `m` encoded with the manifest major version `major` (1 to 4).
+pub fn encode_as(m: &Manifest, major: u16) -> Vec<u8> {
+    let mut w = ManifestWriter::with_major(
+        Vec::new(),
+        &m.header,
+        &m.packs,
+        m.entries.len() as u64,
+        major,
+    )
+    .expect("writing to a Vec cannot fail");
+    for e in &m.entries {
+        w.entry(e).expect("entries match the count given");
+    }
+    w.finish().expect("writing to a Vec cannot fail").0
+}
+
+/// The manifest of the golden backup whose one pack is `pack_id` (`pack_len` bytes, chunks A, B,
+/// C, D at the entries `e`).
+fn manifest_of(pack_id: PackId, pack_len: usize, e: &[PackEntry]) -> Manifest {
     let (a, b, c, d) = (&e[0], &e[1], &e[2], &e[3]);
     Manifest {
         header: ManifestHeader {
@@ -169,7 +255,7 @@ pub fn manifest() -> Manifest {
                 new_chunks: 4,
                 reused_chunks: 1,
                 new_chunk_bytes: 8192 + 8192 + 100 + 3,
-                new_stored_bytes: pack_bytes.len() as u64,
+                new_stored_bytes: pack_len as u64,
                 new_objects: 2,
             },
         },
