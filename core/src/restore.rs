@@ -387,9 +387,11 @@ async fn read_and_write(
             Ok(())
         };
         // Chunks that follow each other both in one frame and in the file are decoded with
-        // one decompression of the frame.
+        // one decompression of the frame, and a frame read in several pieces (a backup that
+        // reuses some of its chunks) is decompressed once for all of them.
         let items = &read.items;
         let mut group: Vec<(ChunkId, u32, u32)> = Vec::new();
+        let mut frames = chunk::FrameReader::default();
         let mut i = 0;
         while i < items.len() {
             let (c0, off0) = items[i];
@@ -413,7 +415,7 @@ async fn read_and_write(
             let frame = &bytes[at..at + c0.clen as usize];
             group.clear();
             group.extend(items[i..j].iter().map(|(c, _)| (c.id, c.skip, c.ulen)));
-            chunk::decode_run(&ids, frame, &group, &mut run).map_err(|e| anyhow!("file {path}: chunk {} in pack {pack} is damaged: {e}\nhint: the repository is damaged; run 'tidemark-restore check --read-data' and restore from another backup", c0.id))?;
+            frames.append(&ids, c0.offset, frame, &group, &mut run).map_err(|e| anyhow!("file {path}: chunk {} in pack {pack} is damaged: {e}\nhint: the repository is damaged; run 'tidemark-restore check --read-data' and restore from another backup", c0.id))?;
             i = j;
         }
         flush(&mut run, run_at)

@@ -173,6 +173,69 @@ fn decode_run_inner(
     Ok(())
 }
 
+/// Reads runs of chunks out of frames that may be visited several times in a row (a restore of
+/// a backup that reuses some chunks of a frame and not others): keeps the last frame decoded
+/// whole, so each frame is decompressed once however many pieces of it are read. A run that
+/// covers a whole frame is decoded straight into the output.
+#[derive(Default)]
+pub struct FrameReader {
+    /// The key of the frame held in `buf`.
+    held: Option<u64>,
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    /// Appends the chunks `run` (as in [`decode_run`]) of `frame` to `out`; `key` names the
+    /// frame (e.g. its offset in its pack) so that a later run of the same frame is served
+    /// from the copy held. On an error `out` is left as it was.
+    pub fn append(
+        &mut self,
+        ids: &crate::seal::ChunkIds,
+        key: u64,
+        frame: &[u8],
+        run: &[(ChunkId, u32, u32)],
+        out: &mut Vec<u8>,
+    ) -> Result<(), FormatError> {
+        let (Some(&(_, first, _)), Some(&(_, last_skip, last_len))) = (run.first(), run.last())
+        else {
+            return Ok(());
+        };
+        if self.held != Some(key) {
+            let whole =
+                first == 0 && frame_len("chunk", frame)? == last_skip as u64 + last_len as u64;
+            if whole {
+                return decode_run(ids, frame, run, out);
+            }
+            self.held = None;
+            self.buf = decode_frame(frame)?;
+            self.held = Some(key);
+        }
+        let at = out.len();
+        let r = run.iter().try_for_each(|&(id, skip, ulen)| {
+            let bytes = self
+                .buf
+                .get(skip as usize..skip as usize + ulen as usize)
+                .ok_or_else(|| {
+                    FormatError::invalid(
+                        "chunk",
+                        format!(
+                            "ends at byte {} of a frame of {} bytes",
+                            skip as u64 + ulen as u64,
+                            self.buf.len()
+                        ),
+                    )
+                })?;
+            check_id(ids, &id, bytes)?;
+            out.extend_from_slice(bytes);
+            Ok(())
+        });
+        if r.is_err() {
+            out.truncate(at);
+        }
+        r
+    }
+}
+
 /// Decodes a whole chunk frame (at most [`MAX_FRAME_SIZE`] bytes, checked before allocating);
 /// its chunks are then checked with [`check_id`].
 pub fn decode_frame(frame: &[u8]) -> Result<Vec<u8>, FormatError> {
@@ -311,6 +374,37 @@ mod tests {
             decode_append(&ids, &ChunkId::of(&a), &fa[..fa.len() - 1], 8192, &mut out).is_err()
         );
         assert!(decode_append(&ids, &ChunkId::of(&a), &fa, MAX_CHUNK_SIZE + 1, &mut out).is_err());
+        assert_eq!(out.len(), n);
+    }
+
+    #[test]
+    fn frame_reader_serves_pieces_of_a_frame_and_whole_frames() {
+        let ids = crate::seal::ChunkIds::Sha256;
+        let pages: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 8192]).collect();
+        let frame = compress(&pages.concat(), 1);
+        let r = |i: usize| (ChunkId::of(&pages[i]), (i * 8192) as u32, 8192u32);
+        let mut fr = FrameReader::default();
+        let mut out = Vec::new();
+        // Pieces out of order, then the whole frame, then a piece again.
+        fr.append(&ids, 8, &frame, &[r(1)], &mut out).unwrap();
+        fr.append(&ids, 8, &frame, &[r(0)], &mut out).unwrap();
+        fr.append(&ids, 8, &frame, &[r(0), r(1), r(2)], &mut out)
+            .unwrap();
+        fr.append(&ids, 9, &frame, &[r(0), r(1), r(2)], &mut out)
+            .unwrap();
+        fr.append(&ids, 9, &frame, &[r(2)], &mut out).unwrap();
+        let p = |i: usize| &pages[i][..];
+        assert_eq!(
+            out,
+            [p(1), p(0), p(0), p(1), p(2), p(0), p(1), p(2), p(2)].concat()
+        );
+        // A wrong id or a chunk past the frame's end: an error, nothing appended.
+        let n = out.len();
+        let bad = (ChunkId::of(b"x"), 8192, 8192);
+        assert!(fr.append(&ids, 9, &frame, &[bad], &mut out).is_err());
+        assert!(fr.append(&ids, 7, &frame, &[r(0), bad], &mut out).is_err());
+        let past = (ChunkId::of(&pages[2]), 3 * 8192, 8192);
+        assert!(fr.append(&ids, 9, &frame, &[past], &mut out).is_err());
         assert_eq!(out.len(), n);
     }
 
