@@ -12,7 +12,7 @@ use tidemark_core::store::Store;
 use tidemark_format::manifest::{
     BackupStats, ChunkRef, Entry, EntryKind, FileEntry, Manifest, ManifestHeader, SOURCE_PGDATA,
 };
-use tidemark_format::pack::PackBuilder;
+use tidemark_format::pack::{PackBuilder, PackEntry};
 use tidemark_format::seal::ChunkIds;
 use tidemark_format::{chunk, keys, ChunkId, Lsn, PackId, SystemId, TimelineId};
 
@@ -60,15 +60,7 @@ async fn store_pack(
         } else {
             chunk::compress(p, 1)
         };
-        let e = b.push(ChunkId::of(p), &frame, p.len() as u32);
-        refs.push(ChunkRef {
-            id: e.id,
-            pack: 0,
-            offset: e.offset,
-            clen: e.clen,
-            ulen: e.ulen,
-            skip: e.skip,
-        });
+        refs.push(ref_of(&b.push(ChunkId::of(p), &frame, p.len() as u32)));
     }
     let (id, bytes) = b.finish();
     store
@@ -76,6 +68,18 @@ async fn store_pack(
         .await
         .expect("put pack");
     (id, refs)
+}
+
+/// The reference (pack index 0) to the chunk a pack index entry describes.
+fn ref_of(e: &PackEntry) -> ChunkRef {
+    ChunkRef {
+        id: e.id,
+        pack: 0,
+        offset: e.offset,
+        clen: e.clen,
+        ulen: e.ulen,
+        skip: e.skip,
+    }
 }
 
 fn manifest(
@@ -278,16 +282,11 @@ async fn live_chunks_inside_shared_frames_are_copied_with_their_frames(s3: bool)
     for two in pages.chunks(2) {
         let bytes = two.concat();
         let ids: Vec<(ChunkId, u32)> = two.iter().map(|p| (ChunkId::of(p), 8192)).collect();
-        for e in b.push_frame(&chunk::compress(&bytes, 1), &ids) {
-            refs.push(ChunkRef {
-                id: e.id,
-                pack: 0,
-                offset: e.offset,
-                clen: e.clen,
-                ulen: e.ulen,
-                skip: e.skip,
-            });
-        }
+        refs.extend(
+            b.push_frame(&chunk::compress(&bytes, 1), &ids)
+                .iter()
+                .map(ref_of),
+        );
     }
     let (p1, bytes) = b.finish();
     store

@@ -225,18 +225,27 @@ impl ManifestHeader {
 }
 
 impl Manifest {
+    /// The manifest written whole, as this release writes it (major 3, chunk references with
+    /// skips).
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = ManifestWriter::new(
+        self.encode_as(parts::FRAMES_MAJOR)
+            .expect("writing to a Vec in major 3 cannot fail")
+    }
+
+    /// The manifest written with the major version `major` (1 to 4: section 5 of FORMAT.md);
+    /// an error when that major cannot hold it (a skip other than 0 in major 1 or 2).
+    pub fn encode_as(&self, major: u16) -> std::io::Result<Vec<u8>> {
+        let mut w = ManifestWriter::with_major(
             Vec::new(),
             &self.header,
             &self.packs,
             self.entries.len() as u64,
-        )
-        .expect("writing to a Vec cannot fail");
+            major,
+        )?;
         for e in &self.entries {
-            w.entry(e).expect("entries match the count given");
+            w.entry(e)?;
         }
-        w.finish().expect("writing to a Vec cannot fail").0
+        Ok(w.finish()?.0)
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {

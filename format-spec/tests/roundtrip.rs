@@ -402,21 +402,6 @@ fn manifest(rng: &mut Rng, frames: bool) -> Manifest {
     }
 }
 
-/// `m` written as manifest major `major` (1 to 4); an error when the major cannot hold it.
-fn encode_as(m: &Manifest, major: u16) -> std::io::Result<Vec<u8>> {
-    let mut w = manifest::ManifestWriter::with_major(
-        Vec::new(),
-        &m.header,
-        &m.packs,
-        m.entries.len() as u64,
-        major,
-    )?;
-    for e in &m.entries {
-        w.entry(e)?;
-    }
-    Ok(w.finish()?.0)
-}
-
 #[test]
 fn manifests_round_trip_and_refuse_damage() {
     let mut rng = Rng(5);
@@ -443,7 +428,7 @@ fn manifests_round_trip_and_refuse_damage() {
         });
         with_skips += skips as usize;
         for major in 1..=4u16 {
-            let written = encode_as(&m, major);
+            let written = m.encode_as(major);
             if skips && major <= 2 {
                 assert!(written.is_err(), "major {major} holds no skip");
                 continue;

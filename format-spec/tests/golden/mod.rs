@@ -15,8 +15,7 @@ use tidemark_format::chunk;
 use tidemark_format::config::{RepoConfig, COMPRESSION_ZSTD};
 use tidemark_format::lock::{GcState, Lease, LeaseKind};
 use tidemark_format::manifest::{
-    BackupStats, ChunkRef, Entry, EntryKind, FileEntry, Manifest, ManifestHeader, ManifestWriter,
-    SOURCE_PGDATA,
+    BackupStats, ChunkRef, Entry, EntryKind, FileEntry, Manifest, ManifestHeader, SOURCE_PGDATA,
 };
 use tidemark_format::pack::{self, PackBuilder, PackEntry};
 use tidemark_format::wal::{self, WalFileName, PG15_PAGE_MAGIC};
@@ -216,18 +215,8 @@ pub fn manifest_v13_bytes() -> Vec<u8> {
 
 /// `m` encoded with the manifest major version `major` (1 to 4).
 pub fn encode_as(m: &Manifest, major: u16) -> Vec<u8> {
-    let mut w = ManifestWriter::with_major(
-        Vec::new(),
-        &m.header,
-        &m.packs,
-        m.entries.len() as u64,
-        major,
-    )
-    .expect("writing to a Vec cannot fail");
-    for e in &m.entries {
-        w.entry(e).expect("entries match the count given");
-    }
-    w.finish().expect("writing to a Vec cannot fail").0
+    m.encode_as(major)
+        .expect("the golden manifests fit every major")
 }
 
 /// The manifest of the golden backup whose one pack is `pack_id` (`pack_len` bytes, chunks A, B,
