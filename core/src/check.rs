@@ -16,7 +16,7 @@ use tidemark_format::manifest::ManifestHeader;
 use tidemark_format::pack::{self, PackEntry};
 use tidemark_format::{chunk, keys, ChunkId, PackId};
 
-/// One chunk reference of one backup as `check` spills it (64 bytes): the references of all
+/// One chunk reference of one backup as `check` spills it (68 bytes): the references of all
 /// backups are grouped by pack on disk (`spill`), not in memory, so `check`'s memory does not
 /// grow with the repository. Sorted by pack id (its first 8 bytes, then its number), offset,
 /// chunk id, clen, ulen and backup, so the references of one pack come together, identical
@@ -238,7 +238,9 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
             if !ok {
                 report.problems.push(Problem {
                     backups: names(&headers, backups.iter()),
-                    what: format!("chunk {id} is not in pack {pid} at offset {offset}"),
+                    what: format!(
+                        "chunk {id} is not in pack {pid} at offset {offset}, skip {skip}"
+                    ),
                 });
                 continue;
             }
@@ -248,9 +250,17 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
                 if frame.as_ref().is_none_or(|(at, _)| *at != offset) {
                     frame = None;
                     let bytes = store.get_range(&key, offset..offset + clen as u64).await;
-                    let decoded = bytes
-                        .map_err(anyhow::Error::from)
-                        .and_then(|b| chunk::decode_frame(&b).map_err(anyhow::Error::from));
+                    // The chunk must lie within the frame's declared size before the frame
+                    // is decoded (FORMAT.md 8.2).
+                    let decoded = bytes.map_err(anyhow::Error::from).and_then(|b| {
+                        let flen = chunk::frame_len("chunk", &b)?;
+                        anyhow::ensure!(
+                            skip as u64 + ulen as u64 <= flen,
+                            "it ends at byte {} of a frame of {flen} bytes",
+                            skip as u64 + ulen as u64
+                        );
+                        chunk::decode_frame(&b).map_err(anyhow::Error::from)
+                    });
                     match decoded {
                         Ok(d) => frame = Some((offset, d)),
                         Err(e) => {
@@ -375,6 +385,8 @@ pub(crate) async fn read_index(store: &Store, key: &str) -> Result<Vec<PackEntry
     );
     let start = size - pack::FOOTER_LEN as u64 - index_len;
     let index = store.get_range(key, start..start + index_len).await?;
+    let head = store.get_range(key, 0..pack::HEADER_LEN).await?;
+    pack::check_header(&head, &index)?;
     Ok(pack::decode_index(&index, start)?)
 }
 

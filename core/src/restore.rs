@@ -415,7 +415,7 @@ async fn read_and_write(
             let frame = &bytes[at..at + c0.clen as usize];
             group.clear();
             group.extend(items[i..j].iter().map(|(c, _)| (c.id, c.skip, c.ulen)));
-            frames.append(&ids, c0.offset, frame, &group, &mut run).map_err(|e| anyhow!("file {path}: chunk {} in pack {pack} is damaged: {e}\nhint: the repository is damaged; run 'tidemark-restore check --read-data' and restore from another backup", c0.id))?;
+            frames.append(&ids, c0.offset, frame, &group, &mut run).map_err(|e| anyhow!("file {path}: a chunk of the frame at offset {} of pack {pack} (chunk {} onwards) is damaged: {e}\nhint: the repository is damaged; run 'tidemark-restore check --read-data' and restore from another backup", c0.offset, c0.id))?;
             i = j;
         }
         flush(&mut run, run_at)

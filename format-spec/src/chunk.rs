@@ -46,8 +46,9 @@ thread_local! {
 /// The first four bytes of every zstd frame (0xFD2FB528, little-endian).
 pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
-/// Decompresses one frame to exactly `ulen` bytes (capped before allocating) and checks that the
-/// sha256 of the result equals `id`.
+/// The chunk `id` of `ulen` bytes at the start of a frame (skip 0: a frame of one chunk, or the
+/// first chunk of a longer frame): the frame is decoded whole (its content size, at most
+/// [`MAX_FRAME_SIZE`], checked before allocating) and the chunk's sha256 compared with `id`.
 pub fn decode(id: &ChunkId, frame: &[u8], ulen: u32) -> Result<Vec<u8>, FormatError> {
     decode_with(&crate::seal::ChunkIds::Sha256, id, frame, ulen)
 }
@@ -179,8 +180,8 @@ fn decode_run_inner(
 /// covers a whole frame is decoded straight into the output.
 #[derive(Default)]
 pub struct FrameReader {
-    /// The key of the frame held in `buf`.
-    held: Option<u64>,
+    /// The key and stored length of the frame held in `buf`.
+    held: Option<(u64, usize)>,
     buf: Vec<u8>,
 }
 
@@ -200,15 +201,27 @@ impl FrameReader {
         else {
             return Ok(());
         };
-        if self.held != Some(key) {
-            let whole =
-                first == 0 && frame_len("chunk", frame)? == last_skip as u64 + last_len as u64;
-            if whole {
+        if self.held != Some((key, frame.len())) {
+            let flen = frame_len("chunk", frame)?;
+            if first == 0 && flen == last_skip as u64 + last_len as u64 {
                 return decode_run(ids, frame, run, out);
             }
+            // Every chunk must lie within the frame before it is decoded (FORMAT.md 8.2).
+            if let Some(&(_, skip, ulen)) = run
+                .iter()
+                .find(|&&(_, skip, ulen)| skip as u64 + ulen as u64 > flen)
+            {
+                return Err(FormatError::invalid(
+                    "chunk",
+                    format!(
+                        "ends at byte {} of a frame of {flen} bytes",
+                        skip as u64 + ulen as u64
+                    ),
+                ));
+            }
             self.held = None;
-            self.buf = decode_frame(frame)?;
-            self.held = Some(key);
+            self.buf = decompress_exact("chunk", frame, flen)?;
+            self.held = Some((key, frame.len()));
         }
         let at = out.len();
         let r = run.iter().try_for_each(|&(id, skip, ulen)| {

@@ -124,6 +124,10 @@ pub fn encode_index_as(entries: &[PackEntry], frames: bool) -> Vec<u8> {
     });
     w.u32(u32::try_from(entries.len()).expect("fewer than 4G chunks per pack"));
     for e in entries {
+        assert!(
+            frames || e.skip == 0,
+            "a TMPX index cannot hold a chunk inside a shared frame"
+        );
         w.raw(e.id.as_bytes());
         w.u64(e.offset);
         w.u32(e.clen);
@@ -240,7 +244,7 @@ pub fn decode_index(buf: &[u8], blobs_end: u64) -> Result<Vec<PackEntry>, Format
 /// decompressed here (see [`crate::chunk::decode`]).
 pub fn decode(buf: &[u8]) -> Result<Vec<PackEntry>, FormatError> {
     const WHAT: &str = "pack";
-    let (major, _) = Reader::new(WHAT, buf).header_of(MAGIC, FRAMES_MAJOR)?;
+    Reader::new(WHAT, buf).header_of(MAGIC, FRAMES_MAJOR)?;
     if buf.len() < HEADER_LEN as usize + FOOTER_LEN {
         return Err(FormatError::Truncated {
             what: WHAT,
@@ -265,14 +269,22 @@ pub fn decode(buf: &[u8]) -> Result<Vec<PackEntry>, FormatError> {
     }
     let index_start = index_end - index_len;
     let index = &buf[index_start..index_end];
-    // A pack of major 1 has one frame per chunk; only major 2 may share frames.
+    check_header(&buf[..HEADER_LEN as usize], index)?;
+    decode_index(index, index_start as u64)
+}
+
+/// Checks a pack's 8-byte header against its index (for readers that fetch the two by range):
+/// magic `TMPK`, major 1 or 2, and a `TMPF` index only in a pack of major 2 (a pack of major 1
+/// has one frame per chunk).
+pub fn check_header(head: &[u8], index: &[u8]) -> Result<(), FormatError> {
+    let (major, _) = Reader::new("pack", head).header_of(MAGIC, FRAMES_MAJOR)?;
     if major == 1 && index.get(..4) == Some(&FRAMES_INDEX_MAGIC[..]) {
         return Err(FormatError::invalid(
-            WHAT,
+            "pack",
             "a pack of major version 1 has an index of format 1.4 (TMPF)",
         ));
     }
-    decode_index(index, index_start as u64)
+    Ok(())
 }
 
 #[cfg(test)]

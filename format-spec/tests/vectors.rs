@@ -366,11 +366,16 @@ fn pack_index_vector() {
         "past 1 MiB"
     );
     assert!(bad(&|_| ()).is_ok());
-    // Without skips (a 1.3 index, TMPX) the shared frame cannot be written: B reads as
-    // repeating A.
-    let tmpx = pack::encode_index_as(&entries, false);
+    // A 1.3 index (TMPX) cannot hold the shared frame: the encoder refuses B's skip, and with
+    // the skips cleared B reads as repeating A, which the decoder refuses.
+    let cleared: Vec<_> = entries
+        .iter()
+        .map(|e| pack::PackEntry { skip: 0, ..*e })
+        .collect();
+    let tmpx = pack::encode_index_as(&cleared, false);
     assert_eq!(&tmpx[..4], b"TMPX");
     assert!(pack::decode_index(&tmpx, PACK_INDEX_START).is_err());
+    assert!(std::panic::catch_unwind(|| pack::encode_index_as(&entries, false)).is_err());
 }
 
 #[test]

@@ -23,7 +23,7 @@ impl Relocation {
             return Ok((old, c.offset));
         }
         let (new, e2) = self.moved.get(&(old, c.offset, c.skip)).ok_or_else(|| {
-            anyhow!("backup {id}: chunk {} at offset {} of pack {old} was not copied by the repack\nhint: this is a bug; nothing was changed in this backup", c.id, c.offset)
+            anyhow!("backup {id}: chunk {} at offset {}, skip {} of pack {old} was not copied by the repack: that pack's index does not list it there\nhint: the repository is damaged; nothing was changed in this backup; run 'tidemark-restore check' to see which backups are affected", c.id, c.offset, c.skip)
         })?;
         if e2.id != c.id || e2.clen != c.clen || e2.ulen != c.ulen || e2.skip != c.skip {
             bail!(

@@ -21,6 +21,9 @@ use std::collections::HashSet;
 
 /// Bytes the reader reads at once.
 pub const WINDOW: usize = 256 << 10;
+/// Largest frame offset a chunk reference may name: far above any pack a writer stores (its
+/// `pack_target` is at most 1 GiB), and low enough that offset + clen never overflows.
+pub const MAX_PACK_OFFSET: u64 = 1 << 40;
 /// Encoded bytes of one chunk reference in a manifest of major 1 or 2.
 pub const CHUNK_REF_LEN: u64 = 32 + 4 + 8 + 4 + 4;
 /// Encoded bytes of one chunk reference in a manifest of major 3 or 4 (a skip follows).
@@ -545,12 +548,13 @@ fn decode_chunk<S: Source + ?Sized>(
         || c.ulen > MAX_CHUNK_SIZE
         || c.clen == 0
         || c.skip as u64 + c.ulen as u64 > MAX_FRAME_SIZE as u64
+        || c.offset > MAX_PACK_OFFSET
     {
         return Err(FormatError::invalid(
             WHAT,
             format!(
-                "file {path:?} has a chunk with clen {} ulen {} skip {}",
-                c.clen, c.ulen, c.skip
+                "file {path:?} has a chunk with offset {} clen {} ulen {} skip {}",
+                c.offset, c.clen, c.ulen, c.skip
             ),
         ));
     }

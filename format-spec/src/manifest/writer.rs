@@ -56,6 +56,11 @@ impl<W: Write> ManifestWriter<W> {
         nentries: u64,
         major: u16,
     ) -> std::io::Result<Self> {
+        if major == 0 || major > super::parts::MAX_MAJOR {
+            return Err(std::io::Error::other(format!(
+                "manifest writer: major version {major} does not exist"
+            )));
+        }
         let mut head = crate::codec::Writer::new();
         head.header_version(MAGIC, major, crate::FORMAT_MINOR);
         header.encode_into(&mut head);
