@@ -386,9 +386,11 @@ async fn renewal_writes_the_new_object_before_deleting_the_old(b: Backend) {
     let first = Lease::decode(&s.get(&first_key, 4096).await.expect("get")).expect("decode");
     // Watch the listing through two renewals (at PERIOD and 2 * PERIOD). Listings rarely land
     // between a renewal's write and delete, so the journal below is what proves the order.
-    let until = Instant::now() + PERIOD * 2 + PERIOD / 2;
+    // (Until two renewals are seen, or a deadline generous enough for a loaded machine: this
+    // checks that renewals happen and their order, not how fast.)
+    let until = Instant::now() + PERIOD * 2 + PERIOD / 2 + Duration::from_secs(20);
     let mut seen = BTreeSet::new();
-    while Instant::now() < until {
+    while Instant::now() < until && seen.len() < 3 {
         let now = lock_keys(s).await;
         assert!(
             !now.is_empty(),
