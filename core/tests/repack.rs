@@ -72,14 +72,19 @@ async fn store_pack(
 
 /// The reference (pack index 0) to the chunk a pack index entry describes.
 fn ref_of(e: &PackEntry) -> ChunkRef {
-    ChunkRef {
-        id: e.id,
-        pack: 0,
-        offset: e.offset,
-        clen: e.clen,
-        ulen: e.ulen,
-        skip: e.skip,
-    }
+    ChunkRef::in_pack(0, e)
+}
+
+/// The kept backup "new" after the repack, which must no longer name `old`.
+async fn relocated(store: &Store, old: &PackId) -> Manifest {
+    let m = repo::load_manifest(store, "new")
+        .await
+        .expect("relocated manifest");
+    assert!(
+        !m.packs.contains(old),
+        "the kept backup still names the old pack"
+    );
+    m
 }
 
 fn manifest(
@@ -220,13 +225,7 @@ async fn a_mostly_garbage_pack_is_repacked_and_the_kept_backup_relocated(s3: boo
     assert_eq!(real.repack.packs.len(), 1, "{:#?}", real.repack);
     assert_eq!(real.repack.packs[0].id, p1.to_string());
     assert_eq!(real.repack.rewrite_manifests, vec!["new".to_string()]);
-    let m = repo::load_manifest(&store, "new")
-        .await
-        .expect("relocated manifest");
-    assert!(
-        !m.packs.contains(&p1),
-        "the kept backup still names the old pack"
-    );
+    relocated(&store, &p1).await;
     assert_eq!(
         read_back(&store, "new").await,
         data,
@@ -306,13 +305,7 @@ async fn live_chunks_inside_shared_frames_are_copied_with_their_frames(s3: bool)
         .await
         .expect("expire");
     assert_eq!(real.repack.packs.len(), 1, "{:#?}", real.repack);
-    let m = repo::load_manifest(&store, "new")
-        .await
-        .expect("relocated manifest");
-    assert!(
-        !m.packs.contains(&p1),
-        "the kept backup still names the old pack"
-    );
+    let m = relocated(&store, &p1).await;
     let EntryKind::File(f) = &m.entries[0].kind else {
         panic!("not a file")
     };

@@ -91,6 +91,20 @@ pub struct ChunkRef {
     pub skip: u32,
 }
 
+impl ChunkRef {
+    /// The reference to the chunk a pack index entry describes, in the manifest's pack `pack`.
+    pub fn in_pack(pack: u32, e: &crate::pack::PackEntry) -> ChunkRef {
+        ChunkRef {
+            id: e.id,
+            pack,
+            offset: e.offset,
+            clen: e.clen,
+            ulen: e.ulen,
+            skip: e.skip,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileEntry {
     pub size: u64,

@@ -159,14 +159,7 @@ pub fn pack_index_v13() -> (Vec<u8>, u64) {
 }
 
 fn cref(e: &PackEntry) -> ChunkRef {
-    ChunkRef {
-        id: e.id,
-        pack: 0,
-        offset: e.offset,
-        clen: e.clen,
-        ulen: e.ulen,
-        skip: e.skip,
-    }
+    ChunkRef::in_pack(0, e)
 }
 
 fn file(mode: u32, path: &str, parts: &[&PackEntry], data: &[u8]) -> Entry {
