@@ -213,9 +213,11 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
         };
         let by_place: HashMap<(u64, u32), &PackEntry> =
             index.iter().map(|e| ((e.offset, e.skip), e)).collect();
-        // The frame read last (offset, its uncompressed bytes): the chunks of one frame are
-        // checked with one read and one decompression.
-        let mut frame: Option<(u64, Vec<u8>)> = None;
+        // The frame fetched last (offset, its stored bytes) and the reader that keeps it
+        // decoded: the chunks of one frame are checked with one read and one decompression.
+        let mut fetched: Option<(u64, bytes::Bytes)> = None;
+        let mut frames = chunk::FrameReader::default();
+        let mut scratch = Vec::new();
         while let Some(r) = next.filter(|r| r.pack == first.pack) {
             // The backups of this reference, ascending (the records are sorted by backup last).
             let mut backups = vec![r.backup];
@@ -247,44 +249,31 @@ pub async fn run(store: &Store, read_data: bool, sample: f64) -> Result<CheckRep
             n += 1;
             if read_data && n.is_multiple_of(every.max(1)) {
                 report.chunks_read += 1;
-                if frame.as_ref().is_none_or(|(at, _)| *at != offset) {
-                    frame = None;
-                    let bytes = store.get_range(&key, offset..offset + clen as u64).await;
-                    // The chunk must lie within the frame's declared size before the frame
-                    // is decoded (FORMAT.md 8.2).
-                    let decoded = bytes.map_err(anyhow::Error::from).and_then(|b| {
-                        let flen = chunk::frame_len("chunk", &b)?;
-                        anyhow::ensure!(
-                            skip as u64 + ulen as u64 <= flen,
-                            "it ends at byte {} of a frame of {flen} bytes",
-                            skip as u64 + ulen as u64
-                        );
-                        chunk::decode_frame(&b).map_err(anyhow::Error::from)
-                    });
-                    match decoded {
-                        Ok(d) => frame = Some((offset, d)),
+                if fetched.as_ref().is_none_or(|(at, _)| *at != offset) {
+                    fetched = None;
+                    match store.get_range(&key, offset..offset + clen as u64).await {
+                        Ok(b) => fetched = Some((offset, b)),
                         Err(e) => {
                             report.problems.push(Problem {
                                 backups: names(&headers, backups.iter()),
-                                what: format!("chunk {id} in pack {pid} is damaged: {e:#}"),
+                                what: format!(
+                                    "chunk {id} in pack {pid} is damaged: {:#}",
+                                    anyhow::Error::from(e)
+                                ),
                             });
                             continue;
                         }
                     }
                 }
-                let data = frame.as_ref().map_or(&[][..], |(_, d)| &d[..]);
-                let verdict = data
-                    .get(skip as usize..skip as usize + ulen as usize)
-                    .ok_or_else(|| {
-                        anyhow!(
-                            "its frame holds {} bytes, the chunk ends at {}",
-                            data.len(),
-                            skip as u64 + ulen as u64
-                        )
-                    })
-                    .and_then(|b| {
-                        chunk::check_id(&store.chunk_ids(), &id, b).map_err(anyhow::Error::from)
-                    });
+                let stored = fetched.as_ref().map_or(&[][..], |(_, b)| &b[..]);
+                scratch.clear();
+                let verdict = frames.append(
+                    &store.chunk_ids(),
+                    offset,
+                    stored,
+                    &[(id, skip, ulen)],
+                    &mut scratch,
+                );
                 if let Err(e) = verdict {
                     report.problems.push(Problem {
                         backups: names(&headers, backups.iter()),
