@@ -102,7 +102,7 @@ pub(crate) struct LogReader {
 
 impl LogReader {
     /// Calls `each` with every chunk location of the ranges `logged`, in order.
-    fn for_each(
+    pub(crate) fn for_each(
         &self,
         logged: &[Logged],
         mut each: impl FnMut(ChunkId, Loc) -> Result<()>,

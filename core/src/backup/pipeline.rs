@@ -412,6 +412,12 @@ impl<'a> Packer<'a> {
 }
 
 impl Stored {
+    /// Where the chunk locations of this run are.
+    #[cfg(test)]
+    pub(crate) fn log(&self) -> &LogReader {
+        &self.log
+    }
+
     /// The backup's statistics, with the files `files` copied.
     pub(crate) fn stats(&self, files: &HashMap<usize, FileDone>) -> BackupStats {
         BackupStats {

@@ -3,23 +3,25 @@
 //!
 //! Invariants:
 //! - Only a primary is backed up this way, and only a directory that holds a PG_VERSION.
-//! - Files are read whole after the backup started; one that vanishes meanwhile is left out
-//!   (WAL replay recreates it), and nothing is trusted from sizes or times.
+//! - Files are read whole after the backup started, each from one descriptor, in blocks the
+//!   workers share (`blocks`); one that vanishes before it is opened is left out (WAL replay
+//!   recreates it), and nothing is trusted from sizes or times.
 //! - `backup_label` and `tablespace_map` are the ones the stop call returned, byte for byte.
 
+mod blocks;
 mod walk;
 
-use super::pipeline::{FileDone, ItemKind, Packer, Pipeline, Shared};
+use super::pipeline::{ItemKind, Packer, Pipeline, Shared};
 use super::session::{self, Copied, Server, Source};
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
+use blocks::BlockQueue;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark_format::manifest::{self, ManifestHeader};
-use tidemark_format::{ChunkId, Lsn, SystemId};
+use tidemark_format::{Lsn, SystemId};
 use walk::{Kind, WalkEntry};
 
 #[derive(Clone, Debug)]
@@ -132,10 +134,16 @@ impl Source for Pgdata<'_> {
         tracing::info!(start_lsn = %self.start_lsn, "backup started");
         let pgdata = self.opts.pgdata.clone();
         let walked = tokio::task::spawn_blocking(move || walk::walk(&pgdata)).await??;
-        let files = Arc::new(FileQueue::new(&walked));
         let shared = pipeline.shared(self.opts.compress_level)?;
+        let files = walked
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.kind == Kind::File)
+            .map(|(i, w)| (i, w.abs.clone(), w.rel.clone()))
+            .collect();
+        let files = Arc::new(BlockQueue::new(files, shared.chunk_size()));
         let progress = tokio::spawn(log_progress(shared.clone(), files.clone()));
-        let work = move |p: &mut Packer<'_>| copy_files(p, &files);
+        let work = move |p: &mut Packer<'_>| blocks::copy_blocks(p, &files);
         let r = pipeline.run(shared, self.opts.workers, work).await;
         progress.abort();
         // Wait until the progress task is gone: it holds a clone of the shared state.
@@ -192,88 +200,18 @@ fn item((i, w): (usize, WalkEntry)) -> (String, u32, ItemKind) {
     (w.rel, w.mode, kind)
 }
 
-/// The files to copy, taken in order by the workers: (index in the walk, path, relative path).
-struct FileQueue {
-    files: Vec<(usize, PathBuf, String)>,
-    next: AtomicUsize,
-}
-
-impl FileQueue {
-    fn new(walked: &[WalkEntry]) -> FileQueue {
-        let files = walked
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| w.kind == Kind::File)
-            .map(|(i, w)| (i, w.abs.clone(), w.rel.clone()))
-            .collect();
-        FileQueue {
-            files,
-            next: AtomicUsize::new(0),
-        }
-    }
-}
-
-async fn log_progress(s: Arc<Shared>, q: Arc<FileQueue>) {
+async fn log_progress(s: Arc<Shared>, q: Arc<BlockQueue>) {
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     tick.tick().await;
     loop {
         tick.tick().await;
         tracing::info!(
-            files_done = q.next.load(Ordering::Relaxed).min(q.files.len()),
-            files_total = q.files.len(),
+            files_done = q.files_started.load(Ordering::Relaxed),
+            files_total = q.len(),
             bytes_read = s.counters.read_bytes.load(Ordering::Relaxed),
             "backup progress"
         );
     }
-}
-
-/// One worker: takes files in order and stores them, block by block.
-fn copy_files(p: &mut Packer<'_>, q: &FileQueue) -> Result<Vec<(usize, FileDone)>> {
-    let s = p.shared();
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; s.chunk_size() * 128];
-    loop {
-        s.check_running()?;
-        let i = q.next.fetch_add(1, Ordering::Relaxed);
-        if i >= q.files.len() / 2 {
-            crate::testhooks::pause_point("backup-mid-copy");
-        }
-        let Some((idx, abs, rel)) = q.files.get(i) else {
-            break;
-        };
-        let mut f = match std::fs::File::open(abs) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // vanished: WAL replay recreates it
-            Err(e) => return Err(e).with_context(|| format!("cannot open {}", abs.display())),
-        };
-        let parent = s.parent_entry(rel);
-        let mut whole = Sha256::new();
-        let mut chunks = Vec::new();
-        let mut first = 0usize;
-        let mut size = 0u64;
-        loop {
-            let n = crate::wal::read_full(&mut f, &mut buf)
-                .with_context(|| format!("cannot read {}", abs.display()))?;
-            if n == 0 {
-                break;
-            }
-            whole.update(&buf[..n]);
-            chunks.push(p.store(&buf[..n], parent, first)?);
-            first += n.div_ceil(s.chunk_size());
-            size += n as u64;
-        }
-        let sha256 = ChunkId(whole.finalize().into());
-        tracing::debug!(file = %rel, size, "file copied");
-        out.push((
-            *idx,
-            FileDone {
-                size,
-                sha256,
-                chunks,
-            },
-        ));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
