@@ -8,8 +8,9 @@
 //! - `TIDEMARK_TEST_PAUSE_AT=<step>:<path>`: [`pause_point`] / [`pause_point_async`] wait at
 //!   that named step for as long as the file `<path>` exists, after creating `<path>.paused` to
 //!   say the step is reached; the test removes `<path>` to let the process go on. Steps:
-//!   `backup-mid-copy` (a `--pgdata` backup once half its files are taken, every worker waiting
-//!   before its next file; a replication backup once half the server's size estimate has been
+//!   `backup-mid-copy` (a `--pgdata` backup once a worker takes a block of the second half of
+//!   its files, every worker then waiting before that block: the files being copied are open
+//!   and their blocks counted; a replication backup once half the server's size estimate has been
 //!   streamed, the stream left unread meanwhile, so the server waits too); `expire-before-delete`
 //!   (an expire holding its lease, its plan made, before its first delete: a test stops it there
 //!   with SIGSTOP past the lease TTL).

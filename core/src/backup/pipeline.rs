@@ -163,13 +163,16 @@ impl Pipeline<'_> {
             let tx = tx.clone();
             let work = work.clone();
             handles.push(tokio::task::spawn_blocking(move || {
+                // A worker that fails or panics stops the others: they may be waiting for a
+                // block it holds (`pgdata::blocks`).
+                let stop_others = StopOthers(&s.failed);
                 let r = Packer::new(&s, &tx).and_then(|mut p| {
                     let out = work(&mut p)?;
                     p.finish()?;
                     Ok(out)
                 });
-                if r.is_err() {
-                    s.failed.store(true, Ordering::Relaxed);
+                if r.is_ok() {
+                    std::mem::forget(stop_others);
                 }
                 r
             }));
@@ -201,6 +204,15 @@ impl Pipeline<'_> {
                 log: shared.log.reader()?,
             },
         ))
+    }
+}
+
+/// Marks the backup failed when dropped: on an error, and while unwinding from a panic.
+struct StopOthers<'a>(&'a AtomicBool);
+
+impl Drop for StopOthers<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 

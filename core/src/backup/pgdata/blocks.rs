@@ -256,7 +256,12 @@ fn copy_block(
         let mut first = k * CHUNKS_PER_BLOCK;
         while n > 0 {
             stored.push(p.store(&buf[..n], file.parent, first)?);
-            first += n.div_ceil(s.chunk_size());
+            if n < bs {
+                // End of file: a read after it could find the file grown and store a short
+                // chunk in the middle.
+                break;
+            }
+            first += CHUNKS_PER_BLOCK;
             at += n as u64;
             n = read_full_at(&file.f, buf, at)?;
             let mut o = file.lock()?;
@@ -473,5 +478,54 @@ mod tests {
         let o = file.lock().unwrap();
         assert_eq!(o.size, data.len() as u64);
         assert_eq!(o.whole.clone().finalize()[..], ChunkId::of(&data).0[..]);
+    }
+
+    #[test]
+    fn a_worker_that_panics_ends_the_wait_of_the_next_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("file://{}/repo", dir.path().display())).unwrap();
+        let cfg = RepoConfig {
+            system_id: SystemId(1),
+            chunk_size: 8192,
+            pack_target: 4 * MIB as u32,
+            compression: COMPRESSION_ZSTD,
+            created_us: 0,
+        };
+        let abs = dir.path().join("f");
+        std::fs::write(&abs, content(2 * MIB, 9)).unwrap();
+        let pipeline = Pipeline {
+            store: &store,
+            cfg: &cfg,
+            parent: None,
+        };
+        let q = Arc::new(BlockQueue::new(vec![(0, abs.clone(), "f".into())], 8192));
+        let file = Arc::new(
+            InFlight::open(0, &abs, q.block_size, None)
+                .unwrap()
+                .unwrap(),
+        );
+        let roles = Arc::new(AtomicUsize::new(0));
+        // A runtime of its own, shut down without waiting: a worker left waiting forever must
+        // fail this test, not hang it.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt.block_on(async {
+            // The first worker holds block 0 and panics; the second waits for block 0's turn.
+            let run = pipeline.run(pipeline.shared(1).unwrap(), 2, move |p: &mut Packer<'_>| {
+                if roles.fetch_add(1, Ordering::SeqCst) == 0 {
+                    std::thread::sleep(Duration::from_millis(100));
+                    panic!("test: a worker panics holding block 0");
+                }
+                let mut buf = vec![0u8; q.block_size];
+                copy_block(p, &q, &file, 1, &mut buf)
+            });
+            tokio::time::timeout(Duration::from_secs(30), run).await
+        });
+        rt.shutdown_timeout(Duration::from_millis(100));
+        let r = r.expect("the worker waiting for block 0 never ended");
+        assert!(r.is_err());
     }
 }
