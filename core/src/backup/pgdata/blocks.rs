@@ -300,6 +300,47 @@ mod tests {
 
     const MIB: usize = 1 << 20;
 
+    /// A file:// repository in a temporary directory, and its configuration.
+    struct Lab {
+        dir: tempfile::TempDir,
+        store: Store,
+        cfg: RepoConfig,
+    }
+
+    impl Lab {
+        fn new() -> Lab {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&format!("file://{}/repo", dir.path().display())).unwrap();
+            let cfg = RepoConfig {
+                system_id: SystemId(1),
+                chunk_size: 8192,
+                pack_target: 4 * MIB as u32,
+                compression: COMPRESSION_ZSTD,
+                created_us: 0,
+            };
+            Lab { dir, store, cfg }
+        }
+
+        fn pipeline(&self) -> Pipeline<'_> {
+            Pipeline {
+                store: &self.store,
+                cfg: &self.cfg,
+                parent: None,
+            }
+        }
+
+        /// The queue of one file holding `data`, and that file opened.
+        fn one_file(&self, data: &[u8]) -> (Arc<BlockQueue>, Arc<InFlight>) {
+            let abs = self.dir.path().join("f");
+            std::fs::write(&abs, data).unwrap();
+            let q = Arc::new(BlockQueue::new(vec![(0, abs.clone(), "f".into())], 8192));
+            let file = InFlight::open(0, &abs, q.block_size, None)
+                .unwrap()
+                .unwrap();
+            (q, Arc::new(file))
+        }
+    }
+
     /// Pseudo-random bytes that zstd cannot shrink much, with every fifth 8 KiB page all zero.
     fn content(len: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;
@@ -324,15 +365,8 @@ mod tests {
         files: &[(&str, Option<Vec<u8>>)],
         blocks: Option<usize>,
     ) -> Vec<Option<(FileDone, Vec<ChunkId>)>> {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("file://{}/repo", dir.path().display())).unwrap();
-        let cfg = RepoConfig {
-            system_id: SystemId(1),
-            chunk_size: 8192,
-            pack_target: 4 * MIB as u32,
-            compression: COMPRESSION_ZSTD,
-            created_us: 0,
-        };
+        let lab = Lab::new();
+        let dir = &lab.dir;
         let list: Vec<(usize, PathBuf, String)> = files
             .iter()
             .enumerate()
@@ -344,11 +378,7 @@ mod tests {
                 (i, abs, name.to_string())
             })
             .collect();
-        let pipeline = Pipeline {
-            store: &store,
-            cfg: &cfg,
-            parent: None,
-        };
+        let pipeline = lab.pipeline();
         let shared = pipeline.shared(1).unwrap();
         let q = BlockQueue::new(list.clone(), 8192);
         if let Some(b) = blocks {
@@ -436,29 +466,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_block_read_before_the_one_ahead_of_it_waits_for_its_turn() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("file://{}/repo", dir.path().display())).unwrap();
-        let cfg = RepoConfig {
-            system_id: SystemId(1),
-            chunk_size: 8192,
-            pack_target: 4 * MIB as u32,
-            compression: COMPRESSION_ZSTD,
-            created_us: 0,
-        };
+        let lab = Lab::new();
         let data = content(2 * MIB, 8);
-        let abs = dir.path().join("f");
-        std::fs::write(&abs, &data).unwrap();
-        let pipeline = Pipeline {
-            store: &store,
-            cfg: &cfg,
-            parent: None,
-        };
-        let q = Arc::new(BlockQueue::new(vec![(0, abs.clone(), "f".into())], 8192));
-        let file = Arc::new(
-            InFlight::open(0, &abs, q.block_size, None)
-                .unwrap()
-                .unwrap(),
-        );
+        let (q, file) = lab.one_file(&data);
+        let pipeline = lab.pipeline();
         assert_eq!(file.blocks, 2);
         let roles = Arc::new(AtomicUsize::new(0));
         let (f, q2) = (file.clone(), q.clone());
@@ -482,28 +493,9 @@ mod tests {
 
     #[test]
     fn a_worker_that_panics_ends_the_wait_of_the_next_block() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("file://{}/repo", dir.path().display())).unwrap();
-        let cfg = RepoConfig {
-            system_id: SystemId(1),
-            chunk_size: 8192,
-            pack_target: 4 * MIB as u32,
-            compression: COMPRESSION_ZSTD,
-            created_us: 0,
-        };
-        let abs = dir.path().join("f");
-        std::fs::write(&abs, content(2 * MIB, 9)).unwrap();
-        let pipeline = Pipeline {
-            store: &store,
-            cfg: &cfg,
-            parent: None,
-        };
-        let q = Arc::new(BlockQueue::new(vec![(0, abs.clone(), "f".into())], 8192));
-        let file = Arc::new(
-            InFlight::open(0, &abs, q.block_size, None)
-                .unwrap()
-                .unwrap(),
-        );
+        let lab = Lab::new();
+        let (q, file) = lab.one_file(&content(2 * MIB, 9));
+        let pipeline = lab.pipeline();
         let roles = Arc::new(AtomicUsize::new(0));
         // A runtime of its own, shut down without waiting: a worker left waiting forever must
         // fail this test, not hang it.
