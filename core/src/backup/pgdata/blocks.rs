@@ -197,9 +197,8 @@ pub(super) fn copy_blocks(p: &mut Packer<'_>, q: &BlockQueue) -> Result<Vec<(usi
         if file.file >= q.files.len() / 2 {
             crate::testhooks::pause_point("backup-mid-copy");
         }
-        let (idx, abs, rel) = &q.files[file.file];
-        let stored = copy_block(p, q, &file, k, &mut buf)
-            .with_context(|| format!("cannot read {}", abs.display()))?;
+        let (idx, _, rel) = &q.files[file.file];
+        let stored = copy_block(p, q, &file, k, &mut buf)?;
         let mut o = file.lock()?;
         o.stored[k] = stored;
         o.finished += 1;
@@ -232,8 +231,12 @@ fn copy_block(
     let s = p.shared();
     let bs = q.block_size;
     let last = k + 1 == file.blocks;
+    let path = &q.files[file.file].1;
+    let read = |buf: &mut [u8], at: u64| {
+        read_full_at(&file.f, buf, at).with_context(|| format!("cannot read {}", path.display()))
+    };
     let mut at = (k * bs) as u64;
-    let mut n = read_full_at(&file.f, buf, at)?;
+    let mut n = read(buf, at)?;
     let mut o = file.wait_turn(k, s)?;
     let mut stored = Vec::new();
     if !o.ended {
@@ -263,7 +266,7 @@ fn copy_block(
             }
             first += CHUNKS_PER_BLOCK;
             at += n as u64;
-            n = read_full_at(&file.f, buf, at)?;
+            n = read(buf, at)?;
             let mut o = file.lock()?;
             o.whole.update(&buf[..n]);
             o.size += n as u64;
