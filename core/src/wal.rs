@@ -265,7 +265,7 @@ fn encode_file(
 }
 
 /// Fills `buf` from `f` unless the file ends first; returns the bytes read.
-pub(crate) fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut at = 0;
     while at < buf.len() {
         match f.read(&mut buf[at..]) {

@@ -176,6 +176,13 @@ impl InFlight {
         Ok(o)
     }
 
+    /// Hands the turn to block `k + 1`: block `k` is hashed (or skipped after the file ended).
+    fn pass_turn(&self, mut o: MutexGuard<'_, Order>, k: usize) {
+        o.next = k + 1;
+        drop(o);
+        self.turn.notify_all();
+    }
+
     fn lock(&self) -> Result<MutexGuard<'_, Order>> {
         self.order
             .lock()
@@ -245,9 +252,7 @@ fn copy_block(
         o.ended = n < bs && !last;
         if !last {
             // The next block's worker may hash while this one compresses.
-            o.next = k + 1;
-            drop(o);
-            file.turn.notify_all();
+            file.pass_turn(o, k);
             if n > 0 {
                 stored.push(p.store(&buf[..n], file.parent, k * CHUNKS_PER_BLOCK)?);
             }
@@ -273,9 +278,7 @@ fn copy_block(
         }
         return Ok(stored);
     }
-    o.next = k + 1;
-    drop(o);
-    file.turn.notify_all();
+    file.pass_turn(o, k);
     Ok(stored)
 }
 
