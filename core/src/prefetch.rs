@@ -154,7 +154,7 @@ async fn fetch_segment(
     let obj = wal::get_object(store, &name).await?;
     wal::install(name, obj, dest.to_path_buf()).await?;
     let spooled = segments_in(&p.spool);
-    remove_if_ended(&p.spool, name, true);
+    remove_if_ended(&p.spool, name, true).await;
     Ok(Served::Archive { spooled })
 }
 
@@ -172,7 +172,7 @@ async fn from_spool(
     write_asked(spool, name, false)?;
     if take(spool, name, &stamp, dest)? {
         tracing::debug!(file = %name, "served from the prefetch spool");
-        remove_if_ended(spool, name, false);
+        remove_if_ended(spool, name, false).await;
         return Ok(Some(Served::Spool));
     }
     write_asked(spool, name, true)?;
@@ -191,14 +191,14 @@ async fn from_spool(
         return Ok(None);
     }
     let spooled = segments_in(spool);
-    remove_if_ended(spool, name, true);
+    remove_if_ended(spool, name, true).await;
     Ok(Some(Served::Archive { spooled }))
 }
 
 /// Removes the spool after the last segment of the archive was served: nothing is spooled, no
 /// filler runs, and the filler found the segment after `served` missing. Recovery ends there or
 /// asks again (and a new spool is made), so nothing is left in pg_wal after promotion.
-fn remove_if_ended(spool: &Path, served: WalFileName, missed: bool) {
+async fn remove_if_ended(spool: &Path, served: WalFileName, missed: bool) {
     // After a miss, a filler that has spooled nothing after `served` yet may be about to find
     // the end: give it a moment. (At the end of recovery PostgreSQL asks for the last segment
     // again after the request for the one after it emptied the spool: a new filler serves it.)
@@ -208,7 +208,7 @@ fn remove_if_ended(spool: &Path, served: WalFileName, missed: bool) {
         && filler_running(spool)
         && t0.elapsed() < Duration::from_millis(300)
     {
-        std::thread::sleep(Duration::from_millis(2));
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let ended = std::fs::read_to_string(spool.join(END))
         .ok()
