@@ -14,6 +14,8 @@
 #   TM_ENC_LEVELS=""     tidemark into an encrypted repository (--key-file) at these zstd levels:
 #                        the cost of encryption, side by side with tidemark-zN
 #   PITR=1               0: skip the restore/PITR step (backups only)
+#   PGBR_FIRST=0         1: run pgBackRest's variants (zst first) before tidemark's in every step
+#                        (by default tidemark goes first)
 #   PITR_FLOOR=0         1: also measure PostgreSQL's replay floor: tidemark's restore of the same
 #                        backup (not timed) into a fresh directory, every WAL segment from the
 #                        backup's start extracted beforehand as a plain file (tidemark-restore
@@ -230,6 +232,10 @@ for l in $TM_REPL_LEVELS; do VARIANTS+=("tidemark-repl-z$l"); done
 for l in $TM_ENC_LEVELS; do VARIANTS+=("tidemark-enc-z$l"); done
 VARIANTS+=(pgbackrest-gz6)
 [[ -n $PGBR_ZST_LEVEL ]] && VARIANTS+=("pgbackrest-zst$PGBR_ZST_LEVEL")
+# PGBR_FIRST=1: pgBackRest's variants run first in every step (to see what the order costs).
+if [[ ${PGBR_FIRST:-0} == 1 ]]; then
+  mapfile -t VARIANTS < <(printf '%s\n' "${VARIANTS[@]}" | grep '^pgbackrest-' | sort -r; printf '%s\n' "${VARIANTS[@]}" | grep -v '^pgbackrest-')
+fi
 
 tm_level() { echo "${1##*-z}"; }
 # The key options of an encrypted variant (the key file is made by the setup step).
