@@ -36,6 +36,10 @@ use tokio::sync::mpsc;
 pub const RECENT_CAP: usize = 262_144;
 /// Packs uploaded concurrently.
 const UPLOADS: usize = 2;
+/// Chunks per block handed to a worker by either backup source (1 MiB of 8 KiB chunks); a block
+/// is stored with one `Packer::store` call, so it is also the longest run of chunks compressed
+/// as one frame.
+pub(crate) const CHUNKS_PER_BLOCK: usize = 128;
 
 /// Where a source's files go: the system's store, its chunk and pack sizes, and the parent
 /// backup to deduplicate against.

@@ -15,7 +15,7 @@
 //!   buffer of one block per worker, and per file one chunk-log range per block stored.
 
 use super::super::chunk_log::Logged;
-use super::super::pipeline::{FileDone, Packer, Shared};
+use super::super::pipeline::{FileDone, Packer, Shared, CHUNKS_PER_BLOCK};
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::FileExt;
@@ -24,10 +24,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use tidemark_format::ChunkId;
-
-/// Chunks per block handed to a worker (1 MiB of 8 KiB chunks); a block is stored with one
-/// `Packer::store` call, so it is also the longest run of chunks compressed as one frame.
-const CHUNKS_PER_BLOCK: usize = 128;
 
 /// The files to copy, handed out block by block in order.
 pub(super) struct BlockQueue {

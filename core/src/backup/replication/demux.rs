@@ -226,7 +226,7 @@ pub(super) fn demux(
     jobs: smpsc::SyncSender<Job>,
     s: &Shared,
 ) -> Result<Demuxed> {
-    let block = s.chunk_size() * 128;
+    let block = s.chunk_size() * crate::backup::pipeline::CHUNKS_PER_BLOCK;
     let mut st = DemuxState {
         s,
         jobs,
