@@ -8,7 +8,8 @@
       the chunk-size table; the key=value pairs are printed as the run's header
 
 Variants are named tidemark-zN (zstd level N) and pgbackrest-gz6 / pgbackrest-zstN. Steps:
-full, incr (the nightly after the 1% update), pitr (restore + recovery), wal, chunks, dataset.
+full, incr (the nightly after the 1% update), pitr (restore + recovery), restore1, restore2, ...
+(RESTORE_ROUNDS: restore only, summarised as their median), wal, chunks, dataset.
 """
 import json
 import sys
@@ -24,6 +25,7 @@ TARGETS = [
     ("nightly (1% update) stored bytes", "incr", "stored_bytes", 0.5),
     ("restore time", "pitr", "restore_s", 0.67),
     ("PITR time (restore + replay to promotion)", "pitr", "pitr_s", 0.7),
+    ("restore time, median of the alternating rounds", "restores", "median_s", 0.67),
 ]
 
 
@@ -39,6 +41,16 @@ def load(path, dataset):
                 continue
             key = (r["variant"], r["step"])
             rows.setdefault(key, {}).update(r)
+    # RESTORE_ROUNDS: steps restore1, restore2, ... of a variant, summarised as step "restores".
+    rounds = {}
+    for (v, s), r in rows.items():
+        if s.startswith("restore") and s[len("restore"):].isdigit() and r.get("wall_s"):
+            rounds.setdefault(v, []).append(r["wall_s"])
+    for v, times in rounds.items():
+        times.sort()
+        n = len(times)
+        median = times[n // 2] if n % 2 else (times[n // 2 - 1] + times[n // 2]) / 2
+        rows[(v, "restores")] = {"median_s": median, "min_s": times[0], "max_s": times[-1], "n": n}
     return rows
 
 
@@ -166,6 +178,10 @@ def table(args):
         ("restore (latest): time (s)", lambda v: fmt_num(get(v, "pitr", "restore_s"))),
         ("restore: peak RSS MiB (largest / tree)", lambda v: rss(v, "pitr")),
         ("restore: CPU s (user+sys)", lambda v: fmt_num(cpu(v, "pitr"))),
+        ("restore, median of the alternating rounds [min–max] (s)", lambda v: (
+            f"{fmt_num(get(v, 'restores', 'median_s'), 2)} [{fmt_num(get(v, 'restores', 'min_s'), 2)}–"
+            f"{fmt_num(get(v, 'restores', 'max_s'), 2)}] (n={get(v, 'restores', 'n')})"
+            if get(v, "restores", "n") else "–")),
         ("PITR: restore + replay + promotion (s)", lambda v: fmt_num(get(v, "pitr", "pitr_s"))),
         ("PITR: of which replay to promotion (s)", lambda v: fmt_num(get(v, "pitr", "recovery_s"))),
         ("CPU s used meanwhile by PostgreSQL and others (full / nightly / restore)", lambda v: " / ".join(

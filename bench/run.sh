@@ -14,6 +14,11 @@
 #   TM_ENC_LEVELS=""     tidemark into an encrypted repository (--key-file) at these zstd levels:
 #                        the cost of encryption, side by side with tidemark-zN
 #   PITR=1               0: skip the restore/PITR step (backups only)
+#   RESTORE_ROUNDS=0     N > 0: after the PITR step, N more rounds of restore only (no replay) of
+#                        the same backup by every variant, the order reversed every other round
+#                        (tidemark first, then pgBackRest first, ...), page cache dropped before
+#                        each; the report adds their median, which a single restore (±0.2× from run
+#                        to run on this disk) cannot give
 #   PGBR_FIRST=0         1: run pgBackRest's variants (zst first) before tidemark's in every step
 #                        (by default tidemark goes first)
 #   PITR_FLOOR=0         1: also measure PostgreSQL's replay floor: tidemark's restore of the same
@@ -58,6 +63,7 @@ DATASET=${DATASET:-both}
 TM_LEVELS=${TM_LEVELS:-1}
 TM_REPL_LEVELS=${TM_REPL_LEVELS-1}
 TM_ENC_LEVELS=${TM_ENC_LEVELS-}
+RESTORE_ROUNDS=${RESTORE_ROUNDS:-0}
 PITR=${PITR:-1}
 PITR_FLOOR=${PITR_FLOOR:-0}
 DELTA=${DELTA:-1}
@@ -501,6 +507,39 @@ pitr() {
   rm -rf "$target"
 }
 
+# Restore only (no replay) of variant $1's latest backup, round $2 (RESTORE_ROUNDS), recorded as
+# step "restore<round>".
+restore_round() {
+  local v=$1 r=$2 target=$D/restore-$1
+  rm -rf "$target"
+  install -d -m 0700 -o postgres -g postgres "$target"
+  drop_caches
+  BUSY=$(wait_quiet)
+  log "[$DS] restore round $r: $v"
+  case $v in
+    tidemark-*)
+      measure "restore$r-$v" runuser -u postgres -- "$BIN/tidemark-restore" restore --pgdata "$target" \
+        --repo "file://$D/repo-$v" $(tm_key "$v") --target latest --json ;;
+    pgbackrest-*)
+      measure "restore$r-$v" runuser -u postgres -- pgbackrest --config="$D/pgbackrest.conf" --stanza="$(stanza "$v")" \
+        --pg1-path="$target" restore ;;
+  esac
+  record "$v" "restore$r" --measure "$D/m/restore$r-$v.json" busy_before="$BUSY"
+  rm -rf "$target"
+}
+
+restore_rounds() {
+  local r v order
+  for ((r = 1; r <= RESTORE_ROUNDS; r++)); do
+    order=("${VARIANTS[@]}")
+    if ((r % 2 == 0)); then
+      order=()
+      for v in "${VARIANTS[@]}"; do order=("$v" "${order[@]}"); done
+    fi
+    for v in "${order[@]}"; do restore_round "$v" "$r"; done
+  done
+}
+
 # PostgreSQL's replay floor (PITR_FLOOR=1) for tidemark variant $1: its restore of the same
 # backup (--target latest, not timed) into a fresh directory; every archived WAL segment from
 # the backup's start segment on, and the timeline history files, extracted beforehand with
@@ -729,6 +768,7 @@ run_dataset() {
   if [[ $PITR == 1 ]]; then
     for v in "${VARIANTS[@]}"; do pitr "$v"; done
   fi
+  if ((RESTORE_ROUNDS > 0)); then restore_rounds; fi
   if [[ $PITR_FLOOR == 1 ]]; then
     for v in "${VARIANTS[@]}"; do
       if [[ $v == tidemark-z* ]]; then pitr_floor "$v"; break; fi
