@@ -477,24 +477,36 @@ backups() {
   done
 }
 
-pitr() {
-  local v=$1 target=$D/restore-$1 t0 t1 t2 got
-  rm -rf "$target"
-  install -d -m 0700 -o postgres -g postgres "$target"
-  wait_archived
+# Empties the directory $1 for a restore, drops the page cache and waits for a quiet machine
+# (BUSY: its busy share then).
+fresh_target() {
+  rm -rf "$1"
+  install -d -m 0700 -o postgres -g postgres "$1"
   drop_caches
   BUSY=$(wait_quiet)
-  log "[$DS] restore + PITR: $v"
-  t0=$(now)
+}
+
+# Timed restore (measure step $1) of variant $2's latest backup into the empty directory $3.
+restore_latest() {
+  local name=$1 v=$2 target=$3
   case $v in
     tidemark-*)
-      measure "pitr-$v" runuser -u postgres -- "$BIN/tidemark-restore" restore --pgdata "$target" \
+      measure "$name" runuser -u postgres -- "$BIN/tidemark-restore" restore --pgdata "$target" \
         --repo "file://$D/repo-$v" $(tm_key "$v") --target latest --json ;;
     pgbackrest-*)
-      measure "pitr-$v" runuser -u postgres -- pgbackrest --config="$D/pgbackrest.conf" --stanza="$(stanza "$v")" \
-        --pg1-path="$target" restore
-      echo '{}' >>"$D/m/pitr-$v.out" ;;
+      measure "$name" runuser -u postgres -- pgbackrest --config="$D/pgbackrest.conf" --stanza="$(stanza "$v")" \
+        --pg1-path="$target" restore ;;
   esac
+}
+
+pitr() {
+  local v=$1 target=$D/restore-$1 t0 t1 t2 got
+  wait_archived
+  fresh_target "$target"
+  log "[$DS] restore + PITR: $v"
+  t0=$(now)
+  restore_latest "pitr-$v" "$v" "$target"
+  if [[ $v == pgbackrest-* ]]; then echo '{}' >>"$D/m/pitr-$v.out"; fi
   t1=$(now)
   start_until_promoted "$v" "$target"
   t2=$(now)
@@ -511,19 +523,9 @@ pitr() {
 # step "restore<round>".
 restore_round() {
   local v=$1 r=$2 target=$D/restore-$1
-  rm -rf "$target"
-  install -d -m 0700 -o postgres -g postgres "$target"
-  drop_caches
-  BUSY=$(wait_quiet)
+  fresh_target "$target"
   log "[$DS] restore round $r: $v"
-  case $v in
-    tidemark-*)
-      measure "restore$r-$v" runuser -u postgres -- "$BIN/tidemark-restore" restore --pgdata "$target" \
-        --repo "file://$D/repo-$v" $(tm_key "$v") --target latest --json ;;
-    pgbackrest-*)
-      measure "restore$r-$v" runuser -u postgres -- pgbackrest --config="$D/pgbackrest.conf" --stanza="$(stanza "$v")" \
-        --pg1-path="$target" restore ;;
-  esac
+  restore_latest "restore$r-$v" "$v" "$target"
   record "$v" "restore$r" --measure "$D/m/restore$r-$v.json" busy_before="$BUSY"
   rm -rf "$target"
 }
@@ -643,10 +645,7 @@ restore_immediate() {
 # started, promoted and checked against the rows at the nightly backup.
 delta() {
   local v=$1 target=$D/delta-$1 ok1 ok2 written
-  rm -rf "$target"
-  install -d -m 0700 -o postgres -g postgres "$target"
-  drop_caches
-  BUSY=$(wait_quiet)
+  fresh_target "$target"
   log "[$DS] full restore to the nightly's consistency point: $v"
   restore_immediate "$v" "$target" "full-imm-$v"
   start_until_promoted "$v" "$target"
