@@ -439,12 +439,10 @@ async fn read_and_write(
         // with one call (a write per 8 KiB page cost more than its decoding).
         let mut run: Vec<u8> = Vec::with_capacity(WRITE_RUN);
         let mut run_at = 0u64;
-        let mut written = 0u64;
-        let mut flush = |run: &mut Vec<u8>, at: u64| -> Result<()> {
+        let flush = |run: &mut Vec<u8>, at: u64| -> Result<()> {
             if !run.is_empty() {
                 file.write_all_at(run, at)
                     .with_context(|| format!("cannot write {path}"))?;
-                written += run.len() as u64;
                 run.clear();
             }
             Ok(())
@@ -482,7 +480,8 @@ async fn read_and_write(
             i = j;
         }
         flush(&mut run, run_at)?;
-        Ok(written)
+        // Every item of the read is written whole.
+        Ok(items.iter().map(|(c, _)| c.ulen as u64).sum())
     })
     .await?
 }
