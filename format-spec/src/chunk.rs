@@ -197,14 +197,67 @@ impl FrameReader {
         run: &[(ChunkId, u32, u32)],
         out: &mut Vec<u8>,
     ) -> Result<(), FormatError> {
-        let (Some(&(_, first, _)), Some(&(_, last_skip, last_len))) = (run.first(), run.last())
-        else {
-            return Ok(());
-        };
+        let at = out.len();
+        let len: u64 = run.iter().map(|&(_, _, ulen)| ulen as u64).sum();
+        if len > MAX_FRAME_SIZE as u64 {
+            return Err(FormatError::TooLarge {
+                what: "chunk run",
+                size: len,
+                max: MAX_FRAME_SIZE as u64,
+            });
+        }
+        out.resize(at + len as usize, 0);
+        let r = self.read_into(ids, key, frame, run, &mut out[at..]);
+        if r.is_err() {
+            out.truncate(at);
+        }
+        r
+    }
+
+    /// Decodes the chunks `run` of `frame` (each (id, skip, ulen), in this order) into `out`,
+    /// which must be exactly as long as their lengths together, and checks each against its
+    /// id. A run that is the whole frame, its chunks following each other, is decoded straight
+    /// into `out`; any other is copied out of the frame decoded whole and held under `key`. On
+    /// an error `out` holds no promise.
+    pub fn read_into(
+        &mut self,
+        ids: &crate::seal::ChunkIds,
+        key: u64,
+        frame: &[u8],
+        run: &[(ChunkId, u32, u32)],
+        out: &mut [u8],
+    ) -> Result<(), FormatError> {
+        let want: u64 = run.iter().map(|&(_, _, ulen)| ulen as u64).sum();
+        if want != out.len() as u64 {
+            return Err(FormatError::invalid(
+                "chunk run",
+                format!("{want} bytes of chunks for {} bytes of output", out.len()),
+            ));
+        }
         if self.held != Some((key, frame.len())) {
             let flen = frame_len("chunk", frame)?;
-            if first == 0 && flen == last_skip as u64 + last_len as u64 {
-                return decode_run(ids, frame, run, out);
+            let mut end = 0u64;
+            let whole = run.iter().all(|&(_, skip, ulen)| {
+                let next = skip as u64 == end;
+                end += ulen as u64;
+                next
+            }) && end == flen;
+            if whole {
+                let n = with_dctx(|d| d.decompress_to_buffer(frame, &mut *out)).map_err(|e| {
+                    FormatError::invalid("chunk", format!("zstd frame does not decode: {e}"))
+                })?;
+                if n as u64 != flen {
+                    return Err(FormatError::invalid(
+                        "chunk",
+                        format!("decompressed to {n} bytes, declared {flen}"),
+                    ));
+                }
+                let mut pos = 0;
+                for &(id, _, ulen) in run {
+                    check_id(ids, &id, &out[pos..pos + ulen as usize])?;
+                    pos += ulen as usize;
+                }
+                return Ok(());
             }
             // Every chunk must lie within the frame before it is decoded (FORMAT.md 8.2).
             if let Some(&(_, skip, ulen)) = run
@@ -223,8 +276,8 @@ impl FrameReader {
             self.buf = decompress_exact("chunk", frame, flen)?;
             self.held = Some((key, frame.len()));
         }
-        let at = out.len();
-        let r = run.iter().try_for_each(|&(id, skip, ulen)| {
+        let mut pos = 0;
+        for &(id, skip, ulen) in run {
             let bytes = self
                 .buf
                 .get(skip as usize..skip as usize + ulen as usize)
@@ -239,13 +292,10 @@ impl FrameReader {
                     )
                 })?;
             check_id(ids, &id, bytes)?;
-            out.extend_from_slice(bytes);
-            Ok(())
-        });
-        if r.is_err() {
-            out.truncate(at);
+            out[pos..pos + ulen as usize].copy_from_slice(bytes);
+            pos += ulen as usize;
         }
-        r
+        Ok(())
     }
 }
 
@@ -418,7 +468,32 @@ mod tests {
         assert!(fr.append(&ids, 7, &frame, &[r(0), bad], &mut out).is_err());
         let past = (ChunkId::of(&pages[2]), 3 * 8192, 8192);
         assert!(fr.append(&ids, 9, &frame, &[past], &mut out).is_err());
+        // A run longer than any frame is refused before anything is allocated for it.
+        let huge = (ChunkId::of(&pages[2]), 0, MAX_FRAME_SIZE + 1);
+        assert!(fr.append(&ids, 9, &frame, &[huge], &mut out).is_err());
         assert_eq!(out.len(), n);
+        // Into a slice: whole frames straight in, pieces from the frame held; the slice must
+        // be exactly as long as the run.
+        let mut fr = FrameReader::default();
+        let mut buf = vec![9u8; 3 * 8192];
+        fr.read_into(&ids, 1, &frame, &[r(0), r(1), r(2)], &mut buf)
+            .unwrap();
+        assert_eq!(buf, pages.concat());
+        fr.read_into(&ids, 1, &frame, &[r(2), r(0)], &mut buf[8192..])
+            .unwrap();
+        assert_eq!(buf, [p(0), p(2), p(0)].concat());
+        assert!(fr
+            .read_into(&ids, 1, &frame, &[r(2)], &mut buf[..8191])
+            .is_err());
+        assert!(fr
+            .read_into(
+                &ids,
+                2,
+                &frame,
+                &[r(0), r(1), r(2)],
+                &mut buf[..3 * 8192 - 1]
+            )
+            .is_err());
     }
 
     #[test]
