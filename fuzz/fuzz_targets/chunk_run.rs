@@ -1,4 +1,5 @@
-//! `chunk::decode_frame` and `chunk::decode_run` (frames of several chunks, format 1.4).
+//! `chunk::decode_frame`, `chunk::decode_run` and `FrameReader::read_into` (frames of several
+//! chunks, format 1.4).
 //! Input: 4 bytes little-endian `skip`, 4 bytes little-endian `piece`, then a frame.
 //! First `decode_run` of one chunk at (`skip`, `piece`) with an arbitrary id: it must fail and
 //! leave its output as it was. Then, if the frame decodes whole, its content from
@@ -45,6 +46,23 @@ fuzz_target!(|data: &[u8]| {
     chunk::decode_run(&ids, frame, &run, &mut out).expect("a run of the frame's own bytes decodes");
     assert_eq!(&out[..4], b"head");
     assert_eq!(out[4..], all[start..at]);
+    // The same run through a frame reader into a slice: the same bytes, straight in or from
+    // the frame held; a slice of another length is refused.
+    let mut frames = chunk::FrameReader::default();
+    let mut slice = vec![0u8; at - start];
+    frames
+        .read_into(&ids, 0, frame, &run, &mut slice)
+        .expect("a run of the frame's own bytes decodes into a slice");
+    assert_eq!(slice, all[start..at]);
+    if let Some(&one) = run.last() {
+        frames
+            .read_into(&ids, 0, frame, &[one], &mut slice[..one.2 as usize])
+            .expect("a piece of the frame held decodes");
+        let mut longer = vec![0u8; one.2 as usize + 1];
+        assert!(frames
+            .read_into(&ids, 0, frame, &[one], &mut longer)
+            .is_err());
+    }
     let Some(&(first, _, _)) = run.first() else {
         return;
     };
@@ -67,6 +85,8 @@ fuzz_target!(|data: &[u8]| {
     wrong[last].0 = ChunkId(first.0.map(|b| !b));
     if wrong[last].0 != ChunkId::of(&all[at - wrong[last].2 as usize..at]) {
         assert!(chunk::decode_run(&ids, frame, &wrong, &mut out).is_err());
+        let mut fresh = chunk::FrameReader::default();
+        assert!(fresh.read_into(&ids, 1, frame, &wrong, &mut slice).is_err());
     }
     let mut past = run.clone();
     past[last].2 += (all.len() - at) as u32 + 1;
