@@ -51,9 +51,11 @@ struct Window {
     reads: Vec<Read>,
 }
 
-/// Plans the windows of `placed` chunks (each with its file offset, not overlapping): a window starts at a chunk and takes every chunk that starts before the next
-/// multiple of WINDOW, so a whole file's windows start at multiples of WINDOW and the frames
-/// of a full backup (aligned with its 1 MiB blocks) are never split between two windows.
+/// Plans the windows of `placed` chunks (each with its file offset, not overlapping): a window
+/// starts at a chunk and takes every chunk that starts before the next multiple of WINDOW, so a
+/// whole file's windows start at multiples of WINDOW and the frames of a full backup (aligned
+/// with its 1 MiB blocks) are never split between two windows. A chunk that would reach past
+/// its window's buffer (overlapping chunks: a damaged entry) fails the restore when decoded.
 fn plan_windows(mut placed: Vec<(ChunkRef, u64)>) -> Vec<Window> {
     placed.sort_by_key(|&(_, off)| off);
     let mut out = Vec::new();
@@ -116,8 +118,8 @@ fn plan_file(f: &FileEntry) -> Vec<Window> {
     plan_windows(placed)
 }
 
-/// Fetches, verifies and writes `placed` chunks of file `path` at their
-/// offsets.
+/// Fetches, verifies and writes `placed` chunks of file `path` at their offsets (a delta
+/// restore's stale chunks).
 pub(super) async fn write_chunks(
     store: &Store,
     m: &Arc<LocalManifest>,
