@@ -464,4 +464,37 @@ mod tests {
         );
         early.finish().await.unwrap();
     }
+
+    #[test]
+    fn a_chunk_outside_its_window_or_damaged_is_an_error_not_a_panic() {
+        let page = vec![7u8; 8192];
+        let frame = chunk::compress(&page, 1);
+        let c = ChunkRef {
+            id: ChunkId::of(&page),
+            pack: 0,
+            offset: 0,
+            clen: frame.len() as u32,
+            ulen: 8192,
+            skip: 0,
+        };
+        let ids = tidemark_format::seal::ChunkIds::Sha256;
+        let read = Read {
+            pack: 0,
+            start: 0,
+            end: frame.len() as u64,
+            items: vec![(c, 8192)],
+        };
+        let mut buf = vec![0u8; 8192];
+        decode_read(&ids, &read, &frame, &mut buf, 8192).unwrap();
+        assert_eq!(buf, page);
+        // Before the window's start, or past its end: refused.
+        assert!(decode_read(&ids, &read, &frame, &mut buf, 16384).is_err());
+        assert!(decode_read(&ids, &read, &frame, &mut buf[..8191], 8192).is_err());
+        // A damaged frame is named by its offset and its first chunk.
+        let mut bad = frame.clone();
+        let n = bad.len();
+        bad[n - 1] ^= 0xff;
+        let (off, id, _) = decode_read(&ids, &read, &bad, &mut buf, 8192).unwrap_err();
+        assert_eq!((off, id), (0, c.id));
+    }
 }
