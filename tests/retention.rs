@@ -14,7 +14,7 @@ use std::time::Duration;
 use tidemark_e2e::data::{self, BATCH_ROWS};
 use tidemark_e2e::env::give_to_db_user;
 use tidemark_e2e::rng::Rng;
-use tidemark_e2e::{start_restored, tidemark, PgCluster, Repo, TestDir, Tool};
+use tidemark_e2e::{expire_agreeing, start_restored, tidemark, PgCluster, Repo, TestDir, Tool};
 
 const GAP: Duration = Duration::from_millis(150);
 
@@ -23,39 +23,10 @@ fn expected(last: i32) -> BTreeMap<i32, i64> {
     (1..=last).map(|b| (b, BATCH_ROWS)).collect()
 }
 
-/// Drops the fields that legitimately differ between a dry run and the real run.
-fn comparable(plan: &Value) -> Value {
-    let mut p = plan.clone();
-    if let Some(o) = p.as_object_mut() {
-        o.remove("now");
-        o.remove("dry_run");
-    }
-    p
-}
-
 /// `expire --dry-run` then `expire` with the same policy: the plans must agree. Returns the plan.
 async fn expire(repo: &Repo, policy: &[String], env: &[(&str, &str)]) -> Result<Value> {
-    let mut args: Vec<&str> = vec!["expire", "--repo", &repo.url, "--json", "--gc-grace", "0s"];
-    args.extend(policy.iter().map(String::as_str));
-    let mut dry_args = args.clone();
-    dry_args.push("--dry-run");
-    let dry = tidemark(Tool::Agent, &dry_args, env)
-        .await?
-        .ok()?
-        .json_document()?;
-    ensure!(
-        dry["schema_version"] == 1 && dry["dry_run"] == true,
-        "unexpected dry-run plan: {dry}"
-    );
-    let real = tidemark(Tool::Agent, &args, env)
-        .await?
-        .ok()?
-        .json_document()?;
-    ensure!(
-        comparable(&dry) == comparable(&real),
-        "expire --dry-run and expire disagree on policy {policy:?}:\ndry run: {dry:#}\nreal run: {real:#}"
-    );
-    Ok(real)
+    let args: Vec<&str> = policy.iter().map(String::as_str).collect();
+    expire_agreeing(repo, &args, env).await
 }
 
 /// `tidemark-restore check --json`; returns (passed, report).

@@ -11,7 +11,9 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tidemark_e2e::data::{self, BATCH_ROWS};
-use tidemark_e2e::{archiving_source, start_restored, tidemark, PgCluster, Repo, TestDir, Tool};
+use tidemark_e2e::{
+    archiving_source, expire_agreeing, start_restored, tidemark, PgCluster, Repo, TestDir, Tool,
+};
 
 const GAP: Duration = Duration::from_millis(150);
 
@@ -27,33 +29,6 @@ async fn write_and_mark(db: &tokio_postgres::Client, b: i32) -> Result<String> {
 
 fn rows(batches: &[i32]) -> BTreeMap<i32, i64> {
     batches.iter().map(|b| (*b, BATCH_ROWS)).collect()
-}
-
-/// `expire --dry-run` then `expire` with `policy`: the plans must agree. Returns the plan.
-async fn expire(repo: &Repo, policy: &[&str]) -> Result<Value> {
-    let mut args: Vec<&str> = vec!["expire", "--repo", &repo.url, "--json", "--gc-grace", "0s"];
-    args.extend_from_slice(policy);
-    let mut dry_args = args.clone();
-    dry_args.push("--dry-run");
-    let mut dry = tidemark(Tool::Agent, &dry_args, &[])
-        .await?
-        .ok()?
-        .json_document()?;
-    let mut real = tidemark(Tool::Agent, &args, &[])
-        .await?
-        .ok()?
-        .json_document()?;
-    for p in [&mut dry, &mut real] {
-        if let Some(o) = p.as_object_mut() {
-            o.remove("now");
-            o.remove("dry_run");
-        }
-    }
-    ensure!(
-        dry == real,
-        "expire --dry-run and expire disagree on {policy:?}:\n{dry:#}\n{real:#}"
-    );
-    Ok(real)
 }
 
 fn kept_ids(plan: &Value) -> Vec<String> {
@@ -157,7 +132,7 @@ async fn pitr_forks_older_than_the_newest_backup_keep_a_usable_backup_and_its_wa
         &["--retain-last", "2", "--retain-wal-window", "1s"][..],
         &["--retain-last", "1"][..],
     ] {
-        let plan = expire(&repo, policy).await?;
+        let plan = expire_agreeing(&repo, policy, &[]).await?;
         let kept = kept_ids(&plan);
         ensure!(
             kept.contains(&b1),
@@ -211,7 +186,7 @@ async fn pitr_forks_older_than_the_newest_backup_keep_a_usable_backup_and_its_wa
         &["--retain-last", "2", "--retain-wal-window", "1s"][..],
         &["--retain-last", "1"][..],
     ] {
-        let plan = expire(&repo, policy).await?;
+        let plan = expire_agreeing(&repo, policy, &[]).await?;
         let kept = kept_ids(&plan);
         ensure!(
             kept.contains(&b1),
@@ -245,7 +220,7 @@ async fn pitr_forks_older_than_the_newest_backup_keep_a_usable_backup_and_its_wa
     let b4 = tl3.backup_id(&repo).await?;
     data::write_batch(&db, 10).await?;
     tl3.switch_wal_and_wait(&repo).await?;
-    let plan = expire(&repo, &["--retain-last", "1"]).await?;
+    let plan = expire_agreeing(&repo, &["--retain-last", "1"], &[]).await?;
     let kept = kept_ids(&plan);
     ensure!(
         kept == [b4.clone()],
@@ -406,7 +381,7 @@ async fn old_primary_rewound_after_failover_disturbs_no_stored_wal() -> Result<(
     // Retention: B_old (the newest, on the abandoned branch) never stands alone.
     data::write_batch(&ndb, 6).await?;
     new.switch_wal_and_wait(&repo).await?;
-    let plan = expire(&repo, &["--retain-last", "1"]).await?;
+    let plan = expire_agreeing(&repo, &["--retain-last", "1"], &[]).await?;
     let kept = kept_ids(&plan);
     ensure!(
         kept.contains(&b1),

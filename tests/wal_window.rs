@@ -11,38 +11,9 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tidemark_e2e::data::{self, BATCH_ROWS};
-use tidemark_e2e::{start_restored, tidemark, PgCluster, Repo, TestDir, Tool};
+use tidemark_e2e::{expire_agreeing, start_restored, tidemark, PgCluster, Repo, TestDir, Tool};
 
 const GAP: Duration = Duration::from_millis(150);
-
-/// `expire --dry-run` then `expire` with `args`: the plans must agree but for `now`/`dry_run`.
-async fn expire(repo: &Repo, args: &[&str]) -> Result<Value> {
-    let mut a = vec!["expire", "--repo", &repo.url, "--json", "--gc-grace", "0s"];
-    a.extend_from_slice(args);
-    let mut dry_args = a.clone();
-    dry_args.push("--dry-run");
-    let strip = |v: &Value| {
-        let mut v = v.clone();
-        if let Some(o) = v.as_object_mut() {
-            o.remove("now");
-            o.remove("dry_run");
-        }
-        v
-    };
-    let dry = tidemark(Tool::Agent, &dry_args, &[])
-        .await?
-        .ok()?
-        .json_document()?;
-    let real = tidemark(Tool::Agent, &a, &[])
-        .await?
-        .ok()?
-        .json_document()?;
-    ensure!(
-        strip(&dry) == strip(&real),
-        "expire --dry-run and expire disagree:\ndry run: {dry:#}\nreal run: {real:#}"
-    );
-    Ok(real)
-}
 
 /// Restores with `target` args (which must choose backup `id`), starts the server and returns
 /// its rows.
@@ -122,9 +93,10 @@ async fn old_backups_outside_the_wal_window_keep_only_their_own_wal() -> Result<
     src.switch_wal_and_wait(&repo).await?;
 
     let window = format!("{}s", pause_end.elapsed().as_secs() + 4);
-    let plan = expire(
+    let plan = expire_agreeing(
         &repo,
         &["--retain-last", "4", "--retain-wal-window", &window],
+        &[],
     )
     .await?;
     let kept: Vec<&str> = plan["backups"]

@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod data;
 pub mod env;
+pub mod expire;
 pub mod faults;
 pub mod lying;
 pub mod replication;
@@ -19,6 +20,7 @@ pub mod sidecar;
 
 pub use cluster::{start_restored, start_restored_standby, PgCluster};
 pub use env::{agent, restore, tidemark, Run, TestDir, Tool};
+pub use expire::expire_agreeing;
 pub use repo::Repo;
 
 /// The usual start of a scenario: a scratch directory for `test`, an empty `file://` repository,
