@@ -152,23 +152,40 @@ fn decode_run_inner(
     let at = out.len();
     let flen = flen as usize;
     out.resize(at + flen, 0);
-    let n = with_dctx(|d| d.decompress_to_buffer(frame, &mut out[at..]))
-        .map_err(|e| FormatError::invalid("chunk", format!("zstd frame does not decode: {e}")))?;
-    if n != flen {
-        return Err(FormatError::invalid(
-            "chunk",
-            format!("decompressed to {n} bytes, declared {flen}"),
-        ));
-    }
+    decompress_into(frame, flen as u64, &mut out[at..])?;
     // Keep only the run's bytes.
     let (first, end) = (first as usize, end as usize);
     if first > 0 {
         out.copy_within(at + first..at + end, at);
     }
     out.truncate(at + end - first);
-    let mut pos = at;
+    check_run(ids, run, &out[at..])
+}
+
+/// Decompresses `frame`, which declares `flen` bytes, straight into the start of `dst` (at least
+/// that long) and checks that it gave exactly `flen`.
+fn decompress_into(frame: &[u8], flen: u64, dst: &mut [u8]) -> Result<(), FormatError> {
+    let n = with_dctx(|d| d.decompress_to_buffer(frame, dst))
+        .map_err(|e| FormatError::invalid("chunk", format!("zstd frame does not decode: {e}")))?;
+    if n as u64 != flen {
+        return Err(FormatError::invalid(
+            "chunk",
+            format!("decompressed to {n} bytes, declared {flen}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks each chunk of `run` against its id, the chunks lying end to end from the start of
+/// `bytes`.
+fn check_run(
+    ids: &crate::seal::ChunkIds,
+    run: &[(ChunkId, u32, u32)],
+    bytes: &[u8],
+) -> Result<(), FormatError> {
+    let mut pos = 0;
     for &(id, _, ulen) in run {
-        check_id(ids, &id, &out[pos..pos + ulen as usize])?;
+        check_id(ids, &id, &bytes[pos..pos + ulen as usize])?;
         pos += ulen as usize;
     }
     Ok(())
@@ -246,21 +263,8 @@ impl FrameReader {
                 next
             }) && end == flen;
             if whole {
-                let n = with_dctx(|d| d.decompress_to_buffer(frame, &mut *out)).map_err(|e| {
-                    FormatError::invalid("chunk", format!("zstd frame does not decode: {e}"))
-                })?;
-                if n as u64 != flen {
-                    return Err(FormatError::invalid(
-                        "chunk",
-                        format!("decompressed to {n} bytes, declared {flen}"),
-                    ));
-                }
-                let mut pos = 0;
-                for &(id, _, ulen) in run {
-                    check_id(ids, &id, &out[pos..pos + ulen as usize])?;
-                    pos += ulen as usize;
-                }
-                return Ok(());
+                decompress_into(frame, flen, out)?;
+                return check_run(ids, run, out);
             }
             // Every chunk must lie within the frame before it is decoded (FORMAT.md 8.2).
             if let Some(&(_, skip, ulen)) = run
