@@ -281,20 +281,19 @@ async fn restore_entry(
     i: usize,
 ) -> Result<u64> {
     let e = &m.entries[i];
-    if m.file_head(i).is_none() {
+    let Some(size) = m.file_head(i).map(|f| f.size) else {
         return Ok(0);
-    }
-    let f = m.file(i)?;
+    };
     let (dir, rel) = dest
         .place(&e.path)
         .with_context(|| format!("file {} has no place in the restore", e.path))?;
     let file = Arc::new(dir.create_file(rel)?);
-    write::write_file(store, m, &e.path, &file, &f).await?;
+    write::write_file(store, m, i, &file).await?;
     let p = e.path.clone();
     tokio::task::spawn_blocking(move || file.sync_all())
         .await?
         .with_context(|| format!("cannot fsync {p}"))?;
-    Ok(f.size)
+    Ok(size)
 }
 
 fn sync_dirs(dest: &Dest, m: &ManifestIndex) -> Result<()> {

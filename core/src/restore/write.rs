@@ -21,7 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use tidemark_format::manifest::{ChunkRef, FileEntry};
+use tidemark_format::manifest::ChunkRef;
 use tidemark_format::{chunk, keys, ChunkId};
 
 /// Range reads of one window in flight.
@@ -51,28 +51,86 @@ struct Window {
     reads: Vec<Read>,
 }
 
-/// Plans the windows of `placed` chunks (each with its file offset, not overlapping): a window
-/// starts at a chunk and takes every chunk that starts before the next multiple of WINDOW, so a
-/// whole file's windows start at multiples of WINDOW and the frames of a full backup (aligned
-/// with its 1 MiB blocks) are never split between two windows. A chunk that would reach past
-/// its window's buffer (overlapping chunks: a damaged entry) fails the restore when decoded.
-fn plan_windows(mut placed: Vec<(ChunkRef, u64)>) -> Vec<Window> {
-    placed.sort_by_key(|&(_, off)| off);
-    let mut out = Vec::new();
-    let mut cur: Vec<(ChunkRef, u64)> = Vec::new();
-    for p in placed {
-        if cur
-            .first()
-            .is_some_and(|&(_, at)| p.1 >= (at / WINDOW + 1) * WINDOW)
-        {
-            out.push(window(std::mem::take(&mut cur)));
+/// A chunk with its offset in the file it is restored to.
+type Placed = (ChunkRef, u64);
+
+/// Windows planned lazily from chunks placed in file order (not overlapping): a window starts
+/// at a chunk and takes every chunk that starts before the next multiple of WINDOW, so a whole
+/// file's windows start at multiples of WINDOW and the frames of a full backup (aligned with
+/// its 1 MiB blocks) are never split between two windows. Only the window being planned is
+/// held, so planning a file costs memory for one window whatever the file's size. A chunk that
+/// would reach past its window's buffer (overlapping chunks: a damaged entry) fails the restore
+/// when decoded. Ends after the first error.
+struct Windows<I> {
+    placed: I,
+    /// The first chunk of the next window, read while ending the one before.
+    carry: Option<Placed>,
+}
+
+impl<I: Iterator<Item = Result<Placed>>> Windows<I> {
+    fn new(placed: I) -> Self {
+        Windows {
+            placed,
+            carry: None,
         }
-        cur.push(p);
     }
-    if !cur.is_empty() {
-        out.push(window(cur));
+}
+
+impl<I: Iterator<Item = Result<Placed>>> Iterator for Windows<I> {
+    type Item = Result<Window>;
+
+    fn next(&mut self) -> Option<Result<Window>> {
+        let mut cur: Vec<Placed> = self.carry.take().into_iter().collect();
+        for p in self.placed.by_ref() {
+            let p = match p {
+                Ok(p) => p,
+                Err(e) => {
+                    // Nothing after an error: the iterator ends with it.
+                    for _ in self.placed.by_ref() {}
+                    return Some(Err(e));
+                }
+            };
+            if cur
+                .first()
+                .is_some_and(|&(_, at)| p.1 >= (at / WINDOW + 1) * WINDOW)
+            {
+                self.carry = Some(p);
+                break;
+            }
+            cur.push(p);
+        }
+        (!cur.is_empty()).then(|| Ok(window(cur)))
     }
-    out
+}
+
+/// Chunk references read from a manifest's local copy per batch.
+const REF_BATCH: u64 = 1024;
+
+/// The chunks of file entry `i` of `m` in file order with their offsets, read from the
+/// manifest's local copy REF_BATCH references at a time.
+fn file_chunks(m: &LocalManifest, i: usize) -> impl Iterator<Item = Result<Placed>> + '_ {
+    let n = m.file_head(i).map_or(0, |f| f.nchunks);
+    let refs = (0..n.div_ceil(REF_BATCH)).flat_map(move |b| {
+        let batch: Vec<Result<ChunkRef>> = match m.chunk_range(i, b * REF_BATCH, REF_BATCH) {
+            Ok(v) => v.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e)],
+        };
+        batch
+    });
+    in_file_order(refs)
+}
+
+/// Places a file's chunk references, given in file order, at their offsets.
+fn in_file_order(
+    refs: impl Iterator<Item = Result<ChunkRef>>,
+) -> impl Iterator<Item = Result<Placed>> {
+    refs.scan(0u64, |at, c| {
+        Some(c.map(|c| {
+            let p = (c, *at);
+            *at += c.ulen as u64;
+            p
+        }))
+    })
 }
 
 /// The window of `placed` chunks (non-empty, in file order).
@@ -96,38 +154,33 @@ fn window(placed: Vec<(ChunkRef, u64)>) -> Window {
     }
 }
 
-/// Fetches, verifies and writes every chunk of file `path` (`f`, its entry).
+/// Fetches, verifies and writes every chunk of file entry `i` of `m` to `file`.
 pub(super) async fn write_file(
     store: &Store,
     m: &Arc<LocalManifest>,
-    path: &str,
+    i: usize,
     file: &Arc<std::fs::File>,
-    f: &FileEntry,
 ) -> Result<()> {
-    write_windows(store, m, path, file, plan_file(f)).await
-}
-
-/// The windows of a whole file.
-fn plan_file(f: &FileEntry) -> Vec<Window> {
-    let mut placed = Vec::with_capacity(f.chunks.len());
-    let mut at = 0u64;
-    for c in &f.chunks {
-        placed.push((*c, at));
-        at += c.ulen as u64;
-    }
-    plan_windows(placed)
+    let path = &m.entries[i].path;
+    write_windows(store, m, path, file, Windows::new(file_chunks(m, i))).await
 }
 
 /// Fetches, verifies and writes `placed` chunks of file `path` at their offsets (a delta
-/// restore's stale chunks).
+/// restore's stale chunks, in any order).
 pub(super) async fn write_chunks(
     store: &Store,
     m: &Arc<LocalManifest>,
     path: &str,
     file: &Arc<std::fs::File>,
-    placed: Vec<(ChunkRef, u64)>,
+    placed: Vec<Placed>,
 ) -> Result<()> {
-    write_windows(store, m, path, file, plan_windows(placed)).await
+    write_windows(store, m, path, file, sorted_windows(placed)).await
+}
+
+/// The windows of `placed` chunks given in any order.
+fn sorted_windows(mut placed: Vec<Placed>) -> Windows<impl Iterator<Item = Result<Placed>>> {
+    placed.sort_by_key(|&(_, off)| off);
+    Windows::new(placed.into_iter().map(Ok))
 }
 
 async fn write_windows(
@@ -135,15 +188,12 @@ async fn write_windows(
     m: &Arc<LocalManifest>,
     path: &str,
     file: &Arc<std::fs::File>,
-    windows: Vec<Window>,
+    windows: impl Iterator<Item = Result<Window>>,
 ) -> Result<()> {
-    let buffers = Buffers::default();
-    let mut writes = futures::stream::iter(
-        windows
-            .into_iter()
-            .map(|w| restore_window(store, m, w, path, file, &buffers)),
-    )
-    .buffer_unordered(WINDOWS_IN_FLIGHT);
+    let buffers = &Buffers::default();
+    let mut writes = futures::stream::iter(windows)
+        .map(|w| async move { restore_window(store, m, w?, path, file, buffers).await })
+        .buffer_unordered(WINDOWS_IN_FLIGHT);
     let mut early = EarlySync::new(file, path);
     while let Some(n) = writes.try_next().await? {
         early.written(n)?;
@@ -355,6 +405,7 @@ fn decode_read(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidemark_format::manifest::FileEntry;
 
     fn file(chunks: &[(u32, u64, u32)]) -> FileEntry {
         let chunks: Vec<ChunkRef> = chunks
@@ -373,6 +424,32 @@ mod tests {
             sha256: tidemark_format::ChunkId([0; 32]),
             chunks,
         }
+    }
+
+    fn plan_file(f: &FileEntry) -> Vec<Window> {
+        Windows::new(in_file_order(f.chunks.iter().copied().map(Ok)))
+            .collect::<Result<_>>()
+            .unwrap()
+    }
+
+    fn plan_windows(placed: Vec<Placed>) -> Vec<Window> {
+        sorted_windows(placed).collect::<Result<_>>().unwrap()
+    }
+
+    #[test]
+    fn a_chunk_list_that_fails_to_read_ends_the_windows_with_its_error() {
+        let c = file(&[(0, 0, 100)]).chunks[0];
+        let pages = (WINDOW / 8192) as usize;
+        let refs = (0..pages + 5).map(|k| match k == pages + 1 {
+            true => Err(anyhow!("torn chunk list")),
+            false => Ok(c),
+        });
+        let mut w = Windows::new(in_file_order(refs));
+        let first = w.next().unwrap().unwrap();
+        assert_eq!((first.at, first.len), (0, WINDOW as usize));
+        let err = w.next().unwrap().unwrap_err();
+        assert!(err.to_string().contains("torn chunk list"), "{err}");
+        assert!(w.next().is_none(), "windows after the error");
     }
 
     #[test]
