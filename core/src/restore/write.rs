@@ -65,6 +65,8 @@ struct Windows<I> {
     placed: I,
     /// The first chunk of the next window, read while ending the one before.
     carry: Option<Placed>,
+    /// An error was returned: nothing more is read.
+    failed: bool,
 }
 
 impl<I: Iterator<Item = Result<Placed>>> Windows<I> {
@@ -72,6 +74,7 @@ impl<I: Iterator<Item = Result<Placed>>> Windows<I> {
         Windows {
             placed,
             carry: None,
+            failed: false,
         }
     }
 }
@@ -80,13 +83,15 @@ impl<I: Iterator<Item = Result<Placed>>> Iterator for Windows<I> {
     type Item = Result<Window>;
 
     fn next(&mut self) -> Option<Result<Window>> {
+        if self.failed {
+            return None;
+        }
         let mut cur: Vec<Placed> = self.carry.take().into_iter().collect();
         for p in self.placed.by_ref() {
             let p = match p {
                 Ok(p) => p,
                 Err(e) => {
-                    // Nothing after an error: the iterator ends with it.
-                    for _ in self.placed.by_ref() {}
+                    self.failed = true;
                     return Some(Err(e));
                 }
             };
@@ -440,9 +445,13 @@ mod tests {
     fn a_chunk_list_that_fails_to_read_ends_the_windows_with_its_error() {
         let c = file(&[(0, 0, 100)]).chunks[0];
         let pages = (WINDOW / 8192) as usize;
-        let refs = (0..pages + 5).map(|k| match k == pages + 1 {
-            true => Err(anyhow!("torn chunk list")),
-            false => Ok(c),
+        let read = std::cell::Cell::new(0);
+        let refs = (0..pages + 5).map(|k| {
+            read.set(read.get() + 1);
+            match k == pages + 1 {
+                true => Err(anyhow!("torn chunk list")),
+                false => Ok(c),
+            }
         });
         let mut w = Windows::new(in_file_order(refs));
         let first = w.next().unwrap().unwrap();
@@ -450,6 +459,7 @@ mod tests {
         let err = w.next().unwrap().unwrap_err();
         assert!(err.to_string().contains("torn chunk list"), "{err}");
         assert!(w.next().is_none(), "windows after the error");
+        assert_eq!(read.get(), pages + 2, "references read after the error");
     }
 
     #[test]
