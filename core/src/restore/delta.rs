@@ -18,12 +18,13 @@
 //! - Backups with tablespaces are refused: their directories live outside the data directory.
 
 use super::safe_dir::{Kind, SafeDir};
+use super::write::Placed;
 use super::Dest;
 use crate::manifest_file::LocalManifest;
 use anyhow::{bail, Context, Result};
 use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
-use tidemark_format::manifest::{ChunkRef, FileEntry, HeadKind, ManifestIndex};
+use tidemark_format::manifest::{FileEntry, HeadKind, ManifestIndex};
 use tidemark_format::seal::ChunkIds;
 
 /// What a delta restore did.
@@ -173,7 +174,7 @@ fn stale_chunks(
     f: &FileEntry,
     ids: &ChunkIds,
     path: &str,
-) -> Result<(Vec<(ChunkRef, u64)>, u64)> {
+) -> Result<(Vec<Placed>, u64)> {
     let len = file
         .metadata()
         .with_context(|| format!("cannot stat {path}"))?
@@ -254,6 +255,7 @@ pub(super) async fn patch(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use tidemark_format::manifest::ChunkRef;
     use tidemark_format::ChunkId;
 
     fn entry(data: &[u8], chunk: usize) -> FileEntry {
@@ -281,7 +283,8 @@ mod tests {
         let f = entry(&want, 8192);
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("f");
-        let offsets = |s: &[(ChunkRef, u64)]| s.iter().map(|(_, o)| *o).collect::<Vec<_>>();
+        let offsets =
+            |s: &[super::super::write::Placed]| s.iter().map(|(_, o)| *o).collect::<Vec<_>>();
         // Identical: nothing stale.
         std::fs::write(&path, &want).unwrap();
         let file = std::fs::File::open(&path).unwrap();

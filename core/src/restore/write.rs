@@ -35,7 +35,10 @@ const WINDOWS_IN_FLIGHT: usize = 3;
 const WINDOW: u64 = 4 << 20;
 
 /// One range read of a file: its chunks with their offsets in the file.
-type Read = ranges::Read<(ChunkRef, u64)>;
+type Read = ranges::Read<Placed>;
+
+/// A chunk with its offset in the file it is restored to.
+pub(super) type Placed = (ChunkRef, u64);
 
 /// A span of at most about WINDOW bytes of one file, restored in memory: its chunks are
 /// fetched with range reads in pack order, decoded into one buffer at their places, and written
@@ -50,9 +53,6 @@ struct Window {
     runs: Vec<(u64, usize)>,
     reads: Vec<Read>,
 }
-
-/// A chunk with its offset in the file it is restored to.
-type Placed = (ChunkRef, u64);
 
 /// Windows planned lazily from chunks placed in file order (not overlapping): a window starts
 /// at a chunk and takes every chunk that starts before the next multiple of WINDOW, so a whole
@@ -139,7 +139,7 @@ fn in_file_order(
 }
 
 /// The window of `placed` chunks (non-empty, in file order).
-fn window(placed: Vec<(ChunkRef, u64)>) -> Window {
+fn window(placed: Vec<Placed>) -> Window {
     let at = placed[0].1;
     let mut runs: Vec<(u64, usize)> = Vec::new();
     for &(c, off) in &placed {
