@@ -35,6 +35,14 @@ impl Compressor {
     pub fn compress(&mut self, data: &[u8]) -> std::io::Result<Vec<u8>> {
         self.0.compress(data)
     }
+
+    /// One frame holding `data`, written over `out` (grown to zstd's bound for `data` if it is
+    /// smaller), so a caller compressing file after file reuses one buffer.
+    pub fn compress_into(&mut self, data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
+        out.clear();
+        out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+        self.0.compress_to_buffer(data, out).map(|_| ())
+    }
 }
 
 thread_local! {

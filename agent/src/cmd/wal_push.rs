@@ -56,6 +56,7 @@ pub async fn run(a: Args) -> Result<()> {
     let opts = wal::PushOptions {
         pgdata: a.pgdata,
         accept_new_system: a.accept_new_system,
+        ..Default::default()
     };
     match wal::push(&store, &a.path, a.compress_level, &opts).await? {
         PushOutcome::Stored(_) => tracing::debug!(file = %name, "archived"),

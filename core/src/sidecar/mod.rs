@@ -12,7 +12,9 @@
 //! - A name is acknowledged (socket reply `OK`) only after `wal::push` returned `Ok`, i.e. the
 //!   object is durably stored, and after the local state recorded it.
 //! - Memory is bounded: at most `concurrency` uploads, each holding one WAL file and its
-//!   compressed copy (2 × wal_segment_size), plus the names currently `.ready`.
+//!   compressed copy (2 × wal_segment_size), plus the names currently `.ready`. The read and
+//!   compression buffers of files up to 64 MiB stay allocated between uploads, at most
+//!   `concurrency` sets (`wal::EncodeBuffers`).
 //! - SIGTERM stops new uploads, removes the socket (so archive_command falls back to uploading
 //!   itself), waits up to the grace period for uploads in flight, and exits. Puts are atomic, so
 //!   nothing is left half written.
@@ -73,6 +75,8 @@ struct Inner {
     last_loop: AtomicI64,
     metrics: Metrics,
     repo_gauges: Arc<crate::health::RepoGauges>,
+    /// The uploads' read and compression buffers, kept between files (at most `concurrency`).
+    buffers: wal::EncodeBuffers,
 }
 
 fn now_secs() -> i64 {
@@ -140,6 +144,7 @@ pub async fn run_until(
         last_loop: AtomicI64::new(now_secs()),
         metrics: Metrics::default(),
         repo_gauges: Arc::default(),
+        buffers: wal::EncodeBuffers::default(),
     });
 
     // inotify is a wake-up signal only; the listing below is the truth.
@@ -334,6 +339,7 @@ async fn upload(inner: Arc<Inner>, name: String) {
                 &wal::PushOptions {
                     pgdata: Some(inner.opts.pgdata.clone()),
                     accept_new_system: inner.opts.accept_new_system,
+                    buffers: inner.buffers.clone(),
                 },
             ),
             span,
