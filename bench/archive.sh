@@ -10,10 +10,13 @@
 #   load   pgbench (2 clients, each transaction updating a range of 2,000 accounts: a heavy WAL
 #          writer) runs for LOAD_SECONDS while archiving runs; sampled every 0.5 s: how many
 #          finished segments wait for the archiver (lag), and at the end how long until caught up.
-# Also the sidecar's peak RSS during the drain (memory bound under a backlog).
+# Also the sidecar's peak RSS during the drain (memory bound under a backlog), and the busy CPU of the
+# whole machine per segment during the drain (the tool, PostgreSQL's archiver, archive_command).
 #
 # Environment: N=128 segments in the backlog, LOAD_SECONDS=40, SCALE=20 (pgbench scale for the
 # write load), WORK=/tmp/tidemark-archive-bench, PORT=55442, BUILD=1 (cargo build --release first),
+# DRAIN_ROUNDS=1 (more: extra drains of tidemark-sidecar and pgbackrest-async, order alternating,
+# reported as median [min–max]), TIDEMARK_BIN=dir (prebuilt tidemark-agent instead of the tree's; no build; TIDEMARK_COMMIT names it),
 # RESULTS=bench/results.md ("" = don't append).
 set -euo pipefail
 
@@ -25,6 +28,9 @@ SCALE=${SCALE:-20}
 WORK=${WORK:-/tmp/tidemark-archive-bench}
 PORT=${PORT:-55442}
 BUILD=${BUILD:-1}
+TIDEMARK_BIN=${TIDEMARK_BIN:-}
+DRAIN_ROUNDS=${DRAIN_ROUNDS:-1}
+[[ -z $TIDEMARK_BIN ]] || BUILD=0
 RESULTS=${RESULTS-$BENCH/results.md}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 D=$WORK
@@ -36,6 +42,10 @@ die() { log "error: $*"; exit 1; }
 as_pg() { runuser -u postgres -- "$@"; }
 sql() { as_pg "$PGBIN/psql" -h "$D/sock" -p "$PORT" -U postgres -d postgres -X -q -At -v ON_ERROR_STOP=1 -c "$1"; }
 now() { date +%s.%N; }
+# Busy CPU seconds of the whole machine so far (/proc/stat: user, nice, system, irq, softirq;
+# not idle, iowait, or steal: time the hypervisor gave to other guests).
+busy() { awk '/^cpu / {print ($2 + $3 + $4 + $7 + $8) / 100}' /proc/stat; }
+stolen() { awk '/^cpu / {print $9 / 100}' /proc/stat; }
 calc() { python3 -c "print($1)"; }
 
 command -v pgbackrest >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbackrest >/dev/null; }
@@ -54,11 +64,11 @@ trap cleanup EXIT
 stop_pg
 rm -rf "$D"
 mkdir -p "$D/bin" "$D/sock" "$D/logs" "$D/m"
-install -m 0755 "$SRC/target/release/tidemark-agent" "$D/bin/"
+install -m 0755 "${TIDEMARK_BIN:-$SRC/target/release}/tidemark-agent" "$D/bin/"
 chown -R postgres: "$D"
 chmod 0755 "$D"
 BIN=$D/bin
-COMMIT=$(git -C "$SRC" rev-parse --short=12 HEAD)
+COMMIT=${TIDEMARK_COMMIT:-$(git -C "$SRC" rev-parse --short=12 HEAD)}
 
 cat >"$D/pgbackrest.conf" <<EOF
 [global]
@@ -161,18 +171,39 @@ for v in pgbackrest-sync pgbackrest-async; do
 done
 stop_pg
 
-RES=()
-for v in "${VARIANTS[@]}"; do
+# One drain of the backlog by variant $1 ($2: a tag for the sidecar's files); sets drain (segments
+# per second) and cpuseg (busy CPU of the whole machine per segment, in ms: the tool, PostgreSQL's
+# archiver, archive_command); leaves PostgreSQL (and the sidecar) running.
+drain_once() {
+  # An empty archive each time: a segment already archived is verified, not stored.
+  case $1 in
+    tidemark-*) rm -rf "$D/repo-$1" ;;
+    pgbackrest-*) rm -rf "$D/repo-$1/archive/bench/15-1" "$D/spool/archive" ;;
+  esac
   reset_status
-  set_archive "$v"
+  set_archive "$1"
   sync
-  log "$v: draining $N segments"
+  log "$1: draining $N segments"
+  local b0 b1 t0 t1 s0
+  b0=$(busy)
+  s0=$(stolen)
   t0=$(now)
-  if [[ $v == tidemark-sidecar ]]; then start_sidecar drain; fi
+  if [[ $1 == tidemark-sidecar ]]; then start_sidecar "$2"; fi
   as_pg "$PGBIN/pg_ctl" -D "$D/pgdata" -l "$D/logs/postgresql.log" -w start >/dev/null
   wait_no_ready
   t1=$(now)
+  b1=$(busy)
   drain=$(calc "round($N / ($t1 - $t0), 2)")
+  cpuseg=$(calc "round(($b1 - $b0) * 1000 / $N, 1)")
+  # Share of the two CPUs' time the hypervisor gave to other guests during the drain.
+  steal=$(calc "round(100 * ($(stolen) - $s0) / ($(nproc) * ($t1 - $t0)))")
+  echo "$1 $drain $cpuseg $steal" >>"$D/m/drains.txt"
+}
+
+: >"$D/m/drains.txt"
+RES=()
+for v in "${VARIANTS[@]}"; do
+  drain_once "$v" drain
   rss=-
   # Live load: pgbench writes while archiving goes on; lag sampled every 0.5 s.
   log "$v: $LOAD_SECONDS s of pgbench with archiving"
@@ -195,8 +226,20 @@ for v in "${VARIANTS[@]}"; do
     stop_sidecar
     rss=$(calc "round($(tail -1 "$D/m/sidecar-rss-drain.txt") / 1024, 1)")
   fi
-  log "$v: drain $drain seg/s; under load lag max $lagmax mean $lagmean segments, catch-up $catchup s; sidecar RSS $rss MiB"
-  RES+=("$v $drain $lagmax $lagmean $catchup $rss")
+  log "$v: drain $drain seg/s, $cpuseg ms of machine CPU per segment ($steal% stolen); under load lag max $lagmax mean $lagmean segments, catch-up $catchup s; sidecar RSS $rss MiB"
+  RES+=("$v $drain $lagmax $lagmean $catchup $rss $cpuseg")
+done
+
+# More drains of the async variants, the order reversed every other round (one drain per variant
+# moves the ratio by ±0.1–0.2 on this machine).
+order=(tidemark-sidecar pgbackrest-async)
+for ((r = 2; r <= DRAIN_ROUNDS; r++)); do
+  if ((r % 2 == 0)); then order=(pgbackrest-async tidemark-sidecar); else order=(tidemark-sidecar pgbackrest-async); fi
+  for v in "${order[@]}"; do
+    drain_once "$v" "drain-$r"
+    stop_pg
+    if [[ $v == tidemark-sidecar ]]; then stop_sidecar; fi
+  done
 done
 
 pgbr_async=$(printf '%s\n' "${RES[@]}" | awk '$1 == "pgbackrest-async" {print $2}')
@@ -205,11 +248,36 @@ pgbr_sync=$(printf '%s\n' "${RES[@]}" | awk '$1 == "pgbackrest-sync" {print $2}'
   echo
   echo "## WAL archiving, $(date -u +%F) commit $COMMIT (bench/archive.sh, N=$N, pgbench -c 2 -T $LOAD_SECONDS range updates, zstd 1)"
   echo
-  echo "| variant | drain seg/s | vs pgBackRest async | vs sync | lag max (segments) | lag mean | catch-up after load (s) | sidecar peak RSS (MiB) |"
-  echo "|---|---|---|---|---|---|---|---|"
+  echo "| variant | drain seg/s | vs pgBackRest async | vs sync | machine CPU per segment in the drain (ms) | lag max (segments) | lag mean | catch-up after load (s) | sidecar peak RSS (MiB) |"
+  echo "|---|---|---|---|---|---|---|---|---|"
   for r in "${RES[@]}"; do
-    read -r v drain lagmax lagmean catchup rss <<<"$r"
-    echo "| $v | $drain | $(calc "round($drain / $pgbr_async, 2)")× | $(calc "round($drain / $pgbr_sync, 2)")× | $lagmax | $lagmean | $catchup | $rss |"
+    read -r v drain lagmax lagmean catchup rss cpuseg <<<"$r"
+    echo "| $v | $drain | $(calc "round($drain / $pgbr_async, 2)")× | $(calc "round($drain / $pgbr_sync, 2)")× | $cpuseg | $lagmax | $lagmean | $catchup | $rss |"
   done
 } | tee "$D/m/table.md"
+if ((DRAIN_ROUNDS > 1)); then
+  python3 - "$D/m/drains.txt" "$DRAIN_ROUNDS" <<'PY' | tee -a "$D/m/table.md"
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+by = {}
+for v, seg, cpu, steal in rows:
+    by.setdefault(v, []).append((float(seg), float(cpu), float(steal)))
+med = lambda xs: statistics.median(xs)
+a = by["pgbackrest-async"]
+print()
+print(f"Drains of the backlog, {sys.argv[2]} per async variant (the first is the one above), order alternating:")
+print()
+print("| variant | drain seg/s, median [min–max] | machine CPU per segment (ms), median [min–max] | CPU stolen by the hypervisor (%), each drain |")
+print("|---|---|---|---|")
+for v in ("tidemark-sidecar", "pgbackrest-async"):
+    xs = by[v]
+    s = [x[0] for x in xs]; c = [x[1] for x in xs]
+    st = ", ".join(f"{x[2]:.0f}" for x in xs)
+    print(f"| {v} | {med(s):.2f} [{min(s):.2f}–{max(s):.2f}] | {med(c):.1f} [{min(c):.1f}–{max(c):.1f}] | {st} |")
+t = by["tidemark-sidecar"]
+print()
+print(f"Sidecar / pgBackRest async, median drain: **{med([x[0] for x in t]) / med([x[0] for x in a]):.2f}×** (target ≥ 1.5×); "
+      f"machine CPU per segment: {med([x[1] for x in t]) / med([x[1] for x in a]):.2f}×.")
+PY
+fi
 if [[ -n $RESULTS ]]; then cat "$D/m/table.md" >>"$RESULTS"; fi
