@@ -218,9 +218,32 @@ fn check_run(
     bytes: &[u8],
 ) -> Result<(), FormatError> {
     let mut pos = 0;
-    for &(id, _, ulen) in run {
-        check_id(ids, &id, &bytes[pos..pos + ulen as usize])?;
-        pos += ulen as usize;
+    let chunks: Vec<(ChunkId, &[u8])> = run
+        .iter()
+        .map(|&(id, _, ulen)| {
+            let c = &bytes[pos..pos + ulen as usize];
+            pos += ulen as usize;
+            (id, c)
+        })
+        .collect();
+    check_chunks(ids, &chunks).map_err(|(_, e)| e)
+}
+
+/// Checks each chunk's bytes against its id, hashing them together
+/// ([`ChunkIds::ids`](crate::seal::ChunkIds::ids): the more chunks per call, the fuller the
+/// hasher's lanes). A chunk whose digest from the batch differs is hashed again on its own
+/// ([`check_id`]: sha2 for SHA-256 ids), and that result decides: a fault of the multi-buffer
+/// hasher can cost time, never refuse a good chunk. The error gives the index of the first
+/// chunk that does not match.
+pub fn check_chunks(
+    ids: &crate::seal::ChunkIds,
+    chunks: &[(ChunkId, &[u8])],
+) -> Result<(), (usize, FormatError)> {
+    let bytes: Vec<&[u8]> = chunks.iter().map(|&(_, c)| c).collect();
+    for (k, (&(want, c), got)) in chunks.iter().zip(ids.ids(&bytes)).enumerate() {
+        if got != want {
+            check_id(ids, &want, c).map_err(|e| (k, e))?;
+        }
     }
     Ok(())
 }
@@ -267,12 +290,26 @@ impl FrameReader {
 
     /// Decodes the chunks `run` of `frame` (each (id, skip, ulen), in this order) into `out`,
     /// which must be exactly as long as their lengths together, and checks each against its
-    /// id. A run that is the whole frame, its chunks following each other, is decoded straight
-    /// into `out`; any other is copied out of the frame decoded whole and held under `key`. On
-    /// an error `out` holds no promise.
+    /// id. On an error `out` holds no promise.
     pub fn read_into(
         &mut self,
         ids: &crate::seal::ChunkIds,
+        key: u64,
+        frame: &[u8],
+        run: &[(ChunkId, u32, u32)],
+        out: &mut [u8],
+    ) -> Result<(), FormatError> {
+        self.decode_into(key, frame, run, out)?;
+        check_run(ids, run, out)
+    }
+
+    /// [`FrameReader::read_into`] without the check of the chunks against their ids: the
+    /// caller MUST check them ([`check_chunks`]) before using them, which lets it hash the
+    /// chunks of many runs together. A run that is the whole frame, its chunks following each
+    /// other, is decoded straight into `out`; any other is copied out of the frame decoded
+    /// whole and held under `key`. On an error `out` holds no promise.
+    pub fn decode_into(
+        &mut self,
         key: u64,
         frame: &[u8],
         run: &[(ChunkId, u32, u32)],
@@ -297,8 +334,7 @@ impl FrameReader {
                 next
             }) && end == flen;
             if whole {
-                decompress_into(frame, flen, out)?;
-                return check_run(ids, run, out);
+                return decompress_into(frame, flen, out);
             }
             // Every chunk must lie within the frame before it is decoded (FORMAT.md 8.2).
             if let Some(&(_, skip, ulen)) = run
@@ -318,7 +354,7 @@ impl FrameReader {
             self.held = Some((key, frame.len()));
         }
         let mut pos = 0;
-        for &(id, skip, ulen) in run {
+        for &(_, skip, ulen) in run {
             let bytes = self
                 .buf
                 .get(skip as usize..skip as usize + ulen as usize)
@@ -332,7 +368,6 @@ impl FrameReader {
                         ),
                     )
                 })?;
-            check_id(ids, &id, bytes)?;
             out[pos..pos + ulen as usize].copy_from_slice(bytes);
             pos += ulen as usize;
         }

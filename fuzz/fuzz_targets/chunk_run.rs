@@ -87,6 +87,15 @@ fuzz_target!(|data: &[u8]| {
         assert!(chunk::decode_run(&ids, frame, &wrong, &mut out).is_err());
         let mut fresh = chunk::FrameReader::default();
         assert!(fresh.read_into(&ids, 1, frame, &wrong, &mut slice).is_err());
+        // Checked together, the chunks name the wrong one.
+        let chunks: Vec<(ChunkId, &[u8])> = wrong
+            .iter()
+            .map(|&(id, s, u)| (id, &all[s as usize..(s + u) as usize]))
+            .collect();
+        assert_eq!(
+            chunk::check_chunks(&ids, &chunks).map_err(|(k, _)| k),
+            Err(last)
+        );
     }
     let mut past = run.clone();
     past[last].2 += (all.len() - at) as u32 + 1;

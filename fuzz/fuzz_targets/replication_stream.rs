@@ -41,25 +41,28 @@ fuzz_target!(|data: &[u8]| {
             let _ = message::parse_row_description(&f.body);
             let _ = message::parse_data_row(&f.body);
             if let Ok(message::BackupData::Data(d)) = message::parse_backup_data(f.body.clone()) {
-                let r = reader.feed(&d, &mut |ev: tar::TarEvent<'_>| -> Result<(), tar::TarError> {
-                    match ev {
-                        tar::TarEvent::Entry(e) => {
-                            assert!(!e.path.is_empty() && !e.path.ends_with('/'));
-                            assert_eq!(e.mode & !0o7777, 0);
-                            declared = match e.kind {
-                                tar::TarKind::File { size } => Some(size),
-                                _ => None,
-                            };
-                            seen = 0;
+                let r = reader.feed(
+                    &d,
+                    &mut |ev: tar::TarEvent<'_>| -> Result<(), tar::TarError> {
+                        match ev {
+                            tar::TarEvent::Entry(e) => {
+                                assert!(!e.path.is_empty() && !e.path.ends_with('/'));
+                                assert_eq!(e.mode & !0o7777, 0);
+                                declared = match e.kind {
+                                    tar::TarKind::File { size } => Some(size),
+                                    _ => None,
+                                };
+                                seen = 0;
+                            }
+                            tar::TarEvent::Data(d) => {
+                                seen += d.len() as u64;
+                                assert!(declared.is_some_and(|s| seen <= s));
+                            }
+                            tar::TarEvent::EntryEnd => assert_eq!(declared, Some(seen)),
                         }
-                        tar::TarEvent::Data(d) => {
-                            seen += d.len() as u64;
-                            assert!(declared.is_some_and(|s| seen <= s));
-                        }
-                        tar::TarEvent::EntryEnd => assert_eq!(declared, Some(seen)),
-                    }
-                    Ok(())
-                });
+                        Ok(())
+                    },
+                );
                 if r.is_err() {
                     return;
                 }

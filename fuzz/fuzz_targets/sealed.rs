@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
     }
     // A real envelope of these bytes opens to them, whole and by range.
     let sealed = seal::seal_with(&keys, "packs/00/x", data, |s| s.fill(data.len() as u8));
-    assert_eq!(seal::open(&keys, "packs/00/x", &sealed).as_deref(), Ok(data));
+    assert_eq!(
+        seal::open(&keys, "packs/00/x", &sealed).as_deref(),
+        Ok(data)
+    );
     assert_eq!(seal::plain_len(sealed.len() as u64), Ok(data.len() as u64));
     if let Ok(e) = KeyringEntry::decode(data) {
         assert_eq!(e.encode(), data);

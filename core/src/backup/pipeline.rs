@@ -299,8 +299,9 @@ impl<'a> Packer<'a> {
         let mut locs: Vec<ChunkLoc> = Vec::with_capacity(n);
         // Consecutive new chunks (indexes into `locs`) waiting to be compressed as one frame.
         let mut run: Vec<usize> = Vec::new();
-        for (k, chunk) in data.chunks(cs).enumerate() {
-            let id = self.s.ids.id(chunk);
+        let chunks: Vec<&[u8]> = data.chunks(cs).collect();
+        let ids = self.s.ids.ids(&chunks);
+        for (k, (&chunk, &id)) in chunks.iter().zip(&ids).enumerate() {
             let p = from_parent
                 .get(k)
                 .and_then(|c| Some((*c, self.s.parent_pack(c.pack)?)));

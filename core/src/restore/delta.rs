@@ -195,13 +195,24 @@ fn stale_chunks(
         buf.resize(have, 0);
         file.read_exact_at(&mut buf, at)
             .with_context(|| format!("cannot read {path}"))?;
+        // The chunks read whole, hashed together; those past the end of the file are stale.
+        let chunks = &f.chunks[i..j];
+        let mut offs = Vec::with_capacity(chunks.len());
         let mut off = 0usize;
-        for c in &f.chunks[i..j] {
-            let end = off + c.ulen as usize;
-            if end > have || ids.id(&buf[off..end]) != c.id {
-                stale.push((*c, at + off as u64));
+        for c in chunks {
+            offs.push(off);
+            off += c.ulen as usize;
+        }
+        let whole: Vec<&[u8]> = chunks
+            .iter()
+            .zip(&offs)
+            .map_while(|(c, &o)| buf.get(o..o + c.ulen as usize))
+            .collect();
+        let got = ids.ids(&whole);
+        for (k, (c, &o)) in chunks.iter().zip(&offs).enumerate() {
+            if got.get(k) != Some(&c.id) {
+                stale.push((*c, at + o as u64));
             }
-            off = end;
         }
         at += span;
         i = j;

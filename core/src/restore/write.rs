@@ -358,7 +358,8 @@ async fn fetch(store: &Store, m: &LocalManifest, read: &Read, path: &str) -> Res
 }
 
 /// Decodes the chunks of one read (`bytes`, fetched) into `buf`, the window that starts at file
-/// offset `at`, verifying each against its id. Chunks that follow each other both in one frame
+/// offset `at`, verifying each against its id (all of the read's chunks hashed together once
+/// decoded, before the window is written). Chunks that follow each other both in one frame
 /// and in the file are decoded with one decompression of the frame, and a frame read in
 /// several pieces (a backup that reuses some of its chunks) is decompressed once for all. An
 /// error names the damaged frame (its offset in the pack, its first chunk wanted).
@@ -400,11 +401,27 @@ fn decode_read(
         group.clear();
         group.extend(items[i..j].iter().map(|(c, _)| (c.id, c.skip, c.ulen)));
         frames
-            .read_into(ids, c0.offset, frame, &group, dst)
+            .decode_into(c0.offset, frame, &group, dst)
             .map_err(|e| damaged(&e))?;
         i = j;
     }
-    Ok(())
+    // Every chunk of the read is now at its place in the window (each placed inside it above):
+    // check them against their ids, hashed together (a nightly's runs are often one or two
+    // pages; the read's chunks fill the multi-buffer hasher's lanes).
+    let chunks = items
+        .iter()
+        .map(|(c, off)| {
+            off.checked_sub(at)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| buf.get(o..o.checked_add(c.ulen as usize)?))
+                .map(|b| (c.id, b))
+                .ok_or_else(|| (c.offset, c.id, "it lies outside its window".to_string()))
+        })
+        .collect::<std::result::Result<Vec<(ChunkId, &[u8])>, _>>()?;
+    chunk::check_chunks(ids, &chunks).map_err(|(k, e)| {
+        let c = items[k].0;
+        (c.offset, c.id, e.to_string())
+    })
 }
 
 #[cfg(test)]

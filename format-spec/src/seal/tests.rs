@@ -134,3 +134,54 @@ fn deterministic_salts_give_deterministic_bytes() {
     assert_eq!(a, b);
     assert_eq!(open(&k, "config", &a).unwrap(), b"abc");
 }
+
+/// The multi-buffer ids equal the one-by-one ids (sha2, HMAC) for every batch size that fills
+/// the hasher's lanes partly, fully or over, and lengths at SHA-256's block and padding edges,
+/// the page, and above.
+#[test]
+fn batch_ids_equal_one_by_one_ids() {
+    let lens = [
+        0usize,
+        1,
+        55,
+        56,
+        57,
+        63,
+        64,
+        65,
+        119,
+        120,
+        127,
+        128,
+        1000,
+        8191,
+        8192,
+        8193,
+        65536,
+        1 << 20,
+    ];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let data: Vec<u8> = (0..(3 << 20)).map(|_| next() as u8).collect();
+    let keyed = DataKeys::derive(&[7; 32]);
+    for ids in [&ChunkIds::Sha256, keyed.chunk_ids()] {
+        for n in [1usize, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 129] {
+            let chunks: Vec<&[u8]> = (0..n)
+                .map(|k| {
+                    let len = lens[(k * 7 + n) % lens.len()];
+                    let at = (k * 4099) % (data.len() - len);
+                    &data[at..at + len]
+                })
+                .collect();
+            let one: Vec<ChunkId> = chunks.iter().map(|c| ids.id(c)).collect();
+            assert_eq!(ids.ids(&chunks), one, "{ids:?}, batch of {n}");
+        }
+    }
+    assert!(ChunkIds::Sha256.ids(&[]).is_empty());
+    assert_eq!(ChunkIds::Sha256.ids(&[b"abc"])[0], ChunkId::of(b"abc"));
+}
