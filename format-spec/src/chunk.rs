@@ -29,9 +29,8 @@ pub fn compress(data: &[u8], level: i32) -> Vec<u8> {
 /// shorter run of changed pages) gets the table for inputs of at most 256 KiB, which at level 1
 /// looks for matches of 6 bytes (5 under 128 KiB) instead of 7. On table pages holding
 /// high-entropy text (hex, hashes, random ids) the shorter matches are mostly worse than the
-/// literals they replace: pgbench's accounts table with a random hex filler stores 3% larger and
-/// decodes about a quarter slower in 256 KiB frames with them (`zstd -b1 -B256K`, 2.584 against
-/// 2.665 with `--zstd=mml=7`). A whole-file or whole-segment compressor (pgBackRest's, or
+/// literals they replace: pgbench's accounts table with a random hex filler stores 3% larger in
+/// 256 KiB frames with them (`zstd -b1 -B256K`, 2.584 against 2.665 with `--zstd=mml=7`). A whole-file or whole-segment compressor (pgBackRest's, or
 /// tidemark's WAL) gets 7 at level 1 anyway. Higher levels use other match finders, left as
 /// zstd picks them.
 fn large_input_min_match(level: i32) -> Option<u32> {
