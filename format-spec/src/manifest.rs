@@ -32,6 +32,36 @@ pub const SOURCE_PGDATA: u8 = 1;
 pub const SOURCE_REPLICATION: u8 = 2;
 /// Flag bit: the backup was taken from a standby.
 pub const FLAG_FROM_STANDBY: u32 = 1;
+/// Flag bit (format 1.5): every file's `sha256` field is its chunk-list hash
+/// ([`chunk_list_hash`]), not the SHA-256 of its bytes.
+pub const FLAG_CHUNK_LIST_HASH: u32 = 2;
+
+/// A file's chunk-list hash (format 1.5): the SHA-256 of its chunk ids in file order, each as
+/// its 32 bytes, concatenated. The ids fix every byte of the file, so this fixes the file as its
+/// SHA-256 would, for 32 bytes hashed per chunk instead of the chunk's bytes (an empty file's is
+/// the SHA-256 of nothing, as its content hash is).
+pub fn chunk_list_hash<'a>(ids: impl IntoIterator<Item = &'a ChunkId>) -> ContentHash {
+    let mut h = ChunkListHasher::default();
+    for id in ids {
+        h.push(id);
+    }
+    h.finish()
+}
+
+/// [`chunk_list_hash`] fed one chunk id at a time.
+#[derive(Default)]
+pub struct ChunkListHasher(sha2::Sha256);
+
+impl ChunkListHasher {
+    /// The file's next chunk.
+    pub fn push(&mut self, id: &ChunkId) {
+        sha2::Digest::update(&mut self.0, id.as_bytes());
+    }
+
+    pub fn finish(self) -> ContentHash {
+        ChunkId(sha2::Digest::finalize(self.0).into())
+    }
+}
 
 /// Counters recorded when the backup was written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -108,9 +138,17 @@ impl ChunkRef {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileEntry {
     pub size: u64,
-    /// sha256 of the whole file as backed up.
+    /// SHA-256 of the whole file as backed up, or its chunk-list hash when the manifest has
+    /// `FLAG_CHUNK_LIST_HASH`.
     pub sha256: ContentHash,
     pub chunks: Vec<ChunkRef>,
+}
+
+impl FileEntry {
+    /// The file's chunk-list hash ([`chunk_list_hash`]).
+    pub fn chunk_list_hash(&self) -> ContentHash {
+        chunk_list_hash(self.chunks.iter().map(|c| &c.id))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

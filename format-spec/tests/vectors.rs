@@ -489,6 +489,17 @@ fn manifest_vector() {
             assert_eq!(ChunkId::of(&data), f.sha256, "{}", e.path);
             if e.path == "base/1/16384" {
                 assert_eq!(frames, 3);
+                // Its chunk-list hash (format 1.5, vectors/README.md): the SHA-256 of the ids
+                // of A, B, A, C, concatenated.
+                let ids: Vec<u8> = f.chunks.iter().flat_map(|c| c.id.0).collect();
+                assert_eq!(f.chunk_list_hash(), ChunkId::of(&ids));
+                assert_eq!(
+                    f.chunk_list_hash().to_string(),
+                    "ed752dd73b79aa8f49b10b4775a7dc1a9193e5a74da8350742f4864913db8456"
+                );
+            }
+            if f.chunks.is_empty() {
+                assert_eq!(f.chunk_list_hash(), f.sha256, "{}: empty", e.path);
             }
         }
     }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
-use tidemark_format::manifest::{ChunkRef, ManifestHeader, ManifestWriter};
+use tidemark_format::manifest::{self, ChunkListHasher, ChunkRef, ManifestHeader, ManifestWriter};
 use tidemark_format::{ChunkId, PackId};
 
 /// Bytes of one record: chunk id, slot tag, pack id or sequence number, offset, clen, ulen,
@@ -170,22 +170,35 @@ pub(crate) fn write_manifest(
                 .ok_or_else(|| anyhow!("pack {seq} of this backup was never sealed")),
         }
     };
-    // Pass 1: the pack table, in the order entries first name the packs.
+    let list_hashes = header.flags & manifest::FLAG_CHUNK_LIST_HASH != 0;
+    // Pass 1: the pack table, in the order entries first name the packs, and each file's hash:
+    // its chunk-list hash under FLAG_CHUNK_LIST_HASH, else the SHA-256 its source computed.
     let mut table: Vec<PackId> = Vec::new();
     let mut index: HashMap<PackId, u32> = HashMap::new();
+    let mut hashes: HashMap<usize, ChunkId> = HashMap::with_capacity(files.len());
     let mut count = 0u64;
-    for (_, _, kind) in items {
+    for (path, _, kind) in items {
         match kind {
             ItemKind::File(i) => {
                 let Some(done) = files.get(i) else { continue };
-                log.for_each(&done.chunks, |_, loc| {
+                let mut list = ChunkListHasher::default();
+                log.for_each(&done.chunks, |id, loc| {
                     let p = pack_of(loc.slot)?;
                     index.entry(p).or_insert_with(|| {
                         table.push(p);
                         (table.len() - 1) as u32
                     });
+                    list.push(&id);
                     Ok(())
                 })?;
+                let hash = match (list_hashes, done.sha256) {
+                    (true, _) => list.finish(),
+                    (false, Some(h)) => h,
+                    (false, None) => bail!(
+                        "file {path} has no content hash\nhint: this is a bug; rerun the backup"
+                    ),
+                };
+                hashes.insert(*i, hash);
             }
             ItemKind::Dir | ItemKind::Symlink(_) => {}
         }
@@ -203,8 +216,7 @@ pub(crate) fn write_manifest(
             ItemKind::File(i) => {
                 let Some(done) = files.get(i) else { continue };
                 let n: u64 = done.chunks.iter().map(|l| u64::from(l.n)).sum();
-                w.file(path, *mode, done.size, &done.sha256, n)
-                    .map_err(io)?;
+                w.file(path, *mode, done.size, &hashes[i], n).map_err(io)?;
                 log.for_each(&done.chunks, |id, loc| {
                     let pack = index[&pack_of(loc.slot)?];
                     w.chunk(&ChunkRef {
@@ -260,6 +272,69 @@ mod tests {
         assert_eq!(
             got[4000 + 1],
             (ChunkId([4000u32 as u8; 32]), Slot::New(4000), 4000)
+        );
+    }
+
+    /// A manifest of one file `f` of three chunks, its hash from the source `sha256`, written
+    /// with `flags`.
+    fn one_file_manifest(flags: u32, sha256: Option<ChunkId>) -> Result<manifest::Manifest> {
+        let log = ChunkLog::new().unwrap();
+        let ids = [ChunkId([1; 32]), ChunkId([2; 32]), ChunkId([1; 32])];
+        let locs: Vec<ChunkLoc> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let loc = Loc {
+                    slot: Slot::Stored(PackId([7; 32])),
+                    offset: 8 + 10 * i as u64,
+                    clen: 10,
+                    ulen: 8192,
+                    skip: 0,
+                };
+                (*id, loc)
+            })
+            .collect();
+        let logged = log.append(&locs).unwrap();
+        let mut header = crate::test_support::hdr("b1", 1);
+        header.flags = flags;
+        let items = vec![("f".to_string(), 0o600, ItemKind::File(0))];
+        let files = HashMap::from([(
+            0,
+            FileDone {
+                size: 3 * 8192,
+                sha256,
+                chunks: vec![logged],
+            },
+        )]);
+        let (f, len) = write_manifest(&header, &items, &files, &HashMap::new(), &log.reader()?)?;
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        Ok(manifest::Manifest::decode(&buf).unwrap())
+    }
+
+    fn file_hash(m: &manifest::Manifest) -> ChunkId {
+        match &m.entries[0].kind {
+            manifest::EntryKind::File(f) => f.sha256,
+            other => panic!("not a file: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_manifest_records_the_chunk_list_hash_under_its_flag() {
+        let m = one_file_manifest(manifest::FLAG_CHUNK_LIST_HASH, None).unwrap();
+        let want =
+            manifest::chunk_list_hash(&[ChunkId([1; 32]), ChunkId([2; 32]), ChunkId([1; 32])]);
+        assert_eq!(file_hash(&m), want);
+        // A hash the source computed is not what the flag says the field holds: it is ignored.
+        let m = one_file_manifest(manifest::FLAG_CHUNK_LIST_HASH, Some(ChunkId([5; 32]))).unwrap();
+        assert_eq!(file_hash(&m), want);
+        // Without the flag, the source's hash; a source that computed none is a bug, refused.
+        let m = one_file_manifest(0, Some(ChunkId([5; 32]))).unwrap();
+        assert_eq!(file_hash(&m), ChunkId([5; 32]));
+        let e = one_file_manifest(0, None).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("file f has no content hash"),
+            "{e:#}"
         );
     }
 }

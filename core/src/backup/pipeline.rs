@@ -86,7 +86,9 @@ pub(crate) struct SealedPack {
 /// A file's content as stored: its chunk locations are in the chunk log, block by block.
 pub(crate) struct FileDone {
     pub(crate) size: u64,
-    pub(crate) sha256: ChunkId,
+    /// The SHA-256 of the file's bytes, when the source computed it; without it the manifest
+    /// records the file's chunk-list hash (`FLAG_CHUNK_LIST_HASH`).
+    pub(crate) sha256: Option<ChunkId>,
     pub(crate) chunks: Vec<Logged>,
 }
 

@@ -79,6 +79,9 @@ pub(crate) trait Source {
     const KIND: u8;
     /// The source's name in logs.
     const NAME: &'static str;
+    /// Whether the manifest records chunk-list hashes (`FLAG_CHUNK_LIST_HASH`) instead of the
+    /// SHA-256 of each file's bytes (`FileDone::sha256`).
+    const CHUNK_LIST_HASHES: bool;
 
     /// Reads who the server is.
     async fn identify(&mut self) -> Result<Server>;
@@ -186,6 +189,10 @@ impl Session<'_> {
                 source: S::KIND,
                 flags: if copied.from_standby {
                     manifest::FLAG_FROM_STANDBY
+                } else {
+                    0
+                } | if S::CHUNK_LIST_HASHES {
+                    manifest::FLAG_CHUNK_LIST_HASH
                 } else {
                     0
                 },

@@ -6,24 +6,24 @@
 //!   that descriptor: the copy of a file is of one inode, as if read front to back.
 //! - The blocks handed out are those of the file's size when it was opened; the last one reads
 //!   on to end of file, so a file that grew is copied whole. A block that reads short ends the
-//!   file there: later blocks are neither hashed nor stored (the file shrank meanwhile).
-//! - The whole-file sha256 takes the blocks in file order: a block's worker waits for the turn
-//!   of its block (the previous block hashed) before hashing and storing it. The earliest
+//!   file there: later blocks are neither counted nor stored (the file shrank meanwhile).
+//! - A file's size and end are settled in file order: a block's worker waits for the turn of
+//!   its block (the previous block counted) before counting and storing it. The earliest
 //!   outstanding block never waits, so the turns always advance; a failed worker ends the
-//!   waits of the others.
+//!   waits of the others. No whole-file hash is computed here: the manifest records each
+//!   file's chunk-list hash (`FLAG_CHUNK_LIST_HASH`, format 1.5), made from the chunk ids the
+//!   workers compute anyway.
 //! - Memory: the state of the files being copied (at most one per worker, plus one), one
 //!   buffer of one block per worker, and per file one chunk-log range per block stored.
 
 use super::super::chunk_log::Logged;
 use super::super::pipeline::{FileDone, Packer, Shared, CHUNKS_PER_BLOCK};
 use anyhow::{Context, Result};
-use sha2::{Digest, Sha256};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
-use tidemark_format::ChunkId;
 
 /// The files to copy, handed out block by block in order.
 pub(super) struct BlockQueue {
@@ -59,7 +59,6 @@ struct InFlight {
 struct Order {
     /// The block whose turn it is.
     next: usize,
-    whole: Sha256,
     size: u64,
     /// A block read short: the file ends there.
     ended: bool,
@@ -148,7 +147,6 @@ impl InFlight {
             parent,
             order: Mutex::new(Order {
                 next: 0,
-                whole: Sha256::new(),
                 size: 0,
                 ended: false,
                 stored: vec![Vec::new(); blocks],
@@ -158,7 +156,7 @@ impl InFlight {
         }))
     }
 
-    /// Waits until it is block `k`'s turn (every earlier block hashed), or another worker failed.
+    /// Waits until it is block `k`'s turn (every earlier block counted), or another worker failed.
     fn wait_turn(&self, k: usize, s: &Shared) -> Result<MutexGuard<'_, Order>> {
         let mut o = self.lock()?;
         while o.next != k {
@@ -172,7 +170,7 @@ impl InFlight {
         Ok(o)
     }
 
-    /// Hands the turn to block `k + 1`: block `k` is hashed (or skipped after the file ended).
+    /// Hands the turn to block `k + 1`: block `k` is counted (or skipped after the file ended).
     fn pass_turn(&self, mut o: MutexGuard<'_, Order>, k: usize) {
         o.next = k + 1;
         drop(o);
@@ -208,12 +206,11 @@ pub(super) fn copy_blocks(p: &mut Packer<'_>, q: &BlockQueue) -> Result<Vec<(usi
         if o.finished == file.blocks {
             let size = o.size;
             tracing::debug!(file = %rel, size, "file copied");
-            let whole = std::mem::take(&mut o.whole);
             out.push((
                 *idx,
                 FileDone {
                     size,
-                    sha256: ChunkId(whole.finalize().into()),
+                    sha256: None,
                     chunks: o.stored.drain(..).flatten().collect(),
                 },
             ));
@@ -222,7 +219,7 @@ pub(super) fn copy_blocks(p: &mut Packer<'_>, q: &BlockQueue) -> Result<Vec<(usi
     Ok(out)
 }
 
-/// Reads block `k` of `file`, and in its turn hashes and stores it; the file's last block
+/// Reads block `k` of `file`, and in its turn counts and stores it; the file's last block
 /// reads on to end of file. Returns the chunk-log ranges stored.
 fn copy_block(
     p: &mut Packer<'_>,
@@ -243,18 +240,17 @@ fn copy_block(
     let mut o = file.wait_turn(k, s)?;
     let mut stored = Vec::new();
     if !o.ended {
-        o.whole.update(&buf[..n]);
         o.size += n as u64;
         o.ended = n < bs && !last;
         if !last {
-            // The next block's worker may hash while this one compresses.
+            // The next block's worker may go on while this one stores.
             file.pass_turn(o, k);
             if n > 0 {
                 stored.push(p.store(&buf[..n], file.parent, k * CHUNKS_PER_BLOCK)?);
             }
             return Ok(stored);
         }
-        // The last block: every earlier block is hashed and no later one exists, so the rest
+        // The last block: every earlier block is counted and no later one exists, so the rest
         // of the file is this worker's alone.
         drop(o);
         let mut first = k * CHUNKS_PER_BLOCK;
@@ -268,9 +264,7 @@ fn copy_block(
             first += CHUNKS_PER_BLOCK;
             at += n as u64;
             n = read(buf, at)?;
-            let mut o = file.lock()?;
-            o.whole.update(&buf[..n]);
-            o.size += n as u64;
+            file.lock()?.size += n as u64;
         }
         return Ok(stored);
     }
@@ -298,6 +292,7 @@ mod tests {
     use super::*;
     use crate::store::Store;
     use tidemark_format::config::{RepoConfig, COMPRESSION_ZSTD};
+    use tidemark_format::ChunkId;
     use tidemark_format::SystemId;
 
     const MIB: usize = 1 << 20;
@@ -424,7 +419,7 @@ mod tests {
     fn expect(got: &Option<(FileDone, Vec<ChunkId>)>, data: &[u8]) {
         let (d, ids) = got.as_ref().expect("file not reported");
         assert_eq!(d.size, data.len() as u64);
-        assert_eq!(d.sha256, ChunkId::of(data), "whole-file sha256");
+        assert_eq!(d.sha256, None, "the manifest records the chunk-list hash");
         let want: Vec<ChunkId> = data.chunks(8192).map(ChunkId::of).collect();
         assert_eq!(ids.len(), want.len());
         assert!(ids == &want, "chunks out of order or wrong");
@@ -490,7 +485,8 @@ mod tests {
         assert_eq!(parts.len(), 2);
         let o = file.lock().unwrap();
         assert_eq!(o.size, data.len() as u64);
-        assert_eq!(o.whole.clone().finalize()[..], ChunkId::of(&data).0[..]);
+        assert_eq!(o.next, 1, "block 0 passed the turn to the last block");
+        assert!(!o.ended);
     }
 
     #[test]

@@ -101,6 +101,8 @@ fn col<'a>(row: &'a [Option<String>], i: usize, what: &str) -> Result<&'a str> {
 impl Source for Replication<'_> {
     const KIND: u8 = manifest::SOURCE_REPLICATION;
     const NAME: &'static str = "replication";
+    /// The SHA-256 of each file is what the server's backup manifest is checked against.
+    const CHUNK_LIST_HASHES: bool = false;
 
     async fn identify(&mut self) -> Result<Server> {
         let sets = self.conn.simple_query("IDENTIFY_SYSTEM").await?;
@@ -271,7 +273,7 @@ fn files_done(parts: Vec<Vec<Part>>, demuxed: &Demuxed) -> Result<HashMap<usize,
             fid,
             FileDone {
                 size: *size,
-                sha256: ChunkId(*sha),
+                sha256: Some(ChunkId(*sha)),
                 chunks,
             },
         );
