@@ -417,6 +417,32 @@ mod tests {
     }
 
     #[test]
+    fn chunk_list_hashes_are_checked_by_every_full_read() {
+        let mut m = sample();
+        m.header.flags = FLAG_CHUNK_LIST_HASH;
+        // The sample's file hash is its content's SHA-256: not its chunk-list hash.
+        let b = m.encode();
+        for e in [
+            Manifest::decode(&b).unwrap_err(),
+            stream::ManifestIndex::read(&b[..]).unwrap_err(),
+        ] {
+            let e = e.to_string();
+            assert!(e.contains("file \"base/1\" records hash"), "{e}");
+            assert!(e.contains("its chunk list hashes to"), "{e}");
+        }
+        let EntryKind::File(f) = &mut m.entries[1].kind else {
+            unreachable!()
+        };
+        f.sha256 = f.chunk_list_hash();
+        let b = m.encode();
+        assert_eq!(Manifest::decode(&b).unwrap(), m);
+        assert!(stream::ManifestIndex::read(&b[..]).is_ok());
+        // Without the flag the field is not checked (a replication backup's SHA-256).
+        m.header.flags = 0;
+        assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+    }
+
+    #[test]
     fn rejects_escaping_paths() {
         for p in ["../etc/passwd", "/etc/passwd", "a//b", "a/./b", "a/..", ""] {
             assert!(validate_path(p).is_err(), "{p}");

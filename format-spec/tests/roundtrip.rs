@@ -9,8 +9,8 @@ use tidemark_format::config::{RepoConfig, COMPRESSION_ZSTD};
 use tidemark_format::lock::{GcState, Lease, LeaseKind, MAX_HOST};
 use tidemark_format::manifest::stream::MAX_PACK_OFFSET;
 use tidemark_format::manifest::{
-    self, BackupStats, ChunkRef, Entry, EntryKind, FileEntry, Manifest, ManifestHeader,
-    FLAG_FROM_STANDBY, SOURCE_PGDATA, SOURCE_REPLICATION,
+    self, chunk_list_hash, BackupStats, ChunkRef, Entry, EntryKind, FileEntry, Manifest,
+    ManifestHeader, FLAG_CHUNK_LIST_HASH, FLAG_FROM_STANDBY, SOURCE_PGDATA, SOURCE_REPLICATION,
 };
 use tidemark_format::pack::{self, PackBuilder};
 use tidemark_format::seal::ChunkIds;
@@ -329,7 +329,12 @@ fn manifest(rng: &mut Rng, frames: bool) -> Manifest {
         start_time_us: rng.next() as i64,
         stop_time_us: rng.next() as i64,
         source: *rng.pick(&[SOURCE_PGDATA, SOURCE_REPLICATION]),
-        flags: *rng.pick(&[0, FLAG_FROM_STANDBY]),
+        flags: *rng.pick(&[
+            0,
+            FLAG_FROM_STANDBY,
+            FLAG_CHUNK_LIST_HASH,
+            FLAG_FROM_STANDBY | FLAG_CHUNK_LIST_HASH,
+        ]),
         chunk_size: 1 << rng.range(12, 20),
         parent: rng.bool().then(|| backup_id(rng)),
         backup_label: rng.blob(0, 600),
@@ -359,6 +364,7 @@ fn manifest(rng: &mut Rng, frames: bool) -> Manifest {
         })
         .collect();
     paths.extend(parents.iter().cloned());
+    let list_hashes = header.flags & FLAG_CHUNK_LIST_HASH != 0;
     let entries = paths
         .into_iter()
         .map(|path| {
@@ -384,9 +390,16 @@ fn manifest(rng: &mut Rng, frames: bool) -> Manifest {
                             }
                         })
                         .collect();
+                    // Under FLAG_CHUNK_LIST_HASH the file hash is the list's (1.5), checked by
+                    // every reader; otherwise any value.
+                    let sha256 = if list_hashes {
+                        chunk_list_hash(chunks.iter().map(|c| &c.id))
+                    } else {
+                        ChunkId(rng.id())
+                    };
                     EntryKind::File(FileEntry {
                         size: chunks.iter().map(|c| c.ulen as u64).sum(),
-                        sha256: ChunkId(rng.id()),
+                        sha256,
                         chunks,
                     })
                 }

@@ -251,6 +251,8 @@ struct Pending {
     left: u64,
     size: u64,
     total: u64,
+    /// Under `FLAG_CHUNK_LIST_HASH`: the file's recorded hash and its chunk ids hashed so far.
+    list: Option<(ContentHash, super::ChunkListHasher)>,
 }
 
 /// Reads a manifest entry by entry. The caller verifies the trailer first
@@ -265,6 +267,9 @@ pub struct ManifestReader<'s, S: ?Sized> {
     pending: Option<Pending>,
     /// Whether chunk references carry a skip (manifest major 3 and 4).
     frames: bool,
+    /// Whether file hashes are chunk-list hashes (`FLAG_CHUNK_LIST_HASH`): checked as each
+    /// file's list is read.
+    list_hashes: bool,
 }
 
 impl<'s, S: Source + ?Sized> ManifestReader<'s, S> {
@@ -307,6 +312,7 @@ impl<'s, S: Source + ?Sized> ManifestReader<'s, S> {
             dirs: HashSet::new(),
             pending: None,
             frames,
+            list_hashes: header.flags & super::FLAG_CHUNK_LIST_HASH != 0,
         };
         Ok((reader, header, packs))
     }
@@ -376,6 +382,9 @@ impl<'s, S: Source + ?Sized> ManifestReader<'s, S> {
                     left: nchunks,
                     size,
                     total: 0,
+                    list: self
+                        .list_hashes
+                        .then(|| (sha256, super::ChunkListHasher::default())),
                 });
                 HeadKind::File(FileHead {
                     size,
@@ -420,6 +429,9 @@ impl<'s, S: Source + ?Sized> ManifestReader<'s, S> {
         let c = decode_chunk(&mut self.cur, &p.path, self.packs, self.frames)?;
         let p = self.pending.as_mut().expect("pending file");
         p.total += c.ulen as u64;
+        if let Some((_, h)) = &mut p.list {
+            h.push(&c.id);
+        }
         if p.left == 0 {
             self.end_of_file()?;
         }
@@ -436,6 +448,18 @@ impl<'s, S: Source + ?Sized> ManifestReader<'s, S> {
                         p.path, p.size, p.total
                     ),
                 ));
+            }
+            if let Some((want, h)) = p.list {
+                let got = h.finish();
+                if got != want {
+                    return Err(FormatError::invalid(
+                        WHAT,
+                        format!(
+                            "file {:?} records hash {want}, but its chunk list hashes to {got}",
+                            p.path
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
