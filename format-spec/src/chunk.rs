@@ -349,7 +349,10 @@ impl FrameReader {
                 ));
             }
             self.held = None;
-            self.buf = decompress_exact("chunk", frame, flen)?;
+            // The buffer is kept from frame to frame (exactly the frame's length: a chunk past
+            // it is refused below, never read from an older frame's bytes).
+            self.buf.resize(flen as usize, 0);
+            decompress_into(frame, flen, &mut self.buf)?;
             self.held = Some((key, frame.len()));
         }
         let mut pos = 0;

@@ -65,7 +65,7 @@ pub(crate) enum Slot {
 }
 
 /// Where a chunk is: in a pack of an earlier backup, or in a pack this backup seals.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Loc {
     pub(crate) slot: Slot,
     pub(crate) offset: u64,
@@ -265,6 +265,8 @@ pub(crate) struct Packer<'a> {
     tx: &'a mpsc::Sender<SealedPack>,
     compressor: tidemark_format::chunk::Compressor,
     pack: Option<(u32, PackBuilder)>,
+    /// The chunks of a frame whose chunks do not follow each other in the file, put end to end.
+    gathered: Vec<u8>,
 }
 
 impl<'a> Packer<'a> {
@@ -276,6 +278,7 @@ impl<'a> Packer<'a> {
             tx,
             compressor,
             pack: None,
+            gathered: Vec::new(),
         })
     }
 
@@ -299,7 +302,12 @@ impl<'a> Packer<'a> {
         let n = data.len().div_ceil(cs);
         let from_parent = self.s.parent_chunks(parent, first, n)?;
         let mut locs: Vec<ChunkLoc> = Vec::with_capacity(n);
-        // Consecutive new chunks (indexes into `locs`) waiting to be compressed as one frame.
+        // New chunks of the block (indexes into `locs`, in file order) waiting to be compressed
+        // as one frame. A chunk found stored does not end the run: a nightly's changed pages
+        // are scattered (1.85 pages per run after a 1% update of random rows), and one frame
+        // for them all instead of one per run compresses 4% smaller and half again as fast,
+        // and decodes as much faster (`zstd -b1` on such pages: 2.51 at 16 KiB frames, 2.61 at
+        // 256 KiB; bench/results.md).
         let mut run: Vec<usize> = Vec::new();
         let chunks: Vec<&[u8]> = data.chunks(cs).collect();
         let ids = self.s.ids.ids(&chunks);
@@ -313,7 +321,6 @@ impl<'a> Packer<'a> {
                 self.flush(data, &mut run, &mut locs)?;
             }
             if let Some(loc) = self.known(id, p) {
-                self.flush(data, &mut run, &mut locs)?;
                 locs.push((id, loc));
                 continue;
             }
@@ -357,16 +364,25 @@ impl<'a> Packer<'a> {
         known
     }
 
-    /// Compresses the chunks `run` (consecutive chunks of `data`, by index into `locs`) as one
-    /// frame into the open pack, resolves their locations, and seals the pack when it reaches
-    /// its target size.
+    /// Compresses the chunks `run` (chunks of `data` in file order, by index into `locs`) as
+    /// one frame into the open pack, resolves their locations, and seals the pack when it
+    /// reaches its target size.
     fn flush(&mut self, data: &[u8], run: &mut Vec<usize>, locs: &mut [ChunkLoc]) -> Result<()> {
         let (Some(&a), Some(&b)) = (run.first(), run.last()) else {
             return Ok(());
         };
         let s = self.s;
         let cs = s.chunk_size;
-        let bytes = &data[a * cs..(b * cs + cs).min(data.len())];
+        let chunk = |k: usize| &data[k * cs..(k * cs + cs).min(data.len())];
+        let bytes: &[u8] = if b - a + 1 == run.len() {
+            &data[a * cs..(b * cs + cs).min(data.len())]
+        } else {
+            self.gathered.clear();
+            for &k in run.iter() {
+                self.gathered.extend_from_slice(chunk(k));
+            }
+            &self.gathered
+        };
         let frame = self
             .compressor
             .compress(bytes)

@@ -489,6 +489,48 @@ mod tests {
         assert!(!o.ended);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_new_chunks_of_a_block_share_one_frame_around_chunks_found_stored() {
+        let lab = Lab::new();
+        let pipeline = lab.pipeline();
+        // Pages that are not all zero (`content` zeroes every fifth page, the first included).
+        let page = |seed| content(2 * 8192, seed)[8192..].to_vec();
+        let (a, b, c, d, e) = (page(2), page(4), page(6), page(8), page(10));
+        assert!([&b, &c, &d, &e].iter().all(|p| **p != a) && c != d && d != e && c != e);
+        let first = [a.clone(), b.clone()].concat();
+        let second = [c.clone(), a.clone(), d.clone(), b.clone(), e.clone()].concat();
+        let (parts, stored) = pipeline
+            .run(pipeline.shared(1).unwrap(), 1, move |p: &mut Packer<'_>| {
+                Ok(vec![p.store(&first, None, 0)?, p.store(&second, None, 2)?])
+            })
+            .await
+            .unwrap();
+        let logged: Vec<Logged> = parts.into_iter().flatten().collect();
+        let mut locs = Vec::new();
+        stored
+            .log()
+            .for_each(&logged, |id, loc| {
+                locs.push((id, loc));
+                Ok(())
+            })
+            .unwrap();
+        let ids: Vec<ChunkId> = locs.iter().map(|(id, _)| *id).collect();
+        let want: Vec<ChunkId> = [&a, &b, &c, &a, &d, &b, &e]
+            .iter()
+            .map(|p| ChunkId::of(p))
+            .collect();
+        assert_eq!(ids, want);
+        let frame = |i: usize| (locs[i].1.slot, locs[i].1.offset, locs[i].1.clen);
+        // A and B are found stored in the second block: referenced where the first put them.
+        assert_eq!((locs[3].1, locs[5].1), (locs[0].1, locs[1].1));
+        // C, D and E, around them, are one frame, end to end in file order.
+        assert_eq!(frame(2), frame(4));
+        assert_eq!(frame(2), frame(6));
+        assert_ne!(frame(2), frame(0));
+        let skips: Vec<u32> = [2, 4, 6].iter().map(|&i| locs[i].1.skip).collect();
+        assert_eq!(skips, [0, 8192, 16384]);
+    }
+
     #[test]
     fn a_worker_that_panics_ends_the_wait_of_the_next_block() {
         let lab = Lab::new();
