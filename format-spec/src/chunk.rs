@@ -26,12 +26,13 @@ pub fn compress(data: &[u8], level: i32) -> Vec<u8> {
 /// fast levels (1 and below) where zstd's parameters for smaller inputs differ from it.
 ///
 /// zstd picks its parameters from the size of the input: a frame of tidemark's 256 KiB (or a
-/// shorter run of changed pages) gets the table for inputs of at most 256 KiB, which at level 1
-/// looks for matches of 6 bytes (5 under 128 KiB) instead of 7. On table pages holding
-/// high-entropy text (hex, hashes, random ids) the shorter matches are mostly worse than the
-/// literals they replace: pgbench's accounts table with a random hex filler stores 3% larger in
-/// 256 KiB frames with them (`zstd -b1 -B256K`, 2.584 against 2.665 with `--zstd=mml=7`). A whole-file or whole-segment compressor (pgBackRest's, or
-/// tidemark's WAL) gets 7 at level 1 anyway. Higher levels use other match finders, left as
+/// smaller one: the few changed pages of a block) gets the table for inputs of at most 256 KiB,
+/// which at level 1 looks for matches of 6 bytes (5 under 128 KiB) instead of 7. On table pages
+/// holding high-entropy text (hex, hashes, random ids) the shorter matches are mostly worse than
+/// the literals they replace: pgbench's accounts table with a random hex filler stores 3% larger
+/// in 256 KiB frames with them (`zstd -b1 -B256K`, 2.584 against 2.665 with `--zstd=mml=7`). A
+/// whole-file or whole-segment compressor (pgBackRest's, or tidemark's WAL) gets 7 at level 1
+/// anyway. Higher levels use other match finders, left as
 /// zstd picks them.
 fn large_input_min_match(level: i32) -> Option<u32> {
     match level {
