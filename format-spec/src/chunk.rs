@@ -260,6 +260,12 @@ pub struct FrameReader {
 }
 
 impl FrameReader {
+    /// Forgets the frame held, keeping its buffer: call it before reading frames whose keys may
+    /// name other frames than the held one's (e.g. offsets in another pack).
+    pub fn forget(&mut self) {
+        self.held = None;
+    }
+
     /// Appends the chunks `run` (as in [`decode_run`]) of `frame` to `out`; `key` names the
     /// frame (e.g. its offset in its pack) so that a later run of the same frame is served
     /// from the copy held. On an error `out` is left as it was.

@@ -307,6 +307,9 @@ async fn restore_window(
         reads,
     } = w;
     let mut buf = buffers.take(len);
+    // Kept from read to read of the window: a frame decoded whole for some of its chunks reuses
+    // its buffer (a fresh one per read cost an allocation and its zeroing).
+    let mut frames = chunk::FrameReader::default();
     let mut fetched = futures::stream::iter(reads.into_iter().map(|r| async move {
         let bytes = fetch(store, m, &r, path).await?;
         Ok::<_, anyhow::Error>((r, bytes))
@@ -318,11 +321,11 @@ async fn restore_window(
             m.packs[read.pack as usize],
             path.to_string(),
         );
-        buf = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
-            decode_read(&ids, &read, &bytes, &mut buf[..len], at).map_err(|(offset, id, e)| {
+        (buf, frames) = tokio::task::spawn_blocking(move || -> Result<_> {
+            decode_read(&ids, &read, &bytes, &mut buf[..len], at, &mut frames).map_err(|(offset, id, e)| {
                 anyhow!("file {path}: a chunk of the frame at offset {offset} of pack {pack} (chunk {id} onwards) is damaged: {e}\nhint: the repository is damaged; run 'tidemark-restore check --read-data' and restore from another backup")
             })?;
-            Ok(buf)
+            Ok((buf, frames))
         })
         .await??;
     }
@@ -369,10 +372,12 @@ fn decode_read(
     bytes: &[u8],
     buf: &mut [u8],
     at: u64,
+    frames: &mut chunk::FrameReader,
 ) -> std::result::Result<(), (u64, ChunkId, String)> {
     let items = &read.items;
     let mut group: Vec<(ChunkId, u32, u32)> = Vec::new();
-    let mut frames = chunk::FrameReader::default();
+    // Frames are keyed by their offset in the read's pack.
+    frames.forget();
     let mut i = 0;
     while i < items.len() {
         let (c0, off0) = items[i];
@@ -570,6 +575,46 @@ mod tests {
     }
 
     #[test]
+    fn a_frame_held_from_one_pack_is_not_served_for_another_packs_frame_at_the_same_offset() {
+        // Two frames of two pages each, as long as each other, at offset 0 of packs 0 and 1;
+        // the window wants the second page of each.
+        let pages = |b: u8| [vec![b; 8192], vec![b + 1; 8192]].concat();
+        let (one, two) = (pages(1), pages(5));
+        let (f1, f2) = (chunk::compress(&one, 1), chunk::compress(&two, 1));
+        assert_eq!(f1.len(), f2.len());
+        let read = |pack: u32, data: &[u8], frame: &[u8], at: u64| Read {
+            pack,
+            start: 0,
+            end: frame.len() as u64,
+            items: vec![(
+                ChunkRef {
+                    id: ChunkId::of(&data[8192..]),
+                    pack,
+                    offset: 0,
+                    clen: frame.len() as u32,
+                    ulen: 8192,
+                    skip: 8192,
+                },
+                at,
+            )],
+        };
+        let ids = tidemark_format::seal::ChunkIds::Sha256;
+        let mut frames = chunk::FrameReader::default();
+        let mut buf = vec![0u8; 16384];
+        decode_read(&ids, &read(0, &one, &f1, 0), &f1, &mut buf, 0, &mut frames).unwrap();
+        decode_read(
+            &ids,
+            &read(1, &two, &f2, 8192),
+            &f2,
+            &mut buf,
+            0,
+            &mut frames,
+        )
+        .unwrap();
+        assert_eq!(buf, [&one[8192..], &two[8192..]].concat());
+    }
+
+    #[test]
     fn a_chunk_outside_its_window_or_damaged_is_an_error_not_a_panic() {
         let page = vec![7u8; 8192];
         let frame = chunk::compress(&page, 1);
@@ -589,16 +634,33 @@ mod tests {
             items: vec![(c, 8192)],
         };
         let mut buf = vec![0u8; 8192];
-        decode_read(&ids, &read, &frame, &mut buf, 8192).unwrap();
+        decode_read(&ids, &read, &frame, &mut buf, 8192, &mut Default::default()).unwrap();
         assert_eq!(buf, page);
         // Before the window's start, or past its end: refused.
-        assert!(decode_read(&ids, &read, &frame, &mut buf, 16384).is_err());
-        assert!(decode_read(&ids, &read, &frame, &mut buf[..8191], 8192).is_err());
+        assert!(decode_read(
+            &ids,
+            &read,
+            &frame,
+            &mut buf,
+            16384,
+            &mut Default::default()
+        )
+        .is_err());
+        assert!(decode_read(
+            &ids,
+            &read,
+            &frame,
+            &mut buf[..8191],
+            8192,
+            &mut Default::default()
+        )
+        .is_err());
         // A damaged frame is named by its offset and its first chunk.
         let mut bad = frame.clone();
         let n = bad.len();
         bad[n - 1] ^= 0xff;
-        let (off, id, _) = decode_read(&ids, &read, &bad, &mut buf, 8192).unwrap_err();
+        let (off, id, _) =
+            decode_read(&ids, &read, &bad, &mut buf, 8192, &mut Default::default()).unwrap_err();
         assert_eq!((off, id), (0, c.id));
     }
 }

@@ -176,16 +176,28 @@ impl LocalDir {
     /// Reads `range`; unless `exact`, a range running past the end of the file yields the bytes
     /// up to its end.
     pub(super) fn get_range(&self, key: &str, range: Range<u64>, exact: bool) -> Result<Bytes> {
-        use std::os::unix::fs::FileExt;
+        use std::io::{Read, Seek};
         let f = std::fs::File::open(self.path(key)).map_err(|e| io_err(key, e))?;
         let mut len = range.end.saturating_sub(range.start);
         if !exact {
             let size = f.metadata().map_err(|e| io_err(key, e))?.len();
             len = len.min(size.saturating_sub(range.start));
         }
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact_at(&mut buf, range.start)
+        // Read into fresh capacity: a zeroed buffer cost a memset of every byte read (2% of a
+        // restore's CPU).
+        let mut buf = Vec::with_capacity(len as usize);
+        (&f).seek(std::io::SeekFrom::Start(range.start))
+            .and_then(|_| (&f).take(len).read_to_end(&mut buf))
             .map_err(|e| io_err(key, e))?;
+        if buf.len() as u64 != len {
+            return Err(io_err(
+                key,
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("{} of {len} bytes read", buf.len()),
+                ),
+            ));
+        }
         Ok(Bytes::from(buf))
     }
 
