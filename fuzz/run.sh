@@ -79,6 +79,8 @@ seed() {
     wal_object)
         cp "$vectors/wal-segment.bin" "$dir/seed-wal-segment"
         cp "$vectors/wal-history.bin" "$dir/seed-wal-history"
+        cp "$vectors/v1.5/wal-segment.bin" "$dir/seed-wal-segment-v15"
+        cp "$vectors/v1.5/wal-history.bin" "$dir/seed-wal-history-v15"
         ;;
     wal_name)
         local n i=0

@@ -55,8 +55,7 @@ async fn wal_push_never_overwrites_a_stored_segment() -> Result<()> {
         "a refused push must exit 1 (archive_command: > 125 makes the archiver FATAL):\n{r}"
     );
     ensure!(
-        r.stderr
-            .contains("already archived with a different sha256"),
+        r.stderr.contains("already archived with different content"),
         "the refusal does not say why:\n{r}"
     );
     ensure!(

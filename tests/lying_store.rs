@@ -286,7 +286,7 @@ async fn lying_puts_are_never_acknowledged_and_retries_store_whole_objects() -> 
     }
 
     // A short copy a writer left behind (it died before removing it): the header is intact and
-    // names the segment's sha256. A wal-push of the segment must not take it for the segment.
+    // names the segment's digest. A wal-push of the segment must not take it for the segment.
     batch += 1;
     data::write_batch(&db, batch).await?;
     let seg = switch_wal(&db).await?;

@@ -244,7 +244,7 @@ async fn sidecar_refuses_conflicting_segment_and_alerts() -> Result<()> {
     );
     ensure!(
         r.stderr.contains(&seg)
-            && (r.stderr.contains("conflict") || r.stderr.contains("different sha256")),
+            && (r.stderr.contains("conflict") || r.stderr.contains("different content")),
         "the refusal does not name {seg} and the conflict:\n{r}"
     );
     ensure!(

@@ -431,7 +431,7 @@ async fn check_wal(
     Ok(())
 }
 
-/// With `--read-data`: reads every archived WAL object whole and verifies it (size and sha256
+/// With `--read-data`: reads every archived WAL object whole and verifies it (size and digest
 /// against its header). A damaged one is reported, naming the backups whose recovery would replay
 /// it (same timeline, starting at or before it), and left out of `archive`, so the checks that
 /// follow see it as missing.

@@ -11,7 +11,7 @@
 //!
 //! Invariants:
 //! - A spooled file is a segment that the filler read from the archive under its own name and
-//!   verified in full before it was written: the stored object's name, size and sha256, and the
+//!   verified in full before it was written: the stored object's name, size and digest, and the
 //!   segment's page header (system identifier of the repository, timeline of the name, page
 //!   address of the segment, segment size equal to the file's). It is written under a temporary
 //!   name and renamed, so the spool never holds a partial segment under a WAL name; before a

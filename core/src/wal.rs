@@ -23,12 +23,12 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use tidemark_format::wal::{self as walfmt, WalFileName};
-use tidemark_format::{keys, ChunkId, FormatError};
+use tidemark_format::wal::{self as walfmt, WalDigest, WalFileName};
+use tidemark_format::{keys, FormatError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
-    #[error("wal file {name} already archived with a different sha256 (stored {stored}, offered {offered})\nhint: two clusters may be archiving into one repository, or the file is corrupt; the stored copy was left untouched")]
+    #[error("wal file {name} already archived with different content (stored {stored}, offered {offered})\nhint: two clusters may be archiving into one repository, or the file is corrupt; the stored copy was left untouched")]
     Conflict {
         name: String,
         stored: String,
@@ -91,13 +91,13 @@ fn data_dir_of(path: &Path, opts: &PushOptions) -> Option<PathBuf> {
         .then(|| PathBuf::from("."))
 }
 
-/// Archives one WAL file; also returns the sha256 of its content (what the stored object holds).
+/// Archives one WAL file; also returns the digest of its content (what the stored object holds).
 pub async fn push_file(
     store: &Store,
     path: &Path,
     level: i32,
     opts: &PushOptions,
-) -> Result<(PushOutcome, ChunkId)> {
+) -> Result<(PushOutcome, WalDigest)> {
     let fname = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -139,11 +139,11 @@ pub async fn push_file(
         .with_context(|| format!("refusing to archive wal file {name}"))?;
     let store = &store;
     let key = keys::wal(&name);
-    let sha = header.sha256;
+    let digest = header.digest;
     let size = obj.len() as u64;
     let obj = Bytes::from(obj);
     match store.put_create(&key, obj.clone()).await {
-        Ok(()) => Ok((PushOutcome::Stored(size), sha)),
+        Ok(()) => Ok((PushOutcome::Stored(size), digest)),
         Err(StoreError::AlreadyExists { .. }) => {
             // The stored copy is read back whole and verified, never trusted for existing: an
             // upload the store answered with success may have been stored short.
@@ -151,34 +151,55 @@ pub async fn push_file(
                 .get(&key, MAX_OBJECT)
                 .await
                 .with_context(|| format!("cannot read the stored copy of {name}"))?;
-            let stored = tokio::task::spawn_blocking(move || {
-                let full = walfmt::decode(&existing).map(|(h, _)| h.sha256);
+            let again = path.to_path_buf();
+            let (head, full, offered) = tokio::task::spawn_blocking(move || {
+                let head = walfmt::decode_header(&existing).map(|(h, _)| h.digest);
+                // A copy of an earlier format names its content by another function: the
+                // offered file is read again and hashed by that one.
+                let offered = match &head {
+                    Ok(d) if d.major() != digest.major() => {
+                        Some(std::fs::read(&again).map(|data| d.of_same_kind(&data)))
+                    }
+                    _ => None,
+                };
                 (
-                    walfmt::decode_header(&existing).map(|(h, _)| h.sha256),
-                    full,
+                    head,
+                    walfmt::decode(&existing).map(|(h, _)| h.digest),
+                    offered,
                 )
             })
             .await?;
-            match stored {
-                (_, Ok(s)) if s == sha => Ok(PushOutcome::AlreadyArchived),
-                (_, Ok(s)) => Err(conflict(&name, s, sha)),
-                // Damaged, and it claims this very content (its header names our sha256), or
+            let offered = match offered {
+                None => digest,
+                Some(d) => d.with_context(|| {
+                    format!(
+                        "cannot read {} again to compare it with the stored copy of {name}",
+                        path.display()
+                    )
+                })?,
+            };
+            match (head, full) {
+                (_, Ok(s)) if s == offered => Ok(PushOutcome::AlreadyArchived),
+                (_, Ok(s)) => Err(conflict(&name, s, offered)),
+                // Damaged, and it claims this very content (its header names our digest), or
                 // it is too short to claim anything: the copy given now is stored in its place.
-                (Ok(s), Err(e)) if s == sha => replace_damaged(store, &key, &name, obj, &e).await,
+                (Ok(s), Err(e)) if s == offered => {
+                    replace_damaged(store, &key, &name, obj, &e).await
+                }
                 (Err(FormatError::Truncated { .. }), Err(e)) => {
                     replace_damaged(store, &key, &name, obj, &e).await
                 }
-                (Ok(s), Err(_)) => Err(conflict(&name, s, sha)),
+                (Ok(s), Err(_)) => Err(conflict(&name, s, offered)),
                 (Err(e), _) => Err(anyhow::Error::new(e)
                     .context(format!("the stored copy of {name} is unreadable"))),
             }
-            .map(|o| (o, sha))
+            .map(|o| (o, digest))
         }
         Err(e) => Err(e).with_context(|| format!("cannot store wal file {name}")),
     }
 }
 
-fn conflict(name: &WalFileName, stored: ChunkId, offered: ChunkId) -> anyhow::Error {
+fn conflict(name: &WalFileName, stored: WalDigest, offered: WalDigest) -> anyhow::Error {
     WalError::Conflict {
         name: name.to_string(),
         stored: stored.to_string(),
@@ -188,7 +209,7 @@ fn conflict(name: &WalFileName, stored: ChunkId, offered: ChunkId) -> anyhow::Er
 }
 
 /// Replaces a stored copy of `name` that fails verification (`why`) but holds no other content
-/// than `obj`'s (its header names the same sha256, or it is too short to have a header): such a
+/// than `obj`'s (its header names the same digest, or it is too short to have a header): such a
 /// copy can serve no recovery, and `obj` is the file PostgreSQL gave now.
 async fn replace_damaged(
     store: &Store,
@@ -233,7 +254,7 @@ pub async fn get_object(store: &Store, name: &WalFileName) -> Result<Bytes> {
     }
 }
 
-/// Verifies a stored WAL object (name, size, sha256) and writes its file to `dest` atomically.
+/// Verifies a stored WAL object (name, size, digest) and writes its file to `dest` atomically.
 pub async fn install(name: WalFileName, obj: Bytes, dest: std::path::PathBuf) -> Result<()> {
     tokio::task::spawn_blocking(move || -> Result<()> {
         let (h, data) =
@@ -275,7 +296,7 @@ pub fn write_file(data: &[u8], dest: &Path) -> Result<()> {
 }
 
 /// Reads the stored object of `name` whole and checks that it decodes to its recorded size and
-/// sha256 under its own name: existence alone is never taken for a stored file (a cut upload
+/// digest under its own name: existence alone is never taken for a stored file (a cut upload
 /// keeps its name).
 pub async fn verify_stored(store: &Store, name: &WalFileName) -> Result<()> {
     let obj = get_object(store, name).await?;
@@ -335,9 +356,9 @@ mod tests {
         let mut bufs = WholeFile::default();
         let (whole, hw, pw) = encode_file(&seg, name, 1, WHOLE_MAX, &mut bufs).unwrap();
         let (streamed, hs, ps) = encode_file(&seg, name, 1, 0, &mut bufs).unwrap();
-        assert_eq!(hw.sha256, ChunkId::of(&d));
+        assert_eq!(hw.digest, WalDigest::of(&d));
         assert_eq!((hw.size, hs.size), (d.len() as u64, d.len() as u64));
-        assert_eq!(hw.sha256, hs.sha256);
+        assert_eq!(hw.digest, hs.digest);
         assert_eq!(pw.map(|p| p.system_id), ps.map(|p| p.system_id));
         assert_eq!(walfmt::decode(&whole).unwrap(), (hw, d.clone()));
         assert_eq!(walfmt::decode(&streamed).unwrap(), (hs, d.clone()));
@@ -444,6 +465,59 @@ mod tests {
         s.put_replace(key, whole.slice(..h_end + 1)).await.unwrap();
         assert!(push(&s, &other_path, 1, &opts).await.is_err());
         assert_eq!(s.get(key, MAX_OBJECT).await.unwrap().len(), h_end + 1);
+    }
+
+    #[tokio::test]
+    async fn a_copy_stored_by_an_earlier_format_is_compared_by_its_own_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, seg) = cluster(dir.path(), "a", 7004, 15, 0xD110);
+        let s = store(dir.path());
+        let opts = PushOptions::default();
+        let key = "wal/00000001/000000010000000000000001";
+        let data = std::fs::read(&seg).unwrap();
+        // What format 1.5 wrote: major 1, the SHA-256 of the file.
+        let old = |data: &[u8]| {
+            Bytes::from(walfmt::encode_with_frame(
+                &walfmt::WalObjectHeader {
+                    name: WalFileName::parse("000000010000000000000001").unwrap(),
+                    size: data.len() as u64,
+                    digest: WalDigest::Sha256(tidemark_format::ChunkId::of(data)),
+                },
+                &tidemark_format::chunk::compress(data, 1),
+            ))
+        };
+        push(&s, &seg, 1, &opts).await.unwrap();
+        let stored = old(&data);
+        s.put_replace(key, stored.clone()).await.unwrap();
+        // The same content: archived already, and the copy stays as it is.
+        let (out, digest) = push_file(&s, &seg, 1, &opts).await.unwrap();
+        assert_eq!(out, PushOutcome::AlreadyArchived);
+        assert_eq!(
+            digest,
+            WalDigest::of(&data),
+            "the sidecar records the offered digest"
+        );
+        assert_eq!(s.get(key, MAX_OBJECT).await.unwrap(), stored);
+        // A cut copy that claims this content: replaced by a copy of the current format.
+        s.put_replace(key, stored.slice(..stored.len() - 10))
+            .await
+            .unwrap();
+        let out = push(&s, &seg, 1, &opts).await.unwrap();
+        assert!(matches!(out, PushOutcome::Stored(_)), "{out:?}");
+        let (h, back) = walfmt::decode(&s.get(key, MAX_OBJECT).await.unwrap()).unwrap();
+        assert_eq!((h.digest, back), (WalDigest::of(&data), data.clone()));
+        // Other content under the name, whole or cut: a conflict naming SHA-256s, left untouched.
+        let mut other = data.clone();
+        other[100] ^= 1;
+        for stored in [old(&other), old(&other).slice(..90)] {
+            s.put_replace(key, stored.clone()).await.unwrap();
+            let e = format!("{:#}", push(&s, &seg, 1, &opts).await.unwrap_err());
+            assert!(
+                e.contains("different content") && e.contains("sha256:"),
+                "{e}"
+            );
+            assert_eq!(s.get(key, MAX_OBJECT).await.unwrap(), stored);
+        }
     }
 
     #[tokio::test]

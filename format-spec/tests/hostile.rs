@@ -213,13 +213,15 @@ fn wal_objects_refuse_truncation_and_unprotected_flips() {
     for (file, name) in [
         ("wal-segment.bin", "000000010000000000000020"),
         ("wal-history.bin", "00000002.history"),
+        ("v1.5/wal-segment.bin", "000000010000000000000020"),
+        ("v1.5/wal-history.bin", "00000002.history"),
     ] {
         let b = vector(file);
         let name = WalFileName::parse(name).expect("literal name");
         for n in 0..b.len() {
             assert!(wal::decode(&b[..n]).is_err(), "{file}: cut at {n}");
         }
-        // The content sha256 guarantees the bytes; the name is not covered by it, so readers
+        // The content digest guarantees the bytes; the name is not covered by it, so readers
         // compare it with the object's key (FORMAT.md, "WAL objects"). The minor version and
         // zstd's unused frame header bit may change without effect.
         let (_, original) = wal::decode(&b).expect("vector decodes");

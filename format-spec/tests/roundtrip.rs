@@ -166,8 +166,8 @@ fn wal_objects_round_trip_and_refuse_damage() {
         let obj = wal::encode(n, &data, 3);
         let (h, back) = wal::decode(&obj).expect("encoded wal object decodes");
         assert_eq!(
-            (h.name, h.size, h.sha256),
-            (n, len as u64, ChunkId::of(&data))
+            (h.name, h.size, h.digest),
+            (n, len as u64, wal::WalDigest::of(&data))
         );
         assert_eq!(back, data);
         let (h2, at) = wal::decode_header(&obj).expect("header decodes");

@@ -20,7 +20,7 @@ use tidemark_format::manifest::{
 };
 use tidemark_format::pack::{self, PackBuilder};
 use tidemark_format::seal::ChunkIds;
-use tidemark_format::wal::{self, WalFileName};
+use tidemark_format::wal::{self, WalDigest, WalFileName};
 use tidemark_format::{chunk, keys, ChunkId, FormatError, Lsn, PackId, SystemId, TimelineId};
 
 fn vector(name: &str) -> Vec<u8> {
@@ -699,9 +699,12 @@ fn wal_segment_vector() {
     assert_eq!(at, 77);
     assert_eq!(h.name.to_string(), "000000010000000000000020");
     assert_eq!(h.size, 1 << 20);
+    assert_eq!(&bytes[4..8], &[2, 0, 0, 0], "major 2: a BLAKE3 digest");
     assert_eq!(
-        h.sha256,
-        id("2a15703b70ce0c84243d512f58ce471c44ed55c67f2c14e21f1113161e37ff20")
+        h.digest,
+        WalDigest::Blake3(id(
+            "1c4ee6dc7f93548479683e05382634d7f66fad170e907ed90fce22bd4e2dc789"
+        ))
     );
     let (h2, data) = wal::decode(&bytes).expect("wal-segment.bin decodes");
     assert_eq!(h2, h);
@@ -732,7 +735,41 @@ fn wal_history_vector() {
     assert_eq!(data, b"1\t0/2000138\tno recovery target specified\n");
     assert_eq!(wal::decode_header(&bytes).expect("header").1, 69);
     assert_eq!(keys::wal(&h.name), "wal/00000002/00000002.history");
+    assert_eq!(
+        h.digest,
+        WalDigest::Blake3(id(
+            "9a359ccbe6ddf6211ac60e3be67c861adc26e5562a6ec9e482ba15a30492192e"
+        ))
+    );
     assert_eq!(wal::encode(h.name, &data, 3), bytes);
+}
+
+/// The WAL objects of format 1.5 (`vectors/v1.5/`, major 1: the SHA-256 of the file): every
+/// reader decodes them to the same files as the current vectors, and a header of that digest
+/// re-encodes them byte for byte.
+#[test]
+fn v15_wal_vectors() {
+    for (old, new, sha) in [
+        (
+            "v1.5/wal-segment.bin",
+            "wal-segment.bin",
+            "2a15703b70ce0c84243d512f58ce471c44ed55c67f2c14e21f1113161e37ff20",
+        ),
+        (
+            "v1.5/wal-history.bin",
+            "wal-history.bin",
+            "d017a674560525f41c79ad1477c012d1914e3ee75318367d95ff0f6ac10ff554",
+        ),
+    ] {
+        let bytes = vector(old);
+        assert_eq!(&bytes[4..8], &[1, 0, 0, 0], "{old}");
+        let (h, data) = wal::decode(&bytes).expect("a format 1.5 wal object decodes");
+        assert_eq!(h.digest, WalDigest::Sha256(id(sha)), "{old}");
+        let (h2, data2) = wal::decode(&vector(new)).expect("vector decodes");
+        assert_eq!((h.name, h.size, &data), (h2.name, h2.size, &data2), "{old}");
+        let (_, at) = wal::decode_header(&bytes).expect("header");
+        assert_eq!(wal::encode_with_frame(&h, &bytes[at..]), bytes, "{old}");
+    }
 }
 
 #[test]

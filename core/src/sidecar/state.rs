@@ -4,8 +4,10 @@
 //! Invariants:
 //! - The first line binds the file to one repository (`tidemark-sidecar-state 1 <repo url>`); the
 //!   state of another repository is never trusted.
-//! - Every other line is `<name> <sha256>`, trusted only while that file is still `.ready` and still
-//!   has that sha256 (a re-initialised cluster reuses names).
+//! - Every other line is `<name> <digest>`, trusted only while that file is still `.ready` and
+//!   still has that digest (a re-initialised cluster reuses names). The digest is the stored WAL
+//!   object's (`blake3:<hex>` since format 1.6); a bare hex digest, as earlier releases wrote,
+//!   is a SHA-256.
 //! - A name is recorded (appended and fsynced) only after its object is durably stored; the
 //!   daemon acknowledges it only after it is recorded.
 //! - Opening rewrites the file with the trusted lines alone: temp file, fsync, rename, fsync of
@@ -17,7 +19,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use tidemark_format::ChunkId;
+use tidemark_format::wal::WalDigest;
 
 const STATE_FILE: &str = "archived";
 
@@ -38,10 +40,14 @@ fn header(repo: &str) -> String {
     format!("tidemark-sidecar-state 1 {repo}")
 }
 
-/// sha256 of a WAL file in pg_wal, as recorded in the state.
-fn file_sha(pg_wal: &Path, name: &str) -> Result<ChunkId> {
-    let data = std::fs::read(pg_wal.join(name)).with_context(|| format!("cannot read {name}"))?;
-    Ok(ChunkId::of(&data))
+/// A recorded digest: as [`WalDigest`] writes it, or bare hex (a SHA-256, earlier releases).
+fn parse_digest(s: &str) -> Option<WalDigest> {
+    WalDigest::parse(s).or_else(|| s.parse().ok().map(WalDigest::Sha256))
+}
+
+/// Whether WAL file `name` of pg_wal still has the digest `recorded`.
+fn file_has(pg_wal: &Path, name: &str, recorded: &WalDigest) -> bool {
+    std::fs::read(pg_wal.join(name)).is_ok_and(|data| recorded.of_same_kind(&data) == *recorded)
 }
 
 impl State {
@@ -70,9 +76,7 @@ impl State {
                     continue;
                 };
                 if ready.contains(name)
-                    && file_sha(pg_wal, name)
-                        .map(|s| s.to_string() == sha)
-                        .unwrap_or(false)
+                    && parse_digest(sha).is_some_and(|d| file_has(pg_wal, name, &d))
                 {
                     kept.push((name.to_string(), sha.to_string()));
                 }
@@ -105,8 +109,8 @@ impl State {
         lock(&self.stored).retain(keep);
     }
 
-    /// Records `name` as durably stored, with the sha256 of the content that was stored.
-    pub(super) fn record(&self, name: &str, sha: &ChunkId) -> Result<()> {
+    /// Records `name` as durably stored, with the digest of the content that was stored.
+    pub(super) fn record(&self, name: &str, sha: &WalDigest) -> Result<()> {
         {
             let mut f = lock(&self.file);
             writeln!(f, "{name} {sha}")?;
@@ -130,7 +134,17 @@ mod tests {
         let n = "000000010000000000000001";
         let ready: HashSet<String> = [n.to_string()].into();
         std::fs::write(pg_wal.join(n), b"segment bytes").unwrap();
-        let sha = file_sha(&pg_wal, n).unwrap();
+        let sha = WalDigest::of(b"segment bytes");
+        // A state of an earlier release (a bare SHA-256) is trusted alike.
+        let old_sha = tidemark_format::ChunkId::of(b"segment bytes");
+        for line in [format!("{n} {old_sha}"), format!("{n} sha256:{old_sha}")] {
+            std::fs::create_dir_all(&state).unwrap();
+            let text = format!("{}\n{line}\n", header("file:///repo1"));
+            std::fs::write(state.join(STATE_FILE), text).unwrap();
+            assert!(State::open(&state, &pg_wal, &ready, "file:///repo1")
+                .unwrap()
+                .contains(n));
+        }
         let write_state = || {
             std::fs::create_dir_all(&state).unwrap();
             std::fs::write(

@@ -1,13 +1,11 @@
 //! Reading a WAL file and encoding it as a WAL object (FORMAT.md W1): read whole and compressed
 //! in one zstd call up to [`WHOLE_MAX`], in buffers a sidecar keeps between uploads; streamed
-//! through sha256 and zstd in pieces above it.
+//! through the digest (BLAKE3, WAL objects of major 2) and zstd in pieces above it.
 
 use anyhow::{Context, Result};
-use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::Path;
 use tidemark_format::wal::{self as walfmt, WalFileName};
-use tidemark_format::ChunkId;
 
 /// Bytes of a WAL file read at a time while hashing and compressing a file larger than
 /// [`WHOLE_MAX`].
@@ -115,10 +113,10 @@ pub(super) fn encode_file(
     let changed = |total: u64| {
         anyhow::anyhow!("{} changed size while being read ({len} then {total} bytes)\nhint: PostgreSQL never changes a finished WAL file; archive_command must be given %p", path.display())
     };
-    let header = |sha256| walfmt::WalObjectHeader {
+    let header = |digest| walfmt::WalObjectHeader {
         name,
         size: len,
-        sha256,
+        digest,
     };
     let (obj, header) = if whole {
         // One byte more than expected would mean the file grew.
@@ -138,10 +136,10 @@ pub(super) fn encode_file(
         };
         zstd.compress_into(data, &mut bufs.frame)
             .with_context(|| format!("cannot compress {}", path.display()))?;
-        let h = header(ChunkId::of(data));
+        let h = header(walfmt::WalDigest::of(data));
         (walfmt::encode_with_frame(&h, &bufs.frame), h)
     } else {
-        let mut hasher = Sha256::new();
+        let mut hasher = walfmt::WalHasher::default();
         let mut enc =
             walfmt::FrameEncoder::new(len, level).context("cannot start a zstd stream")?;
         let mut total = 0u64;
@@ -160,7 +158,7 @@ pub(super) fn encode_file(
         let frame = enc
             .finish()
             .with_context(|| format!("cannot compress {}", path.display()))?;
-        let h = header(ChunkId(hasher.finalize().into()));
+        let h = header(hasher.finish());
         (walfmt::encode_with_frame(&h, &frame), h)
     };
     Ok((obj, header, page))
