@@ -12,6 +12,7 @@
 
 mod encode;
 
+pub(crate) use encode::digest_file;
 pub use encode::EncodeBuffers;
 #[cfg(test)]
 use encode::WholeFile;
@@ -157,9 +158,7 @@ pub async fn push_file(
                 // A copy of an earlier format names its content by another function: the
                 // offered file is read again and hashed by that one.
                 let offered = match &head {
-                    Ok(d) if d.major() != digest.major() => {
-                        Some(std::fs::read(&again).map(|data| d.of_same_kind(&data)))
-                    }
+                    Ok(d) if d.major() != digest.major() => Some(encode::digest_file(&again, d)),
                     _ => None,
                 };
                 (

@@ -173,10 +173,9 @@ impl WalDigest {
 
     /// The digest of `data` by the same function as `self`.
     pub fn of_same_kind(&self, data: &[u8]) -> WalDigest {
-        match self {
-            WalDigest::Sha256(_) => WalDigest::Sha256(ContentHash::of(data)),
-            WalDigest::Blake3(_) => WalDigest::of(data),
-        }
+        let mut h = WalHasher::like(self);
+        h.update(data);
+        h.finish()
     }
 
     /// The object major version that records this kind of digest.
@@ -214,17 +213,46 @@ impl fmt::Display for WalDigest {
     }
 }
 
-/// Hashes a WAL file given in pieces into the digest writers record ([`WalDigest::of`]).
-#[derive(Default)]
-pub struct WalHasher(blake3::Hasher);
+/// Hashes a WAL file given in pieces: into the digest writers record ([`WalHasher::default`],
+/// BLAKE3) or by the function of a given digest ([`WalHasher::like`]).
+pub struct WalHasher(HasherKind);
+
+enum HasherKind {
+    Sha256(sha2::Sha256),
+    Blake3(Box<blake3::Hasher>),
+}
+
+impl Default for WalHasher {
+    fn default() -> Self {
+        WalHasher(HasherKind::Blake3(Box::default()))
+    }
+}
 
 impl WalHasher {
-    pub fn update(&mut self, piece: &[u8]) {
-        self.0.update(piece);
+    /// A hasher by the same function as `d`.
+    pub fn like(d: &WalDigest) -> WalHasher {
+        match d {
+            WalDigest::Sha256(_) => WalHasher(HasherKind::Sha256(sha2::Digest::new())),
+            WalDigest::Blake3(_) => WalHasher::default(),
+        }
     }
 
-    pub fn finish(&self) -> WalDigest {
-        WalDigest::Blake3(crate::ChunkId(*self.0.finalize().as_bytes()))
+    pub fn update(&mut self, piece: &[u8]) {
+        match &mut self.0 {
+            HasherKind::Sha256(h) => sha2::Digest::update(h, piece),
+            HasherKind::Blake3(h) => {
+                h.update(piece);
+            }
+        }
+    }
+
+    pub fn finish(self) -> WalDigest {
+        match self.0 {
+            HasherKind::Sha256(h) => {
+                WalDigest::Sha256(crate::ChunkId(sha2::Digest::finalize(h).into()))
+            }
+            HasherKind::Blake3(h) => WalDigest::Blake3(crate::ChunkId(*h.finalize().as_bytes())),
+        }
     }
 }
 
@@ -529,6 +557,11 @@ mod tests {
             assert_eq!(d.of_same_kind(&data), d);
         }
         assert_eq!(WalDigest::parse("md5:00"), None);
+        for like in [sha, WalDigest::of(b"")] {
+            let mut h = WalHasher::like(&like);
+            data.chunks(1000).for_each(|p| h.update(p));
+            assert_eq!(h.finish(), like.of_same_kind(&data));
+        }
         let mut h = WalHasher::default();
         data.chunks(1000).for_each(|p| h.update(p));
         assert_eq!(h.finish(), WalDigest::of(&data));

@@ -47,7 +47,7 @@ fn parse_digest(s: &str) -> Option<WalDigest> {
 
 /// Whether WAL file `name` of pg_wal still has the digest `recorded`.
 fn file_has(pg_wal: &Path, name: &str, recorded: &WalDigest) -> bool {
-    std::fs::read(pg_wal.join(name)).is_ok_and(|data| recorded.of_same_kind(&data) == *recorded)
+    crate::wal::digest_file(&pg_wal.join(name), recorded).is_ok_and(|d| d == *recorded)
 }
 
 impl State {

@@ -164,6 +164,23 @@ pub(super) fn encode_file(
     Ok((obj, header, page))
 }
 
+/// The digest of the file at `path` by the same function as `like`, read READ_BLOCK bytes at a
+/// time (a WAL file may be 1 GiB).
+pub(crate) fn digest_file(
+    path: &Path,
+    like: &walfmt::WalDigest,
+) -> std::io::Result<walfmt::WalDigest> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = walfmt::WalHasher::like(like);
+    let mut block = vec![0u8; READ_BLOCK];
+    loop {
+        match read_full(&mut f, &mut block)? {
+            0 => return Ok(h.finish()),
+            n => h.update(&block[..n]),
+        }
+    }
+}
+
 /// Fills `buf` from `f` unless the file ends first; returns the bytes read.
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut at = 0;
