@@ -314,6 +314,10 @@ async fn wait_for_wal(
     let first = start.0 / seg_size;
     let last = stop.0.saturating_sub(1).max(start.0) / seg_size;
     let deadline = Instant::now() + timeout;
+    // The archiver stores the stop segment tens of milliseconds after pg_backup_stop switches
+    // WAL: the first checks come soon after, then every MAX_POLL (a fixed 200 ms poll made
+    // every backup wait about 130 ms past the segment's arrival).
+    let mut poll = Duration::from_millis(10);
     for segno in first..=last {
         let name = WalFileName::segment_of(tli, Lsn(segno * seg_size), seg_size);
         let key = keys::wal(&name);
@@ -334,11 +338,15 @@ async fn wait_for_wal(
                 }
                 bail!("wal segment {name} needed by this backup was not archived within {}s\nhint: check that archive_command is 'tidemark-agent wal-push %p' with the same --repo, and the server log for archiver errors", timeout.as_secs());
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(MAX_POLL);
         }
     }
     Ok(())
 }
+
+/// The longest wait between two looks for a backup's WAL in the repository.
+const MAX_POLL: Duration = Duration::from_millis(200);
 
 #[cfg(test)]
 mod tests {
