@@ -346,8 +346,8 @@ async fn upload(inner: Arc<Inner>, name: String) {
         )
         .await;
         match result {
-            Ok((outcome, sha)) => {
-                if let Err(e) = inner.state.record(&name, &sha) {
+            Ok((outcome, digest)) => {
+                if let Err(e) = inner.state.record(&name, &digest) {
                     inner.metrics.upload_failures.inc();
                     tracing::error!(file = %name, state_dir = %inner.opts.state_dir.display(), error = %format!("{e:#}"), hint = "free space in or fix the permissions of the state directory (--state-dir); the upload is retried", "stored, but cannot record it in the state directory; not acknowledging");
                     resolve(

@@ -110,10 +110,10 @@ impl State {
     }
 
     /// Records `name` as durably stored, with the digest of the content that was stored.
-    pub(super) fn record(&self, name: &str, sha: &WalDigest) -> Result<()> {
+    pub(super) fn record(&self, name: &str, digest: &WalDigest) -> Result<()> {
         {
             let mut f = lock(&self.file);
-            writeln!(f, "{name} {sha}")?;
+            writeln!(f, "{name} {digest}")?;
             f.sync_data()?;
         }
         lock(&self.stored).insert(name.to_string());
