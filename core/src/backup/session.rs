@@ -149,8 +149,11 @@ struct Session<'a> {
 impl Session<'_> {
     async fn take<S: Source>(&self, mut source: S, major: u32) -> Result<ManifestHeader> {
         let backups = repo::list_backups(self.store).await?;
-        let parent = load_parent(self.store, &backups).await?;
-        let start_time_us = source.start(major).await?;
+        // The parent's manifest is fetched and checked while the server runs the backup's
+        // checkpoint: neither waits for the other.
+        let (parent, start) = tokio::join!(load_parent(self.store, &backups), source.start(major));
+        let start_time_us = start?;
+        let parent = parent?;
         crate::testhooks::crash_point("backup-after-start");
         let backup_id = backup_id(start_time_us, |id| {
             backups.iter().any(|b| b.backup_id == id)
@@ -167,15 +170,6 @@ impl Session<'_> {
             if copied.from_standby {
                 tracing::info!("a standby backup's last WAL segment is archived by the primary when it switches segments (archive_timeout)");
             }
-            wait_for_wal(
-                self.store,
-                copied.timeline,
-                copied.start_lsn,
-                copied.stop_lsn,
-                self.server.seg_size,
-                self.settings.archive_timeout,
-            )
-            .await?;
             let stats = copied.stored.stats(&copied.files);
             let header = ManifestHeader {
                 backup_id,
@@ -202,14 +196,35 @@ impl Session<'_> {
                 tablespace_map: copied.tablespace_map.filter(|m| !m.is_empty()),
                 stats,
             };
-            let written = tokio::task::spawn_blocking(move || {
-                copied
+            let (timeline, start_lsn, stop_lsn) =
+                (copied.timeline, copied.start_lsn, copied.stop_lsn);
+            // The manifest is written to its temporary file while the archiver stores the last
+            // WAL segment; it is committed only once both are done.
+            let manifest = tokio::task::spawn_blocking(move || {
+                let t = Instant::now();
+                let r = copied
                     .stored
-                    .write_manifest(&header, &copied.items, &copied.files)
-                    .map(|(f, len)| (f, len, header))
-            })
-            .await
-            .context("manifest writer panicked")??;
+                    .write_manifest(&header, &copied.items, &copied.files);
+                tracing::debug!(elapsed_ms = t.elapsed().as_millis() as u64, "manifest prepared");
+                r.map(|(f, len)| (f, len, header))
+            });
+            let wal = async {
+                let t = Instant::now();
+                let r = wait_for_wal(
+                    self.store,
+                    timeline,
+                    start_lsn,
+                    stop_lsn,
+                    self.server.seg_size,
+                    self.settings.archive_timeout,
+                )
+                .await;
+                tracing::debug!(elapsed_ms = t.elapsed().as_millis() as u64, "backup's WAL archived and verified");
+                r
+            };
+            let (wal, manifest) = tokio::join!(wal, manifest);
+            wal?;
+            let written = manifest.context("manifest writer panicked")??;
             commit(self.store, self.lease, written).await
         }
         .instrument(span)
@@ -315,9 +330,11 @@ async fn wait_for_wal(
     let last = stop.0.saturating_sub(1).max(start.0) / seg_size;
     let deadline = Instant::now() + timeout;
     // The archiver stores the stop segment tens of milliseconds after pg_backup_stop switches
-    // WAL: the first checks come soon after, then every MAX_POLL (a fixed 200 ms poll made
-    // every backup wait about 130 ms past the segment's arrival).
-    let mut poll = Duration::from_millis(10);
+    // WAL: for the first second the repository is looked at every FIRST_POLL, then ever less
+    // often up to every MAX_POLL (a fixed 200 ms poll made every backup wait about 130 ms past
+    // the segment's arrival; a poll doubling from 10 ms, about 35 ms).
+    let started = Instant::now();
+    let mut poll = FIRST_POLL;
     for segno in first..=last {
         let name = WalFileName::segment_of(tli, Lsn(segno * seg_size), seg_size);
         let key = keys::wal(&name);
@@ -339,12 +356,16 @@ async fn wait_for_wal(
                 bail!("wal segment {name} needed by this backup was not archived within {}s\nhint: check that archive_command is 'tidemark-agent wal-push %p' with the same --repo, and the server log for archiver errors", timeout.as_secs());
             }
             tokio::time::sleep(poll).await;
-            poll = (poll * 2).min(MAX_POLL);
+            if started.elapsed() > Duration::from_secs(1) {
+                poll = (poll * 2).min(MAX_POLL);
+            }
         }
     }
     Ok(())
 }
 
+/// The wait between two looks for a backup's WAL in the repository during the first second.
+const FIRST_POLL: Duration = Duration::from_millis(10);
 /// The longest wait between two looks for a backup's WAL in the repository.
 const MAX_POLL: Duration = Duration::from_millis(200);
 
