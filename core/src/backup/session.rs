@@ -200,7 +200,9 @@ impl Session<'_> {
                 (copied.timeline, copied.start_lsn, copied.stop_lsn);
             // The manifest is written to its temporary file while the archiver stores the last
             // WAL segment; it is committed only once both are done.
+            let span = tracing::Span::current();
             let manifest = tokio::task::spawn_blocking(move || {
+                let _in_backup = span.enter();
                 let t = Instant::now();
                 let r = copied
                     .stored
