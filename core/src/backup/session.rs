@@ -1,12 +1,13 @@
 //! One base backup from start to manifest, whatever its source: the server's identity and
 //! major are checked, the system's repository is opened and the backup lease taken in it, the
-//! parent is loaded, the backup is named, the source copies the files through the pipeline, and
-//! once the WAL from start to stop is archived the manifest is written.
+//! parent is loaded (while the server starts the backup), the backup is named, the source copies
+//! the files through the pipeline, the manifest is prepared in a temporary file while the WAL
+//! from start to stop is awaited, and once that WAL is archived the manifest is stored.
 //!
 //! Invariants:
 //! - The lease (FORMAT.md section 16) is taken in the system's own repository before the parent
 //!   manifest is read and before any pack is written, and released whatever happened.
-//! - The manifest is written only after every pack it references is durably stored and every WAL
+//! - The manifest is stored only after every pack it references is durably stored and every WAL
 //!   segment from start to stop LSN is archived, create-only, and only while the lease is still
 //!   held: a listed backup is always restorable.
 
