@@ -23,7 +23,8 @@
 //! - `global/pg_control` is written last, so an interrupted restore is visibly unstartable.
 //! - A file counts as restored only after its fsync; fdatasyncs started while it is written
 //!   (`EarlySync`) only move the disk's work earlier, and an error from any of them fails the
-//!   restore.
+//!   restore. The final fsyncs run behind the writes of the next files (`Syncs`), and
+//!   `global/pg_control` is written only once every other file's fsync has returned.
 
 mod delta;
 mod layout;
@@ -38,7 +39,7 @@ pub use recovery_conf::ArchiveMode;
 pub(crate) use safe_dir::SafeDir;
 use select::load;
 pub(crate) use select::select_loaded;
-use write::write_chunks;
+use write::{write_chunks, Syncs};
 
 use crate::manifest_file::LocalManifest;
 use crate::repo;
@@ -192,19 +193,22 @@ async fn run_loaded(
     // A bar on a terminal, a log line every 10 s otherwise (a CronJob's or kubectl's log).
     let mut progress = crate::progress::Progress::new("restore", Some(total));
     let existing = found.take().map(|f| f.files).unwrap_or_default();
+    let syncs = Syncs::new();
     let mut written = futures::stream::iter(files.into_iter().map(|i| {
-        let (m, dest, existing) = (&m, &dest, &existing);
+        let (m, dest, existing, syncs) = (&m, &dest, &existing, &syncs);
         async move {
             let size = m.file_head(i).map_or(0, |f| f.size);
             if existing.contains(&m.entries[i].path) {
-                Ok::<_, anyhow::Error>((size, Some(delta::patch(store, m, dest, i).await?)))
+                let patched = delta::patch(store, m, dest, i, syncs).await?;
+                Ok::<_, anyhow::Error>((size, Some(patched)))
             } else {
-                Ok((restore_entry(store, m, dest, i).await?, None))
+                Ok((restore_entry(store, m, dest, i, syncs).await?, None))
             }
         }
     }))
     .buffer_unordered(FILES_IN_FLIGHT);
     while let Some((b, patched)) = written.try_next().await? {
+        syncs.check()?;
         bytes += b;
         count += 1;
         progress.add(b);
@@ -223,6 +227,7 @@ async fn run_loaded(
         }
     }
     drop(written);
+    syncs.finish().await?;
     progress.finish();
     // Symlinks only now that every file is written, and only the tablespaces'.
     dest.tablespaces.link(&dest.root)?;
@@ -230,7 +235,8 @@ async fn run_loaded(
         .tablespaces
         .tablespace_map(m.header.tablespace_map.as_deref())?;
     recovery_conf::write(&dest.root, &m.header, opts, &layout, map)?;
-    let control = restore_entry(store, &m, &dest, layout.pg_control).await?;
+    let control = restore_entry(store, &m, &dest, layout.pg_control, &syncs).await?;
+    syncs.finish().await?;
     bytes += control;
     count += 1;
     if let Some(r) = report.as_mut() {
@@ -279,6 +285,7 @@ async fn restore_entry(
     m: &Arc<LocalManifest>,
     dest: &Dest,
     i: usize,
+    syncs: &Syncs,
 ) -> Result<u64> {
     let e = &m.entries[i];
     let Some(size) = m.file_head(i).map(|f| f.size) else {
@@ -289,10 +296,7 @@ async fn restore_entry(
         .with_context(|| format!("file {} has no place in the restore", e.path))?;
     let file = Arc::new(dir.create_file(rel)?);
     write::write_file(store, m, i, &file).await?;
-    let p = e.path.clone();
-    tokio::task::spawn_blocking(move || file.sync_all())
-        .await?
-        .with_context(|| format!("cannot fsync {p}"))?;
+    syncs.start(file, &e.path).await?;
     Ok(size)
 }
 

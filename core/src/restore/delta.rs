@@ -226,6 +226,7 @@ pub(super) async fn patch(
     m: &std::sync::Arc<LocalManifest>,
     dest: &Dest,
     i: usize,
+    syncs: &super::Syncs,
 ) -> Result<u64> {
     let e = &m.entries[i];
     if m.file_head(i).is_none() {
@@ -255,10 +256,7 @@ pub(super) async fn patch(
         file.set_len(f.size)
             .with_context(|| format!("cannot extend {}", e.path))?;
     }
-    let p = e.path.clone();
-    tokio::task::spawn_blocking(move || file.sync_all())
-        .await?
-        .with_context(|| format!("cannot fsync {p}"))?;
+    syncs.start(file, &e.path).await?;
     Ok(written)
 }
 

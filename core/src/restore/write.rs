@@ -261,6 +261,90 @@ impl<'a> EarlySync<'a> {
     }
 }
 
+/// Final fsyncs of restored files running at once ([`Syncs`]).
+const SYNCS_IN_FLIGHT: usize = 16;
+
+/// The final fsyncs of written files, run on blocking threads while the next files are written:
+/// at most SYNCS_IN_FLIGHT at once (a file waits for a free one, holding its place among the
+/// files in flight). Each fsync of a new file costs the disk a cache flush and the inode's
+/// write; waited for by the file that wrote it, the ~1,000 small files of a data directory
+/// went through them a few at a time, one flush after the other (lab, realistic nightly: 0.4 s
+/// of a 3.1 s restore), while flushes that run together are merged by the block layer. An
+/// error fails the restore at the next [`Syncs::check`] or at [`Syncs::finish`], which waits
+/// for every one: the caller writes `global/pg_control` only after it.
+pub(super) struct Syncs {
+    permits: Arc<tokio::sync::Semaphore>,
+    running: std::sync::Mutex<Vec<Running>>,
+}
+
+/// A file's path and its fsync on a blocking thread.
+type Running = (String, tokio::task::JoinHandle<std::io::Result<()>>);
+
+impl Syncs {
+    pub(super) fn new() -> Self {
+        Syncs {
+            permits: Arc::new(tokio::sync::Semaphore::new(SYNCS_IN_FLIGHT)),
+            running: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Starts the fsync of `file`, restored as `path`, once fewer than SYNCS_IN_FLIGHT run.
+    pub(super) async fn start(&self, file: Arc<std::fs::File>, path: &str) -> Result<()> {
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .context("the restore's fsyncs were stopped")?;
+        let h = tokio::task::spawn_blocking(move || {
+            let r = file.sync_all();
+            drop(permit);
+            r
+        });
+        self.lock()?.push((path.to_string(), h));
+        Ok(())
+    }
+
+    /// Fails with the error of an fsync that has returned one; forgets the ones that succeeded.
+    pub(super) fn check(&self) -> Result<()> {
+        let done: Vec<Running> = {
+            let mut running = self.lock()?;
+            let (done, left) = std::mem::take(&mut *running)
+                .into_iter()
+                .partition(|(_, h)| h.is_finished());
+            *running = left;
+            done
+        };
+        for (path, h) in done {
+            if let Some(r) = h.now_or_never() {
+                fsynced(&path, r)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every fsync started; fails with the first error.
+    pub(super) async fn finish(&self) -> Result<()> {
+        let running = std::mem::take(&mut *self.lock()?);
+        for (path, h) in running {
+            fsynced(&path, h.await)?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Vec<Running>>> {
+        self.running
+            .lock()
+            .map_err(|_| anyhow!("the restore's list of fsyncs is poisoned"))
+    }
+}
+
+/// The outcome of file `path`'s fsync.
+fn fsynced(
+    path: &str,
+    r: std::result::Result<std::io::Result<()>, tokio::task::JoinError>,
+) -> Result<()> {
+    r?.with_context(|| format!("cannot fsync {path}"))
+}
+
 /// The window buffers of one file, kept for its next windows (at most WINDOWS_IN_FLIGHT): a
 /// buffer is only ever written over by chunks before its bytes are used, so a kept one is not
 /// cleared (a new 4 MiB allocation costs its zeroing or its page faults).
@@ -433,6 +517,38 @@ fn decode_read(
 mod tests {
     use super::*;
     use tidemark_format::manifest::FileEntry;
+
+    #[tokio::test]
+    async fn fsyncs_run_behind_the_writes_and_their_errors_fail_the_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let syncs = Syncs::new();
+        // More files than fsyncs run at once: each one's permit comes back.
+        for k in 0..SYNCS_IN_FLIGHT * 2 + 1 {
+            let f = std::fs::File::create(dir.path().join(k.to_string())).unwrap();
+            syncs
+                .start(Arc::new(f), &format!("base/1/{k}"))
+                .await
+                .unwrap();
+            syncs.check().unwrap();
+        }
+        syncs.finish().await.unwrap();
+        assert!(syncs.lock().unwrap().is_empty());
+        // fsync(2) of a pipe fails (EINVAL): the error names the file, at check or at finish.
+        let (_r, w) = std::io::pipe().unwrap();
+        let f = std::fs::File::from(std::os::fd::OwnedFd::from(w));
+        syncs.start(Arc::new(f), "global/1262").await.unwrap();
+        let e = format!("{:#}", syncs.finish().await.unwrap_err());
+        assert!(e.contains("cannot fsync global/1262"), "{e}");
+        let (_r, w) = std::io::pipe().unwrap();
+        let f = std::fs::File::from(std::os::fd::OwnedFd::from(w));
+        syncs.start(Arc::new(f), "base/5/1259").await.unwrap();
+        while !syncs.lock().unwrap().iter().all(|(_, h)| h.is_finished()) {
+            tokio::task::yield_now().await;
+        }
+        let e = format!("{:#}", syncs.check().unwrap_err());
+        assert!(e.contains("cannot fsync base/5/1259"), "{e}");
+        assert!(syncs.lock().unwrap().is_empty());
+    }
 
     fn file(chunks: &[(u32, u64, u32)]) -> FileEntry {
         let chunks: Vec<ChunkRef> = chunks
