@@ -295,8 +295,14 @@ async fn restore_entry(
         .place(&e.path)
         .with_context(|| format!("file {} has no place in the restore", e.path))?;
     let file = Arc::new(dir.create_file(rel)?);
-    write::write_file(store, m, i, &file).await?;
-    syncs.start(file, &e.path).await?;
+    let direct = match write::wants_direct(size) {
+        true => dir.open_direct(rel)?.map(Arc::new),
+        false => None,
+    };
+    let to = write::Dest { file, direct };
+    write::write_file(store, m, i, &to).await?;
+    drop(to.direct);
+    syncs.start(to.file, &e.path).await?;
     Ok(size)
 }
 

@@ -159,6 +159,21 @@ impl SafeDir {
         }
     }
 
+    /// Opens the file `rel` this restore created for writing with O_DIRECT (writes that go to
+    /// the device without a copy into the page cache); `None` where the filesystem refuses
+    /// O_DIRECT (EINVAL).
+    pub fn open_direct(&self, rel: &str) -> Result<Option<File>> {
+        let (p, leaf) = self.parent(rel)?;
+        let flags = OFlags::WRONLY | OFlags::DIRECT | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        match rustix::fs::openat(p.fd(), leaf, flags, Mode::empty()) {
+            Ok(fd) => Ok(Some(File::from(fd))),
+            Err(e) if e == Errno::INVAL => Ok(None),
+            Err(e) => {
+                Err(io(e)).with_context(|| format!("cannot open {rel} in {}", self.shown.display()))
+            }
+        }
+    }
+
     /// Opens the directory `rel` below this one without following symlinks.
     pub fn open_dir(&self, rel: &str) -> Result<SafeDir> {
         let (p, leaf) = self.parent(rel)?;
