@@ -32,6 +32,7 @@ pub mod plan;
 mod recovery_conf;
 pub(crate) mod safe_dir;
 mod select;
+mod sync;
 mod write;
 
 pub use delta::DeltaReport;
@@ -39,7 +40,8 @@ pub use recovery_conf::ArchiveMode;
 pub(crate) use safe_dir::SafeDir;
 use select::load;
 pub(crate) use select::select_loaded;
-use write::{write_chunks, Syncs};
+use sync::Syncs;
+use write::write_chunks;
 
 use crate::manifest_file::LocalManifest;
 use crate::repo;
