@@ -301,7 +301,7 @@ async fn restore_entry(
         true => dir.open_direct(rel)?.map(Arc::new),
         false => None,
     };
-    let to = write::Dest { file, direct };
+    let to = write::Out { file, direct };
     write::write_file(store, m, i, &to).await?;
     drop(to.direct);
     syncs.start(to.file, &e.path).await?;

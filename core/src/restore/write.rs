@@ -14,7 +14,7 @@
 //! - Runs written through the page cache start an fdatasync of the file every 64 MiB
 //!   ([`EarlySync`], `super::sync`); the caller's final fsync decides when the file counts as
 //!   restored.
-//! - A new relation file's aligned runs are written with O_DIRECT ([`Dest`]); whatever is not
+//! - A new relation file's aligned runs are written with O_DIRECT ([`Out`]); whatever is not
 //!   aligned, or refused by the filesystem, goes through the page cache. Either way the bytes
 //!   written are the verified window's.
 
@@ -169,7 +169,7 @@ fn window(placed: Vec<Placed>) -> Window {
 const ALIGN: usize = 4096;
 
 /// Whether a new file of `size` bytes is written with O_DIRECT where it can be (see
-/// [`Dest`]): relation segments and other files of whole blocks, from 1 MiB up.
+/// [`Out`]): relation segments and other files of whole blocks, from 1 MiB up.
 pub(super) fn wants_direct(size: u64) -> bool {
     size >= 1 << 20 && size.is_multiple_of(ALIGN as u64)
 }
@@ -179,7 +179,7 @@ pub(super) fn wants_direct(size: u64) -> bool {
 /// restore's new relation files: every window but a file's last short one). A write through
 /// `direct` skips the kernel's copy into the page cache (16% of a nightly restore's CPU in the
 /// lab) and its later writeback; a run it refuses (EINVAL) is written through `file`.
-pub(super) struct Dest {
+pub(super) struct Out {
     pub(super) file: Arc<std::fs::File>,
     pub(super) direct: Option<Arc<std::fs::File>>,
 }
@@ -189,7 +189,7 @@ pub(super) async fn write_file(
     store: &Store,
     m: &Arc<LocalManifest>,
     i: usize,
-    to: &Dest,
+    to: &Out,
 ) -> Result<()> {
     let path = &m.entries[i].path;
     write_windows(store, m, path, to, Windows::new(file_chunks(m, i))).await
@@ -204,7 +204,7 @@ pub(super) async fn write_chunks(
     file: &Arc<std::fs::File>,
     placed: Vec<Placed>,
 ) -> Result<()> {
-    let to = Dest {
+    let to = Out {
         file: Arc::clone(file),
         direct: None,
     };
@@ -221,7 +221,7 @@ async fn write_windows(
     store: &Store,
     m: &Arc<LocalManifest>,
     path: &str,
-    to: &Dest,
+    to: &Out,
     windows: impl Iterator<Item = Result<Window>>,
 ) -> Result<()> {
     let buffers = &Buffers::default();
@@ -295,7 +295,7 @@ async fn restore_window(
     m: &Arc<LocalManifest>,
     w: Window,
     path: &str,
-    to: &Dest,
+    to: &Out,
     buffers: &Buffers,
 ) -> Result<u64> {
     let Window {
