@@ -27,6 +27,10 @@
 #                        wal-fetch, not timed), restore_command = 'cp <dir>/%f %p', then server
 #                        start to promotion timed as for the other variants: the replay time
 #                        with the cheapest possible restore_command, the floor for any tool
+#   DISK_FLOOR=0         1: also measure the disk's floor for the restore (bench/disk_floor.py):
+#                        writing as many bytes as tidemark's restore writes with O_DIRECT, reading
+#                        its repository's packs cold, and both at once, best of 2, page cache
+#                        dropped before each; reported against the restore and its target
 #   DELTA=1              restore the nightly to its consistency point, change 1% of the copy's
 #                        rows (one range), restore over it with --delta (pgBackRest: --delta),
 #                        start and check both (0 = skip)
@@ -66,6 +70,7 @@ TM_ENC_LEVELS=${TM_ENC_LEVELS-}
 RESTORE_ROUNDS=${RESTORE_ROUNDS:-0}
 PITR=${PITR:-1}
 PITR_FLOOR=${PITR_FLOOR:-0}
+DISK_FLOOR=${DISK_FLOOR:-0}
 DELTA=${DELTA:-1}
 PGBR_ZST_LEVEL=${PGBR_ZST_LEVEL-1}
 PGBR_PROCESS_MAX=${PGBR_PROCESS_MAX:-2}
@@ -591,6 +596,28 @@ pitr_floor() {
   rm -rf "$target" "$wal"
 }
 
+# The disk's floor for variant $1's restore (DISK_FLOOR=1): its restore of the newest backup (not
+# timed) gives the bytes a restore writes; bench/disk_floor.py then times writing as many bytes
+# with O_DIRECT, reading the repository's packs cold, and both at once (best of 2 each).
+# Recorded as step "diskfloor" of variant $1.
+disk_floor() {
+  local v=$1 target=$D/restore-disk bytes
+  rm -rf "$target"
+  install -d -m 0700 -o postgres -g postgres "$target"
+  wait_archived
+  log "[$DS] disk floor: restoring $v's newest backup (not timed) for its size"
+  as_pg "$BIN/tidemark-restore" restore --pgdata "$target" --repo "file://$D/repo-$v" $(tm_key "$v") \
+    --target latest --json >"$D/m/disk-restore.out" 2>"$D/logs/disk-restore.log" ||
+    { tail -n 30 "$D/logs/disk-restore.log" >&2; die "disk floor restore failed"; }
+  bytes=$(du -sb "$target" | cut -f1)
+  rm -rf "$target"
+  BUSY=$(wait_quiet)
+  log "[$DS] disk floor: writing $bytes bytes with O_DIRECT, reading $D/repo-$v/packs, and both"
+  python3 "$BENCH/disk_floor.py" --dir "$D" --write-bytes "$bytes" --read "$D/repo-$v/packs" \
+    >"$D/m/diskfloor.json" || die "bench/disk_floor.py failed"
+  record "$v" diskfloor --tool "$D/m/diskfloor.json" busy_before="$BUSY"
+}
+
 # Starts the restored cluster of variant $1 in $2 and waits until it is promoted.
 start_until_promoted() {
   local v=$1 target=$2 n=0
@@ -773,6 +800,11 @@ run_dataset() {
       if [[ $v == tidemark-z* ]]; then pitr_floor "$v"; break; fi
     done
   fi
+  if [[ $DISK_FLOOR == 1 ]]; then
+    for v in "${VARIANTS[@]}"; do
+      if [[ $v == tidemark-z* ]]; then disk_floor "$v"; break; fi
+    done
+  fi
   if [[ $DELTA == 1 ]]; then
     for v in "${VARIANTS[@]}"; do delta "$v"; done
   fi
@@ -805,7 +837,7 @@ run_dataset() {
     "pgBackRest=$PGBR_VERSION, process-max=$PGBR_PROCESS_MAX" \
     "machine=$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM" \
     "load average at start / end=$load0 / $load1" \
-    "parameters=SCALE=$SCALE, PITR=$PITR, PITR_FLOOR=$PITR_FLOOR, UPDATE_PATTERN=$UPDATE_PATTERN, DROP_CACHES=$DROP_CACHES, QUIET_BUSY=$QUIET_BUSY%, QUIET_MAX_WAIT=${QUIET_MAX_WAIT}s, NICE=${NICE:-none}" |
+    "parameters=SCALE=$SCALE, PITR=$PITR, PITR_FLOOR=$PITR_FLOOR, DISK_FLOOR=$DISK_FLOOR, UPDATE_PATTERN=$UPDATE_PATTERN, DROP_CACHES=$DROP_CACHES, QUIET_BUSY=$QUIET_BUSY%, QUIET_MAX_WAIT=${QUIET_MAX_WAIT}s, NICE=${NICE:-none}" |
     python3 "$BENCH/floor.py" "$D/results.jsonl" "$DS")
   echo "$table"
   if [[ -n $RESULTS ]]; then
