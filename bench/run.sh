@@ -547,6 +547,19 @@ restore_rounds() {
   done
 }
 
+# Untimed restore of variant $1's newest backup into a fresh directory $2, once the archive is
+# idle; output and log named after $3, messages after $4.
+untimed_restore() {
+  local v=$1 target=$2 name=$3 what=$4
+  rm -rf "$target"
+  install -d -m 0700 -o postgres -g postgres "$target"
+  wait_archived
+  log "[$DS] $what: restoring $v's newest backup (not timed)"
+  as_pg "$BIN/tidemark-restore" restore --pgdata "$target" --repo "file://$D/repo-$v" $(tm_key "$v") \
+    --target latest --json >"$D/m/$name-restore.out" 2>"$D/logs/$name-restore.log" ||
+    { tail -n 30 "$D/logs/$name-restore.log" >&2; die "$what: restore failed"; }
+}
+
 # PostgreSQL's replay floor (PITR_FLOOR=1) for tidemark variant $1: its restore of the same
 # backup (--target latest, not timed) into a fresh directory; every archived WAL segment from
 # the backup's start segment on, and the timeline history files, extracted beforehand with
@@ -557,14 +570,9 @@ restore_rounds() {
 # restore. Recorded as step "floor" of variant $1.
 pitr_floor() {
   local v=$1 target=$D/restore-floor wal=$D/wal-plain t1 t2 start f name n=0 bytes
-  rm -rf "$target" "$wal"
-  install -d -m 0700 -o postgres -g postgres "$target"
+  rm -rf "$wal"
   install -d -m 0755 -o postgres -g postgres "$wal"
-  wait_archived
-  log "[$DS] replay floor: restoring $v's newest backup (not timed)"
-  as_pg "$BIN/tidemark-restore" restore --pgdata "$target" --repo "file://$D/repo-$v" $(tm_key "$v") \
-    --target latest --json >"$D/m/floor-restore.out" 2>"$D/logs/floor-restore.log" ||
-    { tail -n 30 "$D/logs/floor-restore.log" >&2; die "floor restore failed"; }
+  untimed_restore "$v" "$target" floor "replay floor"
   start=$(sed -n 's/^START WAL LOCATION: .*(file \([0-9A-F]\{24\}\)).*/\1/p' "$target/backup_label" 2>/dev/null || true)
   if ! [[ $start =~ ^[0-9A-F]{24}$ ]]; then
     log "[$DS] replay floor: no start segment in $target/backup_label: extracting every archived segment"
@@ -602,13 +610,7 @@ pitr_floor() {
 # Recorded as step "diskfloor" of variant $1.
 disk_floor() {
   local v=$1 target=$D/restore-disk bytes
-  rm -rf "$target"
-  install -d -m 0700 -o postgres -g postgres "$target"
-  wait_archived
-  log "[$DS] disk floor: restoring $v's newest backup (not timed) for its size"
-  as_pg "$BIN/tidemark-restore" restore --pgdata "$target" --repo "file://$D/repo-$v" $(tm_key "$v") \
-    --target latest --json >"$D/m/disk-restore.out" 2>"$D/logs/disk-restore.log" ||
-    { tail -n 30 "$D/logs/disk-restore.log" >&2; die "disk floor restore failed"; }
+  untimed_restore "$v" "$target" disk "disk floor"
   bytes=$(du -sb "$target" | cut -f1)
   rm -rf "$target"
   BUSY=$(wait_quiet)
