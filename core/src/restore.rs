@@ -179,13 +179,17 @@ async fn run_loaded(
         entries_removed: f.removed,
         ..DeltaReport::default()
     });
-    let files: Vec<usize> = m
+    let mut files: Vec<usize> = m
         .entries
         .iter()
         .enumerate()
         .filter(|(i, e)| matches!(e.kind, HeadKind::File(_)) && *i != layout.pg_control)
         .map(|(i, _)| i)
         .collect();
+    // Largest files first (stable: manifest order among equals), so that the end of a restore
+    // is small files filling the places in flight rather than one 1 GiB segment alone on its
+    // WINDOWS_IN_FLIGHT windows (lab, initialised nightly: median 1.745 -> 1.645 s in 12 pairs).
+    files.sort_by_key(|&i| std::cmp::Reverse(m.file_head(i).map_or(0, |f| f.size)));
     let mut bytes = 0u64;
     let mut count = 0u64;
     let total = files
