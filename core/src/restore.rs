@@ -19,7 +19,8 @@
 //! - Every chunk is verified against its id before it is written; the manifest's own checksum
 //!   covers each file's chunk list, so every byte written is the byte that was backed up.
 //! - A file is written in windows of a few MiB, each decoded in memory from whatever packs hold
-//!   it and written in file order (`write`, which holds the restore's memory bound).
+//!   it and written in file order (`write`, which holds the restore's memory bound). Files start
+//!   largest first, FILES_IN_FLIGHT at a time, so that small files fill the end of a restore.
 //! - `global/pg_control` is written last, so an interrupted restore is visibly unstartable.
 //! - A file counts as restored only after its fsync; fdatasyncs started while it is written
 //!   (`EarlySync`) only move the disk's work earlier, and an error from any of them fails the
