@@ -303,6 +303,9 @@ async fn restore_entry(
         true => dir.open_direct(rel)?.map(Arc::new),
         false => None,
     };
+    if direct.is_some() {
+        write::preallocate(&file, size, &e.path)?;
+    }
     let to = write::Out { file, direct };
     write::write_file(store, m, i, &to).await?;
     drop(to.direct);
