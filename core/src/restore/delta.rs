@@ -227,6 +227,7 @@ pub(super) async fn patch(
     dest: &Dest,
     i: usize,
     syncs: &super::Syncs,
+    slots: &super::write::Slots,
 ) -> Result<u64> {
     let e = &m.entries[i];
     if m.file_head(i).is_none() {
@@ -249,7 +250,7 @@ pub(super) async fn patch(
         file.set_len(f.size)
             .with_context(|| format!("cannot truncate {}", e.path))?;
     }
-    super::write_chunks(store, m, &e.path, &file, stale).await?;
+    super::write_chunks(store, m, &e.path, &file, stale, slots).await?;
     if len < f.size {
         // Chunks past the old end were all stale and are written; this only covers a file
         // that ends in a hole.
