@@ -563,8 +563,9 @@ untimed_restore() {
 # PostgreSQL's replay floor (PITR_FLOOR=1) for tidemark variant $1: its restore of the same
 # backup (--target latest, not timed) into a fresh directory; every archived WAL segment from
 # the backup's start segment on, and the timeline history files, extracted beforehand with
-# wal-fetch as plain files into $D/wal-plain (not timed); restore_command replaced by
-# 'cp $D/wal-plain/%f %p'; then start to promotion timed exactly as the PITR step does. The
+# wal-fetch as plain files into $D/wal-plain (not timed); restore_command replaced by cp from
+# there (a missing segment promotes a restore to the end of the archive, as wal-fetch does:
+# $D/floor-fetch.sh); then start to promotion timed exactly as the PITR step does. The
 # extracted WAL is left in the page cache (a floor: no restore_command can deliver a segment
 # faster than cp from memory); the restored files are in it too, as after the PITR step's
 # restore. Recorded as step "floor" of variant $1.
@@ -589,7 +590,21 @@ pitr_floor() {
   bytes=$(du -sb "$wal" | cut -f1)
   log "[$DS] replay floor: $n WAL files ($bytes bytes) from $start on extracted to $wal"
   grep -q '^restore_command = ' "$target/postgresql.auto.conf" || die "no restore_command in $target/postgresql.auto.conf"
-  sed -i "s|^restore_command = .*|restore_command = 'cp $wal/%f %p'|" "$target/postgresql.auto.conf"
+  # cp; a segment missing ends the replay as wal-fetch does: a restore to the end of the archive
+  # (standby.signal and its marker) is promoted as pg_ctl promote does it.
+  cat >"$D/floor-fetch.sh" <<'EOF'
+#!/bin/sh
+cp "$1/$2" "$3" && exit 0
+case $2 in
+  ????????????????????????)
+    if [ -f .tidemark-promote-at-end ] && [ -f standby.signal ]; then
+      : >promote && kill -USR1 "$(head -n 1 postmaster.pid)" && rm -f .tidemark-promote-at-end
+    fi ;;
+esac
+exit 1
+EOF
+  chmod 0755 "$D/floor-fetch.sh"
+  sed -i "s|^restore_command = .*|restore_command = '$D/floor-fetch.sh $wal %f %p'|" "$target/postgresql.auto.conf"
   sync
   BUSY=$(wait_quiet)
   log "[$DS] replay floor: start to promotion with restore_command = cp"

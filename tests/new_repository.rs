@@ -30,11 +30,11 @@ async fn standby(
     extra: &str,
 ) -> Result<PgCluster> {
     let data = dir.mkdir(name)?.join("data");
-    repo.restore(&data, &["--target", "latest"]).await?.ok()?;
-    std::fs::remove_file(data.join("recovery.signal"))
-        .context("restore wrote no recovery.signal")?;
-    std::fs::write(data.join("standby.signal"), b"")?;
-    env::give_to_db_user(&data.join("standby.signal"))?;
+    repo.restore(&data, &["--standby"]).await?.ok()?;
+    ensure!(
+        data.join("standby.signal").is_file(),
+        "restore --standby wrote no standby.signal"
+    );
     let mut c = PgCluster::adopt(dir, &format!("{name}-server"), &data)?;
     c.append_conf(
         "postgresql.auto.conf",

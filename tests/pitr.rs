@@ -128,7 +128,25 @@ async fn pitr_restores_exactly_the_rows_committed_before_target() -> Result<()> 
     // Restore to the end of the archive.
     let pgdata = dir.join("restored-latest");
     repo.restore(&pgdata, &["--target", "latest"]).await?.ok()?;
+    // Standby mode, promoted by wal-fetch when the archive ends.
+    let marker = pgdata.join(".tidemark-promote-at-end");
+    ensure!(
+        pgdata.join("standby.signal").is_file() && marker.is_file(),
+        "a restore to latest wrote no standby.signal and promotion marker"
+    );
+    ensure!(
+        !pgdata.join("recovery.signal").exists(),
+        "a restore to latest wrote recovery.signal"
+    );
     let latest = start_restored(&dir, "restored-latest-server", &pgdata).await?;
+    ensure!(
+        !latest.log_lines("received promote request").is_empty()
+            && latest.log_lines("end-of-recovery").is_empty()
+            && !marker.exists(),
+        "the server restored to latest was not promoted by wal-fetch without an end-of-recovery checkpoint (marker left: {})\n{}",
+        marker.exists(),
+        latest.log_tail()
+    );
     let ldb = latest.client().await?;
     let counts = data::batch_counts(&ldb).await?;
     ensure!(
@@ -145,6 +163,50 @@ async fn pitr_restores_exactly_the_rows_committed_before_target() -> Result<()> 
         "pitr: restored to latest, found batches {:?} ({} rows total), timeline {tli}",
         counts.keys().collect::<Vec<_>>(),
         counts.values().sum::<i64>()
+    );
+    Ok(())
+}
+
+/// A restore to the end of the archive whose backup's WAL is gone by the time the server starts
+/// is never promoted: the promotion wal-fetch requests when the archive ends comes before the
+/// backup's consistency point, and PostgreSQL stops as archive recovery would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_to_latest_missing_the_backups_wal_is_not_promoted() -> Result<()> {
+    let dir = TestDir::new("pitr-missing-wal")?;
+    let repo = Repo::create(&dir, "repo")?;
+    let src = PgCluster::start_archiving(&dir, "src", &repo).await?;
+    let db = src.client().await?;
+    data::create_table(&db).await?;
+    data::write_batch(&db, 1).await?;
+    let backup = src.backup(&repo).await?;
+    data::write_batch(&db, 2).await?;
+    src.switch_wal_and_wait(&repo).await?;
+    let pgdata = dir.join("restored");
+    repo.restore(&pgdata, &["--target", "latest"]).await?.ok()?;
+    // The segment holding the backup's stop point, gone from the archive.
+    let stop = backup["stop_lsn"].as_str().context("stop_lsn")?;
+    let (hi, lo) = stop.split_once('/').context("stop_lsn is not an LSN")?;
+    let lsn = (u64::from_str_radix(hi, 16)? << 32 | u64::from_str_radix(lo, 16)?) - 1;
+    let seg = lsn >> 24;
+    let name = format!("00000001{:08X}{:08X}", seg >> 8, seg & 0xff);
+    let object = repo.wal_object(&name)?;
+    std::fs::remove_file(&object).with_context(|| format!("cannot remove {}", object.display()))?;
+    let e = match start_restored(&dir, "restored-server", &pgdata).await {
+        Ok(c) => anyhow::bail!(
+            "the server was promoted without WAL segment {name} of its backup\n{}",
+            c.log_tail()
+        ),
+        Err(e) => format!("{e:#}"),
+    };
+    // The backup is small: its checkpoint and its stop point share the segment.
+    ensure!(
+        e.contains("FATAL:  could not locate required checkpoint record")
+            || e.contains("FATAL:  WAL ends before consistent recovery point"),
+        "the server without {name} did not stop before its consistency point: {e}"
+    );
+    eprintln!(
+        "pitr: without {name}, the restored server stopped: {}",
+        e.lines().find(|l| l.contains("FATAL")).unwrap_or("")
     );
     Ok(())
 }

@@ -166,7 +166,9 @@ async fn restored_files_have_postgres_modes_and_owner() -> Result<()> {
             "global/pg_control",
             "PG_VERSION",
             "backup_label",
-            "recovery.signal",
+            // To the end of the archive: standby mode, promoted by wal-fetch when it ends.
+            "standby.signal",
+            ".tidemark-promote-at-end",
             "base",
             "pg_wal",
         ] {

@@ -87,11 +87,11 @@ async fn promoted_standby_archives_a_new_timeline_beside_the_old_one() -> Result
     // The standby: the backup restored, standby.signal instead of recovery.signal, streaming
     // from the primary, archiving (once promoted) through its own sidecar.
     let sdata = dir.mkdir("standby")?.join("data");
-    repo.restore(&sdata, &["--target", "latest"]).await?.ok()?;
-    std::fs::remove_file(sdata.join("recovery.signal"))
-        .context("restore wrote no recovery.signal")?;
-    std::fs::write(sdata.join("standby.signal"), b"")?;
-    env::give_to_db_user(&sdata.join("standby.signal"))?;
+    repo.restore(&sdata, &["--standby"]).await?.ok()?;
+    ensure!(
+        sdata.join("standby.signal").is_file(),
+        "restore --standby wrote no standby.signal"
+    );
     let mut cfg = SidecarConfig::new(&dir, "sidecar", &repo.url, &sdata)?;
     cfg.args = vec!["--rescan".into(), "1".into()];
     let mut standby = PgCluster::adopt(&dir, "standby", &sdata)?;

@@ -15,7 +15,9 @@
 //!   ([`SafeDir`]). The only symlinks created are the tablespaces' `pg_tblspc/<oid>`, after
 //!   every file; other symlink entries are left out with a warning.
 //! - The recovery settings go into a new `postgresql.auto.conf` (`recovery_conf`); with
-//!   `--archive-mode off` (the default) they include `archive_mode = off`.
+//!   `--archive-mode off` (the default) they include `archive_mode = off`. A restore to the end
+//!   of the archive recovers in standby mode and is promoted by its restore_command when the
+//!   archive ends (`promote`), so PostgreSQL skips the end-of-recovery checkpoint it waits for.
 //! - Every chunk is verified against its id before it is written; the manifest's own checksum
 //!   covers each file's chunk list, so every byte written is the byte that was backed up.
 //! - A file is written in windows of a few MiB, each decoded in memory from whatever packs hold
@@ -31,6 +33,7 @@
 mod delta;
 mod layout;
 pub mod plan;
+pub mod promote;
 mod recovery_conf;
 pub(crate) mod safe_dir;
 mod select;

@@ -311,6 +311,10 @@ pub async fn pg_verifybackup(data: &std::path::Path) -> Result<Run> {
         "-i",
         "recovery.signal",
         "-i",
+        "standby.signal",
+        "-i",
+        ".tidemark-promote-at-end",
+        "-i",
         "tablespace_map",
     ])
     .arg(data);

@@ -10,7 +10,7 @@
 //!   `postgresql.auto.conf` is refused; any other symlink entry is left out with a warning, since
 //!   the restored server would read or write through it outside its data directory.
 //! - The files a restore writes itself (`backup_label`, `tablespace_map`, `recovery.signal`,
-//!   `standby.signal`) are never taken from a manifest: writers never record them, so an entry
+//!   `standby.signal`, the promotion marker) are never taken from a manifest: writers never record them, so an entry
 //!   with such a name is refused.
 //! - `global/pg_control` is a regular file of the manifest, or the restore is refused before it
 //!   starts.
@@ -26,6 +26,7 @@ pub const WRITTEN_BY_RESTORE: &[&str] = &[
     "tablespace_map",
     "recovery.signal",
     "standby.signal",
+    super::promote::MARKER,
 ];
 
 /// The restore's view of one manifest.

@@ -111,6 +111,14 @@ fn settings(h: &ManifestHeader, opts: &RestoreOptions) -> String {
         // Pause needs hot_standby (without it PostgreSQL shuts down instead).
         text += "hot_standby = on\n";
     }
+    if promotes_at_end(opts) {
+        text += &format!(
+            "# recovery to the end of the archive: standby.signal and {}, so that wal-fetch\n\
+             # promotes this server when the archive has no next segment (no end-of-recovery\n\
+             # checkpoint to wait for)\n",
+            super::promote::MARKER
+        );
+    }
     if let Some(standby) = &opts.standby {
         // Written either way, so a primary_conninfo or slot the backup carried (a backup of a
         // standby made with pg_basebackup -R) never applies.
@@ -150,8 +158,18 @@ pub(super) fn write_new(root: &SafeDir, name: &str, data: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot write {name} in {}", root.path().display()))
 }
 
+/// Whether the restore recovers in standby mode and is promoted by its restore_command when
+/// the archive ends (`super::promote`): a restore to the end of the archive that is not a
+/// standby, fetching WAL with tidemark's `wal-fetch` (only it knows the marker).
+fn promotes_at_end(opts: &RestoreOptions) -> bool {
+    opts.standby.is_none()
+        && matches!(opts.recovery.target, Target::Latest)
+        && opts.restore_command.contains(" wal-fetch ")
+}
+
 /// Writes backup_label, tablespace_map (when given), recovery.signal (standby.signal for a
-/// standby) and postgresql.auto.conf with the recovery settings.
+/// standby, and with the promotion marker for a restore that [`promotes_at_end`]) and
+/// postgresql.auto.conf with the recovery settings.
 pub(super) fn write(
     root: &SafeDir,
     h: &ManifestHeader,
@@ -163,12 +181,16 @@ pub(super) fn write(
     if let Some(map) = tablespace_map {
         write_new(root, "tablespace_map", &map)?;
     }
-    let signal = if opts.standby.is_some() {
+    let fast = promotes_at_end(opts);
+    let signal = if opts.standby.is_some() || fast {
         "standby.signal"
     } else {
         "recovery.signal"
     };
     write_new(root, signal, b"")?;
+    if fast {
+        write_new(root, super::promote::MARKER, super::promote::MARKER_TEXT)?;
+    }
     let mut text = if layout.auto_conf {
         root.read_file(AUTO_CONF, MAX_AUTO_CONF)
             .with_context(|| format!("backup {}'s {AUTO_CONF}", h.backup_id))?
@@ -398,6 +420,44 @@ mod tests {
             std::fs::read(tmp.path().join("tablespace_map")).unwrap(),
             b"m"
         );
-        assert!(tmp.path().join("recovery.signal").is_file());
+        // To the end of the archive: standby mode, promoted by wal-fetch (the marker).
+        assert!(tmp.path().join("standby.signal").is_file());
+        assert!(!tmp.path().join("recovery.signal").exists());
+        assert!(tmp.path().join(super::super::promote::MARKER).is_file());
+    }
+
+    #[test]
+    fn only_a_restore_to_the_end_of_the_archive_with_wal_fetch_promotes_at_its_end() {
+        let h = crate::test_support::hdr("b1", 1);
+        let layout = Layout {
+            pg_control: 0,
+            auto_conf: false,
+            skipped_links: Vec::new(),
+        };
+        let time =
+            Target::Time(chrono::DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z").unwrap());
+        let mut to_time = opts(ArchiveMode::Off);
+        to_time.recovery = crate::target::Recovery::to(time);
+        let mut other_command = opts(ArchiveMode::Off);
+        other_command.restore_command = "cp /a/%f %p".into();
+        let mut standby = opts(ArchiveMode::Off);
+        standby.standby = Some(crate::target::Standby::default());
+        for (o, signal) in [
+            (&to_time, "recovery.signal"),
+            (&other_command, "recovery.signal"),
+            (&standby, "standby.signal"),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let root = SafeDir::open(tmp.path()).unwrap();
+            write(&root, &h, o, &layout, None).unwrap();
+            assert!(tmp.path().join(signal).is_file(), "{o:?}");
+            assert!(
+                !tmp.path().join(super::super::promote::MARKER).exists(),
+                "{o:?}"
+            );
+            let text = std::fs::read_to_string(tmp.path().join(AUTO_CONF)).unwrap();
+            assert!(!text.contains("promotes this server"), "{text}");
+        }
+        assert!(settings(&h, &opts(ArchiveMode::Off)).contains("promotes this server"));
     }
 }

@@ -6,12 +6,16 @@
 //! mode (`standby.signal` in the data directory): it falls back to streaming from its primary,
 //! and a loud warning says so. Any other recovery aborts (128): a PITR from a repository that
 //! is not there must not promote.
+//!
+//! A segment the archive lacks, asked for by the startup process of a restore's recovery to the
+//! end of the archive (`tidemark_core::restore::promote`), requests that server's promotion.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tidemark_core::cli::{self, RepoArgs};
 use tidemark_core::prefetch::{self, Filler, Prefetch};
+use tidemark_core::restore::promote;
 use tidemark_core::wal::{self, WalError};
 
 #[derive(clap::Args)]
@@ -67,16 +71,33 @@ fn hopeless(e: &anyhow::Error) -> bool {
 }
 
 /// True when the server asking is a standby in standby mode: `standby.signal` in its data
-/// directory (the parent of the destination's `pg_wal/`, else the working directory, where
-/// PostgreSQL runs restore_command).
+/// directory, and not a restore's recovery to the end of the archive (which runs in standby mode
+/// only to be promoted when the archive ends, `promote`).
 fn in_standby_mode(dest: &std::path::Path) -> bool {
-    let data = dest
-        .parent()
-        .filter(|p| p.file_name().is_some_and(|n| n == "pg_wal"))
-        .and_then(|p| p.parent())
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    data.join("standby.signal").is_file()
+    let data = promote::data_dir_of(dest);
+    data.join("standby.signal").is_file() && !promote::wanted(data)
+}
+
+/// The archive lacks `file`, asked for by PostgreSQL's startup process: a segment's absence
+/// promotes a restore's recovery to the end of the archive (`promote`). A failure to request it
+/// is reported, not returned: the file is missing either way.
+fn at_end_of_archive(file: &str, dest: &std::path::Path) {
+    if !matches!(
+        tidemark_format::wal::WalFileName::parse(file),
+        Ok(tidemark_format::wal::WalFileName::Segment { .. })
+    ) {
+        return;
+    }
+    let data = promote::data_dir_of(dest);
+    match promote::at_end_of_archive(data) {
+        Ok(true) => {
+            tracing::info!(file = %file, "the archive has no {file}: promotion requested (this restore recovers to the end of the archive)")
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(file = %file, error = %format!("{e:#}"), "the archive has no {file}, and promotion could not be requested: the server stays in standby mode, asking again every few seconds\nhint: promote it by hand (pg_ctl promote -D {}, or SELECT pg_promote())", std::path::absolute(data).unwrap_or_else(|_| data.to_path_buf()).display())
+        }
+    }
 }
 
 /// The store of the system asked for; an encrypted repository is unlocked here, once.
@@ -161,6 +182,9 @@ pub async fn run(a: Args) -> ExitCode {
             ) && !missing_repo =>
             {
                 tracing::debug!(file = %a.file, "not in the archive");
+                if startup {
+                    at_end_of_archive(&a.file, &a.dest);
+                }
                 return ExitCode::from(cli::EXIT_FAILURE);
             }
             e if missing_repo => {

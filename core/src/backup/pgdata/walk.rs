@@ -33,6 +33,7 @@ const TOP_FILES: &[&str] = &[
     "current_logfiles.tmp",
     "recovery.signal",
     "standby.signal",
+    crate::restore::promote::MARKER,
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -92,6 +92,7 @@ const SKIPPED: &[&str] = &[
     "recovery.signal",
     "backup_label.old",
     "tablespace_map.old",
+    crate::restore::promote::MARKER,
 ];
 
 struct DemuxState<'a> {
