@@ -79,15 +79,20 @@ pub fn at_end_of_archive(data: &Path) -> Result<bool> {
     // to the startup process.
     let promote = data.join("promote");
     std::fs::write(&promote, b"").with_context(|| format!("cannot write {}", promote.display()))?;
-    rustix::process::kill_process(pid, rustix::process::Signal::USR1)
-        .map_err(std::io::Error::from)
-        .with_context(|| {
+    if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::USR1) {
+        // As pg_ctl: no request left behind that a later signal could act on.
+        let _ = std::fs::remove_file(&promote);
+        return Err(std::io::Error::from(e)).with_context(|| {
             format!(
                 "cannot signal the postmaster (process {})",
                 pid.as_raw_pid()
             )
-        })?;
-    std::fs::remove_file(&marker).with_context(|| format!("cannot remove {}", marker.display()))?;
+        });
+    }
+    // Requested: a marker that cannot be removed is reported, the request stands.
+    if let Err(e) = std::fs::remove_file(&marker) {
+        tracing::warn!(marker = %marker.display(), error = %e, "promotion requested, but the marker could not be removed\nhint: remove it by hand before this data directory is ever made a standby");
+    }
     Ok(true)
 }
 

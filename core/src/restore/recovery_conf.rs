@@ -112,10 +112,13 @@ fn settings(h: &ManifestHeader, opts: &RestoreOptions) -> String {
         text += "hot_standby = on\n";
     }
     if promotes_at_end(opts) {
+        // Standby mode would stream from a primary_conninfo the backup carried (a backup of a
+        // standby made with pg_basebackup -R): cleared, so the archive is all it replays.
         text += &format!(
             "# recovery to the end of the archive: standby.signal and {}, so that wal-fetch\n\
              # promotes this server when the archive has no next segment (no end-of-recovery\n\
-             # checkpoint to wait for)\n",
+             # checkpoint to wait for); it replays the archive only\n\
+             primary_conninfo = ''\nprimary_slot_name = ''\n",
             super::promote::MARKER
         );
     }
@@ -458,6 +461,10 @@ mod tests {
             let text = std::fs::read_to_string(tmp.path().join(AUTO_CONF)).unwrap();
             assert!(!text.contains("promotes this server"), "{text}");
         }
-        assert!(settings(&h, &opts(ArchiveMode::Off)).contains("promotes this server"));
+        let text = settings(&h, &opts(ArchiveMode::Off));
+        assert!(text.contains("promotes this server"), "{text}");
+        // A carried primary_conninfo never applies: standby mode would stream from it.
+        assert_eq!(last(&text, "primary_conninfo"), Some("''"), "{text}");
+        assert_eq!(last(&text, "primary_slot_name"), Some("''"), "{text}");
     }
 }
