@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tidemark_e2e::cluster::shell_word;
 use tidemark_e2e::env::{self, Run, TestDir, Tool};
+use tidemark_e2e::sidecar::segment_before;
 use tidemark_e2e::{data, replication, start_restored, PgCluster, Repo};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
@@ -477,15 +478,6 @@ async fn pgbench_during_a_replication_backup() -> Result<()> {
 const BATCH_DIGEST: &str =
     "SELECT coalesce(string_agg(batch || ':' || n, ', ' ORDER BY batch), 'none')
     FROM (SELECT batch, count(*) n FROM batches GROUP BY batch) s";
-
-/// The name of the WAL segment holding the byte before `lsn` (`X/Y` text) on timeline `tli`,
-/// 16 MiB segments: the last segment a backup stopping at `lsn` needs.
-fn segment_before(tli: u32, lsn: &str) -> Result<String> {
-    let (hi, lo) = lsn.split_once('/').context("not an LSN")?;
-    let lsn = (u64::from_str_radix(hi, 16)? << 32 | u64::from_str_radix(lo, 16)?) - 1;
-    let seg = lsn >> 24;
-    Ok(format!("{tli:08X}{:08X}{:08X}", seg >> 8, seg & 0xff))
-}
 
 /// Waits until the archiver has failed at least `more_than` times; returns the segment it
 /// failed on last.

@@ -5,6 +5,7 @@ use anyhow::{ensure, Context, Result};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tidemark_e2e::data::{self, BATCH_ROWS};
+use tidemark_e2e::sidecar::segment_before;
 use tidemark_e2e::{start_restored, PgCluster, Repo, TestDir};
 
 /// Batches written; the base backup is taken after [`BACKUP_AFTER`], the target lies between
@@ -184,11 +185,7 @@ async fn a_restore_to_latest_missing_the_backups_wal_is_not_promoted() -> Result
     let pgdata = dir.join("restored");
     repo.restore(&pgdata, &["--target", "latest"]).await?.ok()?;
     // The segment holding the backup's stop point, gone from the archive.
-    let stop = backup["stop_lsn"].as_str().context("stop_lsn")?;
-    let (hi, lo) = stop.split_once('/').context("stop_lsn is not an LSN")?;
-    let lsn = (u64::from_str_radix(hi, 16)? << 32 | u64::from_str_radix(lo, 16)?) - 1;
-    let seg = lsn >> 24;
-    let name = format!("00000001{:08X}{:08X}", seg >> 8, seg & 0xff);
+    let name = segment_before(1, backup["stop_lsn"].as_str().context("stop_lsn")?)?;
     let object = repo.wal_object(&name)?;
     std::fs::remove_file(&object).with_context(|| format!("cannot remove {}", object.display()))?;
     let e = match start_restored(&dir, "restored-server", &pgdata).await {

@@ -357,6 +357,15 @@ pub async fn wait_archived(db: &Client, seg: &str, timeout: Duration) -> Result<
     }
 }
 
+/// The name of the WAL segment holding the byte before `lsn` (`X/Y` text) on timeline `tli`,
+/// 16 MiB segments: the last segment a backup stopping at `lsn` needs.
+pub fn segment_before(tli: u32, lsn: &str) -> Result<String> {
+    let (hi, lo) = lsn.split_once('/').context("not an LSN")?;
+    let lsn = (u64::from_str_radix(hi, 16)? << 32 | u64::from_str_radix(lo, 16)?) - 1;
+    let seg = lsn >> 24;
+    Ok(format!("{tli:08X}{:08X}{:08X}", seg >> 8, seg & 0xff))
+}
+
 /// Switches WAL (after a tiny write, so the switch is never a no-op) and returns the name of the
 /// segment just finished.
 pub async fn switch_wal(db: &Client) -> Result<String> {
