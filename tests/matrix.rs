@@ -175,6 +175,15 @@ async fn matrix(major: u32, wal_seg_mib: u32) -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Promoted by wal-fetch at the end of the archive, and the restore's marker removed as it
+    // promoted (this major asked for its next timeline's history through restore_command).
+    ensure!(
+        !promoted.log_lines("received promote request").is_empty()
+            && !pdata.join(".tidemark-promote-at-end").exists(),
+        "the restored server was not promoted by wal-fetch, or kept its marker (left: {})\n{}",
+        pdata.join(".tidemark-promote-at-end").exists(),
+        promoted.log_tail()
+    );
     ensure!(
         data::batch_counts(&pdb).await? == batches(1..=5),
         "the restore to the end of the archive lacks rows"

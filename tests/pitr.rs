@@ -4,9 +4,10 @@
 use anyhow::{ensure, Context, Result};
 use std::collections::BTreeMap;
 use std::time::Duration;
+use tidemark_e2e::cluster::{conf_quote, shell_word, wait_promoted};
 use tidemark_e2e::data::{self, BATCH_ROWS};
 use tidemark_e2e::sidecar::segment_before;
-use tidemark_e2e::{start_restored, PgCluster, Repo, TestDir};
+use tidemark_e2e::{start_restored, start_restored_standby, PgCluster, Repo, TestDir};
 
 /// Batches written; the base backup is taken after [`BACKUP_AFTER`], the target lies between
 /// [`TARGET_AFTER`] and the batch after it.
@@ -204,6 +205,130 @@ async fn a_restore_to_latest_missing_the_backups_wal_is_not_promoted() -> Result
     eprintln!(
         "pitr: without {name}, the restored server stopped: {}",
         e.lines().find(|l| l.contains("FATAL")).unwrap_or("")
+    );
+    Ok(())
+}
+
+/// A server restored to the end of the archive that crashes after wal-fetch requested its
+/// promotion and before it promoted (here: an immediate shutdown while its restore_command is
+/// held) is asked again after its restart, and promotes; the marker is removed only then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_to_latest_restarted_before_its_promotion_still_promotes() -> Result<()> {
+    let (dir, repo, src, db) = tidemark_e2e::archiving_source("pitr-restart").await?;
+    data::write_batch(&db, 1).await?;
+    src.backup(&repo).await?;
+    data::write_batch(&db, 2).await?;
+    src.switch_wal_and_wait(&repo).await?;
+    let pgdata = dir.join("restored");
+    repo.restore(&pgdata, &["--target", "latest"]).await?.ok()?;
+    // The restore's restore_command, run by a wrapper that does not return while a promotion
+    // request is pending and the hold file exists (PostgreSQL cannot act on the request then).
+    let auto = std::fs::read_to_string(pgdata.join("postgresql.auto.conf"))?;
+    let command = auto
+        .lines()
+        .filter_map(|l| l.strip_prefix("restore_command = '"))
+        .next_back()
+        .and_then(|v| v.strip_suffix('\''))
+        .map(|v| v.replace("''", "'"))
+        .context("the restore wrote no restore_command")?;
+    let program = command
+        .strip_suffix(" %f %p")
+        .with_context(|| format!("restore_command {command:?} does not end with %f %p"))?;
+    let hold = dir.join("hold");
+    std::fs::write(&hold, b"")?;
+    let wrapper = dir.join("restore-wrapper.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n{program} \"$1\" \"$2\"\nrc=$?\nwhile [ -f promote ] && [ -f {} ]; do sleep 0.1; done\nexit $rc\n",
+            shell_word(&hold.to_string_lossy())
+        ),
+    )?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(pgdata.join("postgresql.auto.conf"))?;
+        writeln!(
+            f,
+            "restore_command = {}",
+            conf_quote(&format!(
+                "sh {} %f %p",
+                shell_word(&wrapper.to_string_lossy())
+            ))
+        )?;
+    }
+    let marker = pgdata.join(".tidemark-promote-at-end");
+    let mut server = start_restored_standby(&dir, "restored-server", &pgdata).await?;
+    // The archive ends: wal-fetch requests promotion and records it in the marker; the wrapper
+    // holds the startup process before it can act on the request.
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&marker)
+        .unwrap_or_default()
+        .contains("requested of postmaster")
+    {
+        ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "wal-fetch recorded no promotion request in {} within 60 s\n{}",
+            marker.display(),
+            server.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let in_recovery: bool = server
+        .client()
+        .await?
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await?
+        .get(0);
+    ensure!(
+        in_recovery,
+        "the server promoted while its restore_command was held\n{}",
+        server.log_tail()
+    );
+    // The crash: an immediate shutdown (SIGQUIT to the postmaster) with the request pending.
+    let pid_file = pgdata.join("postmaster.pid");
+    let pid = std::fs::read_to_string(&pid_file)?
+        .lines()
+        .next()
+        .context("empty postmaster.pid")?
+        .trim()
+        .to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-QUIT", &pid])
+        .status()?;
+    ensure!(status.success(), "kill -QUIT {pid} failed: {status}");
+    let started = std::time::Instant::now();
+    while pid_file.exists() {
+        ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the postmaster did not exit within 60 s of SIGQUIT\n{}",
+            server.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        server.log_lines("received promote request").is_empty() && marker.is_file(),
+        "the server promoted, or lost its marker, before the crash\n{}",
+        server.log_tail()
+    );
+    std::fs::remove_file(&hold)?;
+    server.start().await?;
+    wait_promoted(&server).await?;
+    ensure!(
+        !server.log_lines("received promote request").is_empty() && !marker.exists(),
+        "the restarted server was not promoted by wal-fetch, or its marker stayed (marker left: {})\n{}",
+        marker.exists(),
+        server.log_tail()
+    );
+    let counts = data::batch_counts(&server.client().await?).await?;
+    ensure!(
+        counts == expected(1..=2),
+        "restored to the end of the archive after a restart: rows per batch {counts:?}, want batches 1 and 2\n{}",
+        server.log_tail()
+    );
+    eprintln!(
+        "pitr: a restart before the promotion was asked again and promoted, batches {counts:?}"
     );
     Ok(())
 }

@@ -17,24 +17,36 @@
 //!   recovery does there: FATAL "WAL ends before consistent recovery point", nothing promoted.
 //! - Only a segment's verified absence requests promotion: never a history, `.partial` or
 //!   `.backup` file, a storage error or a missing repository (those still abort recovery).
-//! - Only with the marker, `standby.signal` and a `postmaster.pid` in the data directory; the
-//!   marker is removed once the request is made, so a server later made a standby never
-//!   promotes itself. Backups never record the marker and a restore refuses one that does.
+//! - Only with the marker, `standby.signal` and a `postmaster.pid` in the data directory, and
+//!   never for a server given `primary_conninfo` (the marker is then removed).
+//! - The marker outlives the request until the promotion is seen: a request is made again on
+//!   every segment the archive lacks (the postmaster deletes `promote` when it starts, so a
+//!   server stopped or restarted between the request and the promotion is asked again). The
+//!   marker records the postmaster that was asked (process id and start time, from
+//!   `postmaster.pid`); when the startup process of that same postmaster, its `promote` file
+//!   consumed, asks for the history file of its next timeline (PostgreSQL does so as it
+//!   promotes), [`after_history_request`] removes the marker. A server later made a standby of
+//!   anything therefore never finds it. Backups never record the marker and a restore refuses
+//!   one that does.
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
-/// Written beside `standby.signal` by a restore to the end of the archive; removed by the
-/// `wal-fetch` that requests promotion.
+/// Written beside `standby.signal` by a restore to the end of the archive; removed once the
+/// server it asked to promote promotes ([`after_history_request`]).
 pub const MARKER: &str = ".tidemark-promote-at-end";
 
 /// The marker's text, for whoever finds it.
 pub(super) const MARKER_TEXT: &[u8] =
     b"Written by tidemark-restore (--target latest): this server recovers in standby mode and is\n\
-promoted by tidemark-restore wal-fetch when the archive has no next WAL segment. Removed then.\n";
+promoted by tidemark-restore wal-fetch when the archive has no next WAL segment. Removed once\n\
+it is promoted.\n";
 
-/// Largest `postmaster.pid` read (PostgreSQL writes a few lines).
-const MAX_PID_FILE: u64 = 64 << 10;
+/// The line of the marker naming the postmaster asked to promote.
+const REQUESTED: &str = "requested of postmaster ";
+
+/// Largest `postmaster.pid` or marker read (a few lines each).
+const MAX_SMALL_FILE: u64 = 64 << 10;
 
 /// The data directory of the server whose restore_command writes to `dest`: the parent of the
 /// destination's `pg_wal/`, else the working directory (PostgreSQL runs restore_command there).
@@ -67,33 +79,84 @@ pub fn at_end_of_archive(data: &Path) -> Result<bool> {
         tracing::warn!(data = %data.display(), "{conf} sets primary_conninfo: this server was made a standby after its restore, so wal-fetch does not promote it at the end of the archive (and {MARKER} is removed)");
         return Ok(false);
     }
-    let pid_file = data.join("postmaster.pid");
-    let text = read_capped(&pid_file)?;
-    let pid = text
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse::<i32>().ok())
-        .and_then(rustix::process::Pid::from_raw)
-        .with_context(|| format!("{} does not start with a process id", pid_file.display()))?;
+    let asked = Postmaster::of(data)?;
     // As pg_ctl promote: the request file, then SIGUSR1 to the postmaster, which passes it on
     // to the startup process.
     let promote = data.join("promote");
     std::fs::write(&promote, b"").with_context(|| format!("cannot write {}", promote.display()))?;
-    if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::USR1) {
+    if let Err(e) = rustix::process::kill_process(asked.pid, rustix::process::Signal::USR1) {
         // As pg_ctl: no request left behind that a later signal could act on.
         let _ = std::fs::remove_file(&promote);
         return Err(std::io::Error::from(e)).with_context(|| {
             format!(
                 "cannot signal the postmaster (process {})",
-                pid.as_raw_pid()
+                asked.pid.as_raw_pid()
             )
         });
     }
-    // Requested: a marker that cannot be removed is reported, the request stands.
-    if let Err(e) = std::fs::remove_file(&marker) {
-        tracing::warn!(marker = %marker.display(), error = %e, "promotion requested, but the marker could not be removed\nhint: remove it by hand before this data directory is ever made a standby");
+    // Requested: the marker names the postmaster asked, so that its promotion removes it. A
+    // marker that cannot say so is removed now (the request stands; a restart before the
+    // promotion then leaves the server in standby mode), or reported if even that fails.
+    let record = [MARKER_TEXT, asked.record().as_bytes()].concat();
+    if let Err(e) = std::fs::write(&marker, record) {
+        tracing::warn!(marker = %marker.display(), error = %e, "promotion requested, but the marker could not record it: removing the marker");
+        if let Err(e) = std::fs::remove_file(&marker) {
+            tracing::warn!(marker = %marker.display(), error = %e, "the marker could not be removed either\nhint: remove it by hand once the server is promoted, before this data directory is ever made a standby");
+        }
     }
     Ok(true)
+}
+
+/// Called when the startup process of the server of `data` asks for a timeline history file,
+/// found or not: if the marker records a request of this same postmaster and its `promote` file
+/// is gone (the startup process consumed it), the server is promoting (PostgreSQL looks for its
+/// next timeline then), and the marker is removed. Returns whether it was.
+pub fn after_history_request(data: &Path) -> Result<bool> {
+    let marker = data.join(MARKER);
+    if !marker.is_file() {
+        return Ok(false);
+    }
+    let text = read_capped(&marker)?;
+    let Some(asked) = text.lines().find(|l| l.starts_with(REQUESTED)) else {
+        return Ok(false);
+    };
+    if data.join("promote").exists() || Postmaster::of(data)?.record().trim_end() != asked {
+        return Ok(false);
+    }
+    std::fs::remove_file(&marker).with_context(|| format!("cannot remove {}", marker.display()))?;
+    Ok(true)
+}
+
+/// The running postmaster of a data directory, as its `postmaster.pid` names it.
+struct Postmaster {
+    pid: rustix::process::Pid,
+    /// The start time (line 3, seconds since the epoch): a restarted server in a container
+    /// often gets the same process id.
+    start: String,
+}
+
+impl Postmaster {
+    fn of(data: &Path) -> Result<Postmaster> {
+        let pid_file = data.join("postmaster.pid");
+        let text = read_capped(&pid_file)?;
+        let mut lines = text.lines();
+        let pid = lines
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+            .and_then(rustix::process::Pid::from_raw)
+            .with_context(|| format!("{} does not start with a process id", pid_file.display()))?;
+        let start = lines.nth(1).unwrap_or("").trim().to_string();
+        Ok(Postmaster { pid, start })
+    }
+
+    /// The marker's line naming this postmaster.
+    fn record(&self) -> String {
+        format!(
+            "{REQUESTED}{} started {}\n",
+            self.pid.as_raw_pid(),
+            self.start
+        )
+    }
 }
 
 /// Largest configuration file read for `primary_conninfo`.
@@ -168,11 +231,11 @@ fn read_capped(path: &Path) -> Result<String> {
     use std::io::Read;
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut text = String::new();
-    f.take(MAX_PID_FILE)
+    f.take(MAX_SMALL_FILE)
         .read_to_string(&mut text)
         .with_context(|| format!("cannot read {}", path.display()))?;
-    if text.len() as u64 >= MAX_PID_FILE {
-        bail!("{} is larger than {MAX_PID_FILE} bytes", path.display());
+    if text.len() as u64 >= MAX_SMALL_FILE {
+        bail!("{} is larger than {MAX_SMALL_FILE} bytes", path.display());
     }
     Ok(text)
 }
@@ -212,31 +275,82 @@ mod tests {
         assert!(!d.path().join("promote").exists());
     }
 
-    #[test]
-    fn a_request_writes_promote_signals_the_postmaster_and_removes_the_marker() {
-        let d = tempfile::tempdir().unwrap();
-        // A child that stands for the postmaster: SIGUSR1's default action ends it.
-        let mut child = std::process::Command::new("sleep")
+    /// A child that stands for the postmaster (SIGUSR1's default action ends it), named by
+    /// `d`'s postmaster.pid with start time `start`.
+    fn stand_in_postmaster(d: &Path, start: &str) -> std::process::Child {
+        let child = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
             .unwrap();
         std::fs::write(
-            d.path().join("postmaster.pid"),
-            format!("{}\n/d\n", child.id()),
+            d.join("postmaster.pid"),
+            format!("{}\n/d\n{start}\n5432\n", child.id()),
         )
         .unwrap();
+        child
+    }
+
+    fn signalled(mut child: std::process::Child) -> bool {
+        let status = child.wait().unwrap();
+        std::os::unix::process::ExitStatusExt::signal(&status)
+            == Some(rustix::process::Signal::USR1.as_raw())
+    }
+
+    #[test]
+    fn a_request_signals_the_postmaster_and_its_promotion_removes_the_marker() {
+        let d = tempfile::tempdir().unwrap();
+        let child = stand_in_postmaster(d.path(), "1700000000");
         std::fs::write(d.path().join("standby.signal"), b"").unwrap();
         std::fs::write(d.path().join(MARKER), MARKER_TEXT).unwrap();
+        // Before any request, a history file asked for (the server starting) changes nothing.
+        assert!(!after_history_request(d.path()).unwrap());
         assert!(at_end_of_archive(d.path()).unwrap());
         assert!(d.path().join("promote").is_file());
+        assert!(signalled(child));
+        assert!(wanted(d.path()), "the marker stays until the promotion");
+        // The startup process has not consumed the request yet (it rescans timelines in the
+        // meantime): the marker stays.
+        assert!(!after_history_request(d.path()).unwrap());
+        assert!(wanted(d.path()));
+        // Consumed, then the next timeline's history asked for: promoted, the marker removed.
+        std::fs::remove_file(d.path().join("promote")).unwrap();
+        assert!(after_history_request(d.path()).unwrap());
         assert!(!wanted(d.path()));
-        let status = child.wait().unwrap();
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&status),
-            Some(rustix::process::Signal::USR1.as_raw())
+        assert!(!after_history_request(d.path()).unwrap());
+    }
+
+    #[test]
+    fn a_server_restarted_before_its_promotion_is_asked_again() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("standby.signal"), b"").unwrap();
+        std::fs::write(d.path().join(MARKER), MARKER_TEXT).unwrap();
+        let first = stand_in_postmaster(d.path(), "1700000000");
+        let first_id = first.id();
+        assert!(at_end_of_archive(d.path()).unwrap());
+        assert!(signalled(first));
+        // Restarted: the new postmaster deleted promote; its startup process asks for history
+        // files as it starts. Another process, or the same id started later (a container's
+        // restart), is not the postmaster that was asked.
+        std::fs::remove_file(d.path().join("promote")).unwrap();
+        let second = stand_in_postmaster(d.path(), "1700000100");
+        assert!(!after_history_request(d.path()).unwrap());
+        assert!(wanted(d.path()));
+        let pid_file = d.path().join("postmaster.pid");
+        let second_pid_file = std::fs::read(&pid_file).unwrap();
+        std::fs::write(&pid_file, format!("{first_id}\n/d\n1700000100\n")).unwrap();
+        assert!(!after_history_request(d.path()).unwrap());
+        assert!(wanted(d.path()));
+        std::fs::write(&pid_file, second_pid_file).unwrap();
+        // The archive ends again: asked again, and this postmaster's promotion removes it.
+        assert!(at_end_of_archive(d.path()).unwrap());
+        assert!(signalled(second));
+        std::fs::remove_file(d.path().join("promote")).unwrap();
+        assert!(after_history_request(d.path()).unwrap());
+        assert!(!wanted(d.path()));
+        assert!(
+            !at_end_of_archive(d.path()).unwrap(),
+            "no marker, no request"
         );
-        // Once only: the marker is gone.
-        assert!(!at_end_of_archive(d.path()).unwrap());
     }
 
     #[test]

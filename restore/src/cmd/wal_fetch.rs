@@ -8,7 +8,9 @@
 //! is not there must not promote.
 //!
 //! A segment the archive lacks, asked for by the startup process of a restore's recovery to the
-//! end of the archive (`tidemark_core::restore::promote`), requests that server's promotion.
+//! end of the archive (`tidemark_core::restore::promote`), requests that server's promotion; a
+//! history file asked for once that request is consumed (the server promoting) removes the
+//! restore's marker.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -100,6 +102,28 @@ fn at_end_of_archive(file: &str, dest: &std::path::Path) {
     }
 }
 
+/// The startup process asked for `file`, found or not: a timeline history file asked for while
+/// the server promotes ends its restore's request (`promote`). A failure is reported, not
+/// returned: the file's answer stands.
+fn after_request(file: &str, dest: &std::path::Path) {
+    if !matches!(
+        tidemark_format::wal::WalFileName::parse(file),
+        Ok(tidemark_format::wal::WalFileName::History { .. })
+    ) {
+        return;
+    }
+    let data = promote::data_dir_of(dest);
+    match promote::after_history_request(data) {
+        Ok(true) => {
+            tracing::info!(file = %file, "the server is promoting: the restore's promotion marker {} is removed", promote::MARKER)
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(file = %file, error = %format!("{e:#}"), "cannot tell whether the server is promoting: the restore's promotion marker {} stays\nhint: once the server is promoted, remove it by hand", promote::MARKER)
+        }
+    }
+}
+
 /// The store of the system asked for; an encrypted repository is unlocked here, once.
 async fn open(a: &Args) -> anyhow::Result<tidemark_core::store::Store> {
     let root = a.repo.open()?;
@@ -170,7 +194,12 @@ pub async fn run(a: Args) -> ExitCode {
             None => wal::fetch(&store, &a.file, &a.dest).await,
         };
         let e = match r {
-            Ok(()) => return ExitCode::SUCCESS,
+            Ok(()) => {
+                if startup {
+                    after_request(&a.file, &a.dest);
+                }
+                return ExitCode::SUCCESS;
+            }
             Err(e) => e,
         };
         // Asked once per failure: a missing repository decides both cases below.
@@ -184,6 +213,7 @@ pub async fn run(a: Args) -> ExitCode {
                 tracing::debug!(file = %a.file, "not in the archive");
                 if startup {
                     at_end_of_archive(&a.file, &a.dest);
+                    after_request(&a.file, &a.dest);
                 }
                 return ExitCode::from(cli::EXIT_FAILURE);
             }
