@@ -35,6 +35,13 @@ async fn restore_and_count(
     let r = repo.restore(&data, target).await?.ok()?;
     let report = r.json()?;
     let server = start_restored(dir, &format!("{name}-server"), &data).await?;
+    // Paused at its target and promoted there by wal-fetch's request, the marker removed.
+    ensure!(
+        !server.log_lines("received promote request").is_empty()
+            && !data.join(".tidemark-promote-at-end").exists(),
+        "{name}: not promoted at its target by wal-fetch, or the marker stayed\n{}",
+        server.log_tail()
+    );
     let counts = data::batch_counts(&server.client().await?).await?;
     ensure!(
         &counts == want,

@@ -89,7 +89,23 @@ async fn pitr_restores_exactly_the_rows_committed_before_target() -> Result<()> 
         "restore chose {} instead of backup {backup_id}",
         report["backup_id"]
     );
+    // Standby mode paused at the target, promoted there by wal-fetch's request.
+    let marker = pgdata.join(".tidemark-promote-at-end");
+    ensure!(
+        pgdata.join("standby.signal").is_file()
+            && marker.is_file()
+            && !pgdata.join("recovery.signal").exists(),
+        "a restore to a time wrote no standby.signal and promotion marker, or recovery.signal"
+    );
     let restored = start_restored(&dir, "restored-time-server", &pgdata).await?;
+    ensure!(
+        !restored.log_lines("received promote request").is_empty()
+            && restored.log_lines("checkpoint starting: end-of-recovery").is_empty()
+            && !marker.exists(),
+        "the server restored to a time was not promoted at its target by wal-fetch without an end-of-recovery checkpoint (marker left: {})\n{}",
+        marker.exists(),
+        restored.log_tail()
+    );
     let rdb = restored.client().await?;
     let counts = data::batch_counts(&rdb).await?;
     ensure!(
@@ -143,7 +159,7 @@ async fn pitr_restores_exactly_the_rows_committed_before_target() -> Result<()> 
     let latest = start_restored(&dir, "restored-latest-server", &pgdata).await?;
     ensure!(
         !latest.log_lines("received promote request").is_empty()
-            && latest.log_lines("end-of-recovery").is_empty()
+            && latest.log_lines("checkpoint starting: end-of-recovery").is_empty()
             && !marker.exists(),
         "the server restored to latest was not promoted by wal-fetch without an end-of-recovery checkpoint (marker left: {})\n{}",
         marker.exists(),
@@ -221,8 +237,9 @@ async fn a_restore_to_latest_restarted_before_its_promotion_still_promotes() -> 
     src.switch_wal_and_wait(&repo).await?;
     let pgdata = dir.join("restored");
     repo.restore(&pgdata, &["--target", "latest"]).await?.ok()?;
-    // The restore's restore_command, run by a wrapper that does not return while a promotion
-    // request is pending and the hold file exists (PostgreSQL cannot act on the request then).
+    // The restore's restore_command, run by a wrapper that does not return from a segment the
+    // archive lacks while a promotion request is pending and the hold file exists (PostgreSQL
+    // cannot act on the request then).
     let auto = std::fs::read_to_string(pgdata.join("postgresql.auto.conf"))?;
     let command = auto
         .lines()
@@ -240,7 +257,7 @@ async fn a_restore_to_latest_restarted_before_its_promotion_still_promotes() -> 
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\n{program} \"$1\" \"$2\"\nrc=$?\nwhile [ -f promote ] && [ -f {} ]; do sleep 0.1; done\nexit $rc\n",
+            "#!/bin/sh\n{program} \"$1\" \"$2\"\nrc=$?\ncase \"$1:$rc\" in\n????????????????????????:1) while [ -f promote ] && [ -f {} ]; do sleep 0.1; done ;;\nesac\nexit $rc\n",
             shell_word(&hold.to_string_lossy())
         ),
     )?;
@@ -260,8 +277,8 @@ async fn a_restore_to_latest_restarted_before_its_promotion_still_promotes() -> 
     }
     let marker = pgdata.join(".tidemark-promote-at-end");
     let mut server = start_restored_standby(&dir, "restored-server", &pgdata).await?;
-    // The archive ends: wal-fetch requests promotion and records it in the marker; the wrapper
-    // holds the startup process before it can act on the request.
+    // wal-fetch requested promotion at the first request and recorded it in the marker; at the
+    // end of the archive the wrapper holds the startup process before it can act on it.
     let started = std::time::Instant::now();
     while !std::fs::read_to_string(&marker)
         .unwrap_or_default()

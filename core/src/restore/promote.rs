@@ -1,33 +1,34 @@
-//! Fast promotion at the end of the archive, for a restore to `--target latest`.
+//! Fast promotion at the end of a restore's recovery: at its target, or at the end of the
+//! archive for `--target latest`.
 //!
-//! Archive recovery (`recovery.signal`) that runs out of WAL ends with a checkpoint PostgreSQL
-//! waits for before it accepts writes: every buffer the replay dirtied is written and synced
-//! first (lab, realistic nightly with 1,200 MiB of WAL and 1 GiB of shared_buffers: 0.70 s of
-//! the 3.7 s from start to promotion). A standby that is promoted writes an end-of-recovery
-//! record instead and leaves that checkpoint to the checkpointer. So a restore to the end of
-//! the archive (`--target latest`, not `--standby`) starts the server in standby mode
-//! (`standby.signal`) with [`MARKER`] beside it, and `wal-fetch` ([`at_end_of_archive`])
-//! requests promotion the way `pg_ctl promote` does when PostgreSQL asks for a segment the
-//! archive does not have.
+//! Archive recovery (`recovery.signal`) ends with a checkpoint PostgreSQL waits for before it
+//! accepts writes: every buffer the replay dirtied is written and synced first (lab, realistic
+//! nightly with 1,200 MiB of WAL and 1 GiB of shared_buffers: 0.70 s of the 3.7 s from start
+//! to promotion; minutes with a large shared_buffers). A standby that is promoted writes an
+//! end-of-recovery record instead and leaves that checkpoint to the checkpointer. So a restore
+//! that is to promote (not `--standby`, not a target whose action is pause or shutdown) starts
+//! the server in standby mode (`standby.signal`) with [`MARKER`] beside it, a target's action
+//! written as `pause` (with `hot_standby = on`), and `wal-fetch` ([`request`]) requests its
+//! promotion the way `pg_ctl promote` does (a `promote` file, SIGUSR1 to the postmaster) on the
+//! first request of the startup process.
 //!
 //! Invariants:
-//! - PostgreSQL looks at a promotion request only once the archive and `pg_wal` have no more
-//!   WAL for it, so everything archive recovery would replay is replayed first, on every
-//!   timeline it would follow. A request before the backup's consistency point ends as archive
-//!   recovery does there: FATAL "WAL ends before consistent recovery point", nothing promoted.
-//! - Only a segment's verified absence requests promotion: never a history, `.partial` or
-//!   `.backup` file, a storage error or a missing repository (those still abort recovery).
+//! - PostgreSQL acts on a promotion request only where archive recovery would end: where it
+//!   pauses at the target (the same stop: `recoveryStopsBefore`/`After`), or once the archive
+//!   and `pg_wal` have no more WAL, on every timeline it follows. A recovery that runs out of
+//!   WAL before its target still ends FATAL ("recovery ended before configured recovery target
+//!   was reached"), and one that runs out before the backup's consistency point FATAL too:
+//!   nothing is promoted early. Where hot standby is not active at the target, PostgreSQL does
+//!   not pause and promotes with the checkpoint, as archive recovery.
 //! - Only with the marker, `standby.signal` and a `postmaster.pid` in the data directory, and
 //!   never for a server given `primary_conninfo` (the marker is then removed).
-//! - The marker outlives the request until the promotion is seen: a request is made again on
-//!   every segment the archive lacks (the postmaster deletes `promote` when it starts, so a
-//!   server stopped or restarted between the request and the promotion is asked again). The
-//!   marker records the postmaster that was asked (process id and start time, from
-//!   `postmaster.pid`); when the startup process of that same postmaster, its `promote` file
-//!   consumed, asks for the history file of its next timeline (PostgreSQL does so as it
-//!   promotes), [`after_history_request`] removes the marker. A server later made a standby of
-//!   anything therefore never finds it. Backups never record the marker and a restore refuses
-//!   one that does.
+//! - Once per postmaster: the marker records the postmaster asked (process id and start time,
+//!   from `postmaster.pid`). The postmaster deletes `promote` when it starts, so a server
+//!   stopped, restarted or crashed before it promoted is asked again by the first request of its
+//!   next start. When the startup process of the postmaster asked, its `promote` file consumed,
+//!   asks for a timeline history file (PostgreSQL looks for its next timeline as it promotes),
+//!   [`after_history_request`] removes the marker: a server later made a standby of anything
+//!   never finds it. Backups never record the marker and a restore refuses one that does.
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -38,9 +39,9 @@ pub const MARKER: &str = ".tidemark-promote-at-end";
 
 /// The marker's text, for whoever finds it.
 pub(super) const MARKER_TEXT: &[u8] =
-    b"Written by tidemark-restore (--target latest): this server recovers in standby mode and is\n\
-promoted by tidemark-restore wal-fetch when the archive has no next WAL segment. Removed once\n\
-it is promoted.\n";
+    b"Written by tidemark-restore: this server recovers in standby mode, and tidemark-restore\n\
+wal-fetch asks it to promote, which it does at its recovery target or when the archive has no\n\
+next WAL segment. Removed once it is promoted.\n";
 
 /// The line of the marker naming the postmaster asked to promote.
 const REQUESTED: &str = "requested of postmaster ";
@@ -64,35 +65,69 @@ pub fn wanted(data: &Path) -> bool {
     data.join(MARKER).is_file()
 }
 
-/// Called when the archive lacks a segment PostgreSQL's startup process asked for: requests
-/// promotion of the server of `data` if its restore asked for it (see the module). Returns
-/// whether it did.
-pub fn at_end_of_archive(data: &Path) -> Result<bool> {
-    if !wanted(data) || !data.join("standby.signal").is_file() {
+/// Called on every request of the startup process of the server of `data`, before the file is
+/// fetched: requests its promotion if its restore asked for it and this postmaster has not been
+/// asked yet (see the module). Returns whether it did.
+pub fn request(data: &Path) -> Result<bool> {
+    let marker = data.join(MARKER);
+    let (Ok(m), Ok(signal)) = (
+        std::fs::metadata(&marker),
+        std::fs::metadata(data.join("standby.signal")),
+    ) else {
+        return Ok(false);
+    };
+    if !m.is_file() || !signal.is_file() {
         return Ok(false);
     }
-    let marker = data.join(MARKER);
-    if let Some(conf) = streams_from_a_primary(data)? {
-        // Made a streaming standby by hand after the restore: never promoted by wal-fetch.
+    // Made a standby by hand after the restore: never promoted by wal-fetch. The restore
+    // writes standby.signal before the marker, and a request rewrites the marker; nothing
+    // rewrites standby.signal during recovery, so one newer than the marker was written later
+    // (a marker left behind by a server that promoted with the checkpoint, where PostgreSQL
+    // did not pause at its target).
+    let made_a_standby = match streams_from_a_primary(data)? {
+        Some(conf) => Some(format!("{conf} sets primary_conninfo")),
+        None => match (signal.modified(), m.modified()) {
+            (Ok(s), Ok(m)) if s > m => {
+                Some("standby.signal was written after the restore's recovery".to_string())
+            }
+            _ => None,
+        },
+    };
+    if let Some(why) = made_a_standby {
         std::fs::remove_file(&marker)
             .with_context(|| format!("cannot remove {}", marker.display()))?;
-        tracing::warn!(data = %data.display(), "{conf} sets primary_conninfo: this server was made a standby after its restore, so wal-fetch does not promote it at the end of the archive (and {MARKER} is removed)");
+        tracing::warn!(data = %data.display(), "{why}: this server was made a standby after its restore, so wal-fetch does not promote it (and {MARKER} is removed)");
         return Ok(false);
     }
     let asked = Postmaster::of(data)?;
-    // As pg_ctl promote: the request file, then SIGUSR1 to the postmaster, which passes it on
-    // to the startup process.
     let promote = data.join("promote");
-    std::fs::write(&promote, b"").with_context(|| format!("cannot write {}", promote.display()))?;
+    let recorded = requested_of(&read_capped(&marker)?) == Some(asked.record().trim_end());
+    if recorded && !promote.exists() {
+        // Consumed by the startup process: the server is promoting.
+        return Ok(false);
+    }
+    // As pg_ctl promote: the request file, then SIGUSR1 to the postmaster, which passes it on
+    // to the startup process. A request already made of this postmaster is signalled again:
+    // a startup process started anew after a crash of another process (the postmaster stays,
+    // `promote` stays) does not know of it.
+    if !recorded {
+        std::fs::write(&promote, b"")
+            .with_context(|| format!("cannot write {}", promote.display()))?;
+    }
     if let Err(e) = rustix::process::kill_process(asked.pid, rustix::process::Signal::USR1) {
-        // As pg_ctl: no request left behind that a later signal could act on.
-        let _ = std::fs::remove_file(&promote);
+        if !recorded {
+            // As pg_ctl: no request left behind that a later signal could act on.
+            let _ = std::fs::remove_file(&promote);
+        }
         return Err(std::io::Error::from(e)).with_context(|| {
             format!(
                 "cannot signal the postmaster (process {})",
                 asked.pid.as_raw_pid()
             )
         });
+    }
+    if recorded {
+        return Ok(false);
     }
     // Requested: the marker names the postmaster asked, so that its promotion removes it. A
     // marker that cannot say so is removed now (the request stands; a restart before the
@@ -117,7 +152,7 @@ pub fn after_history_request(data: &Path) -> Result<bool> {
         return Ok(false);
     }
     let text = read_capped(&marker)?;
-    let Some(asked) = text.lines().find(|l| l.starts_with(REQUESTED)) else {
+    let Some(asked) = requested_of(&text) else {
         return Ok(false);
     };
     if data.join("promote").exists() || Postmaster::of(data)?.record().trim_end() != asked {
@@ -125,6 +160,11 @@ pub fn after_history_request(data: &Path) -> Result<bool> {
     }
     std::fs::remove_file(&marker).with_context(|| format!("cannot remove {}", marker.display()))?;
     Ok(true)
+}
+
+/// The marker's line naming the postmaster asked to promote, if any.
+fn requested_of(marker: &str) -> Option<&str> {
+    marker.lines().find(|l| l.starts_with(REQUESTED))
 }
 
 /// The running postmaster of a data directory, as its `postmaster.pid` names it.
@@ -269,9 +309,9 @@ mod tests {
             format!("{}\n", std::process::id()),
         )
         .unwrap();
-        assert!(!at_end_of_archive(d.path()).unwrap());
+        assert!(!request(d.path()).unwrap());
         std::fs::write(d.path().join(MARKER), MARKER_TEXT).unwrap();
-        assert!(!at_end_of_archive(d.path()).unwrap(), "no standby.signal");
+        assert!(!request(d.path()).unwrap(), "no standby.signal");
         assert!(!d.path().join("promote").exists());
     }
 
@@ -304,10 +344,13 @@ mod tests {
         std::fs::write(d.path().join(MARKER), MARKER_TEXT).unwrap();
         // Before any request, a history file asked for (the server starting) changes nothing.
         assert!(!after_history_request(d.path()).unwrap());
-        assert!(at_end_of_archive(d.path()).unwrap());
+        assert!(request(d.path()).unwrap());
         assert!(d.path().join("promote").is_file());
         assert!(signalled(child));
         assert!(wanted(d.path()), "the marker stays until the promotion");
+        // Once per postmaster: its next requests only signal again (here the stand-in is gone).
+        assert!(request(d.path()).is_err());
+        assert!(d.path().join("promote").is_file(), "the request stays");
         // The startup process has not consumed the request yet (it rescans timelines in the
         // meantime): the marker stays.
         assert!(!after_history_request(d.path()).unwrap());
@@ -326,7 +369,7 @@ mod tests {
         std::fs::write(d.path().join(MARKER), MARKER_TEXT).unwrap();
         let first = stand_in_postmaster(d.path(), "1700000000");
         let first_id = first.id();
-        assert!(at_end_of_archive(d.path()).unwrap());
+        assert!(request(d.path()).unwrap());
         assert!(signalled(first));
         // Restarted: the new postmaster deleted promote; its startup process asks for history
         // files as it starts. Another process, or the same id started later (a container's
@@ -341,16 +384,85 @@ mod tests {
         assert!(!after_history_request(d.path()).unwrap());
         assert!(wanted(d.path()));
         std::fs::write(&pid_file, second_pid_file).unwrap();
-        // The archive ends again: asked again, and this postmaster's promotion removes it.
-        assert!(at_end_of_archive(d.path()).unwrap());
+        // The new postmaster's first request asks again, and its promotion removes the marker.
+        assert!(request(d.path()).unwrap());
         assert!(signalled(second));
         std::fs::remove_file(d.path().join("promote")).unwrap();
         assert!(after_history_request(d.path()).unwrap());
         assert!(!wanted(d.path()));
-        assert!(
-            !at_end_of_archive(d.path()).unwrap(),
-            "no marker, no request"
-        );
+        assert!(!request(d.path()).unwrap(), "no marker, no request");
+    }
+
+    #[test]
+    fn a_pending_request_is_signalled_again_for_a_restarted_startup_process() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("standby.signal"), b"").unwrap();
+        std::fs::write(d.path().join(MARKER), MARKER_TEXT).unwrap();
+        // A stand-in postmaster that counts its SIGUSR1s in a file.
+        let count = d.path().join("usr1");
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("trap 'echo >> \"$0\"' USR1; : > \"$0.ready\"; while sleep 0.02; do :; done")
+            .arg(&count)
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while !d.path().join("usr1.ready").exists() {
+            assert!(
+                started.elapsed().as_secs() < 10,
+                "the stand-in did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::fs::write(
+            d.path().join("postmaster.pid"),
+            format!("{}\n/d\n1700000000\n", child.id()),
+        )
+        .unwrap();
+        let signals = |n: usize| {
+            let started = std::time::Instant::now();
+            while std::fs::read_to_string(&count)
+                .unwrap_or_default()
+                .lines()
+                .count()
+                < n
+            {
+                assert!(started.elapsed().as_secs() < 10, "no signal {n}");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        };
+        assert!(request(d.path()).unwrap());
+        signals(1);
+        // The same postmaster: not a new request, but signalled again while `promote` stays.
+        assert!(!request(d.path()).unwrap());
+        signals(2);
+        // Consumed: nothing more.
+        std::fs::remove_file(d.path().join("promote")).unwrap();
+        assert!(!request(d.path()).unwrap());
+        assert!(!d.path().join("promote").exists());
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_standby_signal_newer_than_the_marker_is_a_standby_made_later() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(MARKER), MARKER_TEXT).unwrap();
+        let signal = d.path().join("standby.signal");
+        std::fs::write(&signal, b"").unwrap();
+        let marker_time = std::fs::metadata(d.path().join(MARKER))
+            .unwrap()
+            .modified()
+            .unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&signal)
+            .unwrap()
+            .set_modified(marker_time + std::time::Duration::from_secs(60))
+            .unwrap();
+        assert!(!request(d.path()).unwrap());
+        assert!(!wanted(d.path()), "the marker is removed");
+        assert!(!d.path().join("promote").exists());
     }
 
     #[test]
@@ -396,7 +508,7 @@ mod tests {
             b"primary_conninfo = ''\nprimary_conninfo = 'host=p2 user=r'\n",
         )
         .unwrap();
-        assert!(!at_end_of_archive(d.path()).unwrap());
+        assert!(!request(d.path()).unwrap());
         assert!(!d.path().join("promote").exists());
         assert!(
             !wanted(d.path()),
@@ -412,7 +524,7 @@ mod tests {
         std::fs::write(d.path().join("standby.signal"), b"").unwrap();
         std::fs::write(d.path().join(MARKER), MARKER_TEXT).unwrap();
         std::fs::write(d.path().join("postmaster.pid"), b"x\n").unwrap();
-        let e = format!("{:#}", at_end_of_archive(d.path()).unwrap_err());
+        let e = format!("{:#}", request(d.path()).unwrap_err());
         assert!(e.contains("postmaster.pid"), "{e}");
         assert!(wanted(d.path()), "the marker stays for the next request");
     }

@@ -14,6 +14,11 @@
 //!   set), then `recovery_target_inclusive`, `_action` and `_timeline`.
 //! - With [`ArchiveMode::Off`] the settings include `archive_mode = off`: the restored server
 //!   archives nothing until an operator turns archiving back on.
+//! - A restore that promotes with tidemark's `wal-fetch` (to the end of the archive, or to a
+//!   target whose action is `promote`) gets `standby.signal`, the promotion marker, the target's
+//!   action written as `pause` with `hot_standby = on`, and `primary_conninfo` and
+//!   `primary_slot_name` cleared (`super::promote`): PostgreSQL stops at the same place and
+//!   promotes without the end-of-recovery checkpoint.
 //! - A standby gets `standby.signal` and no `recovery.signal`, every `recovery_target*` cleared,
 //!   and `primary_conninfo` (and `primary_slot_name`) written either way: the one given, else
 //!   `''`, so a standby never streams from a primary the backup's own settings named. The
@@ -102,22 +107,31 @@ fn settings(h: &ManifestHeader, opts: &RestoreOptions) -> String {
         "recovery_target_inclusive = {}\n",
         if rec.exclusive { "off" } else { "on" }
     );
+    let fast = promotes_fast(opts);
+    // A target promoted fast pauses there, where PostgreSQL acts on wal-fetch's promotion
+    // request (`super::promote`): the same stop, then a promotion without the checkpoint.
+    let action = if fast && !matches!(rec.target, Target::Latest) {
+        crate::target::Action::Pause
+    } else {
+        rec.action
+    };
     text += &format!(
         "recovery_target_action = {}\nrecovery_target_timeline = {}\n",
-        conf_quote(rec.action.as_str()),
+        conf_quote(action.as_str()),
         conf_quote(&rec.timeline.setting())
     );
-    if rec.action == crate::target::Action::Pause {
+    if action == crate::target::Action::Pause {
         // Pause needs hot_standby (without it PostgreSQL shuts down instead).
         text += "hot_standby = on\n";
     }
-    if promotes_at_end(opts) {
+    if fast {
         // Standby mode would stream from a primary_conninfo the backup carried (a backup of a
         // standby made with pg_basebackup -R): cleared, so the archive is all it replays.
         text += &format!(
-            "# recovery to the end of the archive: standby.signal and {}, so that wal-fetch\n\
-             # promotes this server when the archive has no next segment (no end-of-recovery\n\
-             # checkpoint to wait for); it replays the archive only\n\
+            "# standby.signal and {}: wal-fetch asks PostgreSQL to promote this server, which it\n\
+             # does at the recovery target (paused there) or when the archive has no next\n\
+             # segment, without the end-of-recovery checkpoint to wait for; it replays the\n\
+             # archive only\n\
              primary_conninfo = ''\nprimary_slot_name = ''\n",
             super::promote::MARKER
         );
@@ -161,17 +175,19 @@ pub(super) fn write_new(root: &SafeDir, name: &str, data: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot write {name} in {}", root.path().display()))
 }
 
-/// Whether the restore recovers in standby mode and is promoted by its restore_command when
-/// the archive ends (`super::promote`): a restore to the end of the archive that is not a
-/// standby, fetching WAL with tidemark's `wal-fetch` (only it knows the marker).
-fn promotes_at_end(opts: &RestoreOptions) -> bool {
+/// Whether the restore recovers in standby mode and is promoted at its end by a request its
+/// restore_command makes (`super::promote`): a restore that is not a standby, to the end of the
+/// archive or to a target whose action is to promote, fetching WAL with tidemark's `wal-fetch`
+/// (only it knows the marker).
+fn promotes_fast(opts: &RestoreOptions) -> bool {
     opts.standby.is_none()
-        && matches!(opts.recovery.target, Target::Latest)
+        && (matches!(opts.recovery.target, Target::Latest)
+            || opts.recovery.action == crate::target::Action::Promote)
         && opts.restore_command.contains(" wal-fetch ")
 }
 
 /// Writes backup_label, tablespace_map (when given), recovery.signal (standby.signal for a
-/// standby, and with the promotion marker for a restore that [`promotes_at_end`]) and
+/// standby, and with the promotion marker for a restore that [`promotes_fast`]) and
 /// postgresql.auto.conf with the recovery settings.
 pub(super) fn write(
     root: &SafeDir,
@@ -184,7 +200,7 @@ pub(super) fn write(
     if let Some(map) = tablespace_map {
         write_new(root, "tablespace_map", &map)?;
     }
-    let fast = promotes_at_end(opts);
+    let fast = promotes_fast(opts);
     let signal = if opts.standby.is_some() || fast {
         "standby.signal"
     } else {
@@ -286,15 +302,30 @@ mod tests {
                 Some("on"),
                 "{text}"
             );
+            // Promoted fast: a target pauses there for wal-fetch's promotion request.
+            let fast_action = if matches!(target, Target::Latest) {
+                "'promote'"
+            } else {
+                "'pause'"
+            };
             assert_eq!(
                 last(&text, "recovery_target_action"),
-                Some("'promote'"),
+                Some(fast_action),
                 "{text}"
             );
+            if fast_action == "'pause'" {
+                assert_eq!(last(&text, "hot_standby"), Some("on"), "{text}");
+            }
             assert_eq!(
                 last(&text, "recovery_target_timeline"),
                 Some("'latest'"),
                 "{text}"
+            );
+            // With another restore_command nothing is promoted fast: the action as asked.
+            o.restore_command = "cp /a/%f %p".into();
+            assert_eq!(
+                last(&settings(&h, &o), "recovery_target_action"),
+                Some("'promote'")
             );
         }
         let mut o = opts(ArchiveMode::Off);
@@ -430,7 +461,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_restore_to_the_end_of_the_archive_with_wal_fetch_promotes_at_its_end() {
+    fn only_a_restore_that_promotes_with_wal_fetch_promotes_fast() {
         let h = crate::test_support::hdr("b1", 1);
         let layout = Layout {
             pg_control: 0,
@@ -445,10 +476,15 @@ mod tests {
         other_command.restore_command = "cp /a/%f %p".into();
         let mut standby = opts(ArchiveMode::Off);
         standby.standby = Some(crate::target::Standby::default());
+        let mut pause = to_time.clone();
+        pause.recovery.action = Action::Pause;
+        let mut shutdown = to_time.clone();
+        shutdown.recovery.action = Action::Shutdown;
         for (o, signal) in [
-            (&to_time, "recovery.signal"),
             (&other_command, "recovery.signal"),
             (&standby, "standby.signal"),
+            (&pause, "recovery.signal"),
+            (&shutdown, "recovery.signal"),
         ] {
             let tmp = tempfile::tempdir().unwrap();
             let root = SafeDir::open(tmp.path()).unwrap();
@@ -459,12 +495,24 @@ mod tests {
                 "{o:?}"
             );
             let text = std::fs::read_to_string(tmp.path().join(AUTO_CONF)).unwrap();
-            assert!(!text.contains("promotes this server"), "{text}");
+            assert!(!text.contains("to promote this server"), "{text}");
         }
-        let text = settings(&h, &opts(ArchiveMode::Off));
-        assert!(text.contains("promotes this server"), "{text}");
-        // A carried primary_conninfo never applies: standby mode would stream from it.
-        assert_eq!(last(&text, "primary_conninfo"), Some("''"), "{text}");
-        assert_eq!(last(&text, "primary_slot_name"), Some("''"), "{text}");
+        // To the end of the archive, or to a target to promote at: standby mode, the marker.
+        for o in [&opts(ArchiveMode::Off), &to_time] {
+            let tmp = tempfile::tempdir().unwrap();
+            let root = SafeDir::open(tmp.path()).unwrap();
+            write(&root, &h, o, &layout, None).unwrap();
+            assert!(tmp.path().join("standby.signal").is_file(), "{o:?}");
+            assert!(!tmp.path().join("recovery.signal").exists(), "{o:?}");
+            assert!(
+                tmp.path().join(super::super::promote::MARKER).is_file(),
+                "{o:?}"
+            );
+            let text = std::fs::read_to_string(tmp.path().join(AUTO_CONF)).unwrap();
+            assert!(text.contains("to promote this server"), "{text}");
+            // A carried primary_conninfo never applies: standby mode would stream from it.
+            assert_eq!(last(&text, "primary_conninfo"), Some("''"), "{text}");
+            assert_eq!(last(&text, "primary_slot_name"), Some("''"), "{text}");
+        }
     }
 }

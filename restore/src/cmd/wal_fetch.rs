@@ -7,10 +7,10 @@
 //! and a loud warning says so. Any other recovery aborts (128): a PITR from a repository that
 //! is not there must not promote.
 //!
-//! A segment the archive lacks, asked for by the startup process of a restore's recovery to the
-//! end of the archive (`tidemark_core::restore::promote`), requests that server's promotion; a
-//! history file asked for once that request is consumed (the server promoting) removes the
-//! restore's marker.
+//! The first request of a startup process whose restore is to promote without the end-of-recovery
+//! checkpoint (`tidemark_core::restore::promote`) requests that server's promotion, which
+//! PostgreSQL acts on at the recovery target or the end of the archive; a history file asked for
+//! once that request is consumed (the server promoting) removes the restore's marker.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,24 +80,19 @@ fn in_standby_mode(dest: &std::path::Path) -> bool {
     data.join("standby.signal").is_file() && !promote::wanted(data)
 }
 
-/// The archive lacks `file`, asked for by PostgreSQL's startup process: a segment's absence
-/// promotes a restore's recovery to the end of the archive (`promote`). A failure to request it
-/// is reported, not returned: the file is missing either way.
-fn at_end_of_archive(file: &str, dest: &std::path::Path) {
-    if !matches!(
-        tidemark_format::wal::WalFileName::parse(file),
-        Ok(tidemark_format::wal::WalFileName::Segment { .. })
-    ) {
-        return;
-    }
+/// PostgreSQL's startup process asks for `file`: a restore's recovery that is to promote
+/// without the end-of-recovery checkpoint has its promotion requested, once per postmaster
+/// (`promote`). A failure to request it is reported, not returned: the file is fetched either
+/// way.
+fn request_promotion(file: &str, dest: &std::path::Path) {
     let data = promote::data_dir_of(dest);
-    match promote::at_end_of_archive(data) {
+    match promote::request(data) {
         Ok(true) => {
-            tracing::info!(file = %file, "the archive has no {file}: promotion requested (this restore recovers to the end of the archive)")
+            tracing::info!(file = %file, "promotion requested: PostgreSQL promotes this server at its recovery target, or where the archive has no next segment, and leaves the checkpoint to the background")
         }
         Ok(false) => {}
         Err(e) => {
-            tracing::error!(file = %file, error = %format!("{e:#}"), "the archive has no {file}, and promotion could not be requested: the server stays in standby mode, asking again every few seconds\nhint: promote it by hand (pg_ctl promote -D {}, or SELECT pg_promote())", std::path::absolute(data).unwrap_or_else(|_| data.to_path_buf()).display())
+            tracing::error!(file = %file, error = %format!("{e:#}"), "promotion could not be requested: at its recovery target the server pauses, and at the end of the archive it waits in standby mode; asked again at the next file\nhint: promote it by hand once it is there (pg_ctl promote -D {}, or SELECT pg_promote())", std::path::absolute(data).unwrap_or_else(|_| data.to_path_buf()).display())
         }
     }
 }
@@ -185,6 +180,9 @@ pub async fn run(a: Args) -> ExitCode {
         }
         return ExitCode::from(cli::EXIT_FAILURE);
     }
+    if startup {
+        request_promotion(&a.file, &a.dest);
+    }
     let mut delay = Duration::from_millis(200);
     for attempt in 1..=a.attempts.max(1) {
         let r = match &prefetch {
@@ -212,7 +210,6 @@ pub async fn run(a: Args) -> ExitCode {
             {
                 tracing::debug!(file = %a.file, "not in the archive");
                 if startup {
-                    at_end_of_archive(&a.file, &a.dest);
                     after_request(&a.file, &a.dest);
                 }
                 return ExitCode::from(cli::EXIT_FAILURE);
