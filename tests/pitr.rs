@@ -89,21 +89,20 @@ async fn pitr_restores_exactly_the_rows_committed_before_target() -> Result<()> 
         "restore chose {} instead of backup {backup_id}",
         report["backup_id"]
     );
-    // Standby mode paused at the target, promoted there by wal-fetch's request.
+    // Archive recovery paused at the target, promoted there by wal-fetch's request.
     let marker = pgdata.join(".tidemark-promote-at-end");
+    let signal = pgdata.join("recovery.signal");
     ensure!(
-        pgdata.join("standby.signal").is_file()
-            && marker.is_file()
-            && !pgdata.join("recovery.signal").exists(),
-        "a restore to a time wrote no standby.signal and promotion marker, or recovery.signal"
+        signal.is_file() && marker.is_file() && !pgdata.join("standby.signal").exists(),
+        "a restore to a time wrote no recovery.signal and promotion marker, or standby.signal"
     );
     let restored = start_restored(&dir, "restored-time-server", &pgdata).await?;
     ensure!(
         !restored.log_lines("received promote request").is_empty()
             && restored.log_lines("checkpoint starting: end-of-recovery").is_empty()
-            && !marker.exists(),
-        "the server restored to a time was not promoted at its target by wal-fetch without an end-of-recovery checkpoint (marker left: {})\n{}",
-        marker.exists(),
+            && !signal.exists(),
+        "the server restored to a time was not promoted at its target by wal-fetch without an end-of-recovery checkpoint (recovery.signal left: {})\n{}",
+        signal.exists(),
         restored.log_tail()
     );
     let rdb = restored.client().await?;
@@ -160,9 +159,9 @@ async fn pitr_restores_exactly_the_rows_committed_before_target() -> Result<()> 
     ensure!(
         !latest.log_lines("received promote request").is_empty()
             && latest.log_lines("checkpoint starting: end-of-recovery").is_empty()
-            && !marker.exists(),
-        "the server restored to latest was not promoted by wal-fetch without an end-of-recovery checkpoint (marker left: {})\n{}",
-        marker.exists(),
+            && !pgdata.join("standby.signal").exists(),
+        "the server restored to latest was not promoted by wal-fetch without an end-of-recovery checkpoint (standby.signal left: {})\n{}",
+        pgdata.join("standby.signal").exists(),
         latest.log_tail()
     );
     let ldb = latest.client().await?;
@@ -227,7 +226,7 @@ async fn a_restore_to_latest_missing_the_backups_wal_is_not_promoted() -> Result
 
 /// A server restored to the end of the archive that crashes after wal-fetch requested its
 /// promotion and before it promoted (here: an immediate shutdown while its restore_command is
-/// held) is asked again after its restart, and promotes; the marker is removed only then.
+/// held) is asked again after its restart, and promotes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_to_latest_restarted_before_its_promotion_still_promotes() -> Result<()> {
     let (dir, repo, src, db) = tidemark_e2e::archiving_source("pitr-restart").await?;
@@ -333,9 +332,10 @@ async fn a_restore_to_latest_restarted_before_its_promotion_still_promotes() -> 
     server.start().await?;
     wait_promoted(&server).await?;
     ensure!(
-        !server.log_lines("received promote request").is_empty() && !marker.exists(),
-        "the restarted server was not promoted by wal-fetch, or its marker stayed (marker left: {})\n{}",
-        marker.exists(),
+        !server.log_lines("received promote request").is_empty()
+            && !pgdata.join("standby.signal").exists(),
+        "the restarted server was not promoted by wal-fetch (standby.signal left: {})\n{}",
+        pgdata.join("standby.signal").exists(),
         server.log_tail()
     );
     let counts = data::batch_counts(&server.client().await?).await?;

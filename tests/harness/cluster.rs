@@ -468,7 +468,8 @@ async fn start_restored_in_recovery(dir: &TestDir, name: &str, data: &Path) -> R
              unix_socket_directories = {}\n\
              archive_mode = off\n\
              archive_command = ''\n\
-             fsync = on\n",
+             fsync = on\n\
+             log_checkpoints = on\n",
             conf_quote(&c.sock.to_string_lossy())
         ),
     )?;

@@ -1,53 +1,77 @@
 //! Fast promotion at the end of a restore's recovery: at its target, or at the end of the
 //! archive for `--target latest`.
 //!
-//! Archive recovery (`recovery.signal`) ends with a checkpoint PostgreSQL waits for before it
-//! accepts writes: every buffer the replay dirtied is written and synced first (lab, realistic
-//! nightly with 1,200 MiB of WAL and 1 GiB of shared_buffers: 0.70 s of the 3.7 s from start
-//! to promotion; minutes with a large shared_buffers). A standby that is promoted writes an
-//! end-of-recovery record instead and leaves that checkpoint to the checkpointer. So a restore
-//! that is to promote (not `--standby`, not a target whose action is pause or shutdown) starts
-//! the server in standby mode (`standby.signal`) with [`MARKER`] beside it, a target's action
-//! written as `pause` (with `hot_standby = on`), and `wal-fetch` ([`request`]) requests its
-//! promotion the way `pg_ctl promote` does (a `promote` file, SIGUSR1 to the postmaster) on the
-//! first request of the startup process.
+//! Archive recovery ends with a checkpoint PostgreSQL waits for before it accepts writes: every
+//! buffer the replay dirtied is written and synced first (lab, realistic nightly with 1,200 MiB
+//! of WAL and 1 GiB of shared_buffers: 0.70 s of the 3.7 s from start to promotion; minutes
+//! with a large shared_buffers). A server whose promotion was requested (`pg_ctl promote`)
+//! writes an end-of-recovery record instead and leaves that checkpoint to the checkpointer. So a
+//! restore that is to promote (not `--standby`, not a target whose action is pause or shutdown)
+//! writes [`MARKER`] and, in its signal file, the same random token, and `wal-fetch`
+//! ([`request`]) requests the promotion as `pg_ctl promote` does (a `promote` file, SIGUSR1 to
+//! the postmaster) from the first request of the startup process on. PostgreSQL acts on it:
+//! - for a target (`recovery.signal`, the action written as `pause`, `hot_standby = on`): where it
+//!   pauses at the target, the same stop archive recovery makes. Archive recovery looks at the
+//!   request only in pauses (and `recovery_min_apply_delay`'s wait): WAL that runs out before the
+//!   target ends recovery FATAL as always ("recovery ended before configured recovery target was
+//!   reached"). Where hot standby is not active at the target, PostgreSQL does not pause and
+//!   promotes with the checkpoint, as without the request.
+//! - for the end of the archive (`standby.signal`, `primary_conninfo` and `primary_slot_name`
+//!   cleared): where the archive and `pg_wal` have no more WAL on any timeline it follows, where
+//!   archive recovery would end. A request before the backup's consistency point ends FATAL as
+//!   archive recovery does there, nothing promoted.
 //!
 //! Invariants:
-//! - PostgreSQL acts on a promotion request only where archive recovery would end: where it
-//!   pauses at the target (the same stop: `recoveryStopsBefore`/`After`), or once the archive
-//!   and `pg_wal` have no more WAL, on every timeline it follows. A recovery that runs out of
-//!   WAL before its target still ends FATAL ("recovery ended before configured recovery target
-//!   was reached"), and one that runs out before the backup's consistency point FATAL too:
-//!   nothing is promoted early. Where hot standby is not active at the target, PostgreSQL does
-//!   not pause and promotes with the checkpoint, as archive recovery.
-//! - Only with the marker, `standby.signal` and a `postmaster.pid` in the data directory, and
-//!   never for a server given `primary_conninfo` (the marker is then removed).
+//! - A request only while the signal file holds the marker's token. PostgreSQL deletes the signal
+//!   file as it promotes, with or without the checkpoint, and a signal file written by anyone
+//!   else (`pg_basebackup -R`, `touch`, an operator) has no token: a marker left behind in a data
+//!   directory is inert, and backups never record it (a restore refuses a manifest that does).
+//! - A standby made by hand from the restored server (`primary_conninfo` set in the data
+//!   directory's `postgresql.conf` or `postgresql.auto.conf` under the restore's
+//!   `standby.signal`) is never promoted: its pending request is withdrawn and the marker removed.
 //! - Once per postmaster: the marker records the postmaster asked (process id and start time,
-//!   from `postmaster.pid`). The postmaster deletes `promote` when it starts, so a server
-//!   stopped, restarted or crashed before it promoted is asked again by the first request of its
-//!   next start. When the startup process of the postmaster asked, its `promote` file consumed,
-//!   asks for a timeline history file (PostgreSQL looks for its next timeline as it promotes),
-//!   [`after_history_request`] removes the marker: a server later made a standby of anything
-//!   never finds it. Backups never record the marker and a restore refuses one that does.
+//!   from `postmaster.pid`). The postmaster deletes `promote` when it starts, so a server stopped,
+//!   restarted or crashed before it promoted is asked again by the first request of its next
+//!   start; a startup process restarted by the same postmaster is signalled again while the
+//!   request is pending; a request consumed is not made again.
+//! - Never a signal to a process id below 2 (`kill(-1)` would reach every process of the user).
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
-/// Written beside `standby.signal` by a restore to the end of the archive; removed once the
-/// server it asked to promote promotes ([`after_history_request`]).
+/// Written beside the signal file by a restore that promotes fast; holds [`TOKEN`] as the
+/// signal file does. Inert once PostgreSQL removed the signal file.
 pub const MARKER: &str = ".tidemark-promote-at-end";
 
-/// The marker's text, for whoever finds it.
-pub(super) const MARKER_TEXT: &[u8] =
-    b"Written by tidemark-restore: this server recovers in standby mode, and tidemark-restore\n\
-wal-fetch asks it to promote, which it does at its recovery target or when the archive has no\n\
-next WAL segment. Removed once it is promoted.\n";
+/// The marker's text before its token, for whoever finds it.
+const MARKER_TEXT: &str = "Written by tidemark-restore: while the signal file beside it holds the token below, tidemark-restore\n\
+wal-fetch asks this server to promote, which PostgreSQL does at its recovery target or where the\n\
+archive has no next WAL segment, without the end-of-recovery checkpoint. Inert afterwards.\n";
+
+/// The line of the marker and of the signal file naming the restore's token.
+const TOKEN: &str = "tidemark-restore promotion token ";
 
 /// The line of the marker naming the postmaster asked to promote.
 const REQUESTED: &str = "requested of postmaster ";
 
-/// Largest `postmaster.pid` or marker read (a few lines each).
+/// Largest `postmaster.pid`, marker or signal file read (a few lines each).
 const MAX_SMALL_FILE: u64 = 64 << 10;
+
+/// A new restore's token line: 128 random bits.
+pub(super) fn new_token() -> Result<String> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| anyhow::anyhow!("the system's random number generator failed"))?;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!("{TOKEN}{hex}\n"))
+}
+
+/// The marker's content for a restore whose signal file holds `token` (a [`new_token`] line).
+pub(super) fn marker_text(token: &str) -> String {
+    format!("{MARKER_TEXT}{token}")
+}
 
 /// The data directory of the server whose restore_command writes to `dest`: the parent of the
 /// destination's `pg_wal/`, else the working directory (PostgreSQL runs restore_command there).
@@ -59,57 +83,76 @@ pub fn data_dir_of(dest: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
-/// Whether data directory `data` holds a restore's request to promote at the end of the
-/// archive (it is then not a standby, whatever its `standby.signal` says).
+/// A restore's request to promote that is live in data directory `data`: the marker's text and
+/// whether the signal file holding its token is `standby.signal` (PostgreSQL's choice when both
+/// exist).
+fn live(data: &Path) -> Result<Option<(String, bool)>> {
+    let marker = data.join(MARKER);
+    if !marker.is_file() {
+        return Ok(None);
+    }
+    let text = read_capped(&marker)?;
+    let Some(token) = text.lines().find(|l| l.starts_with(TOKEN)) else {
+        return Ok(None);
+    };
+    let standby = data.join("standby.signal");
+    let (signal, is_standby) = if standby.is_file() {
+        (standby, true)
+    } else {
+        (data.join("recovery.signal"), false)
+    };
+    if !signal.is_file() || !read_capped(&signal)?.lines().any(|l| l == token) {
+        return Ok(None);
+    }
+    Ok(Some((text, is_standby)))
+}
+
+/// Whether data directory `data` recovers under a live request to promote (see the module): a
+/// server in standby mode with it is not a standby, whatever its `standby.signal` says, and
+/// neither is one with a pending `promote` file.
 pub fn wanted(data: &Path) -> bool {
-    data.join(MARKER).is_file()
+    data.join("promote").exists() || live(data).ok().flatten().is_some()
 }
 
 /// Called on every request of the startup process of the server of `data`, before the file is
 /// fetched: requests its promotion if its restore asked for it and this postmaster has not been
-/// asked yet (see the module). Returns whether it did.
+/// asked yet, signals it again while the request is pending (see the module). Returns whether a
+/// new request was made.
 pub fn request(data: &Path) -> Result<bool> {
+    let Some((text, is_standby)) = live(data)? else {
+        return Ok(false);
+    };
     let marker = data.join(MARKER);
-    let (Ok(m), Ok(signal)) = (
-        std::fs::metadata(&marker),
-        std::fs::metadata(data.join("standby.signal")),
-    ) else {
-        return Ok(false);
-    };
-    if !m.is_file() || !signal.is_file() {
-        return Ok(false);
-    }
-    // Made a standby by hand after the restore: never promoted by wal-fetch. The restore
-    // writes standby.signal before the marker, and a request rewrites the marker; nothing
-    // rewrites standby.signal during recovery, so one newer than the marker was written later
-    // (a marker left behind by a server that promoted with the checkpoint, where PostgreSQL
-    // did not pause at its target).
-    let made_a_standby = match streams_from_a_primary(data)? {
-        Some(conf) => Some(format!("{conf} sets primary_conninfo")),
-        None => match (signal.modified(), m.modified()) {
-            (Ok(s), Ok(m)) if s > m => {
-                Some("standby.signal was written after the restore's recovery".to_string())
+    let promote = data.join("promote");
+    if is_standby {
+        if let Some(conf) = streams_from_a_primary(data)? {
+            // Made a streaming standby by hand after the restore: the request is withdrawn
+            // (PostgreSQL acts only on a `promote` file that exists) and never made again.
+            match std::fs::remove_file(&promote) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("cannot withdraw {}", promote.display()))
+                }
+                _ => {}
             }
-            _ => None,
-        },
-    };
-    if let Some(why) = made_a_standby {
-        std::fs::remove_file(&marker)
-            .with_context(|| format!("cannot remove {}", marker.display()))?;
-        tracing::warn!(data = %data.display(), "{why}: this server was made a standby after its restore, so wal-fetch does not promote it (and {MARKER} is removed)");
-        return Ok(false);
+            std::fs::remove_file(&marker)
+                .with_context(|| format!("cannot remove {}", marker.display()))?;
+            tracing::warn!(data = %data.display(), "{conf} sets primary_conninfo: this server was made a standby after its restore, so wal-fetch withdraws its promotion request and never makes it again ({MARKER} is removed)");
+            return Ok(false);
+        }
     }
     let asked = Postmaster::of(data)?;
-    let promote = data.join("promote");
-    let recorded = requested_of(&read_capped(&marker)?) == Some(asked.record().trim_end());
+    let recorded = text
+        .lines()
+        .find(|l| l.starts_with(REQUESTED))
+        .map(str::trim_end)
+        == Some(asked.record().trim_end());
     if recorded && !promote.exists() {
         // Consumed by the startup process: the server is promoting.
         return Ok(false);
     }
     // As pg_ctl promote: the request file, then SIGUSR1 to the postmaster, which passes it on
     // to the startup process. A request already made of this postmaster is signalled again:
-    // a startup process started anew after a crash of another process (the postmaster stays,
-    // `promote` stays) does not know of it.
+    // a startup process it started anew after another process crashed does not know of it.
     if !recorded {
         std::fs::write(&promote, b"")
             .with_context(|| format!("cannot write {}", promote.display()))?;
@@ -129,42 +172,17 @@ pub fn request(data: &Path) -> Result<bool> {
     if recorded {
         return Ok(false);
     }
-    // Requested: the marker names the postmaster asked, so that its promotion removes it. A
-    // marker that cannot say so is removed now (the request stands; a restart before the
-    // promotion then leaves the server in standby mode), or reported if even that fails.
-    let record = [MARKER_TEXT, asked.record().as_bytes()].concat();
-    if let Err(e) = std::fs::write(&marker, record) {
-        tracing::warn!(marker = %marker.display(), error = %e, "promotion requested, but the marker could not record it: removing the marker");
-        if let Err(e) = std::fs::remove_file(&marker) {
-            tracing::warn!(marker = %marker.display(), error = %e, "the marker could not be removed either\nhint: remove it by hand once the server is promoted, before this data directory is ever made a standby");
-        }
+    // Requested: the marker names the postmaster asked. If it cannot, the next request signals
+    // again (harmless) and records it then.
+    let kept: String = text
+        .lines()
+        .filter(|l| !l.starts_with(REQUESTED))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if let Err(e) = std::fs::write(&marker, format!("{kept}{}", asked.record())) {
+        tracing::warn!(marker = %marker.display(), error = %e, "promotion requested, but the marker could not record it: the next request signals again");
     }
     Ok(true)
-}
-
-/// Called when the startup process of the server of `data` asks for a timeline history file,
-/// found or not: if the marker records a request of this same postmaster and its `promote` file
-/// is gone (the startup process consumed it), the server is promoting (PostgreSQL looks for its
-/// next timeline then), and the marker is removed. Returns whether it was.
-pub fn after_history_request(data: &Path) -> Result<bool> {
-    let marker = data.join(MARKER);
-    if !marker.is_file() {
-        return Ok(false);
-    }
-    let text = read_capped(&marker)?;
-    let Some(asked) = requested_of(&text) else {
-        return Ok(false);
-    };
-    if data.join("promote").exists() || Postmaster::of(data)?.record().trim_end() != asked {
-        return Ok(false);
-    }
-    std::fs::remove_file(&marker).with_context(|| format!("cannot remove {}", marker.display()))?;
-    Ok(true)
-}
-
-/// The marker's line naming the postmaster asked to promote, if any.
-fn requested_of(marker: &str) -> Option<&str> {
-    marker.lines().find(|l| l.starts_with(REQUESTED))
 }
 
 /// The running postmaster of a data directory, as its `postmaster.pid` names it.
@@ -180,11 +198,18 @@ impl Postmaster {
         let pid_file = data.join("postmaster.pid");
         let text = read_capped(&pid_file)?;
         let mut lines = text.lines();
+        // Above 1: a negative id or -1 would signal process groups or every process.
         let pid = lines
             .next()
             .and_then(|l| l.trim().parse::<i32>().ok())
+            .filter(|&p| p > 1)
             .and_then(rustix::process::Pid::from_raw)
-            .with_context(|| format!("{} does not start with a process id", pid_file.display()))?;
+            .with_context(|| {
+                format!(
+                    "{} does not start with a postmaster's process id",
+                    pid_file.display()
+                )
+            })?;
         let start = lines.nth(1).unwrap_or("").trim().to_string();
         Ok(Postmaster { pid, start })
     }
@@ -301,27 +326,32 @@ mod tests {
         );
     }
 
-    #[test]
-    fn nothing_is_requested_without_the_marker_and_standby_signal() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(
-            d.path().join("postmaster.pid"),
-            format!("{}\n", std::process::id()),
-        )
-        .unwrap();
-        assert!(!request(d.path()).unwrap());
-        std::fs::write(d.path().join(MARKER), MARKER_TEXT).unwrap();
-        assert!(!request(d.path()).unwrap(), "no standby.signal");
-        assert!(!d.path().join("promote").exists());
+    /// A restore's request in `d`: the marker and `signal` holding one token.
+    fn restored(d: &Path, signal: &str) {
+        let token = new_token().unwrap();
+        std::fs::write(d.join(MARKER), marker_text(&token)).unwrap();
+        std::fs::write(d.join(signal), &token).unwrap();
     }
 
-    /// A child that stands for the postmaster (SIGUSR1's default action ends it), named by
-    /// `d`'s postmaster.pid with start time `start`.
+    /// A stand-in postmaster named by `d`'s postmaster.pid with start time `start`, counting the
+    /// SIGUSR1s it gets in `d/usr1`.
     fn stand_in_postmaster(d: &Path, start: &str) -> std::process::Child {
-        let child = std::process::Command::new("sleep")
-            .arg("30")
+        let count = d.join("usr1");
+        let _ = std::fs::remove_file(d.join("usr1.ready"));
+        let child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("trap 'echo >> \"$0\"' USR1; : > \"$0.ready\"; while sleep 0.02; do :; done")
+            .arg(&count)
             .spawn()
             .unwrap();
+        let started = std::time::Instant::now();
+        while !d.join("usr1.ready").exists() {
+            assert!(
+                started.elapsed().as_secs() < 10,
+                "the stand-in did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         std::fs::write(
             d.join("postmaster.pid"),
             format!("{}\n/d\n{start}\n5432\n", child.id()),
@@ -330,139 +360,102 @@ mod tests {
         child
     }
 
-    fn signalled(mut child: std::process::Child) -> bool {
-        let status = child.wait().unwrap();
-        std::os::unix::process::ExitStatusExt::signal(&status)
-            == Some(rustix::process::Signal::USR1.as_raw())
-    }
-
-    #[test]
-    fn a_request_signals_the_postmaster_and_its_promotion_removes_the_marker() {
-        let d = tempfile::tempdir().unwrap();
-        let child = stand_in_postmaster(d.path(), "1700000000");
-        std::fs::write(d.path().join("standby.signal"), b"").unwrap();
-        std::fs::write(d.path().join(MARKER), MARKER_TEXT).unwrap();
-        // Before any request, a history file asked for (the server starting) changes nothing.
-        assert!(!after_history_request(d.path()).unwrap());
-        assert!(request(d.path()).unwrap());
-        assert!(d.path().join("promote").is_file());
-        assert!(signalled(child));
-        assert!(wanted(d.path()), "the marker stays until the promotion");
-        // Once per postmaster: its next requests only signal again (here the stand-in is gone).
-        assert!(request(d.path()).is_err());
-        assert!(d.path().join("promote").is_file(), "the request stays");
-        // The startup process has not consumed the request yet (it rescans timelines in the
-        // meantime): the marker stays.
-        assert!(!after_history_request(d.path()).unwrap());
-        assert!(wanted(d.path()));
-        // Consumed, then the next timeline's history asked for: promoted, the marker removed.
-        std::fs::remove_file(d.path().join("promote")).unwrap();
-        assert!(after_history_request(d.path()).unwrap());
-        assert!(!wanted(d.path()));
-        assert!(!after_history_request(d.path()).unwrap());
-    }
-
-    #[test]
-    fn a_server_restarted_before_its_promotion_is_asked_again() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("standby.signal"), b"").unwrap();
-        std::fs::write(d.path().join(MARKER), MARKER_TEXT).unwrap();
-        let first = stand_in_postmaster(d.path(), "1700000000");
-        let first_id = first.id();
-        assert!(request(d.path()).unwrap());
-        assert!(signalled(first));
-        // Restarted: the new postmaster deleted promote; its startup process asks for history
-        // files as it starts. Another process, or the same id started later (a container's
-        // restart), is not the postmaster that was asked.
-        std::fs::remove_file(d.path().join("promote")).unwrap();
-        let second = stand_in_postmaster(d.path(), "1700000100");
-        assert!(!after_history_request(d.path()).unwrap());
-        assert!(wanted(d.path()));
-        let pid_file = d.path().join("postmaster.pid");
-        let second_pid_file = std::fs::read(&pid_file).unwrap();
-        std::fs::write(&pid_file, format!("{first_id}\n/d\n1700000100\n")).unwrap();
-        assert!(!after_history_request(d.path()).unwrap());
-        assert!(wanted(d.path()));
-        std::fs::write(&pid_file, second_pid_file).unwrap();
-        // The new postmaster's first request asks again, and its promotion removes the marker.
-        assert!(request(d.path()).unwrap());
-        assert!(signalled(second));
-        std::fs::remove_file(d.path().join("promote")).unwrap();
-        assert!(after_history_request(d.path()).unwrap());
-        assert!(!wanted(d.path()));
-        assert!(!request(d.path()).unwrap(), "no marker, no request");
-    }
-
-    #[test]
-    fn a_pending_request_is_signalled_again_for_a_restarted_startup_process() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("standby.signal"), b"").unwrap();
-        std::fs::write(d.path().join(MARKER), MARKER_TEXT).unwrap();
-        // A stand-in postmaster that counts its SIGUSR1s in a file.
-        let count = d.path().join("usr1");
-        let mut child = std::process::Command::new("sh")
-            .arg("-c")
-            .arg("trap 'echo >> \"$0\"' USR1; : > \"$0.ready\"; while sleep 0.02; do :; done")
-            .arg(&count)
-            .spawn()
-            .unwrap();
+    /// Waits until `d`'s stand-in postmasters counted `n` SIGUSR1s in all.
+    fn signals(d: &Path, n: usize) {
         let started = std::time::Instant::now();
-        while !d.path().join("usr1.ready").exists() {
-            assert!(
-                started.elapsed().as_secs() < 10,
-                "the stand-in did not start"
-            );
+        while std::fs::read_to_string(d.join("usr1"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+            < n
+        {
+            assert!(started.elapsed().as_secs() < 10, "no signal {n}");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        std::fs::write(
-            d.path().join("postmaster.pid"),
-            format!("{}\n/d\n1700000000\n", child.id()),
-        )
-        .unwrap();
-        let signals = |n: usize| {
-            let started = std::time::Instant::now();
-            while std::fs::read_to_string(&count)
-                .unwrap_or_default()
-                .lines()
-                .count()
-                < n
-            {
-                assert!(started.elapsed().as_secs() < 10, "no signal {n}");
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-        };
-        assert!(request(d.path()).unwrap());
-        signals(1);
-        // The same postmaster: not a new request, but signalled again while `promote` stays.
-        assert!(!request(d.path()).unwrap());
-        signals(2);
-        // Consumed: nothing more.
-        std::fs::remove_file(d.path().join("promote")).unwrap();
-        assert!(!request(d.path()).unwrap());
-        assert!(!d.path().join("promote").exists());
+    }
+
+    fn stop(mut child: std::process::Child) {
         child.kill().unwrap();
         child.wait().unwrap();
     }
 
     #[test]
-    fn a_standby_signal_newer_than_the_marker_is_a_standby_made_later() {
+    fn nothing_is_requested_without_a_marker_and_a_signal_file_holding_its_token() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join(MARKER), MARKER_TEXT).unwrap();
-        let signal = d.path().join("standby.signal");
-        std::fs::write(&signal, b"").unwrap();
-        let marker_time = std::fs::metadata(d.path().join(MARKER))
-            .unwrap()
-            .modified()
-            .unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&signal)
-            .unwrap()
-            .set_modified(marker_time + std::time::Duration::from_secs(60))
-            .unwrap();
+        let child = stand_in_postmaster(d.path(), "1700000000");
         assert!(!request(d.path()).unwrap());
-        assert!(!wanted(d.path()), "the marker is removed");
+        restored(d.path(), "standby.signal");
+        // A signal file written by someone else (pg_basebackup -R, touch): the marker is inert.
+        std::fs::write(d.path().join("standby.signal"), b"").unwrap();
+        assert!(!request(d.path()).unwrap());
+        assert!(!wanted(d.path()));
+        // PostgreSQL removed the signal file as it promoted: inert too.
+        std::fs::remove_file(d.path().join("standby.signal")).unwrap();
+        assert!(!request(d.path()).unwrap());
         assert!(!d.path().join("promote").exists());
+        stop(child);
+    }
+
+    #[test]
+    fn a_request_is_made_once_per_postmaster_and_signalled_again_while_pending() {
+        for signal in ["recovery.signal", "standby.signal"] {
+            let d = tempfile::tempdir().unwrap();
+            restored(d.path(), signal);
+            let child = stand_in_postmaster(d.path(), "1700000000");
+            assert!(wanted(d.path()));
+            assert!(request(d.path()).unwrap(), "{signal}");
+            assert!(d.path().join("promote").is_file());
+            signals(d.path(), 1);
+            // The same postmaster: no new request, signalled again while `promote` stays (a
+            // startup process it restarted after another process crashed).
+            assert!(!request(d.path()).unwrap());
+            signals(d.path(), 2);
+            // Consumed by the startup process: nothing more.
+            std::fs::remove_file(d.path().join("promote")).unwrap();
+            assert!(!request(d.path()).unwrap());
+            assert!(!d.path().join("promote").exists());
+            stop(child);
+        }
+    }
+
+    #[test]
+    fn a_server_restarted_before_its_promotion_is_asked_again() {
+        let d = tempfile::tempdir().unwrap();
+        restored(d.path(), "standby.signal");
+        let first = stand_in_postmaster(d.path(), "1700000000");
+        assert!(request(d.path()).unwrap());
+        signals(d.path(), 1);
+        stop(first);
+        // Restarted: the new postmaster deleted promote. The same process id started later (a
+        // container's restart) is another postmaster as much as another id is.
+        std::fs::remove_file(d.path().join("promote")).unwrap();
+        let second = stand_in_postmaster(d.path(), "1700000100");
+        assert!(request(d.path()).unwrap());
+        assert!(d.path().join("promote").is_file());
+        signals(d.path(), 2);
+        stop(second);
+    }
+
+    #[test]
+    fn a_pending_request_of_a_server_made_a_standby_by_hand_is_withdrawn() {
+        let d = tempfile::tempdir().unwrap();
+        restored(d.path(), "standby.signal");
+        let child = stand_in_postmaster(d.path(), "1700000000");
+        assert!(request(d.path()).unwrap());
+        // ALTER SYSTEM SET primary_conninfo while it replays.
+        std::fs::write(
+            d.path().join("postgresql.auto.conf"),
+            b"primary_conninfo = ''\nprimary_conninfo = 'host=p2 user=r'\n",
+        )
+        .unwrap();
+        assert!(!request(d.path()).unwrap());
+        assert!(
+            !d.path().join("promote").exists(),
+            "the request is withdrawn"
+        );
+        assert!(!d.path().join(MARKER).exists());
+        assert!(!wanted(d.path()));
+        stop(child);
     }
 
     #[test]
@@ -490,13 +483,8 @@ mod tests {
             None
         );
         let d = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        std::fs::write(d.path().join("postmaster.pid"), format!("{}\n", child.id())).unwrap();
-        std::fs::write(d.path().join("standby.signal"), b"").unwrap();
-        std::fs::write(d.path().join(MARKER), MARKER_TEXT).unwrap();
+        restored(d.path(), "standby.signal");
+        let child = stand_in_postmaster(d.path(), "1700000000");
         std::fs::write(
             d.path().join("postgresql.conf"),
             b"primary_conninfo = 'host=primary'\n",
@@ -514,18 +502,19 @@ mod tests {
             !wanted(d.path()),
             "the marker is removed: never promoted later"
         );
-        child.kill().unwrap();
-        child.wait().unwrap();
+        stop(child);
     }
 
     #[test]
-    fn a_pid_file_without_a_process_id_is_an_error_naming_it() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("standby.signal"), b"").unwrap();
-        std::fs::write(d.path().join(MARKER), MARKER_TEXT).unwrap();
-        std::fs::write(d.path().join("postmaster.pid"), b"x\n").unwrap();
-        let e = format!("{:#}", request(d.path()).unwrap_err());
-        assert!(e.contains("postmaster.pid"), "{e}");
-        assert!(wanted(d.path()), "the marker stays for the next request");
+    fn a_pid_file_without_a_postmasters_process_id_is_an_error_naming_it() {
+        for text in ["x\n", "-1\n", "-4242\n", "1\n", "0\n"] {
+            let d = tempfile::tempdir().unwrap();
+            restored(d.path(), "recovery.signal");
+            std::fs::write(d.path().join("postmaster.pid"), text).unwrap();
+            let e = format!("{:#}", request(d.path()).unwrap_err());
+            assert!(e.contains("postmaster.pid"), "{text:?}: {e}");
+            assert!(!d.path().join("promote").exists(), "{text:?}");
+            assert!(wanted(d.path()), "the marker stays for the next request");
+        }
     }
 }

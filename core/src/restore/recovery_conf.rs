@@ -14,11 +14,11 @@
 //!   set), then `recovery_target_inclusive`, `_action` and `_timeline`.
 //! - With [`ArchiveMode::Off`] the settings include `archive_mode = off`: the restored server
 //!   archives nothing until an operator turns archiving back on.
-//! - A restore that promotes with tidemark's `wal-fetch` (to the end of the archive, or to a
-//!   target whose action is `promote`) gets `standby.signal`, the promotion marker, the target's
-//!   action written as `pause` with `hot_standby = on`, and `primary_conninfo` and
-//!   `primary_slot_name` cleared (`super::promote`): PostgreSQL stops at the same place and
-//!   promotes without the end-of-recovery checkpoint.
+//! - A restore that promotes with tidemark's `wal-fetch` gets the promotion marker and a token in
+//!   both it and its signal file (`super::promote`): to the end of the archive `standby.signal`
+//!   with `primary_conninfo` and `primary_slot_name` cleared; to a target whose action is
+//!   `promote`, `recovery.signal` with the action written as `pause` and `hot_standby = on`.
+//!   PostgreSQL stops at the same place and promotes without the end-of-recovery checkpoint.
 //! - A standby gets `standby.signal` and no `recovery.signal`, every `recovery_target*` cleared,
 //!   and `primary_conninfo` (and `primary_slot_name`) written either way: the one given, else
 //!   `''`, so a standby never streams from a primary the backup's own settings named. The
@@ -108,9 +108,10 @@ fn settings(h: &ManifestHeader, opts: &RestoreOptions) -> String {
         if rec.exclusive { "off" } else { "on" }
     );
     let fast = promotes_fast(opts);
+    let latest = matches!(rec.target, Target::Latest);
     // A target promoted fast pauses there, where PostgreSQL acts on wal-fetch's promotion
     // request (`super::promote`): the same stop, then a promotion without the checkpoint.
-    let action = if fast && !matches!(rec.target, Target::Latest) {
+    let action = if fast && !latest {
         crate::target::Action::Pause
     } else {
         rec.action
@@ -124,15 +125,20 @@ fn settings(h: &ManifestHeader, opts: &RestoreOptions) -> String {
         // Pause needs hot_standby (without it PostgreSQL shuts down instead).
         text += "hot_standby = on\n";
     }
-    if fast {
+    if fast && latest {
         // Standby mode would stream from a primary_conninfo the backup carried (a backup of a
         // standby made with pg_basebackup -R): cleared, so the archive is all it replays.
         text += &format!(
             "# standby.signal and {}: wal-fetch asks PostgreSQL to promote this server, which it\n\
-             # does at the recovery target (paused there) or when the archive has no next\n\
-             # segment, without the end-of-recovery checkpoint to wait for; it replays the\n\
-             # archive only\n\
+             # does when the archive has no next segment, without the end-of-recovery checkpoint\n\
+             # to wait for; it replays the archive only\n\
              primary_conninfo = ''\nprimary_slot_name = ''\n",
+            super::promote::MARKER
+        );
+    } else if fast {
+        text += &format!(
+            "# {}: wal-fetch asks PostgreSQL to promote this server, which it does where it\n\
+             # pauses at the target, without the end-of-recovery checkpoint to wait for\n",
             super::promote::MARKER
         );
     }
@@ -201,14 +207,24 @@ pub(super) fn write(
         write_new(root, "tablespace_map", &map)?;
     }
     let fast = promotes_fast(opts);
-    let signal = if opts.standby.is_some() || fast {
-        "standby.signal"
-    } else {
-        "recovery.signal"
-    };
-    write_new(root, signal, b"")?;
+    let signal =
+        if opts.standby.is_some() || (fast && matches!(opts.recovery.target, Target::Latest)) {
+            "standby.signal"
+        } else {
+            "recovery.signal"
+        };
     if fast {
-        write_new(root, super::promote::MARKER, super::promote::MARKER_TEXT)?;
+        // The signal file and the marker hold one token: the request is live only while
+        // PostgreSQL has not removed this signal file (`super::promote`).
+        let token = super::promote::new_token()?;
+        write_new(root, signal, token.as_bytes())?;
+        write_new(
+            root,
+            super::promote::MARKER,
+            super::promote::marker_text(&token).as_bytes(),
+        )?;
+    } else {
+        write_new(root, signal, b"")?;
     }
     let mut text = if layout.auto_conf {
         root.read_file(AUTO_CONF, MAX_AUTO_CONF)
@@ -497,22 +513,50 @@ mod tests {
             let text = std::fs::read_to_string(tmp.path().join(AUTO_CONF)).unwrap();
             assert!(!text.contains("to promote this server"), "{text}");
         }
-        // To the end of the archive, or to a target to promote at: standby mode, the marker.
-        for o in [&opts(ArchiveMode::Off), &to_time] {
+        // To the end of the archive (standby mode) or to a target to promote at (archive
+        // recovery): the marker, and its token in the signal file.
+        for (o, signal, other) in [
+            (&opts(ArchiveMode::Off), "standby.signal", "recovery.signal"),
+            (&to_time, "recovery.signal", "standby.signal"),
+        ] {
             let tmp = tempfile::tempdir().unwrap();
             let root = SafeDir::open(tmp.path()).unwrap();
             write(&root, &h, o, &layout, None).unwrap();
-            assert!(tmp.path().join("standby.signal").is_file(), "{o:?}");
-            assert!(!tmp.path().join("recovery.signal").exists(), "{o:?}");
+            assert!(!tmp.path().join(other).exists(), "{o:?}");
+            let marker =
+                std::fs::read_to_string(tmp.path().join(super::super::promote::MARKER)).unwrap();
+            let token = std::fs::read_to_string(tmp.path().join(signal)).unwrap();
             assert!(
-                tmp.path().join(super::super::promote::MARKER).is_file(),
-                "{o:?}"
+                token.len() > 32 && marker.ends_with(&token),
+                "{marker} / {token}"
             );
             let text = std::fs::read_to_string(tmp.path().join(AUTO_CONF)).unwrap();
             assert!(text.contains("to promote this server"), "{text}");
-            // A carried primary_conninfo never applies: standby mode would stream from it.
-            assert_eq!(last(&text, "primary_conninfo"), Some("''"), "{text}");
-            assert_eq!(last(&text, "primary_slot_name"), Some("''"), "{text}");
+            if signal == "standby.signal" {
+                // A carried primary_conninfo never applies: standby mode would stream from it.
+                assert_eq!(last(&text, "primary_conninfo"), Some("''"), "{text}");
+                assert_eq!(last(&text, "primary_slot_name"), Some("''"), "{text}");
+            } else {
+                assert_eq!(last(&text, "recovery_target_action"), Some("'pause'"));
+                assert_eq!(last(&text, "hot_standby"), Some("on"));
+            }
         }
+        // Each restore its own token.
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        for t in [&a, &b] {
+            write(
+                &SafeDir::open(t.path()).unwrap(),
+                &h,
+                &to_time,
+                &layout,
+                None,
+            )
+            .unwrap();
+        }
+        assert_ne!(
+            std::fs::read(a.path().join("recovery.signal")).unwrap(),
+            std::fs::read(b.path().join("recovery.signal")).unwrap()
+        );
     }
 }

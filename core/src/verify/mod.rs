@@ -270,4 +270,13 @@ mod tests {
         );
         assert!(!text.contains("\narchive_command = 'evil"), "{text}");
     }
+
+    #[test]
+    fn a_pg_setting_the_drill_fixes_is_refused() {
+        for name in ["port", "ARCHIVE_COMMAND", "hot_standby", "restore_command"] {
+            let e = server::check_extra_setting(name).unwrap_err();
+            assert!(format!("{e:#}").contains(name), "{e:#}");
+        }
+        assert!(server::check_extra_setting("work_mem").is_ok());
+    }
 }

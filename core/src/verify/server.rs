@@ -260,8 +260,10 @@ pub struct Server {
 }
 
 /// Settings [`drill_settings`] fixes: a `--pg-setting` may not change them (the drill server
-/// listens on its private socket only and never archives).
+/// listens on its private socket only, never archives, and pauses at its target for the
+/// promotion wal-fetch requests, which needs hot standby: `crate::restore::promote`).
 pub const FIXED_SETTINGS: &[&str] = &[
+    "hot_standby",
     "port",
     "listen_addresses",
     "unix_socket_directories",
@@ -275,7 +277,7 @@ pub const FIXED_SETTINGS: &[&str] = &[
 /// Refuses a `--pg-setting` of a setting the drill fixes.
 pub fn check_extra_setting(name: &str) -> Result<()> {
     if FIXED_SETTINGS.iter().any(|f| f.eq_ignore_ascii_case(name)) {
-        bail!("--pg-setting {name}: a restore drill sets {name} itself (its server listens on a private unix socket only, never archives, and fetches WAL with tidemark)\nhint: leave it out; the drill's port is --port");
+        bail!("--pg-setting {name}: a restore drill sets {name} itself (its server listens on a private unix socket only, never archives, fetches WAL with tidemark, and runs hot standby to be promoted at its target)\nhint: leave it out; the drill's port is --port");
     }
     Ok(())
 }

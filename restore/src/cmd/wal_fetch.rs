@@ -9,8 +9,7 @@
 //!
 //! The first request of a startup process whose restore is to promote without the end-of-recovery
 //! checkpoint (`tidemark_core::restore::promote`) requests that server's promotion, which
-//! PostgreSQL acts on at the recovery target or the end of the archive; a history file asked for
-//! once that request is consumed (the server promoting) removes the restore's marker.
+//! PostgreSQL acts on at the recovery target or the end of the archive.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -73,8 +72,9 @@ fn hopeless(e: &anyhow::Error) -> bool {
 }
 
 /// True when the server asking is a standby in standby mode: `standby.signal` in its data
-/// directory, and not a restore's recovery to the end of the archive (which runs in standby mode
-/// only to be promoted when the archive ends, `promote`).
+/// directory, and neither a restore's recovery to the end of the archive (which runs in standby
+/// mode only to be promoted where the archive ends) nor a server with a promotion pending
+/// (`promote`): for those a missing repository aborts recovery.
 fn in_standby_mode(dest: &std::path::Path) -> bool {
     let data = promote::data_dir_of(dest);
     data.join("standby.signal").is_file() && !promote::wanted(data)
@@ -92,29 +92,7 @@ fn request_promotion(file: &str, dest: &std::path::Path) {
         }
         Ok(false) => {}
         Err(e) => {
-            tracing::error!(file = %file, error = %format!("{e:#}"), "promotion could not be requested: at its recovery target the server pauses, and at the end of the archive it waits in standby mode; asked again at the next file\nhint: promote it by hand once it is there (pg_ctl promote -D {}, or SELECT pg_promote())", std::path::absolute(data).unwrap_or_else(|_| data.to_path_buf()).display())
-        }
-    }
-}
-
-/// The startup process asked for `file`, found or not: a timeline history file asked for while
-/// the server promotes ends its restore's request (`promote`). A failure is reported, not
-/// returned: the file's answer stands.
-fn after_request(file: &str, dest: &std::path::Path) {
-    if !matches!(
-        tidemark_format::wal::WalFileName::parse(file),
-        Ok(tidemark_format::wal::WalFileName::History { .. })
-    ) {
-        return;
-    }
-    let data = promote::data_dir_of(dest);
-    match promote::after_history_request(data) {
-        Ok(true) => {
-            tracing::info!(file = %file, "the server is promoting: the restore's promotion marker {} is removed", promote::MARKER)
-        }
-        Ok(false) => {}
-        Err(e) => {
-            tracing::warn!(file = %file, error = %format!("{e:#}"), "cannot tell whether the server is promoting: the restore's promotion marker {} stays\nhint: once the server is promoted, remove it by hand", promote::MARKER)
+            tracing::error!(file = %file, error = %format!("{e:#}"), "promotion could not be requested or signalled again: at its recovery target the server may pause, and at the end of the archive wait in standby mode; tried again at the next file\nhint: if it stays there, promote it by hand (pg_ctl promote -D {}, or SELECT pg_promote())", std::path::absolute(data).unwrap_or_else(|_| data.to_path_buf()).display())
         }
     }
 }
@@ -192,12 +170,7 @@ pub async fn run(a: Args) -> ExitCode {
             None => wal::fetch(&store, &a.file, &a.dest).await,
         };
         let e = match r {
-            Ok(()) => {
-                if startup {
-                    after_request(&a.file, &a.dest);
-                }
-                return ExitCode::SUCCESS;
-            }
+            Ok(()) => return ExitCode::SUCCESS,
             Err(e) => e,
         };
         // Asked once per failure: a missing repository decides both cases below.
@@ -209,9 +182,6 @@ pub async fn run(a: Args) -> ExitCode {
             ) && !missing_repo =>
             {
                 tracing::debug!(file = %a.file, "not in the archive");
-                if startup {
-                    after_request(&a.file, &a.dest);
-                }
                 return ExitCode::from(cli::EXIT_FAILURE);
             }
             e if missing_repo => {
