@@ -185,8 +185,8 @@ async fn pitr_restores_exactly_the_rows_committed_before_target() -> Result<()> 
 }
 
 /// A restore to the end of the archive whose backup's WAL is gone by the time the server starts
-/// is never promoted: the promotion wal-fetch requests when the archive ends comes before the
-/// backup's consistency point, and PostgreSQL stops as archive recovery would.
+/// is never promoted: PostgreSQL acts on wal-fetch's promotion request where the WAL runs out,
+/// here before the backup's consistency point, and stops as archive recovery would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_to_latest_missing_the_backups_wal_is_not_promoted() -> Result<()> {
     let dir = TestDir::new("pitr-missing-wal")?;

@@ -181,15 +181,24 @@ pub(super) fn write_new(root: &SafeDir, name: &str, data: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot write {name} in {}", root.path().display()))
 }
 
-/// Whether the restore recovers in standby mode and is promoted at its end by a request its
-/// restore_command makes (`super::promote`): a restore that is not a standby, to the end of the
-/// archive or to a target whose action is to promote, fetching WAL with tidemark's `wal-fetch`
-/// (only it knows the marker).
+/// Whether the restore is promoted at its end by a request its restore_command makes
+/// (`super::promote`): a restore that is not a standby, to the end of the archive or to a target
+/// whose action is to promote, fetching WAL with tidemark's `wal-fetch` (only it knows the
+/// marker).
 fn promotes_fast(opts: &RestoreOptions) -> bool {
     opts.standby.is_none()
         && (matches!(opts.recovery.target, Target::Latest)
             || opts.recovery.action == crate::target::Action::Promote)
         && opts.restore_command.contains(" wal-fetch ")
+}
+
+/// Whether the restored server recovers in standby mode (`standby.signal`): a standby, or a
+/// restore to the end of the archive that [`promotes_fast`] (where the archive first lacks a
+/// segment, archive recovery ends with the checkpoint; standby mode acts on the promotion
+/// request there).
+fn standby_mode(opts: &RestoreOptions) -> bool {
+    opts.standby.is_some()
+        || (promotes_fast(opts) && matches!(opts.recovery.target, Target::Latest))
 }
 
 /// Writes backup_label, tablespace_map (when given), recovery.signal (standby.signal for a
@@ -207,12 +216,11 @@ pub(super) fn write(
         write_new(root, "tablespace_map", &map)?;
     }
     let fast = promotes_fast(opts);
-    let signal =
-        if opts.standby.is_some() || (fast && matches!(opts.recovery.target, Target::Latest)) {
-            "standby.signal"
-        } else {
-            "recovery.signal"
-        };
+    let signal = if standby_mode(opts) {
+        "standby.signal"
+    } else {
+        "recovery.signal"
+    };
     if fast {
         // The signal file and the marker hold one token: the request is live only while
         // PostgreSQL has not removed this signal file (`super::promote`).
