@@ -145,7 +145,7 @@ pub fn request(data: &Path) -> Result<bool> {
         .lines()
         .find(|l| l.starts_with(REQUESTED))
         .map(str::trim_end)
-        == Some(asked.record().trim_end());
+        == Some(asked.record().as_str());
     if recorded && !promote.exists() {
         // Consumed by the startup process: the server is promoting.
         return Ok(false);
@@ -179,7 +179,7 @@ pub fn request(data: &Path) -> Result<bool> {
         .filter(|l| !l.starts_with(REQUESTED))
         .map(|l| format!("{l}\n"))
         .collect();
-    if let Err(e) = std::fs::write(&marker, format!("{kept}{}", asked.record())) {
+    if let Err(e) = std::fs::write(&marker, format!("{kept}{}\n", asked.record())) {
         tracing::warn!(marker = %marker.display(), error = %e, "promotion requested, but the marker could not record it: the next request signals again");
     }
     Ok(true)
@@ -214,10 +214,10 @@ impl Postmaster {
         Ok(Postmaster { pid, start })
     }
 
-    /// The marker's line naming this postmaster.
+    /// The marker's line naming this postmaster (without its line end).
     fn record(&self) -> String {
         format!(
-            "{REQUESTED}{} started {}\n",
+            "{REQUESTED}{} started {}",
             self.pid.as_raw_pid(),
             self.start
         )
@@ -344,14 +344,7 @@ mod tests {
             .arg(&count)
             .spawn()
             .unwrap();
-        let started = std::time::Instant::now();
-        while !d.join("usr1.ready").exists() {
-            assert!(
-                started.elapsed().as_secs() < 10,
-                "the stand-in did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        wait_until("start of the stand-in", || d.join("usr1.ready").exists());
         std::fs::write(
             d.join("postmaster.pid"),
             format!("{}\n/d\n{start}\n5432\n", child.id()),
@@ -362,14 +355,20 @@ mod tests {
 
     /// Waits until `d`'s stand-in postmasters counted `n` SIGUSR1s in all.
     fn signals(d: &Path, n: usize) {
+        wait_until(&format!("signal {n}"), || {
+            std::fs::read_to_string(d.join("usr1"))
+                .unwrap_or_default()
+                .lines()
+                .count()
+                >= n
+        });
+    }
+
+    /// Waits up to 10 s for `done`, failing the test naming `what` after that.
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
         let started = std::time::Instant::now();
-        while std::fs::read_to_string(d.join("usr1"))
-            .unwrap_or_default()
-            .lines()
-            .count()
-            < n
-        {
-            assert!(started.elapsed().as_secs() < 10, "no signal {n}");
+        while !done() {
+            assert!(started.elapsed().as_secs() < 10, "no {what} within 10 s");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
