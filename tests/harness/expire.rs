@@ -57,6 +57,13 @@ fn comparable(plan: &Value) -> Value {
     if let Some(o) = p.as_object_mut() {
         o.remove("now");
         o.remove("dry_run");
+        // A backup running beside the two runs (the plan deferred by its lease) uploads packs
+        // in between: the count of packs seen is not part of the plan then (nothing is deleted).
+        if o.get("deferred").is_some_and(|d| !d.is_null()) {
+            if let Some(packs) = o.get_mut("packs").and_then(Value::as_object_mut) {
+                packs.remove("total");
+            }
+        }
     }
     p
 }
