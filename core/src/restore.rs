@@ -37,6 +37,7 @@ pub mod promote;
 mod recovery_conf;
 pub(crate) mod safe_dir;
 mod select;
+mod server_conf;
 mod sync;
 mod write;
 

@@ -26,9 +26,11 @@
 //!   file as it promotes, with or without the checkpoint, and a signal file written by anyone
 //!   else (`pg_basebackup -R`, `touch`, an operator) has no token: a marker left behind in a data
 //!   directory is inert, and backups never record it (a restore refuses a manifest that does).
-//! - A standby made by hand from the restored server (`primary_conninfo` set in the data
-//!   directory's `postgresql.conf` or `postgresql.auto.conf` under the restore's
-//!   `standby.signal`) is never promoted: its pending request is withdrawn and the marker removed.
+//! - A standby made by hand from the restored server (`primary_conninfo` set under the restore's
+//!   `standby.signal`: in the configuration file, a file it includes, `postgresql.auto.conf` or
+//!   the postmaster's command line, read as PostgreSQL reads them, see [`server_conf`]) is never
+//!   promoted: its pending request is withdrawn and the marker removed. Where the files cannot be
+//!   read, a pending request is withdrawn too and the next request decides again.
 //! - Once per postmaster: the marker records the postmaster asked (process id and start time,
 //!   from `postmaster.pid`). The postmaster deletes `promote` when it starts, so a server stopped,
 //!   restarted or crashed before it promoted is asked again by the first request of its next
@@ -36,6 +38,7 @@
 //!   request is pending; a request consumed is not made again.
 //! - Never a signal to a process id below 2 (`kill(-1)` would reach every process of the user).
 
+use super::server_conf;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
@@ -125,7 +128,13 @@ pub fn request(data: &Path) -> Result<bool> {
     let marker = data.join(MARKER);
     let promote = data.join("promote");
     if is_standby {
-        if let Some(conf) = streams_from_a_primary(data)? {
+        let streams = streams_from_a_primary(data).inspect_err(|_| {
+            // Cannot tell whether it was made a standby: no request stays pending meanwhile,
+            // and none is recorded, so the next request decides again and asks anew.
+            let _ = std::fs::remove_file(&promote);
+            let _ = std::fs::write(&marker, without_request(&text));
+        })?;
+        if let Some(conf) = streams {
             // Made a streaming standby by hand after the restore: the request is withdrawn
             // (PostgreSQL acts only on a `promote` file that exists) and never made again.
             match std::fs::remove_file(&promote) {
@@ -174,15 +183,20 @@ pub fn request(data: &Path) -> Result<bool> {
     }
     // Requested: the marker names the postmaster asked. If it cannot, the next request signals
     // again (harmless) and records it then.
-    let kept: String = text
-        .lines()
-        .filter(|l| !l.starts_with(REQUESTED))
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let kept = without_request(&text);
     if let Err(e) = std::fs::write(&marker, format!("{kept}{}\n", asked.record())) {
         tracing::warn!(marker = %marker.display(), error = %e, "promotion requested, but the marker could not record it: the next request signals again");
     }
     Ok(true)
+}
+
+/// The marker's text without the line naming the postmaster asked.
+fn without_request(marker: &str) -> String {
+    marker
+        .lines()
+        .filter(|l| !l.starts_with(REQUESTED))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// The running postmaster of a data directory, as its `postmaster.pid` names it.
@@ -224,72 +238,12 @@ impl Postmaster {
     }
 }
 
-/// Largest configuration file read for `primary_conninfo`.
-const MAX_CONF: u64 = 16 << 20;
-
-/// The configuration file of `data` that gives `primary_conninfo` a non-empty value, if any
-/// (`postgresql.auto.conf` read after `postgresql.conf`, the last assignment winning as in
-/// PostgreSQL; included files and command-line settings are not seen).
-fn streams_from_a_primary(data: &Path) -> Result<Option<&'static str>> {
-    let mut set = None;
-    for name in ["postgresql.conf", "postgresql.auto.conf"] {
-        let path = data.join(name);
-        let text = match std::fs::metadata(&path) {
-            Ok(m) if m.len() > MAX_CONF => {
-                bail!("{} is larger than {MAX_CONF} bytes", path.display())
-            }
-            Ok(_) => {
-                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
-        if let Some(v) = last_setting(&String::from_utf8_lossy(&text), "primary_conninfo") {
-            set = (!v.is_empty()).then_some(name);
-        }
-    }
-    Ok(set)
-}
-
-/// The value of the last assignment of `name` in configuration text (`name = value` or
-/// `name value`, a value quoted with `'` (`''` or `\'` inside) or a bare word, `#` comments).
-fn last_setting(text: &str, name: &str) -> Option<String> {
-    let mut found = None;
-    for line in text.lines() {
-        let line = line.trim_start();
-        let key_end = line
-            .find(|c: char| c.is_whitespace() || c == '=')
-            .unwrap_or(line.len());
-        if !line[..key_end].eq_ignore_ascii_case(name) {
-            continue;
-        }
-        let rest = line[key_end..].trim_start();
-        let rest = rest.strip_prefix('=').unwrap_or(rest).trim_start();
-        found = Some(match rest.strip_prefix('\'') {
-            Some(quoted) => {
-                let mut v = String::new();
-                let mut chars = quoted.chars().peekable();
-                while let Some(c) = chars.next() {
-                    match c {
-                        '\'' if chars.peek() == Some(&'\'') => {
-                            chars.next();
-                            v.push('\'');
-                        }
-                        '\'' => break,
-                        '\\' => v.extend(chars.next()),
-                        c => v.push(c),
-                    }
-                }
-                v
-            }
-            None => rest
-                .split(|c: char| c.is_whitespace() || c == '#')
-                .next()
-                .unwrap_or("")
-                .to_string(),
-        });
-    }
-    found
+/// Where the server of `data` is given a non-empty `primary_conninfo`, if anywhere (its
+/// configuration files and command line read as PostgreSQL reads them, see [`server_conf`]).
+fn streams_from_a_primary(data: &Path) -> Result<Option<String>> {
+    Ok(server_conf::effective(data, "primary_conninfo")?
+        .filter(|s| !s.value.is_empty())
+        .map(|s| s.source))
 }
 
 fn read_capped(path: &Path) -> Result<String> {
@@ -335,7 +289,7 @@ mod tests {
 
     /// A stand-in postmaster named by `d`'s postmaster.pid with start time `start`, counting the
     /// SIGUSR1s it gets in `d/usr1`.
-    fn stand_in_postmaster(d: &Path, start: &str) -> std::process::Child {
+    fn stand_in_postmaster(d: &Path, start: &str) -> StandIn {
         let count = d.join("usr1");
         let _ = std::fs::remove_file(d.join("usr1.ready"));
         let child = std::process::Command::new("sh")
@@ -350,7 +304,7 @@ mod tests {
             format!("{}\n/d\n{start}\n5432\n", child.id()),
         )
         .unwrap();
-        child
+        StandIn(child)
     }
 
     /// Waits until `d`'s stand-in postmasters counted `n` SIGUSR1s in all.
@@ -373,9 +327,18 @@ mod tests {
         }
     }
 
-    fn stop(mut child: std::process::Child) {
-        child.kill().unwrap();
-        child.wait().unwrap();
+    /// A stand-in postmaster, killed when dropped (a failing test leaves none behind).
+    struct StandIn(std::process::Child);
+
+    impl Drop for StandIn {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn stop(child: StandIn) {
+        drop(child);
     }
 
     #[test]
@@ -459,28 +422,6 @@ mod tests {
 
     #[test]
     fn a_server_made_a_standby_by_hand_is_not_promoted() {
-        assert_eq!(
-            last_setting("a = 1\nprimary_conninfo = ''\n", "primary_conninfo"),
-            Some(String::new())
-        );
-        assert_eq!(
-            last_setting(
-                "primary_conninfo='host=x'\n#primary_conninfo = ''\n",
-                "primary_conninfo"
-            ),
-            Some("host=x".into())
-        );
-        assert_eq!(
-            last_setting(
-                "PRIMARY_CONNINFO 'a=''b''' # c\nprimary_slot_name = 's'",
-                "primary_conninfo"
-            ),
-            Some("a='b'".into())
-        );
-        assert_eq!(
-            last_setting("primary_conninfo_x = 'y'", "primary_conninfo"),
-            None
-        );
         let d = tempfile::tempdir().unwrap();
         restored(d.path(), "standby.signal");
         let child = stand_in_postmaster(d.path(), "1700000000");
@@ -501,6 +442,73 @@ mod tests {
             !wanted(d.path()),
             "the marker is removed: never promoted later"
         );
+        stop(child);
+        // Set in a file the configuration includes, and on the postmaster's command line, which
+        // outranks the restore's `primary_conninfo = ''` in postgresql.auto.conf.
+        for (conf, auto, opts) in [
+            (
+                "include 'override.conf'
+",
+                "",
+                "",
+            ),
+            (
+                "",
+                "primary_conninfo = ''
+",
+                " \"-c\" \"primary_conninfo=host=p\"",
+            ),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            restored(d.path(), "standby.signal");
+            let child = stand_in_postmaster(d.path(), "1700000000");
+            assert!(
+                request(d.path()).unwrap(),
+                "requested before it was made a standby"
+            );
+            std::fs::write(d.path().join("postgresql.conf"), conf).unwrap();
+            std::fs::write(
+                d.path().join("override.conf"),
+                "primary_conninfo = 'host=p'\n",
+            )
+            .unwrap();
+            std::fs::write(d.path().join("postgresql.auto.conf"), auto).unwrap();
+            std::fs::write(
+                d.path().join("postmaster.opts"),
+                format!("/usr/lib/postgresql/15/bin/postgres \"-D\" \"/d\"{opts}\n"),
+            )
+            .unwrap();
+            assert!(!request(d.path()).unwrap(), "{conf:?} {opts:?}");
+            assert!(!d.path().join("promote").exists(), "{conf:?} {opts:?}");
+            assert!(!wanted(d.path()), "{conf:?} {opts:?}");
+            stop(child);
+        }
+    }
+
+    #[test]
+    fn a_pending_request_is_withdrawn_while_the_configuration_cannot_be_read() {
+        let d = tempfile::tempdir().unwrap();
+        restored(d.path(), "standby.signal");
+        let child = stand_in_postmaster(d.path(), "1700000000");
+        assert!(request(d.path()).unwrap());
+        signals(d.path(), 1);
+        std::fs::write(
+            d.path().join("postgresql.conf"),
+            "include 'postgresql.conf'\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", request(d.path()).unwrap_err());
+        assert!(e.contains("postgresql.conf"), "{e}");
+        assert!(!d.path().join("promote").exists(), "withdrawn");
+        assert!(
+            wanted(d.path()),
+            "the marker stays: the next request decides again"
+        );
+        // Readable again (the server was not made a standby): asked again.
+        std::fs::write(d.path().join("postgresql.conf"), "").unwrap();
+        assert!(request(d.path()).unwrap());
+        assert!(d.path().join("promote").is_file());
+        signals(d.path(), 2);
         stop(child);
     }
 
