@@ -39,7 +39,7 @@
 //! - Never a signal to a process id below 2 (`kill(-1)` would reach every process of the user).
 
 use super::server_conf;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::path::Path;
 
 /// Written beside the signal file by a restore that promotes fast; holds [`TOKEN`] as the
@@ -247,16 +247,8 @@ fn streams_from_a_primary(data: &Path) -> Result<Option<String>> {
 }
 
 fn read_capped(path: &Path) -> Result<String> {
-    use std::io::Read;
-    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut text = String::new();
-    f.take(MAX_SMALL_FILE)
-        .read_to_string(&mut text)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    if text.len() as u64 >= MAX_SMALL_FILE {
-        bail!("{} is larger than {MAX_SMALL_FILE} bytes", path.display());
-    }
-    Ok(text)
+    server_conf::read_capped(path, MAX_SMALL_FILE)?
+        .with_context(|| format!("{} does not exist", path.display()))
 }
 
 #[cfg(test)]

@@ -169,7 +169,7 @@ fn conf_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// The assignments of configuration text in order: `name = value` or `name value`, a value
 /// quoted with `'` (`''` or a backslash escape inside) or a bare word, `#` comments.
-pub(super) fn assignments(text: &str) -> impl Iterator<Item = (String, String)> + '_ {
+fn assignments(text: &str) -> impl Iterator<Item = (String, String)> + '_ {
     text.lines().filter_map(|line| {
         let line = line.trim_start();
         let key_end = line
@@ -209,7 +209,7 @@ pub(super) fn assignments(text: &str) -> impl Iterator<Item = (String, String)> 
 }
 
 /// The text of `path` if it exists, refused above `max` bytes before it is read whole.
-fn read_capped(path: &Path, max: u64) -> Result<Option<String>> {
+pub(super) fn read_capped(path: &Path, max: u64) -> Result<Option<String>> {
     use std::io::Read;
     let f = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -221,10 +221,7 @@ fn read_capped(path: &Path, max: u64) -> Result<Option<String>> {
         .read_to_end(&mut bytes)
         .with_context(|| format!("cannot read {}", path.display()))?;
     if bytes.len() as u64 > max {
-        bail!(
-            "{} is larger than {max} bytes: not read as a configuration file",
-            path.display()
-        );
+        bail!("{} is larger than {max} bytes", path.display());
     }
     Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
 }
