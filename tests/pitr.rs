@@ -7,7 +7,10 @@ use std::time::Duration;
 use tidemark_e2e::cluster::{conf_quote, shell_word, wait_promoted};
 use tidemark_e2e::data::{self, BATCH_ROWS};
 use tidemark_e2e::sidecar::segment_before;
-use tidemark_e2e::{start_restored, start_restored_standby, PgCluster, Repo, TestDir};
+use tidemark_e2e::{
+    start_restored, start_restored_standby, start_restored_standby_with_options, PgCluster, Repo,
+    TestDir,
+};
 
 /// Batches written; the base backup is taken after [`BACKUP_AFTER`], the target lies between
 /// [`TARGET_AFTER`] and the batch after it.
@@ -347,6 +350,72 @@ async fn a_restore_to_latest_restarted_before_its_promotion_still_promotes() -> 
     eprintln!(
         "pitr: a restart before the promotion was asked again and promoted, batches {counts:?}"
     );
+    Ok(())
+}
+
+/// A server restored to the end of the archive but started as a standby by hand, with
+/// `primary_conninfo` on the postmaster's command line (which outranks the restore's
+/// `primary_conninfo = ''` in postgresql.auto.conf), is never promoted by wal-fetch: it streams
+/// from its primary and stays in recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_to_latest_made_a_standby_on_the_command_line_is_not_promoted() -> Result<()> {
+    let (dir, repo, src, db) = tidemark_e2e::archiving_source("pitr-hand-standby").await?;
+    data::write_batch(&db, 1).await?;
+    src.backup(&repo).await?;
+    data::write_batch(&db, 2).await?;
+    src.switch_wal_and_wait(&repo).await?;
+    let pgdata = dir.join("restored");
+    repo.restore(&pgdata, &["--target", "latest"]).await?.ok()?;
+    let marker = pgdata.join(".tidemark-promote-at-end");
+    ensure!(marker.is_file(), "restore --target latest wrote no marker");
+    let server = start_restored_standby_with_options(
+        &dir,
+        "restored-server",
+        &pgdata,
+        &format!(
+            "-c primary_conninfo='host=127.0.0.1 port={} user=postgres application_name=hand-made'",
+            src.port()
+        ),
+    )
+    .await?;
+    // It streams from the primary: a batch written there reaches it without a WAL switch.
+    data::write_batch(&db, 3).await?;
+    let started = std::time::Instant::now();
+    loop {
+        let sdb = server.client().await?;
+        let status: Option<String> = sdb
+            .query_opt("SELECT status FROM pg_stat_wal_receiver", &[])
+            .await?
+            .map(|r| r.get(0));
+        let counts = data::batch_counts(&sdb).await?;
+        if status.as_deref() == Some("streaming") && counts == expected(1..=3) {
+            break;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the hand-made standby is not streaming batch 3 within 60 s (receiver {status:?}, rows {counts:?})\n{}",
+            server.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let in_recovery: bool = server
+        .client()
+        .await?
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await?
+        .get(0);
+    ensure!(
+        in_recovery
+            && server.log_lines("received promote request").is_empty()
+            && !server.log_lines("sets primary_conninfo").is_empty()
+            && !marker.exists()
+            && !pgdata.join("promote").exists(),
+        "the hand-made standby: in recovery {in_recovery}, marker left {}, promote file {}\n{}",
+        marker.exists(),
+        pgdata.join("promote").exists(),
+        server.log_tail()
+    );
+    eprintln!("pitr: a restore made a standby on the command line streams and is not promoted");
     Ok(())
 }
 

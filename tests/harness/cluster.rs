@@ -32,6 +32,8 @@ pub struct PgCluster {
     running: bool,
     /// The PostgreSQL major this cluster was created with (`None`: read `PG_VERSION` at start).
     major: Option<u32>,
+    /// Options for the postmaster's command line (`pg_ctl start -o`), none when empty.
+    server_options: String,
 }
 
 impl PgCluster {
@@ -73,6 +75,7 @@ impl PgCluster {
             log: base.join("server.log"),
             port: 0,
             running: false,
+            server_options: String::new(),
             major: Some(major),
         })
     }
@@ -144,6 +147,7 @@ impl PgCluster {
             log,
             port: 0,
             running: false,
+            server_options: String::new(),
             major: None,
         })
     }
@@ -218,6 +222,9 @@ impl PgCluster {
             .arg(&self.data)
             .arg("-l")
             .arg(&self.log);
+            if !self.server_options.is_empty() {
+                cmd.arg("-o").arg(&self.server_options);
+            }
             let r = env::run(cmd).await?;
             if r.success() {
                 self.port = port;
@@ -383,7 +390,7 @@ impl Drop for PgCluster {
 /// The harness's settings are appended to postgresql.auto.conf after the recovery settings the
 /// restore appended: a fresh port and socket directory, fsync back on, and archiving off.
 pub async fn start_restored(dir: &TestDir, name: &str, data: &Path) -> Result<PgCluster> {
-    let c = start_restored_in_recovery(dir, name, data).await?;
+    let c = start_restored_in_recovery(dir, name, data, "").await?;
     wait_promoted(&c).await?;
     Ok(c)
 }
@@ -392,7 +399,18 @@ pub async fn start_restored(dir: &TestDir, name: &str, data: &Path) -> Result<Pg
 /// harness's settings appended as for [`start_restored`]) and waits until it accepts read-only
 /// connections while in recovery (`pg_is_in_recovery()` is true).
 pub async fn start_restored_standby(dir: &TestDir, name: &str, data: &Path) -> Result<PgCluster> {
-    let c = start_restored_in_recovery(dir, name, data).await?;
+    start_restored_standby_with_options(dir, name, data, "").await
+}
+
+/// [`start_restored_standby`] with `options` on the postmaster's command line (`pg_ctl -o`,
+/// e.g. `-c name='value'`), which outrank every configuration file.
+pub async fn start_restored_standby_with_options(
+    dir: &TestDir,
+    name: &str,
+    data: &Path,
+    options: &str,
+) -> Result<PgCluster> {
+    let c = start_restored_in_recovery(dir, name, data, options).await?;
     let started = Instant::now();
     loop {
         if let Ok(db) = c.client().await {
@@ -458,8 +476,14 @@ pub async fn wait_promoted(c: &PgCluster) -> Result<()> {
 }
 
 /// A restored data directory adopted, the harness's settings appended, and started.
-async fn start_restored_in_recovery(dir: &TestDir, name: &str, data: &Path) -> Result<PgCluster> {
+async fn start_restored_in_recovery(
+    dir: &TestDir,
+    name: &str,
+    data: &Path,
+    options: &str,
+) -> Result<PgCluster> {
     let mut c = PgCluster::adopt(dir, name, data)?;
+    c.server_options = options.to_string();
     c.append_conf(
         "postgresql.auto.conf",
         &format!(

@@ -18,7 +18,9 @@ pub mod rng;
 pub mod s3echo;
 pub mod sidecar;
 
-pub use cluster::{start_restored, start_restored_standby, PgCluster};
+pub use cluster::{
+    start_restored, start_restored_standby, start_restored_standby_with_options, PgCluster,
+};
 pub use env::{agent, restore, tidemark, Run, TestDir, Tool};
 pub use expire::expire_agreeing;
 pub use repo::Repo;
