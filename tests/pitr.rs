@@ -294,12 +294,7 @@ async fn a_restore_to_latest_restarted_before_its_promotion_still_promotes() -> 
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let in_recovery: bool = server
-        .client()
-        .await?
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await?
-        .get(0);
+    let in_recovery = server.in_recovery().await?;
     ensure!(
         in_recovery,
         "the server promoted while its restore_command was held\n{}",
@@ -398,12 +393,7 @@ async fn a_restore_to_latest_made_a_standby_on_the_command_line_is_not_promoted(
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let in_recovery: bool = server
-        .client()
-        .await?
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await?
-        .get(0);
+    let in_recovery = server.in_recovery().await?;
     ensure!(
         in_recovery
             && server.log_lines("received promote request").is_empty()

@@ -190,6 +190,16 @@ impl PgCluster {
         Ok(client)
     }
 
+    /// Whether the server is in recovery (`pg_is_in_recovery()`, on a new connection).
+    pub async fn in_recovery(&self) -> Result<bool> {
+        Ok(self
+            .client()
+            .await?
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await?
+            .get(0))
+    }
+
     /// Appends text to a configuration file of the data directory.
     pub fn append_conf(&self, file: &str, text: &str) -> Result<()> {
         let p = self.data.join(file);

@@ -35,7 +35,6 @@ pub struct Setting {
 /// The value the server of `data` takes for `name` (lower case), if any of its files sets it.
 pub fn effective(data: &Path, name: &str) -> Result<Option<Setting>> {
     let argv = command_line(data)?;
-    let mut found = None;
     if let Some(v) = last_option(&argv, name) {
         return Ok(Some(Setting {
             value: v,
@@ -46,7 +45,7 @@ pub fn effective(data: &Path, name: &str) -> Result<Option<Setting>> {
         Some(f) => data.join(f),
         None => data.join("postgresql.conf"),
     };
-    let mut files = 0;
+    let (mut files, mut found) = (0, None);
     read_file(&config_file, name, 0, &mut files, &mut found)?;
     read_file(
         &data.join("postgresql.auto.conf"),
